@@ -1,0 +1,36 @@
+# Two commands: `make run` and `make test`. Both set up what they need.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+SLUICE_BROKER_URL ?= redis://localhost:6379/0
+
+# Find a Python 3.13 wherever this machine keeps it (a pyenv shim on PATH may not run: try each).
+PYTHON313 := $(shell for p in python3.13 /usr/bin/python3.13 /usr/local/bin/python3.13 $$(ls -d $$(pyenv root 2>/dev/null)/versions/3.13.*/bin/python3 2>/dev/null | sort -V -r); do \
+	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 13)' >/dev/null 2>&1 && { echo "$$p"; break; }; done)
+
+.PHONY: run test bench services venv clean
+
+$(VENV)/.installed: pyproject.toml
+	@if [ -z "$(PYTHON313)" ]; then echo "error: Python 3.13 not found (install it, or put python3.13 on PATH)" >&2; exit 1; fi
+	@[ -x $(PY) ] || $(PYTHON313) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	$(VENV)/bin/sluice run --plugin celery --broker "$(SLUICE_BROKER_URL)"
+
+services:
+	@bash .ci/services
+
+test: venv services
+	@bash .ci/browser
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: venv services
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) *.egg-info sluice.db*

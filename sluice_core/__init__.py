@@ -1,0 +1,9 @@
+"""Sluice: a monitor for job queues. ``hookimpl`` marks a plugin's hook implementations."""
+
+import pluggy
+
+__version__ = "0.1.0"
+
+hookimpl = pluggy.HookimplMarker("sluice")
+
+__all__ = ["hookimpl", "__version__"]

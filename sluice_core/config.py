@@ -1,0 +1,159 @@
+"""Configuration: flags, then environment, then an optional TOML file (DESIGN.md section 9).
+
+Every option has one name. On the command line it is ``--some-name``, in the
+environment ``SLUICE_SOME_NAME``, in the TOML file ``some_name`` (top level,
+or in a ``[sluice]`` table). Flags win over the environment, which wins over
+the file. Plugins add options with the ``sluice_addoption`` hook and read
+them with :meth:`Config.get`; the same precedence applies.
+
+Two environment names differ for familiarity: ``SLUICE_BROKER_URL`` and
+``SLUICE_DATABASE_URL`` (``--broker``, ``--db``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import attrs
+
+DEFAULT_DB = "sqlite:///sluice.db"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5580
+
+_ENV_ALIASES = {"broker": "SLUICE_BROKER_URL", "db": "SLUICE_DATABASE_URL"}
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message says what to change."""
+
+
+def env_name(option: str) -> str:
+    return _ENV_ALIASES.get(option, "SLUICE_" + option.upper())
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs, the API and the UI."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@attrs.define
+class Config:
+    brokers: list[str] = attrs.field(factory=list)
+    db: str = DEFAULT_DB
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    plugins: list[str] = attrs.field(factory=list)
+    log_level: str = "INFO"
+    # Raw messages held between the sources and the normalizers. Past this,
+    # sources drop and count (sluice_events_dropped_total) rather than stall.
+    buffer_messages: int = 1_000_000
+    # Most events written to storage in one transaction.
+    batch_events: int = 20_000
+    # Where unknown options come from, in precedence order (flags first).
+    layers: list[dict[str, Any]] = attrs.field(factory=list)
+
+    def get(self, option: str, default: Any = None) -> Any:
+        """A plugin option by its name (``dest`` of the argparse option)."""
+        for layer in self.layers:
+            value = layer.get(option)
+            if value is not None:
+                return value
+        return default
+
+
+def _toml_layer(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    table = data.get("sluice", data)
+    return {key.replace("-", "_"): value for key, value in table.items()}
+
+
+def _env_layer(options: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for option in options:
+        value = os.environ.get(env_name(option))
+        if value is not None and value != "":
+            out[option] = value
+    return out
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return [str(part) for part in value]
+
+
+def build(args: argparse.Namespace) -> Config:
+    """Merge the parsed flags with the environment and the TOML file."""
+    flags = {key: value for key, value in vars(args).items() if value not in (None, [])}
+    options = list(vars(args))
+    toml = _toml_layer(flags.get("config") or os.environ.get("SLUICE_CONFIG"))
+    layers = [flags, _env_layer(options), toml]
+
+    def pick(option: str, default: Any) -> Any:
+        for layer in layers:
+            if layer.get(option) not in (None, []):
+                return layer[option]
+        return default
+
+    try:
+        port = int(pick("port", DEFAULT_PORT))
+        buffer_messages = int(pick("buffer_messages", 1_000_000))
+        batch_events = int(pick("batch_events", 20_000))
+    except ValueError as exc:
+        raise ConfigError(f"expected a number: {exc}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port {port} is out of range (0-65535)")
+    return Config(
+        brokers=_as_list(pick("broker", [])),
+        db=str(pick("db", DEFAULT_DB)),
+        host=str(pick("host", DEFAULT_HOST)),
+        port=port,
+        plugins=_as_list(pick("plugin", [])),
+        log_level=str(pick("log_level", "INFO")).upper(),
+        buffer_messages=buffer_messages,
+        batch_events=batch_events,
+        layers=layers,
+    )
+
+
+def add_core_options(parser: argparse.ArgumentParser) -> None:
+    """Options of every engine command; defaults are applied by :func:`build`."""
+    parser.add_argument("--config", help="TOML file with options (env SLUICE_CONFIG)")
+    parser.add_argument(
+        "--plugin", action="append", help="load a plugin by entry-point name (repeatable)"
+    )
+    parser.add_argument(
+        "--broker",
+        action="append",
+        help="broker URL to watch, e.g. redis://localhost:6379/0 (repeatable; env SLUICE_BROKER_URL)",
+    )
+    parser.add_argument(
+        "--db", help=f"database URL (default {DEFAULT_DB}; env SLUICE_DATABASE_URL)"
+    )
+    parser.add_argument("--host", help=f"address to serve on (default {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, help=f"port to serve on (default {DEFAULT_PORT})")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument(
+        "--buffer-messages", type=int, help="raw messages buffered before dropping"
+    )
+    parser.add_argument("--batch-events", type=int, help="most events per storage transaction")

@@ -1,0 +1,152 @@
+"""The engine: sources, pipeline, probes and the web server under one trio nursery.
+
+``Engine.run`` is what ``sluice run`` executes. Stopping (``Engine.stop``, or
+SIGINT/SIGTERM through the CLI) stops the sources first, then lets the
+pipeline write everything it had read, then stops the web server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from sluice_core.actions import ActionHandler
+from sluice_core.bus import Bus
+from sluice_core.config import Config
+from sluice_core.metrics import Metrics
+from sluice_core.model import Job
+from sluice_core.pipeline import Pipeline
+from sluice_core.plugins import PluginManager
+from sluice_core.probes import Probe
+from sluice_core.serialize import job_to_dict, worker_to_dict
+from sluice_core.sources import Source
+from sluice_core.storage import IngestResult
+
+log = logging.getLogger(__name__)
+
+SOURCE_RESTART_DELAY = 5.0  # after a source crashed (a bug, not a broker outage)
+
+
+class Engine:
+    def __init__(self, config: Config, pm: PluginManager) -> None:
+        self.config = config
+        self.pm = pm
+        self.started_at = time.time()
+        self.metrics = Metrics()
+        self.bus = Bus()
+        self.storage = pm.storage(config)
+        self.pipeline = Pipeline(
+            normalize=pm.normalize,
+            storage=self.storage,
+            metrics=self.metrics,
+            bus=self.bus,
+            on_stored=self._publish,
+            buffer_messages=config.buffer_messages,
+            batch_events=config.batch_events,
+        )
+        self.sources: list[Source] = pm.sources(config)
+        self.actions: list[ActionHandler] = pm.actions(config)
+        self.probes: list[Probe] = pm.probes(config)
+        self.web_addresses: list[str] = []
+        self._stop_requested = trio.Event()
+        self._pipeline_done = trio.Event()
+        self.stopped = trio.Event()
+
+    def action_handler(self, job: Job) -> ActionHandler | None:
+        return next((h for h in self.actions if h.handles(job)), None)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested.is_set()
+
+    def stop(self) -> None:
+        self._stop_requested.set()
+
+    async def run(
+        self, *, web: bool = True, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        await self.storage.open()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._run_pipeline)
+                feeders = trio.CancelScope()
+                nursery.start_soon(self._run_feeders, feeders)
+                if web:
+                    from sluice_web.server import serve
+
+                    self.web_addresses = await nursery.start(
+                        serve, self, self._pipeline_done.wait
+                    )
+                task_status.started()
+                await self._stop_requested.wait()
+                log.info("stopping: sources first, then flushing what was read")
+                feeders.cancel()
+                self.pipeline.close()
+                await self._pipeline_done.wait()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.storage.aclose()
+            self.stopped.set()
+        log.info("stopped")
+
+    async def _run_pipeline(self) -> None:
+        try:
+            await self.pipeline.run()
+        finally:
+            self._pipeline_done.set()
+
+    async def _run_feeders(self, scope: trio.CancelScope) -> None:
+        with scope:
+            async with trio.open_nursery() as nursery:
+                for source in self.sources:
+                    nursery.start_soon(self._supervise, source)
+                for probe in self.probes:
+                    nursery.start_soon(self._poll, probe)
+
+    async def _supervise(self, source: Source) -> None:
+        """Run a source; if it crashes (a bug: broker outages it handles itself), restart it."""
+        while True:
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(source.run, self.pipeline)
+                    log.info("source %s is ready", source.name)
+            except Exception:
+                log.exception("source %s crashed; restarting", source.name)
+                self.pipeline.source_status(source.name, False, "crashed")
+            else:
+                return
+            await trio.sleep(SOURCE_RESTART_DELAY)
+
+    async def _poll(self, probe: Probe) -> None:
+        while True:
+            try:
+                queues = {q.name for q in await self.storage.list_queues(time.time())}
+                samples = await probe.probe(queues)
+                await self.storage.record_queue_samples(samples)
+                for sample in samples:
+                    labels = (sample.name, sample.broker)
+                    if sample.depth is not None:
+                        self.metrics.queue_depth.labels(*labels).set(sample.depth)
+                    if sample.consumers is not None:
+                        self.metrics.queue_consumers.labels(*labels).set(sample.consumers)
+                    self.bus.publish(
+                        "queue",
+                        {
+                            "name": sample.name,
+                            "broker": sample.broker,
+                            "depth": sample.depth,
+                            "reserved": sample.reserved,
+                            "consumers": sample.consumers,
+                        },
+                    )
+            except Exception as exc:
+                log.warning("probe %s failed: %s", probe.name, exc)
+            await trio.sleep(probe.interval)
+
+    def _publish(self, result: IngestResult) -> None:
+        for job in result.jobs:
+            self.bus.publish("job", job_to_dict(job))
+        for worker in result.workers:
+            self.bus.publish("worker", worker_to_dict(worker))

@@ -1,0 +1,185 @@
+"""The ingest pipeline: raw batches -> normalizers -> batched storage writes -> live bus.
+
+    sources --put_raw--> [raw buffer, bounded in messages] --> normalize
+            --put_events---------------------------------------+
+                                                               v
+                          [normalized, a few batches] --> write (one transaction) --> bus
+
+Sources never wait: when the raw buffer is full they drop and the drop is
+counted (``sluice_events_dropped_total``). The normalizer waits for the
+writer, so storage that cannot keep up fills the raw buffer, not memory
+without bound. The writer takes everything that is waiting (up to
+``batch_events``) into one transaction, so a slow database gets bigger,
+cheaper batches. A failing database is retried with backoff, holding the batch:
+nothing read is lost while the buffer lasts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from sluice_core.bus import Bus
+from sluice_core.metrics import Metrics
+from sluice_core.model import JobEvent, Normalized, RawBatch, WorkerEvent
+from sluice_core.storage import IngestResult, Storage
+
+log = logging.getLogger(__name__)
+
+
+@attrs.define
+class _Normalized:
+    job_events: list[JobEvent]
+    worker_events: list[WorkerEvent]
+    read_at: float  # when the oldest message of this batch was read
+
+
+@attrs.define
+class SourceStatus:
+    up: bool
+    detail: str
+    since: float
+
+
+class Pipeline:
+    """The engine's :class:`~sluice_core.sources.Sink`, and the tasks behind it."""
+
+    def __init__(
+        self,
+        *,
+        normalize: Callable[[RawBatch], Normalized | None],
+        storage: Storage,
+        metrics: Metrics,
+        bus: Bus,
+        on_stored: Callable[[IngestResult], None],
+        buffer_messages: int = 1_000_000,
+        batch_events: int = 20_000,
+    ) -> None:
+        self._normalize = normalize
+        self._storage = storage
+        self._metrics = metrics
+        self._bus = bus
+        self._on_stored = on_stored
+        self._buffer_limit = buffer_messages
+        self._batch_events = batch_events
+        self._buffered = 0
+        # Unbounded as a channel, bounded in messages by put_raw: a batch can
+        # hold one message or thousands, so a count of batches would not bound memory.
+        self._raw_send, self._raw_receive = trio.open_memory_channel[RawBatch | _Normalized](
+            math.inf
+        )
+        # A few batches only: the normalizer waits here for the writer.
+        self._norm_send, self._norm_receive = trio.open_memory_channel[_Normalized](4)
+        self.sources: dict[str, SourceStatus] = {}
+        self.stored_batches = 0
+
+    # -- Sink --------------------------------------------------------------
+
+    def put_raw(self, batch: RawBatch) -> None:
+        n = len(batch.messages)
+        self._metrics.messages_received.labels(batch.source).inc(n)
+        if self._buffered + n > self._buffer_limit:
+            self._metrics.events_dropped.labels(batch.source).inc(n)
+            log.warning("ingest buffer full: dropped %d messages from %s", n, batch.source)
+            return
+        try:
+            self._raw_send.send_nowait(batch)
+        except trio.ClosedResourceError:
+            self._metrics.events_dropped.labels(batch.source).inc(n)
+            return
+        self._buffered += n
+        self._metrics.buffered.set(self._buffered)
+
+    def put_events(self, job_events: list[JobEvent], worker_events: list[WorkerEvent]) -> None:
+        n = len(job_events) + len(worker_events)
+        if self._buffered + n > self._buffer_limit:
+            self._metrics.events_dropped.labels("ingest").inc(n)
+            return
+        self._raw_send.send_nowait(_Normalized(job_events, worker_events, time.time()))
+        self._buffered += n
+
+    def source_status(self, name: str, up: bool, detail: str = "") -> None:
+        previous = self.sources.get(name)
+        if previous is None or previous.up != up:
+            (log.info if up else log.warning)(
+                "source %s is %s%s", name, "up" if up else "down", f": {detail}" if detail else ""
+            )
+            self.sources[name] = SourceStatus(up, detail, time.time())
+        self._metrics.source_up.labels(name).set(1 if up else 0)
+
+    # -- tasks -------------------------------------------------------------
+
+    def close(self) -> None:
+        """No more input: the tasks drain what is buffered, write it, and return."""
+        self._raw_send.close()
+
+    async def run(self) -> None:
+        """Normalize and write until :meth:`close` and everything buffered is stored."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._normalize_loop)
+            nursery.start_soon(self._write_loop)
+
+    async def _normalize_loop(self) -> None:
+        async with self._norm_send:
+            async for item in self._raw_receive:
+                if isinstance(item, _Normalized):
+                    self._buffered -= len(item.job_events) + len(item.worker_events)
+                    await self._norm_send.send(item)
+                    continue
+                self._buffered -= len(item.messages)
+                self._metrics.buffered.set(self._buffered)
+                result = self._normalize(item)
+                if result is None:
+                    self._metrics.events_malformed.labels(item.source).inc(len(item.messages))
+                    log.warning("no normalizer claims %r messages from %s", item.kind, item.source)
+                    continue
+                if result.malformed:
+                    self._metrics.events_malformed.labels(item.source).inc(result.malformed)
+                if result.job_events or result.worker_events:
+                    await self._norm_send.send(
+                        _Normalized(result.job_events, result.worker_events, item.received_at)
+                    )
+
+    async def _write_loop(self) -> None:
+        async for first in self._norm_receive:
+            job_events, worker_events = list(first.job_events), list(first.worker_events)
+            read_at = first.read_at
+            while len(job_events) + len(worker_events) < self._batch_events:
+                try:
+                    more = self._norm_receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                job_events += more.job_events
+                worker_events += more.worker_events
+                read_at = min(read_at, more.read_at)
+            result = await self._store(job_events, worker_events)
+            self.stored_batches += 1
+            self._metrics.events_ingested.inc(result.events_stored)
+            self._metrics.events_duplicate.inc(
+                max(0, len(job_events) - result.events_stored)
+            )
+            self._metrics.ingest_lag.set(max(0.0, time.time() - read_at))
+            self._on_stored(result)
+
+    async def _store(
+        self, job_events: list[JobEvent], worker_events: list[WorkerEvent]
+    ) -> IngestResult:
+        delay = 0.5
+        while True:
+            try:
+                return await self._storage.ingest(job_events, worker_events)
+            except Exception as exc:  # any driver error: keep the batch, retry
+                self._metrics.storage_errors.inc()
+                log.error(
+                    "storage write of %d events failed (%s); retrying in %.1fs",
+                    len(job_events) + len(worker_events),
+                    exc,
+                    delay,
+                )
+                await trio.sleep(delay)
+                delay = min(delay * 2, 10.0)

@@ -1,0 +1,96 @@
+"""The plugin manager: a typed facade over pluggy, one method per hook (STYLE.md)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Iterable
+from importlib.metadata import entry_points
+from types import ModuleType
+
+import pluggy
+
+from sluice_core import hookspecs
+from sluice_core.actions import ActionHandler
+from sluice_core.config import Config, ConfigError
+from sluice_core.model import Normalized, RawBatch
+from sluice_core.probes import Probe
+from sluice_core.sources import Source
+from sluice_core.storage import Storage
+
+# Built-in behaviour is registered through the same hooks a third party uses.
+DEFAULT_PLUGINS = ("sluice_storage.sqlite", "sluice_storage.postgres")
+
+ENTRY_POINT_GROUP = "sluice"
+
+
+class PluginManager:
+    def __init__(self) -> None:
+        self._pm = pluggy.PluginManager("sluice")
+        self._pm.add_hookspecs(hookspecs)
+        for name in DEFAULT_PLUGINS:
+            self._pm.register(importlib.import_module(name), name=name)
+
+    # -- registration ----------------------------------------------------
+
+    def load(self, names: Iterable[str]) -> None:
+        """Load the named plugins from the ``sluice`` entry-point group."""
+        available = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+        for name in names:
+            if self._pm.has_plugin(name):
+                continue
+            if name not in available:
+                known = ", ".join(sorted(available)) or "none"
+                raise ConfigError(f"no plugin named {name!r} (installed: {known})")
+            self.register(available[name].load(), name=name)
+
+    def register(self, plugin: object, name: str | None = None) -> None:
+        self._pm.register(plugin, name=name)
+        # A misspelled hook implementation fails loudly here, not silently later.
+        self._pm.check_pending()
+
+    def describe(self) -> list[tuple[str, list[str]]]:
+        """Each plugin's name and the hooks it implements (``sluice plugins``)."""
+        out = []
+        for name, plugin in sorted(self._pm.list_name_plugin(), key=lambda item: item[0]):
+            hooks = sorted(caller.name for caller in self._pm.get_hookcallers(plugin) or [])
+            where = plugin.__name__ if isinstance(plugin, ModuleType) else type(plugin).__name__
+            out.append((f"{name} ({where})", hooks))
+        return out
+
+    # -- hooks -----------------------------------------------------------
+
+    def add_options(self, parser: argparse.ArgumentParser) -> None:
+        self._pm.hook.sluice_addoption.call_historic(kwargs={"parser": parser})
+
+    def configure(self, config: Config) -> None:
+        self._pm.hook.sluice_configure.call_historic(kwargs={"config": config})
+
+    def storage(self, config: Config) -> Storage:
+        backend = self._pm.hook.sluice_storage(url=config.db, config=config)
+        if backend is None:
+            raise ConfigError(
+                f"no storage backend for {config.db!r}: use sqlite:///path.db or postgresql://..."
+            )
+        return backend
+
+    def sources(self, config: Config) -> list[Source]:
+        found: list[Source] = []
+        self._pm.hook.sluice_sources(config=config, register=found.append)
+        names = [source.name for source in found]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"two sources share a name: {sorted(names)}")
+        return found
+
+    def normalize(self, batch: RawBatch) -> Normalized | None:
+        return self._pm.hook.sluice_normalize(batch=batch)
+
+    def actions(self, config: Config) -> list[ActionHandler]:
+        found: list[ActionHandler] = []
+        self._pm.hook.sluice_actions(config=config, register=found.append)
+        return found
+
+    def probes(self, config: Config) -> list[Probe]:
+        found: list[Probe] = []
+        self._pm.hook.sluice_probes(config=config, register=found.append)
+        return found

@@ -1,0 +1,105 @@
+"""The storage contract every backend implements (DESIGN.md section 7).
+
+Backends live in ``storage/`` (package ``sluice_storage``) and are plugins
+(hook ``sluice_storage``). All methods are async; a backend runs its blocking
+driver in worker threads itself. Rows are folded with :mod:`sluice_core.merge`
+so every backend merges events the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import attrs
+
+from sluice_core.model import Job, JobEvent, JobState, QueueSample, Worker, WorkerEvent
+
+MAX_PAGE = 500
+DEFAULT_PAGE = 50
+
+
+@attrs.frozen
+class JobQuery:
+    """Filters of ``GET /api/jobs`` (DESIGN.md section 5), already validated."""
+
+    q: str | None = None  # id prefix, or text in name, args, kwargs, exception
+    name: str | None = None
+    states: frozenset[JobState] = frozenset()
+    queue: str | None = None
+    worker: str | None = None
+    framework: str | None = None
+    since: float | None = None  # epoch seconds, on the job's created_at
+    until: float | None = None
+    ids: frozenset[str] = frozenset()
+    limit: int = DEFAULT_PAGE
+    cursor: int | None = None  # the last page's last ``seq``; see Page
+
+
+@attrs.frozen
+class Page:
+    jobs: list[Job]
+    # ``seq`` of the last job when more may follow, else None. Jobs are listed
+    # newest first by ``seq``, the order Sluice first stored them in, which
+    # never changes: pages have no duplicates or gaps while jobs stream in.
+    next_cursor: int | None
+
+
+@attrs.frozen
+class IngestResult:
+    jobs: list[Job]  # rows that changed, as they are now
+    workers: list[Worker]
+    events_stored: int  # new event rows (duplicates of stored events are not counted)
+
+
+@attrs.frozen
+class QueueStats:
+    """A queue as ``GET /api/queues`` shows it: the latest probe sample plus event-derived rates."""
+
+    name: str
+    framework: str
+    broker: str | None
+    depth: int | None
+    reserved: int | None
+    consumers: int | None
+    throughput_per_min: float
+    failure_rate: float
+    avg_wait_s: float | None
+    updated_at: float | None
+
+
+class Storage(Protocol):
+    url: str  # without credentials: safe to show
+
+    async def open(self) -> None:
+        """Connect and apply pending migrations."""
+
+    async def aclose(self) -> None: ...
+
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations; return the versions applied."""
+
+    async def ingest(
+        self, job_events: list[JobEvent], worker_events: list[WorkerEvent]
+    ) -> IngestResult:
+        """Store a batch in one transaction: every new event, and the rows it changes.
+
+        Idempotent: an event already stored (same id) changes nothing.
+        """
+
+    async def get_job(self, job_id: str) -> Job | None: ...
+
+    async def job_events(self, job_id: str) -> list[JobEvent]:
+        """The job's timeline, oldest first."""
+
+    async def list_jobs(self, query: JobQuery) -> Page: ...
+
+    async def count_jobs_by_state(self) -> dict[str, int]: ...
+
+    async def list_workers(self) -> list[Worker]: ...
+
+    async def record_queue_samples(self, samples: list[QueueSample]) -> None: ...
+
+    async def list_queues(self, now: float) -> list[QueueStats]: ...
+
+    async def ping(self) -> None:
+        """Raise if the database cannot be reached."""
