@@ -157,3 +157,8 @@ def add_core_options(parser: argparse.ArgumentParser) -> None:
         "--buffer-messages", type=int, help="raw messages buffered before dropping"
     )
     parser.add_argument("--batch-events", type=int, help="most events per storage transaction")
+    parser.add_argument(
+        "--heartbeat-missed",
+        type=float,
+        help="heartbeat intervals without news before a worker is offline (default 3)",
+    )

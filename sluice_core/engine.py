@@ -17,6 +17,7 @@ from sluice_core.bus import Bus
 from sluice_core.config import Config
 from sluice_core.metrics import Metrics
 from sluice_core.model import Job
+from sluice_core.monitors import WorkerMonitor
 from sluice_core.pipeline import Pipeline
 from sluice_core.plugins import PluginManager
 from sluice_core.probes import Probe
@@ -49,6 +50,9 @@ class Engine:
         self.sources: list[Source] = pm.sources(config)
         self.actions: list[ActionHandler] = pm.actions(config)
         self.probes: list[Probe] = pm.probes(config)
+        self.worker_monitor = WorkerMonitor(
+            self.storage, self.pipeline, missed=float(config.get("heartbeat_missed", 3.0))
+        )
         self.web_addresses: list[str] = []
         self._stop_requested = trio.Event()
         self._pipeline_done = trio.Event()
@@ -104,6 +108,7 @@ class Engine:
                     nursery.start_soon(self._supervise, source)
                 for probe in self.probes:
                     nursery.start_soon(self._poll, probe)
+                nursery.start_soon(self.worker_monitor.run)
 
     async def _supervise(self, source: Source) -> None:
         """Run a source; if it crashes (a bug: broker outages it handles itself), restart it."""

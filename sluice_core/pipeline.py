@@ -99,8 +99,13 @@ class Pipeline:
         n = len(job_events) + len(worker_events)
         if self._buffered + n > self._buffer_limit:
             self._metrics.events_dropped.labels("ingest").inc(n)
+            log.warning("ingest buffer full: dropped %d normalized events", n)
             return
-        self._raw_send.send_nowait(_Normalized(job_events, worker_events, time.time()))
+        try:
+            self._raw_send.send_nowait(_Normalized(job_events, worker_events, time.time()))
+        except trio.ClosedResourceError:
+            self._metrics.events_dropped.labels("ingest").inc(n)
+            return
         self._buffered += n
 
     def source_status(self, name: str, up: bool, detail: str = "") -> None:

@@ -1,0 +1,99 @@
+"""Monitors: conclusions Sluice draws from silence (DESIGN.md section 11).
+
+A killed worker sends nothing: its heartbeats just stop, and the jobs it was
+running stay ``active`` forever unless someone decides otherwise. The worker
+monitor decides: a worker whose heartbeat is overdue goes offline, and the
+jobs it held become ``lost``. Both conclusions are recorded as ordinary
+events through the pipeline, so they are stored, folded and streamed like any
+other, and a job that later turns out to have finished still completes (a
+later-stamped terminal event wins, see sluice_core.merge).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from sluice_core.model import JobEvent, JobState, WorkerEvent, event_id
+from sluice_core.sources import Sink
+from sluice_core.storage import MAX_PAGE, JobQuery, Storage
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HEARTBEAT_FREQ = 2.0  # Celery's default, for workers that did not say
+HELD_STATES = frozenset({JobState.RECEIVED, JobState.ACTIVE, JobState.SCHEDULED})
+
+
+class WorkerMonitor:
+    """Marks workers offline after ``missed`` heartbeat intervals, and their jobs lost."""
+
+    def __init__(self, storage: Storage, sink: Sink, *, missed: float = 3.0, interval: float = 1.0) -> None:
+        self._storage = storage
+        self._sink = sink
+        self.missed = missed
+        self.interval = interval
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.check(time.time())
+            except Exception as exc:  # the database may be away: try again next round
+                log.warning("worker monitor: %s", exc)
+            await trio.sleep(self.interval)
+
+    async def check(self, now: float) -> int:
+        """Conclude what the silence up to ``now`` means; return how many workers went offline."""
+        gone = 0
+        for worker in await self._storage.list_workers():
+            if worker.status != "online" or worker.last_heartbeat is None:
+                continue
+            freq = worker.freq or DEFAULT_HEARTBEAT_FREQ
+            deadline = worker.last_heartbeat + freq * self.missed
+            if now < deadline:
+                continue
+            gone += 1
+            reason = (
+                f"no heartbeat from {worker.hostname} for {now - worker.last_heartbeat:.0f}s "
+                f"(expected every {freq:g}s): the worker process died or lost its broker"
+            )
+            log.warning("worker %s is offline: %s", worker.hostname, reason)
+            # Stamped at the deadline, not at ``now``: the same silence gives the
+            # same event ids, so two agents do not record it twice.
+            lost = await self._held_jobs_lost(worker.hostname, worker.framework, deadline, reason)
+            offline = WorkerEvent(
+                hostname=worker.hostname,
+                framework=worker.framework,
+                type="offline",
+                timestamp=deadline,
+                extra={"reason": reason},
+            )
+            self._sink.put_events(lost, [offline])
+        return gone
+
+    async def _held_jobs_lost(
+        self, hostname: str, framework: str, at: float, reason: str
+    ) -> list[JobEvent]:
+        events: list[JobEvent] = []
+        cursor = None
+        while True:
+            page = await self._storage.list_jobs(
+                JobQuery(worker=hostname, states=HELD_STATES, limit=MAX_PAGE, cursor=cursor)
+            )
+            for job in page.jobs:
+                events.append(
+                    JobEvent(
+                        id=event_id(job.id, "lost", hostname, at),
+                        job_id=job.id,
+                        framework=framework,
+                        type="sluice-lost",
+                        state=JobState.LOST,
+                        timestamp=max(at, job.updated_at or at),
+                        worker=hostname,
+                        fields={"exception": f"WorkerLost: {reason}"},
+                    )
+                )
+            if page.next_cursor is None:
+                return events
+            cursor = page.next_cursor

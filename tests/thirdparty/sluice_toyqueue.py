@@ -1,0 +1,86 @@
+"""A third-party framework adapter, as an outside package would write it.
+
+"toyqueue" is an imaginary job framework whose workers report each job change
+as one JSON line over TCP: {"id", "name", "status", "ts", "worker"}. This
+module uses only Sluice's public plugin API (hookimpl, the model, the Source
+and Sink protocols) and is loaded through an entry point: it proves that a new
+framework needs no change to the core.
+"""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import trio
+
+from sluice_core import hookimpl
+from sluice_core.config import Config
+from sluice_core.model import JobEvent, JobState, Normalized, RawBatch, event_id
+from sluice_core.sources import Sink
+
+STATES = {
+    "waiting": JobState.QUEUED,
+    "running": JobState.ACTIVE,
+    "done": JobState.COMPLETED,
+    "error": JobState.FAILED,
+}
+
+
+class ToyQueueSource:
+    def __init__(self, port: int) -> None:
+        self.name = f"toyqueue/tcp:{port}"
+        self.port = port
+
+    async def run(self, sink: Sink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+        sink.source_status(self.name, True)
+        task_status.started()
+
+        async def handle(stream: trio.SocketStream) -> None:
+            buffer = b""
+            async for chunk in stream:
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                if lines:
+                    sink.put_raw(RawBatch("toyqueue/json", self.name, [("", line) for line in lines], time.time()))
+
+        await trio.serve_listeners(handle, listeners)
+
+
+@hookimpl
+def sluice_addoption(parser) -> None:  # type: ignore[no-untyped-def]
+    parser.add_argument("--toyqueue-port", type=int, help="port the toyqueue workers report to")
+
+
+@hookimpl
+def sluice_sources(config: Config, register) -> None:  # type: ignore[no-untyped-def]
+    port = config.get("toyqueue_port")
+    if port is not None:
+        register(ToyQueueSource(int(port)))
+
+
+@hookimpl
+def sluice_normalize(batch: RawBatch) -> Normalized | None:
+    if batch.kind != "toyqueue/json":
+        return None
+    out = Normalized()
+    for _, body in batch.messages:
+        try:
+            msg = orjson.loads(body)
+            state = STATES[msg["status"]]
+            out.job_events.append(
+                JobEvent(
+                    id=event_id(msg["id"], msg["status"], msg["ts"]),
+                    job_id=msg["id"],
+                    framework="toyqueue",
+                    type=msg["status"],
+                    state=state,
+                    timestamp=float(msg["ts"]),
+                    worker=msg.get("worker"),
+                    fields={"name": msg.get("name")},
+                )
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            out.malformed += 1
+    return out
