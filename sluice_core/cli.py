@@ -77,9 +77,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"applied migrations: {applied}" if applied else "database is up to date")
             return 0
         return trio.run(_run, config, pm)
-    except ConfigError as exc:
-        print(f"sluice: error: {exc}", file=sys.stderr)
-        return 2
+    except* ConfigError as group:
+        # Also raised by tasks in the engine's nurseries (the web server refusing
+        # its address), which wrap it in exception groups.
+        for exc in _leaves(group):
+            print(f"sluice: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _leaves(group: BaseExceptionGroup[ConfigError]) -> list[ConfigError]:
+    return [
+        leaf
+        for exc in group.exceptions
+        for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    ]
 
 
 async def _migrate(config: Config, pm: PluginManager) -> list[int]:

@@ -158,6 +158,15 @@ def add_core_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-events", type=int, help="most events per storage transaction")
     parser.add_argument(
+        "--api-token",
+        help="require 'Authorization: Bearer TOKEN' on the API (env SLUICE_API_TOKEN)",
+    )
+    parser.add_argument(
+        "--session-secret",
+        help="key signing dashboard login cookies; share it between web replicas "
+        "(env SLUICE_SESSION_SECRET; default: random at each start)",
+    )
+    parser.add_argument(
         "--heartbeat-missed",
         type=float,
         help="heartbeat intervals without news before a worker is offline (default 3)",

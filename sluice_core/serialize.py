@@ -9,6 +9,7 @@ import datetime as dt
 from typing import Any
 
 from sluice_core.model import Job, JobEvent, Worker
+from sluice_core.storage import QueueStats
 
 _JOB_TIMES = ("sent_at", "received_at", "started_at", "finished_at", "updated_at", "created_at")
 
@@ -81,4 +82,19 @@ def worker_to_dict(worker: Worker) -> dict[str, Any]:
         "queues": worker.queues,
         "concurrency": worker.concurrency,
         "updated_at": iso(worker.updated_at),
+    }
+
+
+def queue_to_dict(queue: QueueStats) -> dict[str, Any]:
+    return {
+        "name": queue.name,
+        "framework": queue.framework,
+        "broker": queue.broker,
+        "depth": queue.depth,
+        "reserved": queue.reserved,
+        "consumers": queue.consumers,
+        "throughput_per_min": queue.throughput_per_min,
+        "failure_rate": queue.failure_rate,
+        "avg_wait_s": queue.avg_wait_s,
+        "updated_at": iso(queue.updated_at),
     }

@@ -101,5 +101,22 @@ class Storage(Protocol):
 
     async def list_queues(self, now: float) -> list[QueueStats]: ...
 
+    async def queue_depth_history(
+        self, name: str, broker: str, since: float
+    ) -> list[tuple[float, int]]:
+        """The queue's probed depth since ``since``: ``(timestamp, depth)``, oldest first.
+
+        Samples whose probe could not tell the depth are left out.
+        """
+
+    async def job_throughput(self, since: float, bucket_s: float) -> list[tuple[float, int, int]]:
+        """Jobs that finished since ``since``, per bucket of ``bucket_s`` seconds.
+
+        ``(bucket start, completed, failed)``, oldest first; buckets with neither are left out.
+        """
+
+    async def top_failing_names(self, since: float, limit: int) -> list[tuple[str, int]]:
+        """The job names with the most failures since ``since``: ``(name, failed)``, most first."""
+
     async def ping(self) -> None:
         """Raise if the database cannot be reached."""

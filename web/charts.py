@@ -95,6 +95,13 @@ def line_chart(
         if not coords:
             continue
         cls = escape(s.css_class)
+        if len(s.points) > 1:
+            (x0, _), (x1, _) = s.points[0], s.points[-1]
+            base = y(0)
+            parts.append(
+                f'<polygon class="area {cls}" points="{x(x0):.1f},{base:.1f} {coords} '
+                f'{x(x1):.1f},{base:.1f}"/>'
+            )
         if len(s.points) == 1:
             (ts, v), = s.points
             parts.append(f'<circle class="dot {cls}" cx="{x(ts):.1f}" cy="{y(v):.1f}" r="3"/>')

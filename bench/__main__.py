@@ -1,0 +1,337 @@
+"""``python -m bench`` (``make bench``): Sluice's benchmarks, Flower alongside.
+
+Runs the chosen scenarios (all by default), prints each table as it is done
+and writes them, with the machine and the command, to bench/RESULTS.md.
+``--quick`` is a smoke run of a few seconds per scenario and writes nothing
+unless ``--out`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import attrs
+
+from bench import ingest, latency, queries, report, startup
+from bench.generator import Plan
+from bench.services import BENCH, REDIS_URL, rabbitmq_vhost
+
+SCENARIOS = ("burst", "steady", "rabbitmq", "latency", "queries", "startup")
+
+
+@attrs.frozen
+class Sizes:
+    burst_events: int
+    steady_rates: tuple[int, ...]
+    steady_s: float
+    latency_rate: int
+    latency_s: float
+    rabbitmq_events: int
+    history_jobs: dict[str, int]  # per storage
+    query_repeats: int
+    startup_repeats: int
+    repeats: int  # of the cheap ingest runs (bursts)
+    stall_s: float
+
+
+FULL = Sizes(
+    burst_events=400_000,
+    steady_rates=(12_000, 50_000),
+    steady_s=20.0,
+    latency_rate=5_000,
+    latency_s=20.0,
+    rabbitmq_events=100_000,
+    history_jobs={"sqlite": 100_000, "postgresql": 100_000},
+    query_repeats=20,
+    startup_repeats=5,
+    repeats=3,
+    stall_s=5.0,
+)
+QUICK = Sizes(
+    burst_events=20_000,
+    steady_rates=(12_000,),
+    steady_s=3.0,
+    latency_rate=2_000,
+    latency_s=3.0,
+    rabbitmq_events=5_000,
+    history_jobs={"sqlite": 5_000},
+    query_repeats=5,
+    startup_repeats=2,
+    repeats=1,
+    stall_s=3.0,
+)
+# The issue's targets: a million jobs on SQLite, ten million on PostgreSQL.
+FULL_HISTORY = {"sqlite": 1_000_000, "postgresql": 10_000_000}
+
+
+@attrs.define
+class Section:
+    title: str
+    text: str  # Markdown: notes and a table
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        sizes = QUICK if args.quick else FULL
+        if args.full_size:
+            sizes = attrs.evolve(sizes, history_jobs=FULL_HISTORY)
+        if args.repeats:
+            sizes = attrs.evolve(sizes, repeats=args.repeats)
+        self.sizes = sizes
+        self.storages = args.storage or (["sqlite"] if args.quick else ["sqlite", "postgresql"])
+        self.run_dir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
+        self.sections: list[Section] = []
+
+    def log(self, text: str) -> None:
+        print(text, flush=True)
+
+    def add(self, title: str, notes: str, table: str) -> None:
+        section = Section(title, f"{notes}\n\n{table}" if notes else table)
+        self.sections.append(section)
+        self.log(f"\n## {title}  (load {report.load()})\n{section.text}\n")
+
+    # -- ingest ------------------------------------------------------------
+
+    def _ingest_rows(
+        self, label: str, runs: list[ingest.IngestRun]
+    ) -> list[list[object]]:
+        """One row per consumer: medians over the runs."""
+        rows: list[list[object]] = []
+        first = runs[0]
+        consumers = list(first.outcomes)
+        med = statistics.median
+        for name in consumers:
+            outs = [r.outcomes[name] for r in runs]
+            ratio = ""
+            if name == "sluice" and "flower" in first.outcomes:
+                flower_taken = med(r.outcomes["flower"].taken for r in runs)
+                ratio = f"{med(o.taken for o in outs) / max(flower_taken, 1):.1f}x"
+            rows.append([
+                label, first.storage if name == "sluice" else "(memory)", name,
+                int(med(r.published for r in runs)),
+                int(med(o.taken for o in outs)),
+                f"{med(o.lost_pct for o in outs):.1f}%",
+                med(o.rate for o in outs),
+                med(o.catch_up_s for o in outs),
+                med(o.peak_rss_mb for o in outs),
+                ratio,
+            ])
+        return rows
+
+    INGEST_HEADERS = ("scenario", "storage", "consumer", "events published", "events taken in",
+                      "lost", "ingest rate (ev/s)", "catch-up (s)", "peak RSS (MB)",
+                      "Sluice/Flower")
+
+    def _ingest(self, plan: Plan, storage: str, repeats: int, extra: list[str] = ()) -> list[ingest.IngestRun]:
+        runs = []
+        for i in range(repeats):
+            result = ingest.run(
+                plan, storage=storage, run_dir=self.run_dir, flower=not self.args.no_flower,
+                stall_s=self.sizes.stall_s, sluice_extra=list(extra),
+            )
+            runs.append(result)
+            self.log(
+                f"    run {i + 1}/{repeats} ({storage}, load {report.load()}): published "
+                f"{result.published:,} task events in {result.publish_s:.2f}s "
+                f"({result.publish_rate:,.0f}/s); "
+                + "; ".join(
+                    f"{o.consumer} took {o.taken:,} (lost {o.lost_pct:.1f}%, "
+                    f"{o.rate:,.0f}/s, catch-up {o.catch_up_s:.1f}s, {o.peak_rss_mb:.0f} MB)"
+                    for o in result.outcomes.values()
+                )
+                + f"; Sluice read {result.sluice_messages:,}/{result.messages:,} messages, "
+                f"dropped {result.sluice_dropped:,}"
+            )
+        return runs
+
+    def burst(self) -> None:
+        n = self.sizes.burst_events
+        rows = []
+        for storage in self.storages:
+            plan = Plan(broker=REDIS_URL, events=n, publishers=self.args.publishers)
+            runs = self._ingest(plan, storage, self.sizes.repeats)
+            rows += self._ingest_rows(f"burst {n:,}", runs)
+        self.add(
+            f"Burst: {n:,} events published as fast as possible (Redis)",
+            f"Median of {self.sizes.repeats} run(s). Sluice and Flower subscribed at once to "
+            "the same stream. *Ingest rate*: events taken in / (last one taken in - first "
+            "publish). *Catch-up*: from the last publish to the last event taken in. "
+            "Sluice's count is events persisted to its database; Flower's is task events "
+            "applied to its in-memory state (`flower_events_total`). Target: zero lost for Sluice.",
+            report.table(self.INGEST_HEADERS, rows),
+        )
+
+    def steady(self) -> None:
+        rows = []
+        for rate in self.sizes.steady_rates:
+            for storage in self.storages:
+                plan = Plan(broker=REDIS_URL, events=int(rate * self.sizes.steady_s), rate=rate,
+                            publishers=self.args.publishers)
+                runs = self._ingest(plan, storage, 1)
+                rows += self._ingest_rows(f"{rate:,}/s for {self.sizes.steady_s:.0f}s", runs)
+        self.add(
+            "Steady rate (Redis)",
+            "One run each. Sluice keeps up with a rate when it loses nothing and its catch-up "
+            "stays near zero; its ingest rate is then the offered rate. Target: >= 50,000 "
+            "events/s sustained into storage.",
+            report.table(self.INGEST_HEADERS, rows),
+        )
+
+    def rabbitmq(self) -> None:
+        n = self.sizes.rabbitmq_events
+        try:
+            with rabbitmq_vhost() as broker:
+                plan = Plan(broker=broker, events=n)
+                runs = self._ingest(plan, "sqlite", 1, extra=["--plugin", "rabbitmq"])
+        except Exception as exc:  # the RabbitMQ source may not be ready: report, go on
+            self.add("RabbitMQ ingest", f"Not measured: the run failed with `{exc!r}`.", "")
+            self.log(traceback.format_exc())
+            return
+        self.add(
+            f"RabbitMQ: {n:,} events published as fast as possible to the celeryev exchange",
+            "One run, a fresh vhost. Raw JSON bodies as Celery publishes them on AMQP.",
+            report.table(self.INGEST_HEADERS, self._ingest_rows(f"burst {n:,}", runs)),
+        )
+
+    # -- the rest ----------------------------------------------------------
+
+    def latency(self) -> None:
+        s = self.sizes
+        runs = [
+            latency.run(rate=s.latency_rate, duration_s=s.latency_s, broker=REDIS_URL,
+                        run_dir=self.run_dir)
+            for _ in range(s.repeats)
+        ]
+        for r in runs:
+            self.log(f"    p50 {r.p50_ms:.0f} ms, p99 {r.p99_ms:.0f} ms over {r.samples:,} samples")
+        med = statistics.median
+        self.add(
+            f"Latency: broker PUBLISH to SSE delivery at {s.latency_rate:,} events/s",
+            f"Median of {len(runs)} run(s) of {s.latency_s:.0f}s, SQLite. A sample is a job's "
+            "first update (its task-sent) or its completion (its task.multi batch) on "
+            "`GET /api/stream`. Target: p99 < 500 ms.",
+            report.table(
+                ("rate (ev/s)", "samples", "p50 (ms)", "p99 (ms)", "max (ms)", "resyncs"),
+                [[s.latency_rate, int(med(r.samples for r in runs)), med(r.p50_ms for r in runs),
+                  med(r.p99_ms for r in runs), med(r.max_ms for r in runs),
+                  sum(r.resyncs for r in runs)]],
+            ),
+        )
+
+    def queries(self) -> None:
+        for storage in self.storages:
+            jobs = self.sizes.history_jobs.get(storage)
+            if not jobs:
+                continue
+            self.log(f"    filling a {storage} history of {jobs:,} jobs")
+            r = queries.run(storage=storage, jobs=jobs, repeats=self.sizes.query_repeats,
+                            broker=REDIS_URL, run_dir=self.run_dir, log=self.log)
+            rows = [[t.query, " ".join(f"{k}={v}" for k, v in t.params.items()), t.rows,
+                     t.p50_ms, t.p95_ms] for t in r.timings]
+            target = FULL_HISTORY[storage]
+            size_note = "" if jobs >= target else (
+                f" The target size is {target:,} jobs: run `python -m bench queries --full-size`."
+            )
+            self.add(
+                f"Queries: {storage}, {jobs:,} jobs",
+                f"`GET /api/jobs` over HTTP, {self.sizes.query_repeats} repeats each. The history "
+                f"({r.jobs:,} jobs, all their events, over {queries.SPAN_DAYS} days) was written "
+                f"through the storage backend's ingest in {r.fill_s:.0f}s ({r.fill_rate:,.0f} "
+                f"events/s); Sluice then started on it in {r.startup_s:.2f}s.{size_note}",
+                report.table(("query", "parameters", "rows", "p50 (ms)", "p95 (ms)"), rows),
+            )
+
+    def startup(self) -> None:
+        runs = [startup.run(storage=s, repeats=self.sizes.startup_repeats, broker=REDIS_URL,
+                            run_dir=self.run_dir) for s in self.storages]
+        self.add(
+            "Startup: process spawned to GET /healthz 200",
+            f"Median of {self.sizes.startup_repeats} starts, each on a fresh empty database "
+            "(migrations applied at start), Redis source subscribed.",
+            report.table(("storage", "median (s)", "samples (s)"),
+                         [[r.storage, r.median_s, ", ".join(f"{x:.2f}" for x in r.samples_s)]
+                          for r in runs]),
+        )
+
+    # -- output ------------------------------------------------------------
+
+    def write(self, path: Path, machine: dict[str, str], started: float, loads: list[str]) -> None:
+        command = "python -m bench " + shlex.join(sys.argv[1:])
+        lines = [
+            "# Sluice benchmarks",
+            "",
+            f"Written by `{command.strip()}` (`make bench` runs `python -m bench`) on "
+            f"{dt.datetime.fromtimestamp(started, dt.UTC):%Y-%m-%d %H:%M} UTC, "
+            f"in {(time.time() - started) / 60:.0f} min.",
+            "",
+            "## Machine",
+            "",
+            report.table(("", ""), list(machine.items())),
+            "",
+            f"Load average (1/5/15 min) at the start of each scenario: {'; '.join(loads)}. "
+            "The machine has 2 cores shared with other work: figures move with the load.",
+            "",
+        ]
+        for section in self.sections:
+            lines += [f"## {section.title}", "", section.text, ""]
+        path.write_text("\n".join(lines))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                        help=f"which to run (default all): {', '.join(SCENARIOS)}")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--full-size", action="store_true",
+                        help="query histories at the target sizes (1M jobs SQLite, 10M PostgreSQL)")
+    parser.add_argument("--storage", action="append", choices=["sqlite", "postgresql"],
+                        help="storage backends to run (default both; --quick: sqlite)")
+    parser.add_argument("--repeats", type=int, help="repeats of the cheap runs (default 3)")
+    parser.add_argument("--publishers", type=int, default=1, help="publishing processes")
+    parser.add_argument("--no-flower", action="store_true", help="run Sluice alone")
+    parser.add_argument("--out", type=Path,
+                        help="where to write the results (default bench/RESULTS.md; "
+                        "--quick writes nothing unless given)")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.scenarios) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}: choose from {', '.join(SCENARIOS)}")
+    out = args.out or (None if args.quick else BENCH / "RESULTS.md")
+    chosen = args.scenarios or list(SCENARIOS)
+    bench = Bench(args)
+    started = time.time()
+    machine = report.machine()
+    bench.log(f"Sluice benchmarks: {', '.join(chosen)}; logs in {bench.run_dir}")
+    for key, value in machine.items():
+        bench.log(f"  {key}: {value}")
+    loads: list[str] = []
+    failed = []
+    for name in chosen:
+        loads.append(f"{name} {report.load()}")
+        bench.log(f"\n# {name} (load {report.load()})")
+        scenario: Callable[[], None] = getattr(bench, name)
+        try:
+            scenario()
+        except Exception as exc:
+            failed.append(name)
+            bench.log(traceback.format_exc())
+            bench.add(name, f"Failed: `{exc!r}` (logs in the run directory).", "")
+        if out:
+            bench.write(out, machine, started, loads)
+    if out:
+        bench.log(f"\nwrote {out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Ingest: Sluice and Flower subscribed at once, fed one stream, counted afterwards.
+
+What each took in is read from its own counters: Sluice's
+``sluice_events_ingested_total`` (events persisted to its database) and
+Flower's ``flower_events_total`` (task events applied to its in-memory
+state). Both count task events; heartbeats are left out on both sides.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import attrs
+
+from bench.generator import Plan, publish
+from bench.services import (
+    Flower,
+    Sampler,
+    Service,
+    Sluice,
+    database,
+    unique,
+    wait_bindings,
+    wait_subscribers,
+)
+
+
+@attrs.define
+class Outcome:
+    """One consumer's result in one run."""
+
+    consumer: str
+    taken: int  # task events taken in
+    lost: int
+    catch_up_s: float  # from the last publish to the last event taken in
+    rate: float  # events taken in per second, first publish to last event taken in
+    peak_rss_mb: float
+
+    @property
+    def lost_pct(self) -> float:
+        return 100.0 * self.lost / max(self.taken + self.lost, 1)
+
+
+@attrs.define
+class IngestRun:
+    broker: str
+    storage: str
+    offered_rate: float | None  # None: flat out
+    published: int  # task events
+    messages: int
+    publish_s: float
+    publish_rate: float
+    outcomes: dict[str, Outcome]
+    sluice_messages: int  # raw messages Sluice read (published messages: ``messages``)
+    sluice_dropped: int  # messages Sluice read but dropped (its buffer was full)
+
+
+def quiesce(service: Service, still_s: float = 0.5, timeout: float = 10.0) -> float:
+    """The service's counter once it has stopped moving (the probes are taken in)."""
+    value, since = service.taken(), time.monotonic()
+    deadline = since + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = service.taken()
+        if now != value:
+            value, since = now, time.monotonic()
+        elif time.monotonic() - since >= still_s:
+            break
+    return value
+
+
+def run(
+    plan: Plan,
+    *,
+    storage: str,
+    run_dir: Path,
+    flower: bool = True,
+    stall_s: float = 5.0,
+    max_wait_s: float = 600.0,
+    sluice_extra: list[str] = (),
+) -> IngestRun:
+    """Start Sluice (and Flower), publish ``plan`` once, wait until both have settled."""
+    keyprefix = unique("bench") + ":"
+    plan = attrs.evolve(plan, keyprefix=keyprefix)
+    services: list[Service] = []
+    with database(storage, run_dir) as db:
+        try:
+            sluice = Sluice(plan.broker, db, run_dir, keyprefix, list(sluice_extra))
+            services.append(sluice)
+            if flower:
+                services.append(Flower(plan.broker, run_dir, keyprefix))
+            if plan.broker.startswith("redis"):
+                wait_subscribers(plan, len(services))
+            else:
+                wait_bindings(plan.broker, len(services))
+            before = {s.name: quiesce(s) for s in services}
+            with Sampler(services) as sampler:
+                report = publish(plan)
+                # Sluice also stores worker events (heartbeats); Flower's count has none.
+                expected = {
+                    s.name: report.stats.task_events
+                    + (report.stats.worker_events if s is sluice else 0)
+                    for s in services
+                }
+                deadline = time.monotonic() + max_wait_s
+                while time.monotonic() < deadline and not all(
+                    sampler.settled(s.name, before[s.name] + expected[s.name], stall_s)
+                    for s in services
+                ):
+                    time.sleep(0.2)
+            published = report.stats.task_events
+            outcomes = {}
+            for service in services:
+                taken = int(sampler.last(service.name) - before[service.name])
+                taken -= expected[service.name] - published
+                done_at = sampler.reached_at(service.name) or report.finished
+                outcomes[service.name] = Outcome(
+                    consumer=service.name,
+                    taken=taken,
+                    lost=max(0, published - taken),
+                    catch_up_s=max(0.0, done_at - report.finished),
+                    rate=taken / max(done_at - report.started, 1e-9),
+                    peak_rss_mb=service.peak_rss_mb(),
+                )
+            counters = sluice.counters()
+        finally:
+            for service in services:
+                service.stop()
+    return IngestRun(
+        broker=plan.broker.split("://")[0],
+        storage=storage,
+        offered_rate=plan.rate,
+        published=published,
+        messages=report.stats.messages,
+        publish_s=report.finished - report.started,
+        publish_rate=report.rate,
+        outcomes=outcomes,
+        sluice_messages=int(counters["messages"]),
+        sluice_dropped=int(counters["dropped"]),
+    )

@@ -1,0 +1,166 @@
+"""Queries: the job list, its filters and free-text search over a large history.
+
+The history is the generator's stream (pre-built, spread over the last
+``SPAN_DAYS`` days), decoded by Sluice's own Celery normalizer and written
+through the storage backend's ``ingest`` in large batches: the same code path
+as live ingest, minus the broker. The queries then go to a real ``sluice run``
+on that database, over HTTP, as the dashboard sends them.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import trio
+
+from bench.generator import EventStream, amqp_body
+from bench.latency import percentile
+from bench.services import Sluice, database, unique
+
+SPAN_DAYS = 30
+JOBS_PER_BATCH = 5_000
+
+
+@attrs.define
+class QueryTiming:
+    query: str
+    params: dict[str, str]
+    rows: int
+    p50_ms: float
+    p95_ms: float
+
+
+@attrs.define
+class QueriesRun:
+    storage: str
+    jobs: int
+    fill_s: float
+    fill_rate: float  # events/s written while filling
+    startup_s: float  # sluice run on the filled database, to /healthz 200
+    timings: list[QueryTiming]
+
+
+async def fill(db: str, jobs: int, progress: Callable[[int], None] | None = None) -> int:
+    """Write ``jobs`` jobs (all their events) through the storage backend; return the events."""
+    from sluice_celery.events import KIND_AMQP, normalize_batch
+
+    from sluice_core.config import Config
+    from sluice_core.model import RawBatch
+    from sluice_core.plugins import PluginManager
+
+    storage = PluginManager().storage(Config(db=db))
+    await storage.open()
+    span = SPAN_DAYS * 86400.0
+    batches = max(1, -(-jobs // JOBS_PER_BATCH))
+    stream = EventStream(seed=7, start=time.time() - span, tick_s=span / (batches + 1))
+    events = 0
+    try:
+        done = 0
+        while True:
+            n = min(JOBS_PER_BATCH, jobs - done)
+            messages = stream.tick(n) if n else stream.drain()
+            done += n
+            batch = RawBatch(
+                kind=KIND_AMQP,
+                source="bench",
+                messages=[(m.routing_key, amqp_body(m)) for m in messages],
+                received_at=time.time(),
+            )
+            normalized = normalize_batch(batch)
+            await storage.ingest(normalized.job_events, normalized.worker_events)
+            events += len(normalized.job_events)
+            if progress:
+                progress(done)
+            if not n:
+                return events
+    finally:
+        await storage.aclose()
+
+
+def _sample_values(client: httpx.Client) -> dict[str, str]:
+    """Real values from the history to filter and search for."""
+    jobs = client.get("/api/jobs", params={"limit": 500}).json()["jobs"]
+    failed = next(j for j in jobs if j["state"] == "failed")
+    newest = max(j["created_at"] for j in jobs)
+    return {
+        "id_prefix": jobs[-1]["id"][:8],
+        "worker": jobs[0]["worker"] or "",
+        "email": str(jobs[len(jobs) // 2]["args"]).split("'")[1],  # (n, 'user<n>@example.com')
+        "exception_word": "payments-api" if "payments-api" in failed["exception"] else "timed out",
+        "day_until": newest,
+    }
+
+
+def queries(values: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
+    until = values["day_until"]
+    return [
+        ("list newest 50", {}),
+        ("list 500", {"limit": "500"}),
+        ("page 2 (cursor)", {"cursor": "<next>"}),
+        ("state=failed", {"state": "failed"}),
+        ("state=failed,retrying", {"state": "failed,retrying"}),
+        ("name=", {"name": "billing.charge_card"}),
+        ("queue=", {"queue": "mail"}),
+        ("worker=", {"worker": values["worker"]}),
+        ("name + state", {"name": "billing.charge_card", "state": "failed"}),
+        ("since/until 1 day", {"since": _day_before(until), "until": until}),
+        ("q=id prefix", {"q": values["id_prefix"]}),
+        ("q=text in args", {"q": values["email"]}),
+        ("q=text in exception", {"q": values["exception_word"]}),
+        ("q=no match", {"q": "no-such-text-anywhere"}),
+    ]
+
+
+def _day_before(iso: str) -> str:
+    import datetime as dt
+
+    return (dt.datetime.fromisoformat(iso) - dt.timedelta(days=1)).isoformat()
+
+
+def time_queries(base: str, repeats: int) -> list[QueryTiming]:
+    out = []
+    with httpx.Client(base_url=base, timeout=120.0) as client:
+        values = _sample_values(client)
+        next_cursor = client.get("/api/jobs").json()["next_cursor"]
+        for label, params in queries(values):
+            if params.get("cursor") == "<next>":
+                params = {"cursor": next_cursor}
+            samples: list[float] = []
+            rows = 0
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                response = client.get("/api/jobs", params=params)
+                samples.append((time.perf_counter() - t0) * 1000)
+                response.raise_for_status()
+                rows = len(response.json()["jobs"])
+            out.append(
+                QueryTiming(label, params, rows, statistics.median(samples), percentile(samples, 95))
+            )
+    return out
+
+
+def run(*, storage: str, jobs: int, repeats: int, broker: str, run_dir: Path,
+        log: Callable[[str], Any] = print) -> QueriesRun:
+    with database(storage, run_dir) as db:
+        t0 = time.monotonic()
+        last = [t0]
+
+        def progress(done: int) -> None:
+            if time.monotonic() - last[0] > 30:
+                last[0] = time.monotonic()
+                log(f"    filling {storage}: {done:,}/{jobs:,} jobs")
+
+        events = trio.run(fill, db, jobs, progress)
+        fill_s = time.monotonic() - t0
+        sluice = Sluice(broker, db, run_dir, unique("bench") + ":")
+        try:
+            timings = time_queries(sluice.base, repeats)
+        finally:
+            sluice.stop()
+    return QueriesRun(storage, jobs, fill_s, events / fill_s, sluice.startup_s, timings)

@@ -1,0 +1,312 @@
+"""Celery events on the wire -> Sluice's normalized events (CELERY_PROTOCOL.md sections 1-3).
+
+Pure functions; Celery itself is never imported. Two wire formats come in as
+:class:`~sluice_core.model.RawBatch` kinds:
+
+- ``celery/redis``: ``(channel, envelope)``, the kombu envelope Celery PUBLISHes
+  on Redis (JSON, with the event JSON base64-encoded in ``body``);
+- ``celery/amqp``: ``(routing_key, body)``, the raw JSON body of a message from
+  RabbitMQ's ``celeryev`` exchange.
+
+Either body is one event (a JSON object) or, for ``task.multi``, a list of them.
+This is the hot path (a burst runs at the machine's limit), so the loop does
+plain ``type()`` checks and dict look-ups, no validators and no per-event logging.
+"""
+
+from __future__ import annotations
+
+import binascii
+import datetime as dt
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import orjson
+
+from sluice_core.model import JobEvent, JobState, Normalized, RawBatch, WorkerEvent, event_id
+
+log = logging.getLogger(__name__)
+
+FRAMEWORK: Final = "celery"
+KIND_REDIS: Final = "celery/redis"
+KIND_AMQP: Final = "celery/amqp"
+KINDS: Final = frozenset({KIND_REDIS, KIND_AMQP})
+
+
+class MalformedEvent(ValueError):
+    """A message that does not decode to Celery events, or an event that is not one."""
+
+
+# -- decoding ------------------------------------------------------------------
+
+
+def decode_envelope(data: bytes) -> Any:
+    """The event payload (a dict, or a list for ``task.multi``) of a kombu Redis envelope."""
+    envelope = orjson.loads(data)
+    if type(envelope) is not dict:
+        raise MalformedEvent("not a kombu envelope (expected a JSON object)")
+    content_type = envelope.get("content-type")
+    if content_type != "application/json":
+        # The event serializer is configurable; Sluice reads JSON only.
+        raise MalformedEvent(
+            f"content-type {content_type!r}: Sluice reads application/json events only"
+            " (the workers' event_serializer must be 'json')"
+        )
+    body = envelope.get("body")
+    if type(body) is not str:
+        raise MalformedEvent("envelope has no string body")
+    properties = envelope.get("properties")
+    if type(properties) is dict and properties.get("body_encoding") == "base64":
+        return orjson.loads(binascii.a2b_base64(body, strict_mode=True))
+    return orjson.loads(body)
+
+
+_DECODERS: Final[dict[str, Callable[[bytes], Any]]] = {
+    KIND_REDIS: decode_envelope,
+    KIND_AMQP: orjson.loads,
+}
+
+
+# -- normalizing -----------------------------------------------------------------
+
+_STR = (str,)
+_INT = (int,)
+_NUM = (float, int)
+
+# The JSON types each job field may have on the wire; anything else is malformed
+# (storage and the UI rely on these types).
+_FIELD_TYPES: Final[dict[str, tuple[type, ...]]] = {
+    "name": _STR,
+    "queue": _STR,
+    "args": _STR,
+    "kwargs": _STR,
+    "root_id": _STR,
+    "parent_id": _STR,
+    "eta": _STR,
+    "expires": _STR,
+    "result": _STR,
+    "exception": _STR,
+    "traceback": _STR,
+    "retries": _INT,
+    "runtime": _NUM,
+}
+
+_TaskSpec = tuple[JobState | None, tuple[str, ...], tuple[str, ...]]
+
+_REQUEST = ("name", "args", "kwargs", "retries", "root_id", "parent_id", "eta", "expires")
+
+# Event type -> (state, job fields, framework extras). A state of None only adds
+# to the timeline: a cancelled task is redelivered, its job goes on.
+_TASK_EVENTS: Final[dict[str, _TaskSpec]] = {
+    "task-sent": (JobState.QUEUED, (*_REQUEST, "queue"), ("exchange", "routing_key")),
+    "task-received": (JobState.RECEIVED, _REQUEST, ()),
+    "task-started": (JobState.ACTIVE, (), ()),
+    "task-succeeded": (JobState.COMPLETED, ("result", "runtime"), ()),
+    "task-failed": (JobState.FAILED, ("exception", "traceback"), ()),
+    "task-retried": (JobState.RETRYING, ("exception", "traceback"), ()),
+    "task-rejected": (JobState.REJECTED, (), ("requeue",)),
+    "task-revoked": (JobState.REVOKED, (), ("terminated", "signum", "expired")),
+    "task-cancelled": (None, (), ()),
+}
+
+_WORKER_EVENTS: Final = {
+    "worker-online": "online",
+    "worker-heartbeat": "heartbeat",
+    "worker-offline": "offline",
+}
+
+# A failed task whose pool child died (SIGKILL, OOM): Celery 5 sends
+# "ExceptionWithTraceback()" and names the error only in the traceback's last line.
+_WORKER_LOST_TB = "billiard.exceptions.WorkerLostError"
+_WORKER_LOST_EXC = "WorkerLostError("
+_NOT_REGISTERED = re.compile(r"""NotRegistered\((['"])(.+)\1\)\Z""")
+
+
+def _worker_name(hostname: str) -> str | None:
+    """The worker that sent an event; None for a producer, named ``gen<pid>@host``."""
+    if hostname.startswith("gen"):
+        pid, at, _ = hostname[3:].partition("@")
+        if at and pid.isdigit():
+            return None
+    return hostname
+
+
+def _worker_lost(exception: str, traceback: str) -> bool:
+    last_line = traceback.rstrip().rpartition("\n")[2]
+    return exception.startswith(_WORKER_LOST_EXC) or last_line.startswith(_WORKER_LOST_TB)
+
+
+def _epoch(iso: str) -> float | None:
+    try:
+        when = dt.datetime.fromisoformat(iso)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        # Celery stamps ETAs in UTC with an offset; a naive one can only be taken as UTC.
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
+
+
+def _task_event(
+    etype: str,
+    spec: _TaskSpec,
+    event: dict[str, Any],
+    hostname: str,
+    timestamp: float,
+    out: Normalized,
+) -> None:
+    uuid = event.get("uuid")
+    if type(uuid) is not str or not uuid:
+        raise MalformedEvent(f"{etype} without a uuid")
+    state, names, extra_names = spec
+    fields: dict[str, Any] = {}
+    for key in names:
+        value = event.get(key)
+        if value is not None:
+            if type(value) not in _FIELD_TYPES[key]:
+                raise MalformedEvent(f"{etype}: {key} is a {type(value).__name__}")
+            fields[key] = value
+    extra = {key: event[key] for key in extra_names if event.get(key) is not None}
+
+    if etype == "task-sent":
+        if "queue" not in fields and type(extra.get("routing_key")) is str:
+            fields["queue"] = extra["routing_key"]
+    elif etype == "task-received":
+        eta = fields.get("eta")
+        if eta is not None:
+            eta_ts = _epoch(eta)
+            if eta_ts is not None and eta_ts > timestamp:
+                state = JobState.SCHEDULED
+    elif etype == "task-failed":
+        exception = fields.get("exception", "")
+        if _worker_lost(exception, fields.get("traceback", "")):
+            state = JobState.LOST
+        elif (match := _NOT_REGISTERED.match(exception)) is not None:
+            # No task-received precedes it: the exception is the only place the name is.
+            fields["name"] = match[2]
+
+    out.job_events.append(
+        JobEvent(
+            id=event_id(uuid, etype, hostname, event.get("pid"), event.get("clock"), timestamp),
+            job_id=uuid,
+            framework=FRAMEWORK,
+            type=etype,
+            state=state,
+            timestamp=timestamp,
+            worker=_worker_name(hostname),
+            fields=fields,
+            extra=extra,
+        )
+    )
+
+
+def _optional(event: dict[str, Any], key: str, types: tuple[type, ...]) -> Any:
+    value = event.get(key)
+    if value is not None and type(value) not in types:
+        raise MalformedEvent(f"{event['type']}: {key} is a {type(value).__name__}")
+    return value
+
+
+def _worker_event(kind: str, event: dict[str, Any], hostname: str, timestamp: float) -> WorkerEvent:
+    loadavg = _optional(event, "loadavg", (list,))
+    if loadavg is not None and not all(type(x) in _NUM for x in loadavg):
+        raise MalformedEvent(f"{event['type']}: loadavg is not a list of numbers")
+    return WorkerEvent(
+        hostname=hostname,
+        framework=FRAMEWORK,
+        type=kind,
+        timestamp=timestamp,
+        freq=_optional(event, "freq", _NUM),
+        active=_optional(event, "active", _INT),
+        processed=_optional(event, "processed", _INT),
+        loadavg=loadavg,
+        pid=_optional(event, "pid", _INT),
+        sw_ver=_optional(event, "sw_ver", _STR),
+        extra={key: event[key] for key in ("sw_ident", "sw_sys") if event.get(key) is not None},
+    )
+
+
+def _normalize_event(event: Any, out: Normalized) -> None:
+    if type(event) is not dict:
+        raise MalformedEvent(f"an event is a JSON object, not a {type(event).__name__}")
+    etype = event.get("type")
+    if type(etype) is not str:
+        raise MalformedEvent("event without a type")
+    spec = _TASK_EVENTS.get(etype)
+    worker_kind = None if spec is not None else _WORKER_EVENTS.get(etype)
+    if spec is None and worker_kind is None:
+        out.ignored += 1  # a custom event (app.events.send) or one from a newer Celery
+        return
+    hostname = event.get("hostname")
+    if type(hostname) is not str:
+        raise MalformedEvent(f"{etype} without a hostname")
+    timestamp = event.get("timestamp")
+    if type(timestamp) not in _NUM:
+        raise MalformedEvent(f"{etype} without a numeric timestamp")
+    if spec is not None:
+        _task_event(etype, spec, event, hostname, float(timestamp), out)
+    elif worker_kind is not None:
+        out.worker_events.append(_worker_event(worker_kind, event, hostname, float(timestamp)))
+
+
+def normalize_batch(batch: RawBatch) -> Normalized:
+    """Decode and normalize a ``celery/redis`` or ``celery/amqp`` batch. Never raises
+    for bad input: what does not decode is logged (rate-limited) and counted."""
+    decode = _DECODERS.get(batch.kind)
+    if decode is None:
+        raise ValueError(f"not a Celery batch: {batch.kind!r} (expected one of {sorted(KINDS)})")
+    out = Normalized()
+    for channel, data in batch.messages:
+        try:
+            payload = decode(data)
+        except (ValueError, TypeError) as exc:  # orjson and binascii errors are ValueErrors
+            out.malformed += 1
+            _report_malformed(batch.source, channel, data, exc)
+            continue
+        for event in payload if type(payload) is list else (payload,):
+            try:
+                _normalize_event(event, out)
+            except MalformedEvent as exc:
+                out.malformed += 1
+                _report_malformed(batch.source, channel, data, exc)
+    return out
+
+
+# -- logging malformed input -------------------------------------------------------
+
+
+class _Throttle:
+    """Lets one call through per ``interval`` seconds and counts the others, so that a
+    burst of bad messages costs one log line, not one per message."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._next = float("-inf")
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            self.suppressed += 1
+            return False
+        self._next = now + self.interval
+        return True
+
+
+_malformed_throttle = _Throttle(10.0)
+
+
+def _report_malformed(source: str, channel: str, data: bytes, exc: Exception) -> None:
+    if not _malformed_throttle.allow():
+        return
+    suppressed, _malformed_throttle.suppressed = _malformed_throttle.suppressed, 0
+    log.warning(
+        "%s: skipped a malformed message on %r: %s; it starts %r%s",
+        source,
+        channel,
+        exc,
+        bytes(data[:120]),
+        f" ({suppressed} more skipped since the last report)" if suppressed else "",
+    )

@@ -1,0 +1,461 @@
+"""What both backends share: row mapping, the per-batch fold, migrations, list queries.
+
+A backend supplies a :class:`Transaction` (its side of one ingest: a handful of
+bulk statements) and a :class:`Dialect` (how it spells a parameter, a list
+membership and a free-text match); everything else is here, so SQLite and
+PostgreSQL store and fold events identically.
+
+Everything in this module is blocking: backends call it from worker threads.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections import defaultdict
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any, Protocol
+
+import attrs
+import orjson
+
+from sluice_core import merge
+from sluice_core.model import Job, JobEvent, JobState, QueueSample, Worker, WorkerEvent
+from sluice_core.storage import IngestResult, JobQuery, Page, QueueStats
+
+# -- rows -------------------------------------------------------------------
+
+# Column order of every statement that reads or writes whole rows.
+JOB_COLUMNS = (
+    "id", "framework", "state", "name", "queue", "worker", "args", "kwargs", "result",
+    "exception", "traceback", "retries", "parent_id", "root_id", "eta", "expires",
+    "sent_at", "received_at", "started_at", "finished_at", "runtime", "created_at",
+    "updated_at", "retry_of", "retried_as", "extra",
+    "fold_ts", "fold_event", "fold_attempt", "fold_rank_attempt", "fold_rank_state",
+)
+EVENT_COLUMNS = (
+    "id", "job_id", "framework", "type", "state", "timestamp", "worker", "fields", "extra",
+)
+WORKER_COLUMNS = (
+    "hostname", "framework", "status", "last_heartbeat", "freq", "active", "processed",
+    "loadavg", "pid", "sw_ver", "queues", "concurrency", "updated_at", "extra",
+)
+
+Row = tuple[Any, ...]
+
+
+def cols(columns: Sequence[str], prefix: str = "") -> str:
+    return ", ".join(prefix + c for c in columns)
+
+
+def dumps(value: Any) -> str | None:
+    """JSON text for a JSON column (both backends take text and parse it server-side)."""
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def loads(text: str | bytes | None) -> Any:
+    return None if text is None else orjson.loads(text)
+
+
+def job_to_row(job: Job) -> Row:
+    return (
+        job.id, job.framework, job.state.value, job.name, job.queue, job.worker, job.args,
+        job.kwargs, job.result, job.exception, job.traceback, job.retries, job.parent_id,
+        job.root_id, job.eta, job.expires, job.sent_at, job.received_at, job.started_at,
+        job.finished_at, job.runtime, job.created_at, job.updated_at, job.retry_of,
+        job.retried_as, dumps(job.extra),
+        job.fold_ts, job.fold_event, job.fold_attempt, job.fold_rank[0], job.fold_rank[1],
+    )
+
+
+def job_from_row(row: Row) -> Job:
+    (
+        id_, framework, state, name, queue, worker, args, kwargs, result, exception,
+        traceback, retries, parent_id, root_id, eta, expires, sent_at, received_at,
+        started_at, finished_at, runtime, created_at, updated_at, retry_of, retried_as,
+        extra, fold_ts, fold_event, fold_attempt, rank_attempt, rank_state,
+    ) = row
+    return Job(
+        id=id_, framework=framework, state=JobState(state), name=name, queue=queue,
+        worker=worker, args=args, kwargs=kwargs, result=result, exception=exception,
+        traceback=traceback, retries=retries, parent_id=parent_id, root_id=root_id, eta=eta,
+        expires=expires, sent_at=sent_at, received_at=received_at, started_at=started_at,
+        finished_at=finished_at, runtime=runtime, created_at=created_at,
+        updated_at=updated_at, retry_of=retry_of, retried_as=retried_as, extra=loads(extra),
+        fold_ts=fold_ts, fold_event=fold_event, fold_attempt=fold_attempt,
+        fold_rank=(rank_attempt, rank_state),
+    )
+
+
+def event_to_row(event: JobEvent) -> Row:
+    return (
+        event.id, event.job_id, event.framework, event.type,
+        None if event.state is None else event.state.value, event.timestamp, event.worker,
+        dumps(event.fields), dumps(event.extra),
+    )
+
+
+def event_from_row(row: Row) -> JobEvent:
+    id_, job_id, framework, type_, state, timestamp, worker, fields, extra = row
+    return JobEvent(
+        id=id_, job_id=job_id, framework=framework, type=type_,
+        state=None if state is None else JobState(state), timestamp=timestamp,
+        worker=worker, fields=loads(fields), extra=loads(extra),
+    )
+
+
+def worker_to_row(worker: Worker) -> Row:
+    return (
+        worker.hostname, worker.framework, worker.status, worker.last_heartbeat, worker.freq,
+        worker.active, worker.processed, dumps(worker.loadavg), worker.pid, worker.sw_ver,
+        dumps(worker.queues), worker.concurrency, worker.updated_at, dumps(worker.extra),
+    )
+
+
+def worker_from_row(row: Row) -> Worker:
+    (
+        hostname, framework, status, last_heartbeat, freq, active, processed, loadavg, pid,
+        sw_ver, queues, concurrency, updated_at, extra,
+    ) = row
+    return Worker(
+        hostname=hostname, framework=framework, status=status,
+        last_heartbeat=last_heartbeat, freq=freq, active=active, processed=processed,
+        loadavg=loads(loadavg), pid=pid, sw_ver=sw_ver, queues=loads(queues),
+        concurrency=concurrency, updated_at=updated_at, extra=loads(extra),
+    )
+
+
+# -- ingest -------------------------------------------------------------------
+
+
+class Transaction(Protocol):
+    """A backend's side of one ingest transaction. Each method is one bulk step."""
+
+    def insert_events(self, events: list[JobEvent]) -> set[str]:
+        """Store events (unique ids, sorted by id) not stored yet; return the ids stored now."""
+
+    def lock_jobs(self, ids: list[str]) -> dict[str, Job]:
+        """The stored rows of these jobs (sorted ids), locked until the transaction ends."""
+
+    def load_events(self, job_ids: list[str]) -> list[JobEvent]:
+        """Every stored event of these jobs, including this transaction's."""
+
+    def write_jobs(self, new: list[Job], changed: list[Job]) -> set[str]:
+        """Insert ``new`` rows and update ``changed`` ones.
+
+        Returns the ids of ``new`` jobs another writer stored first (PostgreSQL:
+        two agents, one new job); their rows are rebuilt and written as changed.
+        """
+
+    def lock_workers(self, hostnames: list[str]) -> dict[str, Worker]: ...
+
+    def write_workers(self, workers: list[Worker]) -> None:
+        """Upsert; a row already holding a later heartbeat is kept (a concurrent writer)."""
+
+
+def ingest(
+    tx: Transaction, job_events: list[JobEvent], worker_events: list[WorkerEvent]
+) -> IngestResult:
+    """Fold a batch into storage inside ``tx``: only events never stored before count."""
+    unique = {event.id: event for event in job_events}
+    stored_now = tx.insert_events([unique[i] for i in sorted(unique)])
+    fresh: dict[str, list[JobEvent]] = defaultdict(list)
+    for event_id in stored_now:
+        event = unique[event_id]
+        fresh[event.job_id].append(event)
+
+    stored = tx.lock_jobs(sorted(fresh))
+    new: list[Job] = []
+    changed: list[Job] = []
+    out_of_order: list[str] = []
+    for job_id, events in fresh.items():
+        events.sort(key=merge.sort_key)
+        job = stored.get(job_id)
+        if job is None:
+            # Every event of a job not stored yet is in this batch: the fold is a rebuild.
+            new.append(merge.fold(Job(id=job_id, framework=events[0].framework), events))
+        elif merge.applies_in_order(job, events):
+            changed.append(merge.fold(job, events))
+        else:
+            out_of_order.append(job_id)
+    changed += _rebuild(tx, out_of_order)
+    # Jobs listed in the order they were first seen: seq follows created_at within a batch.
+    new.sort(key=lambda job: (job.created_at, job.id))
+    raced = tx.write_jobs(new, changed)
+    if raced:
+        tx.lock_jobs(sorted(raced))
+        rebuilt = _rebuild(tx, sorted(raced))
+        tx.write_jobs([], rebuilt)
+        new = [job for job in new if job.id not in raced] + rebuilt
+
+    workers = _fold_workers(tx, worker_events)
+    return IngestResult(jobs=new + changed, workers=workers, events_stored=len(stored_now))
+
+
+def _rebuild(tx: Transaction, job_ids: list[str]) -> list[Job]:
+    if not job_ids:
+        return []
+    history: dict[str, list[JobEvent]] = defaultdict(list)
+    for event in tx.load_events(job_ids):
+        history[event.job_id].append(event)
+    return [
+        merge.rebuild(job_id, history[job_id][0].framework, history[job_id])
+        for job_id in job_ids
+    ]
+
+
+def _fold_workers(tx: Transaction, events: list[WorkerEvent]) -> list[Worker]:
+    if not events:
+        return []
+    stored = tx.lock_workers(sorted({event.hostname for event in events}))
+    current = {hostname: attrs.evolve(worker) for hostname, worker in stored.items()}
+    for event in sorted(events, key=lambda event: event.timestamp):
+        worker = current.get(event.hostname)
+        if worker is None:
+            worker = current[event.hostname] = Worker(event.hostname, event.framework)
+        elif worker.last_heartbeat is not None and event.timestamp < worker.last_heartbeat:
+            continue  # older than what the row says: a late heartbeat must not revive it
+        worker.status = "offline" if event.type == "offline" else "online"
+        worker.last_heartbeat = worker.updated_at = event.timestamp
+        for name in ("freq", "active", "processed", "loadavg", "pid", "sw_ver"):
+            value = getattr(event, name)
+            if value is not None:
+                setattr(worker, name, value)
+        if event.extra:
+            worker.extra = {**worker.extra, **event.extra}
+    changed = [w for h, w in sorted(current.items()) if stored.get(h) != w]
+    tx.write_workers(changed)
+    return changed
+
+
+def upsert_workers_sql(marker: str) -> str:
+    updates = ", ".join(f"{c} = excluded.{c}" for c in WORKER_COLUMNS[1:])
+    return (
+        f"INSERT INTO workers ({cols(WORKER_COLUMNS)})"
+        f" VALUES ({', '.join([marker] * len(WORKER_COLUMNS))})"
+        f" ON CONFLICT (hostname) DO UPDATE SET {updates}"
+        # Another process may have stored a later heartbeat meanwhile: keep it.
+        " WHERE workers.last_heartbeat IS NULL"
+        " OR excluded.last_heartbeat >= workers.last_heartbeat"
+    )
+
+
+SAMPLE_COLUMNS = ("name", "framework", "broker", "timestamp", "depth", "reserved", "consumers")
+
+
+def sample_to_row(sample: QueueSample) -> Row:
+    return (
+        sample.name, sample.framework, sample.broker, sample.timestamp, sample.depth,
+        sample.reserved, sample.consumers,
+    )
+
+
+def record_samples_sql(marker: str) -> tuple[str, str]:
+    """Append to the time series, and keep the latest sample per queue in ``queues``."""
+    values = ", ".join([marker] * len(SAMPLE_COLUMNS))
+    updates = ", ".join(f"{c} = excluded.{c}" for c in SAMPLE_COLUMNS if c not in ("name", "broker"))
+    return (
+        f"INSERT INTO queue_samples ({cols(SAMPLE_COLUMNS)}) VALUES ({values})",
+        f"INSERT INTO queues ({cols(SAMPLE_COLUMNS)}) VALUES ({values})"
+        f" ON CONFLICT (name, broker) DO UPDATE SET {updates}"
+        " WHERE excluded.timestamp >= queues.timestamp",
+    )
+
+
+# -- migrations -----------------------------------------------------------------
+
+
+def migrations(dialect: str) -> list[tuple[int, str]]:
+    """``(version, sql)`` of the package's migrations for ``dialect``, in order.
+
+    Files are ``migrations/<dialect>/NNNN_name.sql``; the number is the version.
+    """
+    folder = importlib.resources.files("sluice_storage") / "migrations" / dialect
+    found = [
+        (int(entry.name.split("_", 1)[0]), entry.read_text())
+        for entry in folder.iterdir()
+        if entry.name.endswith(".sql")
+    ]
+    return sorted(found)
+
+
+# -- reads ------------------------------------------------------------------------
+
+
+class Dialect(Protocol):
+    marker: str  # the driver's positional parameter: "?" or "%s"
+
+    def any_of(self, column: str, values: Collection[str]) -> tuple[str, list[Any]]:
+        """SQL true when ``column`` is one of ``values``."""
+
+    def text_match(self, q: str) -> tuple[str, list[Any]]:
+        """SQL for the free-text filter: id prefix, or substring of name/args/kwargs/exception."""
+
+
+def like_escape(text: str) -> str:
+    """``text`` as a literal inside a LIKE pattern (escape character backslash)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def list_jobs_sql(query: JobQuery, dialect: Dialect) -> tuple[str, list[Any]]:
+    """The page query: ``JOB_COLUMNS`` then ``seq``, newest first, one row past the page."""
+    p = dialect.marker
+    where: list[str] = []
+    params: list[Any] = []
+
+    def add(sql: str, *values: Any) -> None:
+        where.append(sql)
+        params.extend(values)
+
+    if query.q:
+        sql, values = dialect.text_match(query.q)
+        add(sql, *values)
+    if query.states:
+        sql, values = dialect.any_of("state", sorted(s.value for s in query.states))
+        add(sql, *values)
+    if query.ids:
+        sql, values = dialect.any_of("id", sorted(query.ids))
+        add(sql, *values)
+    for column in ("name", "queue", "worker", "framework"):
+        value = getattr(query, column)
+        if value is not None:
+            add(f"{column} = {p}", value)
+    if query.since is not None:
+        add(f"created_at >= {p}", query.since)
+    if query.until is not None:
+        add(f"created_at <= {p}", query.until)
+    if query.cursor is not None:
+        add(f"seq < {p}", query.cursor)
+    sql = f"SELECT {cols(JOB_COLUMNS)}, seq FROM jobs"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += f" ORDER BY seq DESC LIMIT {p}"
+    params.append(query.limit + 1)
+    return sql, params
+
+
+def page(rows: list[Row], limit: int) -> Page:
+    jobs = [job_from_row(row[:-1]) for row in rows[:limit]]
+    more = len(rows) > limit
+    return Page(jobs=jobs, next_cursor=rows[limit - 1][-1] if more else None)
+
+
+QUEUE_WINDOW_S = 300.0  # queue rates cover jobs that finished or started this recently
+
+# Queues named by jobs, without reading every job: walk the (queue, seq) index
+# from one distinct value to the next (a loose index scan).
+JOB_QUEUES_SQL = """
+WITH RECURSIVE q(name) AS (
+    SELECT min(queue) FROM jobs
+    UNION ALL
+    SELECT (SELECT min(queue) FROM jobs WHERE queue > q.name) FROM q WHERE q.name IS NOT NULL
+)
+SELECT name, (SELECT framework FROM jobs WHERE queue = q.name ORDER BY seq DESC LIMIT 1)
+FROM q WHERE name IS NOT NULL
+"""
+
+LATEST_SAMPLES_SQL = (
+    "SELECT name, framework, broker, timestamp, depth, reserved, consumers FROM queues"
+)
+
+
+def queue_rates_sql(marker: str) -> str:
+    """Per queue: jobs finished, failed, and the mean wait of jobs started in the window.
+
+    Parameters: ``window_start`` four times then ``now`` twice (see :func:`queue_rates_params`).
+    """
+    p = marker
+    return f"""
+SELECT queue,
+    sum(CASE WHEN finished_at >= {p} AND finished_at <= {p} THEN 1 ELSE 0 END),
+    sum(CASE WHEN finished_at >= {p} AND finished_at <= {p} AND state = 'failed'
+        THEN 1 ELSE 0 END),
+    avg(CASE WHEN started_at >= {p} AND started_at <= {p} AND sent_at IS NOT NULL
+        THEN started_at - sent_at END)
+FROM jobs
+WHERE updated_at >= {p} AND queue IS NOT NULL
+GROUP BY queue
+"""
+
+
+def queue_rates_params(now: float) -> list[float]:
+    start = now - QUEUE_WINDOW_S
+    # updated_at is the latest event, so every job that finished or started in
+    # the window has updated_at in it too: the index on updated_at bounds the read.
+    return [start, now, start, now, start, now, start]
+
+
+def queue_stats(
+    samples: Iterable[Row], job_queues: Iterable[Row], rates: Iterable[Row]
+) -> list[QueueStats]:
+    """Every queue known from probe samples or from jobs, with its latest sample and rates."""
+    by_queue = {name: (finished, failed, wait) for name, finished, failed, wait in rates}
+    minutes = QUEUE_WINDOW_S / 60
+
+    def stats(name: str, framework: str, broker: str | None, sample: Row | None) -> QueueStats:
+        finished, failed, wait = by_queue.get(name, (0, 0, None))
+        finished, failed = int(finished or 0), int(failed or 0)
+        timestamp, depth, reserved, consumers = sample or (None, None, None, None)
+        return QueueStats(
+            name=name, framework=framework, broker=broker, depth=depth, reserved=reserved,
+            consumers=consumers, throughput_per_min=finished / minutes,
+            failure_rate=failed / finished if finished else 0.0,
+            avg_wait_s=None if wait is None else float(wait), updated_at=timestamp,
+        )
+
+    out = [
+        stats(name, framework, broker, (timestamp, depth, reserved, consumers))
+        for name, framework, broker, timestamp, depth, reserved, consumers in samples
+    ]
+    sampled = {queue.name for queue in out}
+    out += [
+        stats(name, framework, None, None)
+        for name, framework in job_queues
+        if name not in sampled
+    ]
+    return sorted(out, key=lambda queue: (queue.name, queue.broker or ""))
+
+
+# -- history (dashboard charts) ---------------------------------------------------------
+
+
+def queue_depth_history_sql(marker: str) -> str:
+    """Parameters: name, broker, since."""
+    p = marker
+    return (
+        f"SELECT timestamp, depth FROM queue_samples"
+        f" WHERE name = {p} AND broker = {p} AND timestamp >= {p} AND depth IS NOT NULL"
+        " ORDER BY timestamp"
+    )
+
+
+# A job that finished in the window has its latest event (updated_at) in it too:
+# the index on updated_at bounds both reads below.
+def job_throughput_sql(marker: str) -> str:
+    """Parameters: bucket seconds, since, since. Rows: (bucket number, completed, failed)."""
+    p = marker
+    return f"""
+SELECT floor(finished_at / {p}) AS bucket,
+    sum(CASE WHEN state = 'completed' THEN 1 ELSE 0 END),
+    sum(CASE WHEN state = 'failed' THEN 1 ELSE 0 END)
+FROM jobs
+WHERE updated_at >= {p} AND finished_at >= {p} AND state IN ('completed', 'failed')
+GROUP BY bucket
+ORDER BY bucket
+"""
+
+
+def throughput(rows: Iterable[Row], bucket_s: float) -> list[tuple[float, int, int]]:
+    return [(float(bucket) * bucket_s, int(done), int(failed)) for bucket, done, failed in rows]
+
+
+def top_failing_sql(marker: str) -> str:
+    """Parameters: since, since, limit."""
+    p = marker
+    return f"""
+SELECT name, count(*) AS failed
+FROM jobs
+WHERE state = 'failed' AND updated_at >= {p} AND finished_at >= {p} AND name IS NOT NULL
+GROUP BY name
+ORDER BY failed DESC, name
+LIMIT {p}
+"""

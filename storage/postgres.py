@@ -1,0 +1,326 @@
+"""PostgreSQL storage for production and for split deployments (``postgresql://...``).
+
+psycopg 3 in worker threads, through a psycopg_pool connection pool: the pool
+checks a connection before lending it, so after the server restarts (or kills
+our sessions) the next call reconnects instead of failing forever.
+
+An ingest is one transaction of a few bulk statements: the batch's events are
+COPYed into a temporary table and moved into ``job_events`` with ``ON CONFLICT
+DO NOTHING RETURNING id`` (which tells which are new), the touched jobs are
+read ``FOR UPDATE`` in id order (two agents folding the same job take turns,
+and cannot deadlock), and the changed rows are COPYed and written back once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from typing import Any, TypeVar
+
+import psycopg
+import trio
+from psycopg.types.string import TextLoader
+from psycopg_pool import ConnectionPool
+
+from sluice_core import hookimpl
+from sluice_core.config import Config, redact_url
+from sluice_core.model import Job, JobEvent, QueueSample, Worker, WorkerEvent
+from sluice_core.storage import IngestResult, JobQuery, Page, QueueStats
+from sluice_storage import common
+from sluice_storage.common import EVENT_COLUMNS, JOB_COLUMNS, WORKER_COLUMNS, cols
+
+T = TypeVar("T")
+
+READERS = 4
+CONNECT_TIMEOUT = 10.0  # seconds to get a connection before a call fails (and is retried)
+MIGRATION_LOCK = 5_811_500  # advisory lock: two processes starting together migrate in turn
+
+# The free-text expression; identical (as an expression) to the GIN trigram index's.
+TEXT_EXPR = (
+    "(coalesce(name, '') || ' ' || coalesce(args, '') || ' ' || coalesce(kwargs, '')"
+    " || ' ' || coalesce(exception, ''))"
+)
+
+
+@hookimpl
+def sluice_storage(url: str, config: Config) -> PostgresStorage | None:
+    if not url.startswith(("postgresql://", "postgres://")):
+        return None
+    return PostgresStorage(url)
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    # JSON columns come back as text and are decoded by common.loads (orjson), like SQLite's.
+    conn.adapters.register_loader("jsonb", TextLoader)
+    # "relation already exists, skipping" from the staging tables is expected on every batch.
+    conn.execute("SET client_min_messages = warning")
+
+
+class _Dialect:
+    marker = "%s"
+
+    def any_of(self, column: str, values: Collection[str]) -> tuple[str, list[Any]]:
+        return f"{column} = ANY(%s)", [list(values)]
+
+    def text_match(self, q: str) -> tuple[str, list[Any]]:
+        # The prefix match uses the text_pattern_ops index, the substring the trigram index.
+        escaped = common.like_escape(q)
+        return f"(id LIKE %s OR {TEXT_EXPR} ILIKE %s)", [escaped + "%", f"%{escaped}%"]
+
+
+_DIALECT = _Dialect()
+
+
+class _Transaction:
+    """:class:`sluice_storage.common.Transaction` on one pooled connection, in a transaction."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._cur = conn.cursor()
+        self._jobs_staged = False
+
+    def insert_events(self, events: list[JobEvent]) -> set[str]:
+        if not events:
+            return set()
+        c = cols(EVENT_COLUMNS)
+        self._cur.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS _sluice_events ON COMMIT DELETE ROWS"
+            f" AS SELECT {c} FROM job_events WITH NO DATA"
+        )
+        with self._cur.copy(f"COPY _sluice_events ({c}) FROM STDIN") as copy:
+            for event in events:
+                copy.write_row(common.event_to_row(event))
+        # Sorted by id: two agents inserting the same events lock them in one order.
+        self._cur.execute(
+            f"INSERT INTO job_events ({c}) SELECT {c} FROM _sluice_events ORDER BY id"
+            " ON CONFLICT DO NOTHING RETURNING id"
+        )
+        return {row[0] for row in self._cur.fetchall()}
+
+    def lock_jobs(self, ids: list[str]) -> dict[str, Job]:
+        if not ids:
+            return {}
+        self._cur.execute(
+            f"SELECT {cols(JOB_COLUMNS)} FROM jobs WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+            (ids,),
+        )
+        return {row[0]: common.job_from_row(row) for row in self._cur.fetchall()}
+
+    def load_events(self, job_ids: list[str]) -> list[JobEvent]:
+        self._cur.execute(
+            f"SELECT {cols(EVENT_COLUMNS)} FROM job_events WHERE job_id = ANY(%s)", (job_ids,)
+        )
+        return [common.event_from_row(row) for row in self._cur.fetchall()]
+
+    def write_jobs(self, new: list[Job], changed: list[Job]) -> set[str]:
+        if not new and not changed:
+            return set()
+        c = cols(JOB_COLUMNS)
+        if self._jobs_staged:
+            self._cur.execute("DELETE FROM _sluice_jobs")
+        else:
+            self._cur.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS _sluice_jobs ON COMMIT DELETE ROWS"
+                f" AS SELECT {c}, true AS is_new FROM jobs WITH NO DATA"
+            )
+            self._jobs_staged = True
+        with self._cur.copy(f"COPY _sluice_jobs ({c}, is_new) FROM STDIN") as copy:
+            for job in new:
+                copy.write_row((*common.job_to_row(job), True))
+            for job in changed:
+                copy.write_row((*common.job_to_row(job), False))
+        raced: set[str] = set()
+        if new:
+            # seq is assigned here, in the order the jobs were first seen.
+            self._cur.execute(
+                f"INSERT INTO jobs ({c}) SELECT {c} FROM _sluice_jobs WHERE is_new"
+                " ORDER BY created_at, id ON CONFLICT (id) DO NOTHING RETURNING id"
+            )
+            inserted = {row[0] for row in self._cur.fetchall()}
+            raced = {job.id for job in new} - inserted
+        if changed:
+            rest = JOB_COLUMNS[1:]
+            self._cur.execute(
+                f"UPDATE jobs SET ({cols(rest)}) = ({cols(rest, 't.')})"
+                " FROM _sluice_jobs t WHERE jobs.id = t.id AND NOT t.is_new"
+            )
+        return raced
+
+    def lock_workers(self, hostnames: list[str]) -> dict[str, Worker]:
+        self._cur.execute(
+            f"SELECT {cols(WORKER_COLUMNS)} FROM workers WHERE hostname = ANY(%s)"
+            " ORDER BY hostname FOR UPDATE",
+            (hostnames,),
+        )
+        return {row[0]: common.worker_from_row(row) for row in self._cur.fetchall()}
+
+    def write_workers(self, workers: list[Worker]) -> None:
+        if workers:
+            self._cur.executemany(
+                common.upsert_workers_sql("%s"), [common.worker_to_row(w) for w in workers]
+            )
+
+
+class PostgresStorage:
+    def __init__(self, url: str) -> None:
+        self.url = redact_url(url)
+        self._conninfo = url
+        self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
+        self._write_limiter = trio.CapacityLimiter(1)  # the pipeline writes one batch at a time
+        self._read_limiter = trio.CapacityLimiter(READERS)
+
+    # -- threads ---------------------------------------------------------------
+
+    def _run(self, fn: Callable[[psycopg.Connection[Any]], T], transaction: bool) -> T:
+        if self._pool is None:
+            raise RuntimeError("PostgreSQL storage is not open: call open() first")
+        with self._pool.connection(timeout=CONNECT_TIMEOUT) as conn:
+            if not transaction:
+                return fn(conn)
+            with conn.transaction():
+                return fn(conn)
+
+    async def _write(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        # Never abandoned on cancel: the transaction commits or rolls back first.
+        return await trio.to_thread.run_sync(self._run, fn, True, limiter=self._write_limiter)
+
+    async def _read(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        return await trio.to_thread.run_sync(self._run, fn, False, limiter=self._read_limiter)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def open(self) -> None:
+        pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            self._conninfo,
+            min_size=1,
+            max_size=READERS + 1,
+            open=False,
+            kwargs={"autocommit": True, "connect_timeout": int(CONNECT_TIMEOUT)},
+            configure=_configure,
+            # A connection the server dropped is replaced before it is lent, not after a failure.
+            check=ConnectionPool.check_connection,
+            timeout=CONNECT_TIMEOUT,
+            name="sluice-postgres",
+        )
+        try:
+            await trio.to_thread.run_sync(lambda: pool.open(wait=True, timeout=CONNECT_TIMEOUT))
+        except BaseException:
+            await trio.to_thread.run_sync(pool.close)
+            raise
+        self._pool = pool
+        await self.migrate()
+
+    async def aclose(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await trio.to_thread.run_sync(pool.close, limiter=self._write_limiter)
+
+    async def migrate(self) -> list[int]:
+        def apply(conn: psycopg.Connection[Any]) -> list[int]:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations"
+                " (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+            applied = []
+            for version, sql in common.migrations("postgresql"):
+                if version in done:
+                    continue
+                conn.execute(sql)  # several statements: allowed without parameters
+                conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+                applied.append(version)
+            return applied
+
+        return await self._write(apply)
+
+    async def ping(self) -> None:
+        await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    # -- writes ----------------------------------------------------------------------
+
+    async def ingest(
+        self, job_events: list[JobEvent], worker_events: list[WorkerEvent]
+    ) -> IngestResult:
+        return await self._write(
+            lambda conn: common.ingest(_Transaction(conn), job_events, worker_events)
+        )
+
+    async def record_queue_samples(self, samples: list[QueueSample]) -> None:
+        rows = [common.sample_to_row(sample) for sample in samples]
+
+        def write(conn: psycopg.Connection[Any]) -> None:
+            with conn.cursor() as cur:
+                for sql in common.record_samples_sql("%s"):
+                    cur.executemany(sql, rows)
+
+        if rows:
+            await self._write(write)
+
+    # -- reads -----------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> Job | None:
+        row = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {cols(JOB_COLUMNS)} FROM jobs WHERE id = %s", (job_id,)
+            ).fetchone()
+        )
+        return None if row is None else common.job_from_row(row)
+
+    async def job_events(self, job_id: str) -> list[JobEvent]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {cols(EVENT_COLUMNS)} FROM job_events WHERE job_id = %s"
+                " ORDER BY timestamp, id",
+                (job_id,),
+            ).fetchall()
+        )
+        return [common.event_from_row(row) for row in rows]
+
+    async def list_jobs(self, query: JobQuery) -> Page:
+        sql, params = common.list_jobs_sql(query, _DIALECT)
+        rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
+        return common.page(rows, query.limit)
+
+    async def count_jobs_by_state(self) -> dict[str, int]:
+        rows = await self._read(
+            lambda conn: conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
+        )
+        return {state: int(count) for state, count in rows}
+
+    async def list_workers(self) -> list[Worker]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {cols(WORKER_COLUMNS)} FROM workers ORDER BY hostname"
+            ).fetchall()
+        )
+        return [common.worker_from_row(row) for row in rows]
+
+    async def list_queues(self, now: float) -> list[QueueStats]:
+        def read(conn: psycopg.Connection[Any]) -> list[QueueStats]:
+            return common.queue_stats(
+                conn.execute(common.LATEST_SAMPLES_SQL).fetchall(),
+                conn.execute(common.JOB_QUEUES_SQL).fetchall(),
+                conn.execute(
+                    common.queue_rates_sql("%s"), common.queue_rates_params(now)
+                ).fetchall(),
+            )
+
+        return await self._read(read)
+
+    async def queue_depth_history(
+        self, name: str, broker: str, since: float
+    ) -> list[tuple[float, int]]:
+        sql = common.queue_depth_history_sql("%s")
+        rows = await self._read(lambda conn: conn.execute(sql, (name, broker, since)).fetchall())
+        return [(float(ts), int(depth)) for ts, depth in rows]
+
+    async def job_throughput(self, since: float, bucket_s: float) -> list[tuple[float, int, int]]:
+        sql = common.job_throughput_sql("%s")
+        rows = await self._read(
+            lambda conn: conn.execute(sql, (bucket_s, since, since)).fetchall()
+        )
+        return common.throughput(rows, bucket_s)
+
+    async def top_failing_names(self, since: float, limit: int) -> list[tuple[str, int]]:
+        sql = common.top_failing_sql("%s")
+        rows = await self._read(lambda conn: conn.execute(sql, (since, since, limit)).fetchall())
+        return [(name, int(count)) for name, count in rows]

@@ -1,0 +1,356 @@
+"""SQLite storage: the zero set-up default (``sqlite:///sluice.db``).
+
+One writer connection, used by one thread at a time (a capacity limiter of
+one), and a few reader connections, so the dashboard reads while the pipeline
+writes (WAL mode). Each ingest is one ``BEGIN IMMEDIATE`` transaction: it takes
+the database's write lock up front, so another process writing the same file
+waits (busy_timeout) instead of failing half-way.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from sluice_core import hookimpl
+from sluice_core.config import Config, ConfigError, redact_url
+from sluice_core.model import Job, JobEvent, QueueSample, Worker, WorkerEvent
+from sluice_core.storage import IngestResult, JobQuery, Page, QueueStats
+from sluice_storage import common
+from sluice_storage.common import EVENT_COLUMNS, JOB_COLUMNS, WORKER_COLUMNS, cols
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 10_000
+READERS = 4
+
+
+@hookimpl
+def sluice_storage(url: str, config: Config) -> SQLiteStorage | None:
+    if not url.startswith("sqlite:"):
+        return None
+    return SQLiteStorage(url)
+
+
+def _path(url: str) -> Path:
+    # SQLAlchemy's convention: three slashes then a relative path, four for an absolute one.
+    prefix = "sqlite:///"
+    path = url[len(prefix):].split("?", 1)[0] if url.startswith(prefix) else ""
+    if not path or path == ":memory:":
+        raise ConfigError(
+            f"bad SQLite URL {url!r}: use sqlite:///relative/path.db or sqlite:////absolute/path.db"
+        )
+    return Path(path)
+
+
+def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
+    # isolation_level=None: transactions are begun explicitly (BEGIN IMMEDIATE).
+    conn = sqlite3.connect(
+        path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+    )
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    if readonly:
+        conn.execute("PRAGMA query_only = ON")
+    else:
+        conn.execute("PRAGMA journal_mode = WAL")
+        # With WAL, NORMAL loses at most the last transactions on power loss, never integrity.
+        conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+class _Dialect:
+    marker = "?"
+
+    def any_of(self, column: str, values: Collection[str]) -> tuple[str, list[Any]]:
+        # One parameter whatever the count (SQLite caps the number of parameters).
+        return f"{column} IN (SELECT value FROM json_each(?))", [common.dumps(list(values))]
+
+    def text_match(self, q: str) -> tuple[str, list[Any]]:
+        # GLOB, case-sensitive like ids, can use the id index; LIKE ignores ASCII case.
+        prefix = "".join(f"[{c}]" if c in "*?[" else c for c in q) + "*"
+        pattern = f"%{common.like_escape(q)}%"
+        text = " OR ".join(
+            f"{column} LIKE ? ESCAPE '\\'" for column in ("name", "args", "kwargs", "exception")
+        )
+        return f"(id GLOB ? OR {text})", [prefix] + [pattern] * 4
+
+
+_DIALECT = _Dialect()
+
+
+class _Transaction:
+    """:class:`sluice_storage.common.Transaction` on the writer connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def insert_events(self, events: list[JobEvent]) -> set[str]:
+        ids = [event.id for event in events]
+        known = {
+            row[0]
+            for row in self._conn.execute(
+                "SELECT id FROM job_events WHERE id IN (SELECT value FROM json_each(?))",
+                (common.dumps(ids),),
+            )
+        }
+        new = [event for event in events if event.id not in known]
+        self._conn.executemany(
+            f"INSERT INTO job_events ({cols(EVENT_COLUMNS)}) VALUES ({_marks(EVENT_COLUMNS)})",
+            map(common.event_to_row, new),
+        )
+        return {event.id for event in new}
+
+    def lock_jobs(self, ids: list[str]) -> dict[str, Job]:
+        # BEGIN IMMEDIATE already holds the database's write lock.
+        rows = self._conn.execute(
+            f"SELECT {cols(JOB_COLUMNS)} FROM jobs WHERE id IN (SELECT value FROM json_each(?))",
+            (common.dumps(ids),),
+        )
+        return {row[0]: common.job_from_row(row) for row in rows}
+
+    def load_events(self, job_ids: list[str]) -> list[JobEvent]:
+        rows = self._conn.execute(
+            f"SELECT {cols(EVENT_COLUMNS)} FROM job_events"
+            " WHERE job_id IN (SELECT value FROM json_each(?))",
+            (common.dumps(job_ids),),
+        )
+        return [common.event_from_row(row) for row in rows]
+
+    def write_jobs(self, new: list[Job], changed: list[Job]) -> set[str]:
+        updates = ", ".join(f"{c} = excluded.{c}" for c in JOB_COLUMNS[1:])
+        self._conn.executemany(
+            f"INSERT INTO jobs ({cols(JOB_COLUMNS)}) VALUES ({_marks(JOB_COLUMNS)})"
+            f" ON CONFLICT (id) DO UPDATE SET {updates}",
+            map(common.job_to_row, new + changed),
+        )
+        return set()  # the write lock is held since BEGIN: no one else stored a job
+
+    def lock_workers(self, hostnames: list[str]) -> dict[str, Worker]:
+        rows = self._conn.execute(
+            f"SELECT {cols(WORKER_COLUMNS)} FROM workers"
+            " WHERE hostname IN (SELECT value FROM json_each(?))",
+            (common.dumps(hostnames),),
+        )
+        return {row[0]: common.worker_from_row(row) for row in rows}
+
+    def write_workers(self, workers: list[Worker]) -> None:
+        self._conn.executemany(common.upsert_workers_sql("?"), map(common.worker_to_row, workers))
+
+
+def _marks(columns: tuple[str, ...]) -> str:
+    return ", ".join("?" * len(columns))
+
+
+class _Readers:
+    """Idle reader connections; at most ``READERS`` exist (the read limiter's size)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._idle: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = _connect(self._path, readonly=True)
+        try:
+            result = fn(conn)
+        except BaseException:
+            conn.close()  # may be broken; the next read opens a fresh one
+            raise
+        with self._lock:
+            self._idle.append(conn)
+        return result
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+class SQLiteStorage:
+    def __init__(self, url: str) -> None:
+        self.url = redact_url(url)
+        self._path = _path(url)
+        self._writer: sqlite3.Connection | None = None
+        self._write_limiter = trio.CapacityLimiter(1)  # one writer connection, one thread
+        self._read_limiter = trio.CapacityLimiter(READERS)
+        self._readers = _Readers(self._path)
+
+    # -- threads ---------------------------------------------------------------
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        # Never abandoned on cancel: the transaction finishes (or rolls back) first.
+        return await trio.to_thread.run_sync(self._write_sync, fn, limiter=self._write_limiter)
+
+    def _write_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._writer is None:
+            self._writer = _connect(self._path, readonly=False)
+        conn = self._writer
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            result = fn(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                # The connection is unusable: reconnect on the next write.
+                conn.close()
+                self._writer = None
+            raise
+        return result
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await trio.to_thread.run_sync(self._readers.run, fn, limiter=self._read_limiter)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def open(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        await self.migrate()
+
+    async def aclose(self) -> None:
+        def close() -> None:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+            self._readers.close()
+
+        await trio.to_thread.run_sync(close, limiter=self._write_limiter)
+
+    async def migrate(self) -> list[int]:
+        def apply(conn: sqlite3.Connection) -> list[int]:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations"
+                " (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+            )
+            done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+            applied = []
+            for version, sql in common.migrations("sqlite"):
+                if version in done:
+                    continue
+                # executescript would commit the open transaction: run statement by statement.
+                for statement in _statements(sql):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                    (version, time.time()),
+                )
+                applied.append(version)
+            return applied
+
+        return await self._write(apply)
+
+    async def ping(self) -> None:
+        await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    # -- writes ----------------------------------------------------------------------
+
+    async def ingest(
+        self, job_events: list[JobEvent], worker_events: list[WorkerEvent]
+    ) -> IngestResult:
+        return await self._write(
+            lambda conn: common.ingest(_Transaction(conn), job_events, worker_events)
+        )
+
+    async def record_queue_samples(self, samples: list[QueueSample]) -> None:
+        rows = [common.sample_to_row(sample) for sample in samples]
+
+        def write(conn: sqlite3.Connection) -> None:
+            for sql in common.record_samples_sql("?"):
+                conn.executemany(sql, rows)
+
+        await self._write(write)
+
+    # -- reads -----------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> Job | None:
+        row = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {cols(JOB_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+        )
+        return None if row is None else common.job_from_row(row)
+
+    async def job_events(self, job_id: str) -> list[JobEvent]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {cols(EVENT_COLUMNS)} FROM job_events WHERE job_id = ?"
+                " ORDER BY timestamp, id",
+                (job_id,),
+            ).fetchall()
+        )
+        return [common.event_from_row(row) for row in rows]
+
+    async def list_jobs(self, query: JobQuery) -> Page:
+        sql, params = common.list_jobs_sql(query, _DIALECT)
+        rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
+        return common.page(rows, query.limit)
+
+    async def count_jobs_by_state(self) -> dict[str, int]:
+        rows = await self._read(
+            lambda conn: conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
+        )
+        return dict(rows)
+
+    async def list_workers(self) -> list[Worker]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {cols(WORKER_COLUMNS)} FROM workers ORDER BY hostname"
+            ).fetchall()
+        )
+        return [common.worker_from_row(row) for row in rows]
+
+    async def list_queues(self, now: float) -> list[QueueStats]:
+        def read(conn: sqlite3.Connection) -> list[QueueStats]:
+            return common.queue_stats(
+                conn.execute(common.LATEST_SAMPLES_SQL).fetchall(),
+                conn.execute(common.JOB_QUEUES_SQL).fetchall(),
+                conn.execute(
+                    common.queue_rates_sql("?"), common.queue_rates_params(now)
+                ).fetchall(),
+            )
+
+        return await self._read(read)
+
+    async def queue_depth_history(
+        self, name: str, broker: str, since: float
+    ) -> list[tuple[float, int]]:
+        sql = common.queue_depth_history_sql("?")
+        rows = await self._read(lambda conn: conn.execute(sql, (name, broker, since)).fetchall())
+        return [(float(ts), int(depth)) for ts, depth in rows]
+
+    async def job_throughput(self, since: float, bucket_s: float) -> list[tuple[float, int, int]]:
+        sql = common.job_throughput_sql("?")
+        rows = await self._read(
+            lambda conn: conn.execute(sql, (bucket_s, since, since)).fetchall()
+        )
+        return common.throughput(rows, bucket_s)
+
+    async def top_failing_names(self, since: float, limit: int) -> list[tuple[str, int]]:
+        sql = common.top_failing_sql("?")
+        rows = await self._read(lambda conn: conn.execute(sql, (since, since, limit)).fetchall())
+        return [(name, int(count)) for name, count in rows]
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements (sqlite3 executes one at a time)."""
+    out, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            out.append(current)
+            current = ""
+    if current.strip():
+        out.append(current)
+    return out

@@ -1,0 +1,78 @@
+"""A small real Celery app for the integration tests.
+
+The worker subprocess (``celery -A tests.celery_app worker``) builds ``app``
+from the environment set by tests/fixtures/celery_worker.py; the tests build a
+client app with :func:`make_app` and the same settings. Task names are fixed
+(``tests.add`` ...) so that tests can assert on them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+from celery import Celery, Task
+
+ENV_BROKER = "SLUICE_TEST_CELERY_BROKER"
+ENV_KEYPREFIX = "SLUICE_TEST_CELERY_KEYPREFIX"
+ENV_QUEUE = "SLUICE_TEST_CELERY_QUEUE"
+
+
+def make_app(broker: str, *, keyprefix: str = "", queue: str = "celery") -> Celery:
+    app = Celery("sluice-tests", broker=broker, set_as_current=False)
+    app.conf.update(
+        broker_transport_options={"global_keyprefix": keyprefix} if keyprefix else {},
+        broker_connection_retry_on_startup=True,
+        task_default_queue=queue,
+        # Producers announce what they publish (task-sent), workers what they do.
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        # The tests read events, never results.
+        task_ignore_result=True,
+        worker_hijack_root_logger=False,
+    )
+    _register_tasks(app)
+    return app
+
+
+def _register_tasks(app: Celery) -> None:
+    @app.task(name="tests.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(name="tests.fail")
+    def fail(key: str) -> None:
+        raise KeyError(key)
+
+    @app.task(name="tests.flaky", bind=True, max_retries=None)
+    def flaky(self: Task, succeed_on_attempt: int, countdown: float = 0.1) -> int:
+        """Retries until its ``succeed_on_attempt``-th attempt (1 = the first), then succeeds."""
+        attempt = self.request.retries + 1
+        if attempt < succeed_on_attempt:
+            raise self.retry(exc=RuntimeError(f"attempt {attempt} failed"), countdown=countdown)
+        return attempt
+
+    @app.task(name="tests.sleep")
+    def sleep(seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    @app.task(name="tests.kill_child")
+    def kill_child() -> None:
+        # The prefork pool child dies: the worker reports WorkerLostError.
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    @app.task(name="tests.echo")
+    def echo(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {"args": list(args), "kwargs": kwargs}
+
+
+# The worker's app; importing this module from a test without the environment
+# set gives a harmless app pointed at the default local Redis.
+app = make_app(
+    os.environ.get(ENV_BROKER, "redis://localhost:6379/0"),
+    keyprefix=os.environ.get(ENV_KEYPREFIX, ""),
+    queue=os.environ.get(ENV_QUEUE, "celery"),
+)

@@ -1,0 +1,407 @@
+"""The RabbitMQ transport against the real RabbitMQ: events from a real Celery worker,
+queue probes, publishing, broker-side disconnects and clean-up.
+
+Each test gets a vhost of its own (``rabbitmqctl add_vhost``), so the shared
+broker's other users never see its events and it never sees theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import amqp
+import pytest
+import trio
+
+from sluice_celery.events import KIND_AMQP
+from sluice_core.config import ConfigError, build
+from sluice_core.model import JobState
+from sluice_core.plugins import PluginManager
+from sluice_rabbitmq import plugin
+from sluice_rabbitmq.connection import AmqpParams
+from sluice_rabbitmq.probe import AmqpQueueProbe
+from sluice_rabbitmq.publish import AmqpPublisher, PublishError
+from sluice_rabbitmq.source import AmqpEventSource
+from tests.fixtures.celery_worker import CeleryWorker, CollectingSink
+from tests.fixtures.services import FIXTURES
+
+TIMEOUT = 60  # absolute bound per test: a worker start on a busy machine takes seconds
+BUFFER = 10_000
+
+
+def rabbitmqctl(*args: str) -> str:
+    return subprocess.run(
+        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=30
+    ).stdout
+
+
+@pytest.fixture
+def amqp_url() -> Iterator[str]:
+    """An AMQP URL on a fresh vhost of the shared RabbitMQ, deleted afterwards."""
+    vhost = f"sluice-test-{uuid.uuid4().hex[:10]}"
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield f"amqp://guest:guest@localhost:5672/{quote(vhost, safe='')}"
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture
+def rabbitmq_worker(amqp_url: str, tmp_path: Path) -> Iterator[CeleryWorker]:
+    """The shared real-worker fixture's worker, on RabbitMQ."""
+    worker = CeleryWorker(amqp_url, "", tmp_path / "celery-worker.log")
+    try:
+        worker.start()
+        yield worker
+    finally:
+        worker.close()
+
+
+def table(rows: list[list[object]]) -> dict[object, object]:
+    """An AMQP table as rabbitmqctl's JSON gives it: [name, type, value] rows."""
+    return {row[0]: row[-1] for row in rows}
+
+
+def vhost_of(url: str) -> str:
+    return AmqpParams.from_url(url).virtual_host
+
+
+def queue_exists(url: str, queue: str) -> bool:
+    out = rabbitmqctl("list_queues", "-p", vhost_of(url), "name", "--formatter", "json")
+    return queue in {q["name"] for q in json.loads(out)}
+
+
+def connection_pid(url: str, connection_name: str) -> str:
+    """The broker-side id of the connection that named itself so (client properties)."""
+    out = rabbitmqctl("list_connections", "--no-table-headers", "pid", "vhost", "client_properties")
+    [pid] = [
+        line.split("\t")[0]
+        for line in out.splitlines()
+        if line.split("\t")[1] == vhost_of(url)
+        and f'{{"connection_name","{connection_name}"}}' in line
+    ]
+    return pid
+
+
+def fixture_events() -> list[tuple[str, bytes]]:
+    """Real captured ``celeryev`` messages: (routing key, raw JSON body)."""
+    with (FIXTURES / "amqp-events.jsonl").open() as lines:
+        records = [json.loads(line) for line in lines]
+    return [(r["routing_key"], r["body"].encode()) for r in records if r["exchange"] == "celeryev"]
+
+
+async def publish_events(publisher: AmqpPublisher, events: list[tuple[str, bytes]]) -> None:
+    for routing_key, body in events:
+        await publisher.publish(
+            "celeryev",
+            routing_key,
+            body,
+            {"hostname": "w2@testhost"},
+            {"content_type": "application/json", "content_encoding": "utf-8", "delivery_mode": 1},
+        )
+
+
+async def start_source(
+    url: str, nursery: trio.Nursery, **kwargs: float
+) -> tuple[AmqpEventSource, CollectingSink]:
+    source = AmqpEventSource(url, buffer_messages=BUFFER, **kwargs)
+    sink = CollectingSink()
+    await nursery.start(source.run, sink)
+    return source, sink
+
+
+# -- events from a real worker ---------------------------------------------------------
+
+
+async def test_every_task_event_type_from_a_real_worker_arrives_normalized(
+    rabbitmq_worker: CeleryWorker, nursery: trio.Nursery
+) -> None:
+    worker = rabbitmq_worker
+    publisher = AmqpPublisher(worker.broker_url)
+
+    def states(job_id: str) -> set[JobState | None]:
+        return {e.state for e in sink.job_events if e.job_id == job_id}
+
+    with trio.fail_after(TIMEOUT):
+        source, sink = await start_source(worker.broker_url, nursery)
+        added = await worker.send("tests.add", 2, 3)
+        failed = await worker.send("tests.fail", "missing")
+        flaky = await worker.send("tests.flaky", 2)
+        # A revoke published by Sluice (CELERY_PROTOCOL.md section 5), before the task
+        # is sent: the worker discards it on arrival and says so (task-revoked).
+        revoked = str(uuid.uuid4())
+        await publisher.publish(
+            "celery.pidbox",
+            "",
+            json.dumps({
+                "method": "revoke",
+                "arguments": {"task_id": revoked, "terminate": False, "signal": "SIGTERM"},
+                "destination": None, "pattern": None, "matcher": None,
+            }).encode(),
+            {"clock": 1, "expires": 0},
+            {"content_type": "application/json", "content_encoding": "utf-8"},
+        )
+        # Control commands run in order: once the worker answers a ping, it has the revoke.
+        await trio.to_thread.run_sync(
+            lambda: worker.app.control.ping(destination=[worker.hostname], timeout=10)
+        )
+        await trio.to_thread.run_sync(
+            lambda: worker.app.send_task("tests.add", (1, 1), task_id=revoked, queue=worker.queue)
+        )
+        await sink.wait_for(
+            lambda: JobState.COMPLETED in states(added)
+            and JobState.FAILED in states(failed)
+            and {JobState.RETRYING, JobState.COMPLETED} <= states(flaky)
+            and JobState.REVOKED in states(revoked)
+        )
+        await trio.to_thread.run_sync(worker.stop)
+        await sink.wait_for(
+            lambda: any(e.type == "offline" and e.hostname == worker.hostname
+                        for e in sink.worker_events)
+        )
+    await publisher.aclose()
+
+    assert states(added) == {JobState.QUEUED, JobState.RECEIVED, JobState.ACTIVE,
+                             JobState.COMPLETED}
+    assert {e.type for e in sink.job_events} >= {
+        "task-sent", "task-received", "task-started", "task-succeeded", "task-failed",
+        "task-retried", "task-revoked",
+    }
+    assert {e.type for e in sink.worker_events if e.hostname == worker.hostname} >= {
+        "heartbeat", "offline",
+    }
+    completed = next(e for e in sink.job_events
+                     if e.job_id == added and e.state is JobState.COMPLETED)
+    assert completed.fields["result"] == "5"
+    assert completed.worker == worker.hostname
+    # Worker task events come as task.multi lists, producer events alone.
+    routing_keys = {routing_key for routing_key, _ in sink.messages}
+    assert {"task.multi", "task.sent", "worker.heartbeat"} <= routing_keys
+    assert sink.malformed == 0
+    assert {(b.kind, b.source) for b in sink.batches} == {(KIND_AMQP, source.name)}
+
+
+# -- the source's queue, outages, clean-up ------------------------------------------------
+
+
+async def test_source_is_consuming_when_start_returns_and_hands_over_raw_bodies(
+    amqp_url: str, nursery: trio.Nursery
+) -> None:
+    events = fixture_events()
+    publisher = AmqpPublisher(amqp_url)
+    with trio.fail_after(20):
+        source, sink = await start_source(amqp_url, nursery)
+        await publish_events(publisher, events)
+        await sink.wait_for(lambda: len(sink.messages) == len(events))
+    await publisher.aclose()
+
+    assert sink.messages == events  # in order, bodies untouched
+    assert source.name == "celery/amqp://guest:***@localhost:5672/" + amqp_url.rsplit("/", 1)[1]
+    assert sink.statuses == [(source.name, True, "")]
+    assert sink.malformed == 0
+    assert any(e.type == "task-succeeded" for e in sink.job_events)
+
+
+async def test_queue_is_bounded_and_deleted_when_the_source_stops(amqp_url: str) -> None:
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            source, _ = await start_source(amqp_url, nursery, queue_ttl=30)
+            out = rabbitmqctl("list_queues", "-p", vhost_of(amqp_url), "name", "durable",
+                              "arguments", "--formatter", "json")
+            queue = next(q for q in json.loads(out) if q["name"] == source.queue)
+            nursery.cancel_scope.cancel()
+
+    assert queue["durable"] is False
+    assert table(queue["arguments"]) == {
+        "x-expires": 30_000, "x-message-ttl": 30_000, "x-max-length": BUFFER,
+    }
+    assert not queue_exists(amqp_url, source.queue)
+
+
+async def test_reconnects_after_the_broker_drops_the_connection_and_misses_nothing(
+    amqp_url: str, nursery: trio.Nursery
+) -> None:
+    events = fixture_events()
+    publisher = AmqpPublisher(amqp_url)
+    with trio.fail_after(30):
+        source, sink = await start_source(amqp_url, nursery)
+        await publish_events(publisher, events[:10])
+        await sink.wait_for(lambda: len(sink.messages) == 10)
+        before = list(sink.messages)
+
+        pid = connection_pid(amqp_url, f"sluice {source.name}")
+        rabbitmqctl("close_connection", pid, "sluice test: broker-side close")
+        # Published while the source is down or reconnecting: the queue keeps them.
+        await publish_events(publisher, events[10:])
+        await sink.wait_for(lambda: len(sink.messages) == len(events))
+    await publisher.aclose()
+
+    assert sink.messages[:10] == before
+    assert sink.messages == events
+    [(_, first_up, _), (_, down, why), (_, up, detail)] = sink.statuses
+    assert (first_up, down, up) == (True, False, True)
+    assert "sluice test: broker-side close" in why
+    assert "nothing missed" in detail
+
+
+async def test_a_lost_queue_is_recreated_and_the_gap_reported(
+    amqp_url: str, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(30):
+        source, sink = await start_source(amqp_url, nursery)
+        # As after a broker restart: the queue is gone (RabbitMQ cancels the consumer).
+        conn = amqp.Connection("localhost:5672", virtual_host=vhost_of(amqp_url))
+        conn.connect()
+        conn.channel().queue_delete(source.queue)
+        conn.close()
+        await sink.wait_for(lambda: len(sink.statuses) == 3)
+        assert queue_exists(amqp_url, source.queue)
+
+    [(_, _, _), (_, down, _), (_, up, detail)] = sink.statuses
+    assert (down, up) == (False, True)
+    assert "were missed" in detail and "lost Sluice's queue" in detail
+
+
+async def test_amqps_speaks_tls_and_reports_a_broker_that_does_not(
+    nursery: trio.Nursery,
+) -> None:
+    sink = CollectingSink()
+    # The plain AMQP port: the TLS handshake fails; the source says so and keeps trying.
+    source = AmqpEventSource("amqps://guest:guest@localhost:5672//?ssl_cert_reqs=none",
+                             buffer_messages=BUFFER)
+    nursery.start_soon(source.run, sink)
+    with trio.fail_after(10):
+        await sink.wait_for(lambda: len(sink.statuses) >= 2)
+
+    assert all(up is False for _, up, _ in sink.statuses)
+    assert source.name == "celery/amqps://guest:***@localhost:5672//?ssl_cert_reqs=none"
+
+
+# -- probe --------------------------------------------------------------------------------
+
+
+async def test_probe_reports_depth_and_consumers_and_survives_a_missing_queue(
+    rabbitmq_worker: CeleryWorker,
+) -> None:
+    url = rabbitmq_worker.broker_url
+    waiting = f"waiting-{uuid.uuid4().hex[:8]}"
+    conn = amqp.Connection("localhost:5672", virtual_host=vhost_of(url))
+    conn.connect()
+    conn.channel().queue_declare(waiting, auto_delete=False)
+    conn.close()
+    publisher = AmqpPublisher(url)
+    probe = AmqpQueueProbe(url, interval=2)
+    with trio.fail_after(20):
+        for n in range(3):
+            await publisher.publish("", waiting, b"{}", mandatory=True)
+        # "absent" sorts first: the probe must go on after its 404.
+        samples = await probe.probe({waiting, "absent", rabbitmq_worker.queue})
+        again = await probe.probe({waiting})
+    await publisher.aclose()
+    await probe.aclose()
+
+    by_name = {s.name: s for s in samples}
+    assert (by_name["absent"].depth, by_name["absent"].consumers) == (None, None)
+    assert (by_name[waiting].depth, by_name[waiting].consumers) == (3, 0)
+    assert (by_name[rabbitmq_worker.queue].depth, by_name[rabbitmq_worker.queue].consumers) == (0, 1)
+    assert {(s.framework, s.broker) for s in samples} == {("celery", AmqpParams.from_url(url).url)}
+    assert again[0].depth == 3
+    assert probe.name == "rabbitmq/" + AmqpParams.from_url(url).url
+
+
+# -- publishing ---------------------------------------------------------------------------
+
+
+async def test_republished_task_message_runs_on_a_real_worker(
+    rabbitmq_worker: CeleryWorker, nursery: trio.Nursery
+) -> None:
+    """A protocol-2 task message built without Celery (CELERY_PROTOCOL.md section 6)."""
+    worker = rabbitmq_worker
+    job_id = str(uuid.uuid4())
+    headers = {
+        "lang": "py", "task": "tests.add", "id": job_id, "shadow": None, "eta": None,
+        "expires": None, "group": None, "group_index": None, "retries": 0,
+        "timelimit": [None, None], "root_id": job_id, "parent_id": None,
+        "argsrepr": "(20, 22)", "kwargsrepr": "{}", "origin": "sluice",
+        "ignore_result": True,
+    }
+    body = json.dumps(
+        [[20, 22], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    ).encode()
+    properties = {
+        "content_type": "application/json", "content_encoding": "utf-8",
+        "correlation_id": job_id, "delivery_mode": 2, "priority": 0,
+    }
+    publisher = AmqpPublisher(worker.broker_url)
+    with trio.fail_after(TIMEOUT):
+        _, sink = await start_source(worker.broker_url, nursery)
+        await publisher.publish("", worker.queue, body, headers, properties, mandatory=True)
+        await sink.wait_for(
+            lambda: any(e.job_id == job_id and e.state is JobState.COMPLETED
+                        for e in sink.job_events)
+        )
+        with pytest.raises(PublishError, match="no queue receives"):
+            await publisher.publish("", "no-such-queue", body, headers, properties,
+                                    mandatory=True)
+        with pytest.raises(PublishError, match="no-such-exchange"):
+            await publisher.publish("no-such-exchange", "", body)
+        # The publisher is still usable after both refusals.
+        await publisher.publish("", worker.queue, body, {**headers, "id": "again"},
+                                {**properties, "correlation_id": "again"}, mandatory=True)
+    await publisher.aclose()
+
+    completed = next(e for e in sink.job_events
+                     if e.job_id == job_id and e.state is JobState.COMPLETED)
+    assert completed.fields["result"] == "42"
+
+
+# -- plugin and configuration ---------------------------------------------------------------
+
+
+def test_plugin_registers_a_source_and_a_probe_per_amqp_broker() -> None:
+    pm = PluginManager()
+    pm.load(["rabbitmq"])
+    parser = argparse.ArgumentParser()
+    pm.add_options(parser)
+    config = build(parser.parse_args(["--rabbitmq-probe-interval", "2.5"]))
+    config.brokers = [
+        "redis://localhost:6379/0",  # the celery plugin's
+        "amqp://u:secret@rabbit:5672/prod",
+        "amqps://rabbit.example//",
+    ]
+    sources = pm.sources(config)
+    probes = pm.probes(config)
+
+    assert [s.name for s in sources] == [
+        "celery/amqp://u:***@rabbit:5672/prod", "celery/amqps://rabbit.example//",
+    ]
+    assert [p.name for p in probes] == [
+        "rabbitmq/amqp://u:***@rabbit:5672/prod", "rabbitmq/amqps://rabbit.example//",
+    ]
+    assert [p.interval for p in probes] == [2.5, 2.5]
+    assert "secret" not in repr(AmqpParams.from_url(config.brokers[1]))
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--rabbitmq-probe-interval", "0"), ("--rabbitmq-queue-ttl", "-1")]
+)
+def test_bad_options_are_configuration_errors(option: str, value: str) -> None:
+    parser = argparse.ArgumentParser()
+    plugin.sluice_addoption(parser)
+    with pytest.raises(ConfigError, match=option):
+        plugin.sluice_configure(build(parser.parse_args([option, value])))
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://localhost:6379/0", "amqp://h:notaport//", "amqps://h//?ssl_cert_reqs=maybe"]
+)
+def test_bad_urls_are_configuration_errors(url: str) -> None:
+    with pytest.raises(ConfigError):
+        AmqpParams.from_url(url)

@@ -1,0 +1,394 @@
+"""Both storage backends against real databases: what the pipeline, the API and the UI rely on."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import psycopg
+import pytest
+import trio
+
+from sluice_core import merge
+from sluice_core.config import Config, ConfigError
+from sluice_core.model import Job, JobEvent, JobState, QueueSample, WorkerEvent, event_id
+from sluice_core.plugins import PluginManager
+from sluice_core.storage import JobQuery, Storage
+from tests.fixtures.services import PG_URL
+from tests.fixtures.storage import (
+    by_job,
+    celery_fixture_events,
+    database_url,
+    open_storage,
+)
+from tests.test_merge import MERGE_RETRY_BUG, RETRIED
+
+EVENTS, WORKER_EVENTS = celery_fixture_events()
+JOBS = by_job(EVENTS)
+T0 = 1_800_000_000.0
+
+_FLOW = (
+    ("task-sent", JobState.QUEUED),
+    ("task-received", JobState.RECEIVED),
+    ("task-started", JobState.ACTIVE),
+)
+_OUTCOME = {
+    JobState.COMPLETED: "task-succeeded",
+    JobState.FAILED: "task-failed",
+    JobState.REVOKED: "task-revoked",
+}
+
+
+def lifecycle(
+    job_id: str,
+    t: float,
+    state: JobState = JobState.COMPLETED,
+    *,
+    name: str = "tasks.add",
+    queue: str | None = "celery",
+    worker: str = "w1@host",
+    args: str = "(2, 3)",
+    kwargs: str = "{}",
+    exception: str | None = None,
+    framework: str = "celery",
+) -> list[JobEvent]:
+    """A job's events from sent up to ``state``, one every 10 ms from ``t``."""
+    steps = list(_FLOW)
+    if state in _OUTCOME:
+        steps.append((_OUTCOME[state], state))
+    else:
+        steps = steps[: [s for _, s in _FLOW].index(state) + 1]
+    out = []
+    for i, (etype, st) in enumerate(steps):
+        fields: dict[str, Any] = {}
+        if etype == "task-sent":
+            fields = {"name": name, "args": args, "kwargs": kwargs, "retries": 0}
+            if queue is not None:
+                fields["queue"] = queue
+        elif st is JobState.FAILED:
+            fields = {"exception": exception, "traceback": "Traceback ..."}
+        out.append(
+            JobEvent(
+                id=event_id(job_id, etype),
+                job_id=job_id,
+                framework=framework,
+                type=etype,
+                state=st,
+                timestamp=t + i * 0.01,
+                worker=None if etype == "task-sent" else worker,
+                fields=fields,
+            )
+        )
+    return out
+
+
+def rebuilt(events: list[JobEvent]) -> Job:
+    return merge.rebuild(events[0].job_id, events[0].framework, events)
+
+
+async def ingest(storage: Storage, events: list[JobEvent], workers: list[WorkerEvent] = []):  # noqa: B006
+    with trio.fail_after(20):
+        return await storage.ingest(events, workers)
+
+
+async def all_pages(storage: Storage, query: JobQuery) -> list[str]:
+    ids: list[str] = []
+    cursor = None
+    while True:
+        page = await storage.list_jobs(attrs.evolve(query, cursor=cursor))
+        ids += [job.id for job in page.jobs]
+        if page.next_cursor is None:
+            return ids
+        cursor = page.next_cursor
+
+
+# -- ingest ---------------------------------------------------------------------
+
+
+async def test_ingested_jobs_read_back_as_folded(storage: Storage) -> None:
+    result = await ingest(storage, EVENTS, WORKER_EVENTS)
+    assert result.events_stored == len(EVENTS)
+    assert {job.id for job in result.jobs} == set(JOBS)
+    for job_id, events in JOBS.items():
+        assert await storage.get_job(job_id) == rebuilt(events)
+        timeline = await storage.job_events(job_id)
+        assert timeline == sorted(events, key=merge.sort_key)  # oldest first, every field kept
+    assert await storage.get_job("no-such-job") is None
+    assert await storage.job_events("no-such-job") == []
+
+
+async def test_duplicate_ingest_stores_once_and_changes_nothing(storage: Storage) -> None:
+    await ingest(storage, EVENTS)
+    before = {job_id: await storage.get_job(job_id) for job_id in JOBS}
+    again = await ingest(storage, EVENTS + EVENTS[:5])  # duplicates within the batch too
+    assert again.events_stored == 0
+    assert again.jobs == []
+    assert {job_id: await storage.get_job(job_id) for job_id in JOBS} == before
+    assert sum((await storage.count_jobs_by_state()).values()) == len(JOBS)
+
+
+async def test_late_events_take_the_slow_path_to_the_same_row(storage: Storage) -> None:
+    # Newest first, one event per batch: every batch but the first is out of order.
+    for event in sorted(EVENTS, key=merge.sort_key, reverse=True):
+        await ingest(storage, [event])
+    for job_id, events in JOBS.items():
+        assert await storage.get_job(job_id) == rebuilt(events)
+
+
+async def test_a_terminal_state_is_not_overwritten_by_a_late_earlier_event(
+    storage: Storage,
+) -> None:
+    events = lifecycle("j-late", T0, JobState.FAILED, exception="ValueError('x')")
+    await ingest(storage, [events[-1]])
+    await ingest(storage, events[:-1])
+    job = await storage.get_job("j-late")
+    assert job is not None
+    assert job.state is JobState.FAILED
+    assert job.exception == "ValueError('x')"
+    assert job.finished_at == events[-1].timestamp and job.sent_at == T0
+
+
+@MERGE_RETRY_BUG
+async def test_a_retried_job_counts_retries_and_keeps_every_attempt(storage: Storage) -> None:
+    await ingest(storage, JOBS[RETRIED])
+    job = await storage.get_job(RETRIED)
+    assert job is not None and job.state is JobState.COMPLETED and job.retries == 1
+    types = [event.type for event in await storage.job_events(RETRIED)]
+    assert types.count("task-received") == 2 and types.count("task-started") == 2
+
+
+async def test_events_of_many_jobs_in_one_batch_each_stored(storage: Storage) -> None:
+    events = [e for i in range(300) for e in lifecycle(f"bulk-{i:03}", T0 + i)]
+    result = await ingest(storage, events)
+    assert result.events_stored == len(events) and len(result.jobs) == 300
+    assert await storage.count_jobs_by_state() == {"completed": 300}
+    # Listed newest first: first stored order follows the jobs' first events.
+    ids = await all_pages(storage, JobQuery(limit=500))
+    assert ids == [f"bulk-{i:03}" for i in reversed(range(300))]
+
+
+# -- listing -----------------------------------------------------------------------
+
+
+async def test_every_list_filter(storage: Storage) -> None:
+    await ingest(
+        storage,
+        lifecycle("aaa-1", T0, name="tasks.Add", args="(1, 2)")
+        + lifecycle("aab-2", T0 + 10, JobState.FAILED, name="tasks.mul", queue="math",
+                    exception="ZeroDivisionError('boom')", worker="w2@host")
+        + lifecycle("bbb-3", T0 + 20, JobState.ACTIVE, name="tasks.mul", queue="math",
+                    kwargs="{'user': 'Ada'}")
+        + lifecycle("ccc-4", T0 + 30, JobState.QUEUED, name="reports.build", queue=None,
+                    framework="rq")
+        + lifecycle("c%_5", T0 + 40, name="tasks.odd_name"),
+    )
+
+    async def ids(**filters: Any) -> list[str]:
+        return [job.id for job in (await storage.list_jobs(JobQuery(**filters))).jobs]
+
+    assert await ids() == ["c%_5", "ccc-4", "bbb-3", "aab-2", "aaa-1"]
+    assert await ids(q="aa") == ["aab-2", "aaa-1"]  # id prefix
+    assert await ids(q="add") == ["aaa-1"]  # name, any case
+    assert await ids(q="(1, 2") == ["aaa-1"]  # args
+    assert await ids(q="ada") == ["bbb-3"]  # kwargs
+    assert await ids(q="zerodivision") == ["aab-2"]  # exception
+    assert await ids(q="c%") == ["c%_5"]  # wildcards are literal
+    assert await ids(q="d_n") == ["c%_5"]
+    assert await ids(q="s_a") == []  # "_" is not a wildcard either
+    assert await ids(q="nothing-like-this") == []
+    assert await ids(states=frozenset({JobState.FAILED, JobState.ACTIVE})) == ["bbb-3", "aab-2"]
+    assert await ids(name="tasks.mul") == ["bbb-3", "aab-2"]
+    assert await ids(queue="math") == ["bbb-3", "aab-2"]
+    assert await ids(worker="w2@host") == ["aab-2"]
+    assert await ids(framework="rq") == ["ccc-4"]
+    assert await ids(since=T0 + 10, until=T0 + 30) == ["ccc-4", "bbb-3", "aab-2"]
+    assert await ids(ids=frozenset({"aaa-1", "ccc-4", "unknown"})) == ["ccc-4", "aaa-1"]
+    assert await ids(name="tasks.mul", states=frozenset({JobState.FAILED})) == ["aab-2"]
+    page = await storage.list_jobs(JobQuery(limit=2))
+    assert [job.id for job in page.jobs] == ["c%_5", "ccc-4"] and page.next_cursor is not None
+    last = await storage.list_jobs(JobQuery(limit=5))
+    assert last.next_cursor is None
+
+
+async def test_cursor_pages_have_no_duplicates_or_gaps_while_jobs_stream_in(
+    storage: Storage,
+) -> None:
+    await ingest(storage, [e for i in range(25) for e in lifecycle(f"old-{i:02}", T0 + i)])
+    seen: list[str] = []
+    cursor = None
+    n = 0
+    while True:
+        page = await storage.list_jobs(JobQuery(limit=7, cursor=cursor))
+        seen += [job.id for job in page.jobs]
+        # Between pages: new jobs arrive, and listed ones change state.
+        n += 1
+        await ingest(
+            storage,
+            [e for i in range(3) for e in lifecycle(f"new-{n}-{i}", T0 + 100 + n * 10 + i)]
+            + lifecycle("old-03", T0 + 3, JobState.FAILED, exception="late")[-1:],
+        )
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert seen == [f"old-{i:02}" for i in reversed(range(25))]
+
+
+# -- workers ---------------------------------------------------------------------
+
+
+def worker_event(kind: str, t: float, **fields: Any) -> WorkerEvent:
+    return WorkerEvent(hostname="w1@host", framework="celery", type=kind, timestamp=t, **fields)
+
+
+async def test_worker_status_follows_the_newest_event(storage: Storage) -> None:
+    result = await ingest(
+        storage,
+        [],
+        [
+            worker_event("heartbeat", T0 + 2, active=3, processed=10, freq=2.0),
+            worker_event("online", T0, active=0, processed=0, pid=42, sw_ver="5.7.0"),
+        ],
+    )
+    assert [w.hostname for w in result.workers] == ["w1@host"]
+    (worker,) = await storage.list_workers()
+    assert (worker.status, worker.last_heartbeat) == ("online", T0 + 2)
+    assert (worker.active, worker.processed, worker.pid, worker.sw_ver) == (3, 10, 42, "5.7.0")
+
+    await ingest(storage, [], [worker_event("offline", T0 + 4, active=0)])
+    assert [w.status for w in await storage.list_workers()] == ["offline"]
+
+    # A heartbeat sent before the offline one, delivered late: changes nothing.
+    late = await ingest(storage, [], [worker_event("heartbeat", T0 + 3, active=9)])
+    assert late.workers == []
+    (worker,) = await storage.list_workers()
+    assert (worker.status, worker.active, worker.last_heartbeat) == ("offline", 0, T0 + 4)
+
+    await ingest(storage, [], [worker_event("online", T0 + 60, active=1, loadavg=[0.5, 0.2, 0.1])])
+    (worker,) = await storage.list_workers()
+    assert (worker.status, worker.active, worker.loadavg) == ("online", 1, [0.5, 0.2, 0.1])
+
+
+# -- queues -----------------------------------------------------------------------
+
+
+async def test_queues_from_samples_and_from_jobs_with_rates(storage: Storage) -> None:
+    now = T0 + 1000
+    broker = "redis://localhost:6379/0"
+    await storage.record_queue_samples(
+        [
+            QueueSample("celery", "celery", broker, now - 20, depth=7, reserved=2, consumers=1),
+            QueueSample("idle", "celery", broker, now - 20, depth=3, consumers=0),
+        ]
+    )
+    # An older reading recorded later does not replace the latest one.
+    await storage.record_queue_samples(
+        [QueueSample("celery", "celery", broker, now - 60, depth=99, consumers=5)]
+    )
+    events = []
+    for i in range(4):  # 4 finished in the window, one of them failed
+        state = JobState.FAILED if i == 0 else JobState.COMPLETED
+        events += lifecycle(f"recent-{i}", now - 100 + i, state, queue="emails")
+    events += lifecycle("old", now - 3600, queue="emails")  # outside the window
+    events += lifecycle("running", now - 50, JobState.ACTIVE, queue="celery")
+    await ingest(storage, events)
+
+    queues = {q.name: q for q in await storage.list_queues(now)}
+    assert set(queues) == {"celery", "emails", "idle"}
+    celery, emails, idle = queues["celery"], queues["emails"], queues["idle"]
+    assert (celery.depth, celery.reserved, celery.consumers, celery.broker) == (7, 2, 1, broker)
+    assert celery.updated_at == now - 20
+    assert celery.throughput_per_min == 0.0
+    assert celery.avg_wait_s == pytest.approx(0.02)  # started 20 ms after sent
+    assert (idle.depth, idle.consumers, idle.throughput_per_min) == (3, 0, 0.0)
+    # A queue known only from jobs: no probe reading, rates from its jobs.
+    assert (emails.depth, emails.consumers, emails.broker) == (None, None, None)
+    assert emails.throughput_per_min == pytest.approx(4 / 5)
+    assert emails.failure_rate == pytest.approx(0.25)
+    assert emails.avg_wait_s == pytest.approx(0.02)
+
+
+# -- lifecycle ----------------------------------------------------------------------
+
+
+def applied_versions(url: str) -> list[int]:
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            return [v for (v,) in conn.execute("SELECT version FROM schema_migrations")]
+    with psycopg.connect(url) as conn:
+        return [v for (v,) in conn.execute("SELECT version FROM schema_migrations")]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_db_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A database with no schema at all (pg_url's come migrated from the template)."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("sqlite_url")
+        return
+    name = f"sluice_empty_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield database_url(name)
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def test_open_migrates_once_and_data_persists(empty_db_url: str) -> None:
+    first = open_storage(empty_db_url)
+    with trio.fail_after(30):
+        await first.open()
+        assert applied_versions(empty_db_url) == [1]
+        await ingest(first, EVENTS, WORKER_EVENTS)
+        await first.aclose()
+
+        again = open_storage(empty_db_url)
+        await again.open()
+        try:
+            assert await again.migrate() == []
+            assert applied_versions(empty_db_url) == [1]
+            for job_id, events in JOBS.items():
+                assert await again.get_job(job_id) == rebuilt(events)
+            assert len(await again.list_workers()) == len({w.hostname for w in WORKER_EVENTS})
+            await again.ping()
+        finally:
+            await again.aclose()
+
+
+async def test_postgresql_reconnects_after_its_connections_are_terminated(pg_url: str) -> None:
+    storage = open_storage(pg_url)
+    dbname = pg_url.rsplit("/", 1)[1]
+    with trio.fail_after(30):
+        await storage.open()
+        try:
+            await ingest(storage, lifecycle("before", T0))
+            with psycopg.connect(PG_URL, autocommit=True) as admin:
+                killed = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = %s",
+                    (dbname,),
+                ).fetchone()
+            assert killed is not None and killed[0] >= 1
+            result = await ingest(storage, lifecycle("after", T0 + 1))
+            assert result.events_stored == 4
+            assert [j.id for j in (await storage.list_jobs(JobQuery())).jobs] == ["after", "before"]
+            await storage.ping()
+        finally:
+            await storage.aclose()
+
+
+def test_backends_are_chosen_by_url_scheme_and_hide_passwords(tmp_path: Path) -> None:
+    pm = PluginManager()
+    assert type(pm.storage(Config(db=f"sqlite:///{tmp_path}/x.db"))).__name__ == "SQLiteStorage"
+    for url in ("postgresql://sluice:s3cret@db:5432/sluice", "postgres://sluice:s3cret@db/sluice"):
+        backend = pm.storage(Config(db=url))
+        assert type(backend).__name__ == "PostgresStorage"
+        assert "s3cret" not in backend.url and "sluice:***@db" in backend.url
+    with pytest.raises(ConfigError, match="no storage backend"):
+        pm.storage(Config(db="mysql://db/sluice"))
+    with pytest.raises(ConfigError, match="SQLite URL"):
+        pm.storage(Config(db="sqlite://"))

@@ -1,0 +1,50 @@
+"""The web server inside the engine: hypercorn's trio worker in the engine's nursery.
+
+The engine starts it with ``await nursery.start(serve, engine, shutdown_trigger)``
+and gets back the addresses it listens on (the real port when configured with 0).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from sluice_core.engine import Engine
+from sluice_web.app import create_app
+from sluice_web.auth import check_exposure, load_auth
+
+
+def _bind(host: str, port: int) -> str:
+    host = host.strip("[]")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(
+    engine: Engine,
+    shutdown_trigger: Callable[[], Awaitable[object]],
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until ``shutdown_trigger`` returns. Raises ConfigError before binding
+    anything if the host is reachable from other machines without authentication."""
+    config = engine.config
+    auth = load_auth(config)
+    check_exposure(config.host, auth)
+    app = create_app(engine, auth=auth)
+    streams = app.extensions["sluice_streams"]
+
+    hyper = HypercornConfig()
+    hyper.bind = [_bind(config.host, config.port)]
+    hyper.accesslog = logging.getLogger("sluice_web.access")
+    hyper.errorlog = logging.getLogger("sluice_web.server")
+
+    async def stop() -> None:
+        await shutdown_trigger()
+        # Event streams never end on their own; end them so shutdown need not wait.
+        streams.stop()
+
+    await hypercorn_serve(app, hyper, shutdown_trigger=stop, task_status=task_status, mode="asgi")

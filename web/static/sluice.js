@@ -1,0 +1,298 @@
+// Sluice dashboard: progressive enhancement of server-rendered pages.
+// Every page works without this file; it adds local times, live updates over
+// Server-Sent Events, bulk selection and the retry / revoke buttons.
+// No inline handlers and no inline styles, so a strict CSP holds.
+"use strict";
+
+(function () {
+  const body = document.body;
+  const csrfToken = document.querySelector('meta[name="csrf-token"]')?.content || "";
+  const CSRF_HEADER = "X-CSRF-Token";
+  const MAX_LIVE_ROWS = 500;
+
+  // -- times in the viewer's timezone ----------------------------------------
+
+  const pad = (n) => String(n).padStart(2, "0");
+  const zoneName = (() => {
+    const part = new Intl.DateTimeFormat(undefined, { timeZoneName: "short" })
+      .formatToParts(new Date())
+      .find((p) => p.type === "timeZoneName");
+    return part ? part.value : "";
+  })();
+
+  function localText(date) {
+    return `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())} ` +
+      `${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())} ${zoneName}`;
+  }
+
+  function localize(root) {
+    root.querySelectorAll("time[datetime]").forEach((el) => {
+      if (el.dataset.local) return;
+      const date = new Date(el.getAttribute("datetime"));
+      if (isNaN(date)) return;
+      el.title = el.textContent; // keep the UTC text at hand
+      el.textContent = localText(date);
+      el.dataset.local = "1";
+    });
+    root.querySelectorAll("text[data-ts]").forEach((el) => {
+      const date = new Date(Number(el.dataset.ts) * 1000);
+      el.textContent = `${pad(date.getHours())}:${pad(date.getMinutes())}`;
+    });
+  }
+
+  function duration(seconds) {
+    if (seconds === null || seconds === undefined) return "—";
+    if (seconds < 1) return `${Math.round(seconds * 1000)} ms`;
+    if (seconds < 60) return `${seconds.toFixed(2)} s`;
+    if (seconds < 3600) return `${Math.floor(seconds / 60)} min ${Math.round(seconds % 60)} s`;
+    return `${Math.floor(seconds / 3600)} h ${Math.floor((seconds % 3600) / 60)} min`;
+  }
+
+  // Same wording as the server's "age" filter.
+  function age(seconds) {
+    if (seconds < 60) return `${Math.round(seconds)} s ago`;
+    if (seconds < 3600) return `${Math.floor(seconds / 60)} min ago`;
+    if (seconds < 86400) return `${Math.floor(seconds / 3600)} h ago`;
+    return `${Math.floor(seconds / 86400)} d ago`;
+  }
+
+  function tickAges() {
+    const now = Date.now();
+    document.querySelectorAll(".age[data-since]").forEach((el) => {
+      const since = new Date(el.dataset.since).getTime();
+      if (!isNaN(since)) el.textContent = age(Math.max(0, now - since) / 1000);
+    });
+  }
+
+  // -- live updates ---------------------------------------------------------------
+
+  const status = document.getElementById("live-status");
+
+  function connect(kinds, onMessage) {
+    const params = new URLSearchParams(body.dataset.streamQuery || "");
+    if (body.dataset.page === "jobs") {
+      // The stream takes the list's filters: live rows match what the page shows.
+      new URLSearchParams(location.search).forEach((value, key) => {
+        if (value && key !== "cursor" && key !== "limit") params.set(key, value);
+      });
+    }
+    const query = params.toString();
+    const source = new EventSource(body.dataset.stream + (query ? `?${query}` : ""));
+    status.hidden = false;
+    source.addEventListener("open", () => {
+      status.classList.remove("down");
+      status.textContent = "Live";
+    });
+    source.addEventListener("error", () => {
+      status.classList.add("down");
+      status.textContent = "Reconnecting…";
+    });
+    kinds.forEach((kind) =>
+      source.addEventListener(kind, (event) => onMessage(kind, JSON.parse(event.data)))
+    );
+    // The server dropped us for falling behind: what is on screen may be stale.
+    source.addEventListener("resync", () => location.reload());
+    return source;
+  }
+
+  function setField(row, name, text) {
+    const el = row.querySelector(`[data-field="${name}"]`);
+    if (el) el.textContent = text;
+    return el;
+  }
+
+  function fillRow(row, job) {
+    const link = row.querySelector('[data-field="link"]');
+    link.href = document.getElementById("jobs-table").dataset.jobUrl.replace("JOB_ID", encodeURIComponent(job.id));
+    link.textContent = job.id.slice(0, 8);
+    link.title = job.id;
+    setField(row, "name", job.name || "—");
+    setField(row, "exception", job.exception || "");
+    const state = setField(row, "state", job.state);
+    state.className = `badge state-${job.state}`;
+    setField(row, "queue", job.queue || "—");
+    setField(row, "worker", job.worker || "—");
+    setField(row, "runtime", duration(job.runtime));
+    setField(row, "retries", String(job.retries));
+    const created = row.querySelector('[data-field="created_at"]');
+    if (job.created_at && !created.querySelector("time")) {
+      const time = document.createElement("time");
+      time.setAttribute("datetime", job.created_at);
+      created.replaceChildren(time);
+      time.textContent = localText(new Date(job.created_at));
+      time.dataset.local = "1";
+    }
+    const checkbox = row.querySelector(".job-select");
+    if (checkbox) checkbox.value = job.id;
+    row.dataset.jobId = job.id;
+  }
+
+  function liveJobs() {
+    const tbody = document.getElementById("jobs-body");
+    const template = document.getElementById("job-row-template");
+    connect(["job"], (_kind, job) => {
+      let row = tbody.querySelector(`tr[data-job-id="${CSS.escape(job.id)}"]`);
+      if (!row) {
+        row = template.content.firstElementChild.cloneNode(true);
+        tbody.prepend(row);
+        document.querySelector(".table-card .empty-state")?.remove();
+        while (tbody.rows.length > MAX_LIVE_ROWS) tbody.lastElementChild.remove();
+      }
+      fillRow(row, job);
+      row.classList.remove("flash");
+      void row.offsetWidth; // restart the highlight animation
+      row.classList.add("flash");
+      updateBulk();
+    });
+  }
+
+  // Pages made of regions re-fetch themselves (debounced) when something they show changed.
+  function liveRegions(kinds) {
+    let timer = null;
+    let last = 0;
+    async function refresh() {
+      timer = null;
+      last = Date.now();
+      const response = await fetch(location.href, { headers: { Accept: "text/html" } });
+      if (!response.ok) return;
+      const doc = new DOMParser().parseFromString(await response.text(), "text/html");
+      document.querySelectorAll("[data-refresh][id]").forEach((region) => {
+        const fresh = doc.getElementById(region.id);
+        if (fresh) {
+          region.replaceWith(fresh);
+          localize(fresh);
+        }
+      });
+      tickAges();
+    }
+    function schedule() {
+      if (timer) return;
+      timer = setTimeout(refresh, Math.max(500, 3000 - (Date.now() - last)));
+    }
+    connect(kinds, schedule);
+    setInterval(schedule, 30000);
+  }
+
+  // -- actions ----------------------------------------------------------------------
+
+  async function post(url, payload) {
+    const response = await fetch(url, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", [CSRF_HEADER]: csrfToken },
+      body: JSON.stringify(payload),
+      credentials: "same-origin",
+    });
+    let data = null;
+    try {
+      data = await response.json();
+    } catch (_) {
+      // a proxy's HTML error page: fall back to the status line below
+    }
+    if (!response.ok) {
+      const message = data?.error?.message || `${response.status} ${response.statusText}`;
+      throw new Error(message);
+    }
+    return data;
+  }
+
+  function showResult(el, ok, text) {
+    el.className = `action-result ${ok ? "ok" : "error"}`;
+    el.textContent = text;
+  }
+
+  function selectedIds() {
+    return Array.from(document.querySelectorAll(".job-select:checked"), (box) => box.value);
+  }
+
+  function updateBulk() {
+    const ids = selectedIds();
+    document.getElementById("bulk-count").textContent = `${ids.length} selected`;
+    document.querySelectorAll("[data-bulk]").forEach((button) => (button.disabled = !ids.length));
+    const all = document.querySelectorAll(".job-select");
+    const selectAll = document.getElementById("select-all");
+    selectAll.checked = all.length > 0 && ids.length === all.length;
+    selectAll.indeterminate = ids.length > 0 && ids.length < all.length;
+  }
+
+  // The bulk answer: {"results": [{"id", "outcome", "message", "new_job_id"}]}.
+  function summarize(action, data) {
+    const results = data?.results || [];
+    const counts = {};
+    results.forEach((r) => (counts[r.outcome] = (counts[r.outcome] || 0) + 1));
+    const parts = Object.entries(counts).map(([outcome, n]) => `${n} ${outcome}`);
+    const problem = results.find((r) => r.outcome !== "accepted" && r.message);
+    const detail = problem ? `: ${problem.message}` : "";
+    return `${action}: ${parts.join(", ") || "nothing to do"}${detail}`;
+  }
+
+  function bulkSelection() {
+    const bar = document.getElementById("bulk-bar");
+    const result = document.getElementById("bulk-result");
+    bar.hidden = false;
+    document.getElementById("jobs-body").addEventListener("change", updateBulk);
+    document.getElementById("select-all").addEventListener("change", (event) => {
+      document.querySelectorAll(".job-select").forEach((box) => (box.checked = event.target.checked));
+      updateBulk();
+    });
+    document.querySelectorAll("[data-bulk]").forEach((button) =>
+      button.addEventListener("click", async () => {
+        const action = button.dataset.bulk;
+        const ids = selectedIds();
+        if (action === "revoke" && !confirm(`Revoke ${ids.length} job(s)?`)) return;
+        button.disabled = true;
+        try {
+          const data = await post("/api/jobs/bulk", { action, ids });
+          const ok = (data?.results || []).every((r) => r.outcome === "accepted");
+          showResult(result, ok, summarize(action, data));
+        } catch (error) {
+          showResult(result, false, error.message);
+        } finally {
+          updateBulk();
+        }
+      })
+    );
+    updateBulk();
+  }
+
+  function jobActions() {
+    const result = document.getElementById("action-result");
+    const terminate = document.getElementById("revoke-terminate");
+    document.querySelectorAll("[data-action], [data-action-option]").forEach((el) => (el.hidden = false));
+    document.querySelectorAll("[data-action]").forEach((button) =>
+      button.addEventListener("click", async () => {
+        const action = button.dataset.action;
+        if (action === "revoke" && !confirm("Revoke this job?")) return;
+        button.disabled = true;
+        try {
+          const data = await post(button.dataset.url, action === "revoke" ? { terminate: terminate.checked } : {});
+          if (data?.job_id) {
+            result.className = "action-result ok";
+            result.replaceChildren("Retry sent as ");
+            const link = document.createElement("a");
+            link.href = document.location.pathname.replace(/[^/]+$/, encodeURIComponent(data.job_id));
+            link.textContent = data.job_id;
+            result.append(link);
+          } else {
+            showResult(result, true, action === "revoke" ? "Revoke sent" : "Done");
+          }
+        } catch (error) {
+          showResult(result, false, error.message);
+        } finally {
+          button.disabled = false;
+        }
+      })
+    );
+  }
+
+  // -- start ------------------------------------------------------------------------------
+
+  localize(document);
+  tickAges();
+  setInterval(tickAges, 1000);
+  if (body.dataset.page === "jobs") {
+    bulkSelection();
+    if ("liveJobs" in body.dataset) liveJobs();
+  }
+  if (body.dataset.page === "job") jobActions();
+  if (body.dataset.liveRefresh) liveRegions(body.dataset.liveRefresh.split(","));
+})();
