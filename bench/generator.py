@@ -24,12 +24,14 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import multiprocessing
-import queue
+import os
 import random
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -536,41 +538,42 @@ def publish_part(plan: Plan, part: int, start_at: Callable[[], float] | None = N
     return PublishReport(stats, t0, finished, publisher.min_receivers)
 
 
-def _child(plan: Plan, part: int, barrier: Any, results: Any) -> None:
-    def start_at() -> float:
-        barrier.wait()
-        return time.time()
-
-    results.put(publish_part(plan, part, start_at))
-
-
 def publish(plan: Plan) -> PublishReport:
     """Publish ``plan`` from ``plan.publishers`` processes started together.
 
-    Always from child processes (spawned, not forked: the caller may run
-    threads), so the caller's own work does not slow the publishers.
+    Always from child processes, so the caller's own work (samplers, readers)
+    does not slow the publishers. Each child builds its share, says ``ready``,
+    and publishes on ``go``.
     """
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(plan.publishers)
-    results = ctx.Queue()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    plan_json = json.dumps(attrs.asdict(plan))
     children = [
-        ctx.Process(target=_child, args=(plan, i, barrier, results))
+        subprocess.Popen(
+            [sys.executable, "-m", "bench.generator", "--child", plan_json, "--part", str(i)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+        )
         for i in range(plan.publishers)
     ]
-    for child in children:
-        child.start()
-    reports: list[PublishReport] = []
-    while len(reports) < len(children):
-        try:
-            reports.append(results.get(timeout=1.0))
-        except queue.Empty:
-            failed = [c.exitcode for c in children if c.exitcode not in (None, 0)]
-            if failed:
-                for child in children:
-                    child.kill()
-                raise RuntimeError(f"a publisher process failed (exit codes {failed})") from None
-    for child in children:
-        child.join()
+    try:
+        for child in children:
+            assert child.stdout is not None
+            if child.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a publisher process failed (exit code {child.wait()})")
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        reports = []
+        for child in children:
+            out, _ = child.communicate()
+            if child.returncode:
+                raise RuntimeError(f"a publisher process failed (exit code {child.returncode})")
+            reports.append(_report_from_json(out))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
     total = StreamStats()
     for report in reports:
         total.add(report.stats)
@@ -581,6 +584,26 @@ def publish(plan: Plan) -> PublishReport:
         max(r.finished for r in reports),
         min(receivers) if receivers else None,
     )
+
+
+def _report_to_json(report: PublishReport) -> str:
+    return json.dumps({**attrs.asdict(report), "rate": report.rate})
+
+
+def _report_from_json(text: str) -> PublishReport:
+    data = json.loads(text)
+    return PublishReport(
+        StreamStats(**data["stats"]), data["started"], data["finished"], data["min_receivers"]
+    )
+
+
+def _run_child(plan: Plan, part: int) -> None:
+    def start_at() -> float:
+        print("ready", flush=True)
+        sys.stdin.readline()
+        return time.time()
+
+    print(_report_to_json(publish_part(plan, part, start_at)), flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -598,16 +621,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--live", action="store_true",
         help="stamp events as they are published (args of task-sent = publish time)",
     )
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # a Plan as JSON: see publish()
+    parser.add_argument("--part", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        _run_child(Plan(**json.loads(args.child)), args.part)
+        return
     report = publish(
         Plan(
             broker=args.broker, events=args.events, rate=args.rate, keyprefix=args.keyprefix,
             seed=args.seed, live=args.live, publishers=args.publishers,
         )
     )
-    print(json.dumps({**attrs.asdict(report.stats), "started": report.started,
-                      "finished": report.finished, "rate": report.rate,
-                      "min_receivers": report.min_receivers}))
+    print(_report_to_json(report))
 
 
 if __name__ == "__main__":

@@ -309,12 +309,16 @@ def list_jobs_sql(query: JobQuery, dialect: Dialect) -> tuple[str, list[Any]]:
     if query.q:
         sql, values = dialect.text_match(query.q)
         add(sql, *values)
-    if query.states:
-        sql, values = dialect.any_of("state", sorted(s.value for s in query.states))
-        add(sql, *values)
-    if query.ids:
-        sql, values = dialect.any_of("id", sorted(query.ids))
-        add(sql, *values)
+    def one_of(column: str, values: list[str]) -> None:
+        if len(values) == 1:
+            # Plain equality lets the (column, seq) index deliver rows already in order.
+            add(f"{column} = {p}", values[0])
+        elif values:
+            sql, params = dialect.any_of(column, values)
+            add(sql, *params)
+
+    one_of("state", sorted(s.value for s in query.states))
+    one_of("id", sorted(query.ids))
     for column in ("name", "queue", "worker", "framework"):
         value = getattr(query, column)
         if value is not None:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import psycopg
 import trio
 from psycopg.types.string import TextLoader
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from sluice_core import hookimpl
 from sluice_core.config import Config, redact_url
@@ -135,7 +135,7 @@ class _Transaction:
                 " ORDER BY created_at, id ON CONFLICT (id) DO NOTHING RETURNING id"
             )
             inserted = {row[0] for row in self._cur.fetchall()}
-            raced = {job.id for job in new} - inserted
+            raced = set()
         if changed:
             rest = JOB_COLUMNS[1:]
             self._cur.execute(
@@ -202,8 +202,13 @@ class PostgresStorage:
         )
         try:
             await trio.to_thread.run_sync(lambda: pool.open(wait=True, timeout=CONNECT_TIMEOUT))
-        except BaseException:
+        except BaseException as exc:
             await trio.to_thread.run_sync(pool.close)
+            if isinstance(exc, PoolTimeout):
+                raise ConnectionError(
+                    f"cannot connect to PostgreSQL at {self.url} within {CONNECT_TIMEOUT:g}s:"
+                    " is the server up, and are the host, user and database in the URL right?"
+                ) from exc
             raise
         self._pool = pool
         await self.migrate()

@@ -154,6 +154,7 @@ class _Readers:
         self._path = path
         self._idle: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._closed = False
 
     def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with self._lock:
@@ -166,11 +167,16 @@ class _Readers:
             conn.close()  # may be broken; the next read opens a fresh one
             raise
         with self._lock:
-            self._idle.append(conn)
+            keep = not self._closed
+            if keep:
+                self._idle.append(conn)
+        if not keep:
+            conn.close()  # closed while this read ran
         return result
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
@@ -270,7 +276,8 @@ class SQLiteStorage:
             for sql in common.record_samples_sql("?"):
                 conn.executemany(sql, rows)
 
-        await self._write(write)
+        if rows:
+            await self._write(write)
 
     # -- reads -----------------------------------------------------------------------
 

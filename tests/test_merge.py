@@ -18,18 +18,16 @@ from hypothesis import strategies as st
 
 from sluice_core import merge
 from sluice_core.model import TERMINAL_STATES, Job, JobEvent, JobState
-from tests.fixtures.storage import by_job, celery_fixture_events, open_storage
+from tests.fixtures.storage import (
+    MERGE_RETRY_BUG,
+    RETRIED,
+    by_job,
+    celery_fixture_events,
+    open_storage,
+)
 
 EVENTS, _ = celery_fixture_events()
 JOBS = by_job(EVENTS)
-RETRIED = "6c266801-63d1-462d-974a-1d8a5b9613a5"  # tasks.flaky: failed once, retried, succeeded
-
-# In the capture, the retry's task-received (retries=1, countdown) is stamped before
-# the task-retried that ends attempt 0; merge._apply then opens attempt 2 and the
-# row ends "retrying", retries=2. The fix belongs in sluice_core/merge.py (core).
-MERGE_RETRY_BUG = pytest.mark.xfail(
-    strict=True, reason="sluice_core.merge: task-retried stamped after the retry's task-received"
-)
 
 
 def rebuild_all(events: Sequence[JobEvent]) -> dict[str, Job]:

@@ -160,6 +160,8 @@ async def test_every_task_event_type_from_a_real_worker_arrives_normalized(
             and JobState.FAILED in states(failed)
             and {JobState.RETRYING, JobState.COMPLETED} <= states(flaky)
             and JobState.REVOKED in states(revoked)
+            and any(e.type == "heartbeat" and e.hostname == worker.hostname
+                    for e in sink.worker_events)
         )
         await trio.to_thread.run_sync(worker.stop)
         await sink.wait_for(

@@ -17,15 +17,16 @@ from sluice_core import merge
 from sluice_core.config import Config, ConfigError
 from sluice_core.model import Job, JobEvent, JobState, QueueSample, WorkerEvent, event_id
 from sluice_core.plugins import PluginManager
-from sluice_core.storage import JobQuery, Storage
+from sluice_core.storage import IngestResult, JobQuery, Storage
 from tests.fixtures.services import PG_URL
 from tests.fixtures.storage import (
+    MERGE_RETRY_BUG,
+    RETRIED,
     by_job,
     celery_fixture_events,
     database_url,
     open_storage,
 )
-from tests.test_merge import MERGE_RETRY_BUG, RETRIED
 
 EVENTS, WORKER_EVENTS = celery_fixture_events()
 JOBS = by_job(EVENTS)
@@ -90,9 +91,11 @@ def rebuilt(events: list[JobEvent]) -> Job:
     return merge.rebuild(events[0].job_id, events[0].framework, events)
 
 
-async def ingest(storage: Storage, events: list[JobEvent], workers: list[WorkerEvent] = []):  # noqa: B006
+async def ingest(
+    storage: Storage, events: list[JobEvent], workers: list[WorkerEvent] | None = None
+) -> IngestResult:
     with trio.fail_after(20):
-        return await storage.ingest(events, workers)
+        return await storage.ingest(events, workers or [])
 
 
 async def all_pages(storage: Storage, query: JobQuery) -> list[str]:
@@ -392,3 +395,27 @@ def test_backends_are_chosen_by_url_scheme_and_hide_passwords(tmp_path: Path) ->
         pm.storage(Config(db="mysql://db/sluice"))
     with pytest.raises(ConfigError, match="SQLite URL"):
         pm.storage(Config(db="sqlite://"))
+
+
+async def test_two_agents_writing_the_same_jobs_at_once_agree(pg_url: str) -> None:
+    """An HA pair on one PostgreSQL: both read the same broker, each sees part of the events."""
+    jobs = {f"ha-{i:03}": lifecycle(f"ha-{i:03}", T0 + i) for i in range(200)}
+    events = [e for evs in jobs.values() for e in evs]
+    agents = [open_storage(pg_url), open_storage(pg_url)]
+    with trio.fail_after(60):
+        for agent in agents:
+            await agent.open()
+        try:
+            async with trio.open_nursery() as nursery:
+                # Agent 0 sees the first half of every job's events (and some of the rest),
+                # agent 1 the second half: the same new jobs from both sides at once.
+                for n, agent in enumerate(agents):
+                    part = [e for i, e in enumerate(events) if (i % 4 < 2) == (n == 0) or i % 7 == 0]
+                    for chunk in range(0, len(part), 100):
+                        nursery.start_soon(agent.ingest, part[chunk:chunk + 100], [])
+            for job_id, evs in jobs.items():
+                assert await agents[0].get_job(job_id) == rebuilt(evs)
+            assert sum((await agents[1].count_jobs_by_state()).values()) == len(jobs)
+        finally:
+            for agent in agents:
+                await agent.aclose()

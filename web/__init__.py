@@ -7,5 +7,6 @@
 - :mod:`sluice_web.stream`: ``/api/stream``, the live bus as Server-Sent Events;
 - :mod:`sluice_web.params`: the job-list filters, parsed and validated;
 - :mod:`sluice_web.auth`: API token, dashboard logins, CSRF and origin checks;
-- :mod:`sluice_web.errors`: the one JSON error shape.
+- :mod:`sluice_web.errors`: the one JSON error shape;
+- :mod:`sluice_web.dashboard`: the HTML dashboard (templates/, static/).
 """

@@ -176,7 +176,7 @@ async def overview() -> str:
         total_jobs=sum(counts.values()),
         workers_online=sum(1 for w in workers if w.status == "online"),
         workers_total=len(workers),
-        queues=await storage.list_queues(now),
+        queues=[queue_to_dict(queue) for queue in await storage.list_queues(now)],
     )
 
 
@@ -193,7 +193,8 @@ async def jobs() -> tuple[str, int]:
     else:
         jobs = [job_to_dict(job) for job in page.jobs]
         if page.next_cursor is not None:
-            next_url = "?" + urlencode({**request.args.to_dict(), "cursor": encode_cursor(page.next_cursor)})
+            cursor = encode_cursor(page.next_cursor)
+            next_url = "?" + urlencode({**request.args.to_dict(), "cursor": cursor})
     html = await render_template(
         "jobs.html",
         form=form,
@@ -311,9 +312,9 @@ def _every_bucket(
 def _quick_ranges() -> list[tuple[str, str]]:
     """Link targets for "last N": the current filters with ``since`` set, ``until`` cleared."""
     now = time.time()
-    base = {k: v for k, v in request.args.items() if k in FILTERS and k not in ("since", "until")}
+    kept = {k: v for k, v in request.args.items() if k in FILTERS and k not in ("since", "until")}
     return [
-        (label, "?" + urlencode({**base, "since": iso(now - seconds) or ""}))
+        (label, "?" + urlencode({**kept, "since": iso(now - seconds)}))
         for label, seconds in QUICK_RANGES
     ]
 
