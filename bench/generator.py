@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import datetime as dt
 import json
 import os
 import random
@@ -104,6 +105,26 @@ class Message:
         return 1 if self.body["type"].startswith("task-") else 0
 
 
+@attrs.frozen
+class _Call:
+    """What a producer asked for: the same in every event of the job that repeats it."""
+
+    id: str
+    name: str
+    queue: str
+    args: str  # repr strings, as Celery's saferepr makes them
+    kwargs: str
+    eta: str | None
+    expires: str | None
+    parent_id: str | None
+    root_id: str
+
+
+def _iso(epoch: float) -> str:
+    """An ETA or expiry as Celery writes it: ISO-8601 with the UTC offset."""
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat()
+
+
 @attrs.define
 class _Process:
     """A Celery process that stamps events: its hostname, pid and Lamport clock."""
@@ -181,6 +202,7 @@ class EventStream:
             )
         self._pending: list[tuple[_Worker, list[dict[str, Any]]]] = []
         self._job_no = 0
+        self._last_call: _Call | None = None
 
     def _pid(self) -> int:
         return self._rng.randrange(1000, 4_000_000)
@@ -208,6 +230,10 @@ class EventStream:
                 event["timestamp"] = now + step * 0.0002
                 if self._live and event["type"] == "task-succeeded":
                     event["result"] = repr(now)  # as if the task returned the float
+                if event["type"] == "task-sent":
+                    # A retry, published by the pool child: alone, like any task-sent.
+                    out.append(Message("task.sent", event["hostname"], event))
+                    continue
                 worker.buffer.append(event)
                 if len(worker.buffer) == MULTI_MAX:
                     out.append(self._flush(worker))
@@ -239,52 +265,49 @@ class EventStream:
         n = self._job_no
         job_id = self._uuid()
         name, queue = TASKS[n % len(TASKS)]
-        args = repr((now,)) if self._live else repr((rng.randrange(1, 10**6), f"user{n}@example.com"))
-        kwargs = "{}" if n % 3 else repr({"priority": "high", "attempt_id": n})
-        expires = None
-        if n % 97 == 0:
-            expires = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now + 3600))
+        parent = self._last_call if n % 20 == 0 else None  # a task started by a task
+        call = _Call(
+            id=job_id,
+            name=name,
+            queue=queue,
+            args=repr((now,)) if self._live else repr((rng.randrange(1, 10**6), f"user{n}@example.com")),
+            kwargs="{}" if n % 3 else repr({"priority": "high", "attempt_id": n}),
+            # A countdown that has passed by the time the worker runs the job.
+            eta=_iso(now + TICK_S / 2) if n % 50 == 0 else None,
+            expires=_iso(now + 3600) if n % 97 == 0 else None,
+            parent_id=parent.id if parent else None,
+            root_id=parent.root_id if parent else job_id,
+        )
+        self._last_call = call
         producer = self._producers[n % len(self._producers)]
         worker = self._workers[rng.randrange(len(self._workers))]
         roll = rng.random()
         retried = roll < RETRY_RATE
         failed = RETRY_RATE <= roll < RETRY_RATE + FAILURE_RATE
-        sent = self._sent(producer, job_id, name, args, kwargs, expires, queue, retries=0)
-        events = self._run(worker, job_id, name, args, kwargs, expires, 0, retried or not failed)
+        events = self._run(worker, call, 0, retried or not failed)
         if retried:
             exc, tb = self._failure(n, retry=True)
             events.append(self._task(worker, job_id, "task-retried", exception=exc, traceback=tb))
-            events.append(
-                self._sent(worker.child, job_id, name, args, kwargs, expires, queue, retries=1)
-            )
-            events.extend(self._run(worker, job_id, name, args, kwargs, expires, 1, not failed))
+            events.append(self._sent(worker.child, call, retries=1))
+            events.extend(self._run(worker, call, 1, not failed))
         self._pending.append((worker, events))
-        return [Message("task.sent", producer.hostname, sent)]
+        return [Message("task.sent", producer.hostname, self._sent(producer, call, retries=0))]
 
-    def _run(
-        self,
-        worker: _Worker,
-        job_id: str,
-        name: str,
-        args: str,
-        kwargs: str,
-        expires: str | None,
-        retries: int,
-        succeeds: bool,
-    ) -> list[dict[str, Any]]:
+    def _run(self, worker: _Worker, call: _Call, retries: int, succeeds: bool) -> list[dict[str, Any]]:
         """received, started, then succeeded or failed (``retries`` counts earlier attempts)."""
         received = self._task(
-            worker, job_id, "task-received", name=name, args=args, kwargs=kwargs,
-            root_id=job_id, parent_id=None, retries=retries, eta=None, expires=expires,
+            worker, call.id, "task-received", name=call.name, args=call.args,
+            kwargs=call.kwargs, root_id=call.root_id, parent_id=call.parent_id, retries=retries,
+            eta=call.eta, expires=call.expires,
         )
-        started = self._task(worker, job_id, "task-started")
+        started = self._task(worker, call.id, "task-started")
         if succeeds:
             result = repr({"ok": True, "n": self._rng.randrange(1000)})
             runtime = self._rng.expovariate(1 / 0.08)
-            final = self._task(worker, job_id, "task-succeeded", result=result, runtime=runtime)
+            final = self._task(worker, call.id, "task-succeeded", result=result, runtime=runtime)
         else:
             exc, tb = self._failure(self._job_no, retry=False)
-            final = self._task(worker, job_id, "task-failed", exception=exc, traceback=tb)
+            final = self._task(worker, call.id, "task-failed", exception=exc, traceback=tb)
         worker.processed += 1
         return [received, started, final]
 
@@ -297,23 +320,13 @@ class EventStream:
         tb = TRACEBACK.format(module="app/tasks", line=40 + n % 60, func=func, exc=exc, last=last)
         return exc, tb
 
-    def _sent(
-        self,
-        producer: _Process,
-        job_id: str,
-        name: str,
-        args: str,
-        kwargs: str,
-        expires: str | None,
-        queue: str,
-        *,
-        retries: int,
-    ) -> dict[str, Any]:
+    def _sent(self, producer: _Process, call: _Call, *, retries: int) -> dict[str, Any]:
         event = producer.header()
         event.update(
-            uuid=job_id, root_id=job_id, parent_id=None, name=name, args=args, kwargs=kwargs,
-            retries=retries, eta=None, expires=expires, queue=queue, exchange="",
-            routing_key=queue, timestamp=self.now(), type="task-sent",
+            uuid=call.id, root_id=call.root_id, parent_id=call.parent_id, name=call.name,
+            args=call.args, kwargs=call.kwargs, retries=retries, eta=call.eta,
+            expires=call.expires, queue=call.queue, exchange="", routing_key=call.queue,
+            timestamp=self.now(), type="task-sent",
         )
         return event
 

@@ -42,7 +42,11 @@ class PluginManager:
             if name not in available:
                 known = ", ".join(sorted(available)) or "none"
                 raise ConfigError(f"no plugin named {name!r} (installed: {known})")
-            self.register(available[name].load(), name=name)
+            plugin = available[name].load()
+            self.register(plugin, name=name)
+            # A plugin may need others (the Celery plugin reads amqp:// brokers
+            # through the rabbitmq plugin): it names them in SLUICE_REQUIRES.
+            self.load(getattr(plugin, "SLUICE_REQUIRES", ()))
 
     def register(self, plugin: object, name: str | None = None) -> None:
         self._pm.register(plugin, name=name)

@@ -135,7 +135,7 @@ class _Transaction:
                 " ORDER BY created_at, id ON CONFLICT (id) DO NOTHING RETURNING id"
             )
             inserted = {row[0] for row in self._cur.fetchall()}
-            raced = set()
+            raced = {job.id for job in new} - inserted
         if changed:
             rest = JOB_COLUMNS[1:]
             self._cur.execute(

@@ -312,7 +312,8 @@ async def test_probe_reports_depth_and_consumers_and_survives_a_missing_queue(
     by_name = {s.name: s for s in samples}
     assert (by_name["absent"].depth, by_name["absent"].consumers) == (None, None)
     assert (by_name[waiting].depth, by_name[waiting].consumers) == (3, 0)
-    assert (by_name[rabbitmq_worker.queue].depth, by_name[rabbitmq_worker.queue].consumers) == (0, 1)
+    worker_queue = by_name[rabbitmq_worker.queue]
+    assert (worker_queue.depth, worker_queue.consumers) == (0, 1)
     assert {(s.framework, s.broker) for s in samples} == {("celery", AmqpParams.from_url(url).url)}
     assert again[0].depth == 3
     assert probe.name == "rabbitmq/" + AmqpParams.from_url(url).url

@@ -29,12 +29,13 @@ class Options:
     def from_config(cls, config: Config) -> Options:
         def seconds(option: str, default: float) -> float:
             raw = config.get(option, default)
+            flag = "--" + option.replace("_", "-")
             try:
                 value = float(raw)
             except (TypeError, ValueError):
-                raise ConfigError(f"--{option.replace('_', '-')}: expected seconds, got {raw!r}") from None
+                raise ConfigError(f"{flag}: expected seconds, got {raw!r}") from None
             if value <= 0:
-                raise ConfigError(f"--{option.replace('_', '-')}: must be more than 0, got {raw!r}")
+                raise ConfigError(f"{flag}: must be more than 0, got {raw!r}")
             return value
 
         return cls(

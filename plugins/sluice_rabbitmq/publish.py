@@ -12,7 +12,13 @@ from typing import Any
 
 import amqp
 
-from sluice_rabbitmq.connection import CALL_TIMEOUT, CHANNEL_ERRORS, AmqpClient, AmqpParams, describe
+from sluice_rabbitmq.connection import (
+    CALL_TIMEOUT,
+    CHANNEL_ERRORS,
+    AmqpClient,
+    AmqpParams,
+    describe,
+)
 
 
 class PublishError(Exception):
