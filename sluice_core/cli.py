@@ -95,11 +95,9 @@ def _leaves(group: BaseExceptionGroup[ConfigError]) -> list[ConfigError]:
 
 async def _migrate(config: Config, pm: PluginManager) -> list[int]:
     storage = pm.storage(config)
-    await storage.open()  # opening applies pending migrations
-    try:
-        return await storage.migrate()
-    finally:
-        await storage.aclose()
+    applied = await storage.open()  # opening applies pending migrations
+    await storage.aclose()
+    return applied
 
 
 async def _run(config: Config, pm: PluginManager) -> int:

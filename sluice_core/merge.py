@@ -98,7 +98,14 @@ def _apply(job: Job, event: JobEvent) -> None:
         job.fold_attempt = max(job.fold_attempt, attempt)
         job.received_at = ts
     elif state is JobState.RETRYING:
-        attempt = job.fold_attempt + 1
+        # A retry with a countdown is received (retries=N+1) before the worker
+        # stamps the task-retried that ends attempt N: then the attempt this
+        # retry opens is already open, and it must not open another.
+        opened = (
+            job.fold_rank[0] == job.fold_attempt > 0
+            and job.fold_rank[1] < _RANK[JobState.ACTIVE]
+        )
+        attempt = job.fold_attempt if opened else job.fold_attempt + 1
     else:
         attempt = job.fold_attempt
         if state is JobState.ACTIVE:

@@ -70,8 +70,8 @@ class QueueStats:
 class Storage(Protocol):
     url: str  # without credentials: safe to show
 
-    async def open(self) -> None:
-        """Connect and apply pending migrations."""
+    async def open(self) -> list[int]:
+        """Connect and apply pending migrations; return the versions applied."""
 
     async def aclose(self) -> None: ...
 

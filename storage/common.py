@@ -252,7 +252,9 @@ def sample_to_row(sample: QueueSample) -> Row:
 def record_samples_sql(marker: str) -> tuple[str, str]:
     """Append to the time series, and keep the latest sample per queue in ``queues``."""
     values = ", ".join([marker] * len(SAMPLE_COLUMNS))
-    updates = ", ".join(f"{c} = excluded.{c}" for c in SAMPLE_COLUMNS if c not in ("name", "broker"))
+    updates = ", ".join(
+        f"{c} = excluded.{c}" for c in SAMPLE_COLUMNS if c not in ("name", "broker")
+    )
     return (
         f"INSERT INTO queue_samples ({cols(SAMPLE_COLUMNS)}) VALUES ({values})",
         f"INSERT INTO queues ({cols(SAMPLE_COLUMNS)}) VALUES ({values})"

@@ -187,7 +187,7 @@ class PostgresStorage:
 
     # -- lifecycle -----------------------------------------------------------------
 
-    async def open(self) -> None:
+    async def open(self) -> list[int]:
         pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             self._conninfo,
             min_size=1,
@@ -211,7 +211,7 @@ class PostgresStorage:
                 ) from exc
             raise
         self._pool = pool
-        await self.migrate()
+        return await self.migrate()
 
     async def aclose(self) -> None:
         pool, self._pool = self._pool, None

@@ -221,9 +221,9 @@ class SQLiteStorage:
 
     # -- lifecycle -----------------------------------------------------------------
 
-    async def open(self) -> None:
+    async def open(self) -> list[int]:
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        await self.migrate()
+        return await self.migrate()
 
     async def aclose(self) -> None:
         def close() -> None:

@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from sluice_core import merge
 from sluice_core.model import TERMINAL_STATES, Job, JobEvent, JobState
 from tests.fixtures.storage import (
-    MERGE_RETRY_BUG,
     RETRIED,
     by_job,
     celery_fixture_events,
@@ -98,9 +97,10 @@ def test_in_order_events_take_the_fast_path_and_late_ones_the_slow_path() -> Non
     assert "slow" in paths
 
 
-@pytest.mark.parametrize(
-    "job_id", [j for j, evs in JOBS.items() if merge.rebuild(j, "celery", evs).state in TERMINAL_STATES]
-)
+FINISHED = [j for j, e in JOBS.items() if merge.rebuild(j, "celery", e).state in TERMINAL_STATES]
+
+
+@pytest.mark.parametrize("job_id", FINISHED)
 def test_terminal_state_survives_earlier_stamped_late_events(job_id: str) -> None:
     events = sorted(JOBS[job_id], key=merge.sort_key)
     final = merge.rebuild(job_id, "celery", events)
@@ -113,7 +113,6 @@ def test_terminal_state_survives_earlier_stamped_late_events(job_id: str) -> Non
     assert rows[job_id] == final
 
 
-@MERGE_RETRY_BUG
 def test_a_retry_counts_and_keeps_both_attempts() -> None:
     events = JOBS[RETRIED]
     job = merge.rebuild(RETRIED, "celery", events)
@@ -150,7 +149,11 @@ def _check_backend(url: str, batches: list[list[JobEvent]]) -> None:
     assert stored == rebuild_all(_suffixed(EVENTS, suffix))
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# One database for all examples: each example uses job ids of its own.
+ONE_DB = [HealthCheck.function_scoped_fixture]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=ONE_DB)
 @given(batches=deliveries(EVENTS))
 def test_incremental_ingest_into_sqlite_equals_rebuild(
     sqlite_url: str, batches: list[list[JobEvent]]
@@ -158,7 +161,7 @@ def test_incremental_ingest_into_sqlite_equals_rebuild(
     _check_backend(sqlite_url, batches)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=ONE_DB)
 @given(batches=deliveries(EVENTS))
 def test_incremental_ingest_into_postgresql_equals_rebuild(
     pg_url: str, batches: list[list[JobEvent]]

@@ -20,7 +20,6 @@ from sluice_core.plugins import PluginManager
 from sluice_core.storage import IngestResult, JobQuery, Storage
 from tests.fixtures.services import PG_URL
 from tests.fixtures.storage import (
-    MERGE_RETRY_BUG,
     RETRIED,
     by_job,
     celery_fixture_events,
@@ -155,7 +154,6 @@ async def test_a_terminal_state_is_not_overwritten_by_a_late_earlier_event(
     assert job.finished_at == events[-1].timestamp and job.sent_at == T0
 
 
-@MERGE_RETRY_BUG
 async def test_a_retried_job_counts_retries_and_keeps_every_attempt(storage: Storage) -> None:
     await ingest(storage, JOBS[RETRIED])
     job = await storage.get_job(RETRIED)
