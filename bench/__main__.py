@@ -21,11 +21,12 @@ from pathlib import Path
 
 import attrs
 
-from bench import ingest, latency, queries, report, startup
+from bench import ingest, latency, profile, queries, report, startup
 from bench.generator import Plan
 from bench.services import BENCH, REDIS_URL, rabbitmq_vhost
 
 SCENARIOS = ("burst", "steady", "rabbitmq", "latency", "queries", "startup")
+OPT_IN = ("profile",)  # run only when named
 
 
 @attrs.frozen
@@ -263,6 +264,22 @@ class Bench:
                           for r in runs]),
         )
 
+    def profile(self) -> None:
+        n = self.sizes.burst_events
+        for storage in self.storages:
+            r = profile.run(storage=storage, events=n, broker=REDIS_URL, run_dir=self.run_dir)
+            self.add(
+                f"Profile: Sluice alone, burst of {n:,} events, {storage}",
+                f"py-spy (non-blocking, 100 Hz) on `sluice run` for {r.seconds:.0f}s: it took in "
+                f"{r.taken:,} of {r.published:,} events. {r.samples:,} samples on CPU; per thread: "
+                + ", ".join(f"{name} {count:,}" for name, count in r.threads)
+                + ". Below, Sluice's own frames (call site) with the samples spent in them "
+                "and what they call.",
+                report.table(("frame", "samples", "share"),
+                             [[f"`{frame}`", count, f"{100 * count / max(r.samples, 1):.0f}%"]
+                              for frame, count in r.functions]),
+            )
+
     # -- output ------------------------------------------------------------
 
     def write(self, path: Path, machine: dict[str, str], started: float, loads: list[str]) -> None:
@@ -281,6 +298,12 @@ class Bench:
             f"Load average (1/5/15 min) at the start of each scenario: {'; '.join(loads)}. "
             "The machine has 2 cores shared with other work: figures move with the load.",
             "",
+            "Reproduce: `make bench` (all scenarios), `python -m bench SCENARIO ... [--quick] "
+            "[--storage sqlite|postgresql] [--full-size] [--no-flower]`; "
+            "`python -m bench profile` adds a py-spy profile of Sluice (opt-in). Sluice runs "
+            "with `--heartbeat-missed 1000000`: the generator's workers heartbeat in stream "
+            "time, and Sluice must not add `lost` events of its own to the count.",
+            "",
         ]
         for section in self.sections:
             lines += [f"## {section.title}", "", section.text, ""]
@@ -290,7 +313,8 @@ class Bench:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                        help=f"which to run (default all): {', '.join(SCENARIOS)}")
+                        help=f"which to run (default all): {', '.join(SCENARIOS)}; "
+                        f"also, only when named: {', '.join(OPT_IN)} (needs py-spy)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--full-size", action="store_true",
                         help="query histories at the target sizes (1M jobs SQLite, 10M PostgreSQL)")
@@ -303,9 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="where to write the results (default bench/RESULTS.md; "
                         "--quick writes nothing unless given)")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.scenarios) - set(SCENARIOS))
+    unknown = sorted(set(args.scenarios) - set(SCENARIOS) - set(OPT_IN))
     if unknown:
-        parser.error(f"unknown scenario(s) {', '.join(unknown)}: choose from {', '.join(SCENARIOS)}")
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}: "
+                     f"choose from {', '.join(SCENARIOS + OPT_IN)}")
     out = args.out or (None if args.quick else BENCH / "RESULTS.md")
     chosen = args.scenarios or list(SCENARIOS)
     bench = Bench(args)

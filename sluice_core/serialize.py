@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sluice_core.model import Job, JobEvent, Worker
+from sluice_core.model import JOB_EVENT_FIELDS, Job, JobEvent, JobState, Worker, WorkerEvent
 from sluice_core.storage import QueueStats
 
 _JOB_TIMES = ("sent_at", "received_at", "started_at", "finished_at", "updated_at", "created_at")
@@ -98,3 +98,118 @@ def queue_to_dict(queue: QueueStats) -> dict[str, Any]:
         "avg_wait_s": queue.avg_wait_s,
         "updated_at": iso(queue.updated_at),
     }
+
+
+# -- normalized events on the wire (an agent streaming to the ingest endpoint) --------
+#
+# The JSON forms carry every attribute as it is (epoch timestamps, no ISO), so that
+# ``*_from_json(*_to_json(e)) == e``. The server reads them from the network: the
+# readers check every type storage relies on and raise ValueError saying what is wrong.
+
+_STR_FIELDS = JOB_EVENT_FIELDS - {"retries", "runtime"}
+WORKER_EVENT_TYPES = frozenset({"online", "heartbeat", "offline"})
+
+
+def job_event_to_json(event: JobEvent) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "job_id": event.job_id,
+        "framework": event.framework,
+        "type": event.type,
+        "state": None if event.state is None else event.state.value,
+        "timestamp": event.timestamp,
+        "worker": event.worker,
+        "fields": event.fields,
+        "extra": event.extra,
+    }
+
+
+def worker_event_to_json(event: WorkerEvent) -> dict[str, Any]:
+    return {
+        "hostname": event.hostname,
+        "framework": event.framework,
+        "type": event.type,
+        "timestamp": event.timestamp,
+        "freq": event.freq,
+        "active": event.active,
+        "processed": event.processed,
+        "loadavg": event.loadavg,
+        "pid": event.pid,
+        "sw_ver": event.sw_ver,
+        "extra": event.extra,
+    }
+
+
+def _get(data: dict[str, Any], key: str, types: tuple[type, ...], *, required: bool) -> Any:
+    value = data.get(key)
+    if value is None:
+        if required:
+            raise ValueError(f"{key} is missing")
+        return None
+    # bool is an int to isinstance; never a valid count or time here.
+    if type(value) is bool or not isinstance(value, types):
+        raise ValueError(f"{key} is a {type(value).__name__}")
+    return value
+
+
+def _object(data: Any, what: str) -> dict[str, Any]:
+    if type(data) is not dict:
+        raise ValueError(f"{what} is a {type(data).__name__}, not a JSON object")
+    return data
+
+
+def job_event_from_json(data: Any) -> JobEvent:
+    data = _object(data, "a job event")
+    state = _get(data, "state", (str,), required=False)
+    try:
+        state = None if state is None else JobState(state)
+    except ValueError:
+        raise ValueError(f"state {state!r} is not one of {[s.value for s in JobState]}") from None
+    fields = _object(data.get("fields", {}), "fields")
+    for key, value in fields.items():
+        if key in _STR_FIELDS:
+            types: tuple[type, ...] = (str,)
+        elif key == "retries":
+            types = (int,)
+        elif key == "runtime":
+            types = (int, float)
+        else:
+            raise ValueError(f"fields: {key!r} is not a job field ({sorted(JOB_EVENT_FIELDS)})")
+        _get(fields, key, types, required=False)
+    return JobEvent(
+        id=_get(data, "id", (str,), required=True),
+        job_id=_get(data, "job_id", (str,), required=True),
+        framework=_get(data, "framework", (str,), required=True),
+        type=_get(data, "type", (str,), required=True),
+        state=state,
+        timestamp=float(_get(data, "timestamp", (int, float), required=True)),
+        worker=_get(data, "worker", (str,), required=False),
+        fields=fields,
+        extra=_object(data.get("extra", {}), "extra"),
+    )
+
+
+def worker_event_from_json(data: Any) -> WorkerEvent:
+    data = _object(data, "a worker event")
+    loadavg = _get(data, "loadavg", (list,), required=False)
+    if loadavg is not None and not all(
+        type(x) is not bool and isinstance(x, (int, float)) for x in loadavg
+    ):
+        raise ValueError("loadavg is not a list of numbers")
+    freq = _get(data, "freq", (int, float), required=False)
+    kind = _get(data, "type", (str,), required=True)
+    if kind not in WORKER_EVENT_TYPES:
+        raise ValueError(f"type {kind!r} is not one of {sorted(WORKER_EVENT_TYPES)}")
+    return WorkerEvent(
+        hostname=_get(data, "hostname", (str,), required=True),
+        framework=_get(data, "framework", (str,), required=True),
+        type=kind,
+        timestamp=float(_get(data, "timestamp", (int, float), required=True)),
+        freq=None if freq is None else float(freq),
+        active=_get(data, "active", (int,), required=False),
+        processed=_get(data, "processed", (int,), required=False),
+        loadavg=loadavg,
+        pid=_get(data, "pid", (int,), required=False),
+        sw_ver=_get(data, "sw_ver", (str,), required=False),
+        extra=_object(data.get("extra", {}), "extra"),
+    )

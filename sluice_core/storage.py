@@ -67,6 +67,22 @@ class QueueStats:
     updated_at: float | None
 
 
+@attrs.frozen
+class ApiKey:
+    """A key for the ingest endpoints as stored: its hash stays in the database, the key
+    itself is known only to whoever created it."""
+
+    id: int
+    name: str
+    created_at: float
+    revoked_at: float | None = None
+    last_used_at: float | None = None
+
+
+class ApiKeyExists(ValueError):
+    """An active API key already has this name (revoke it first, or pick another)."""
+
+
 class Storage(Protocol):
     url: str  # without credentials: safe to show
 
@@ -120,3 +136,22 @@ class Storage(Protocol):
 
     async def ping(self) -> None:
         """Raise if the database cannot be reached."""
+
+    async def create_api_key(self, name: str) -> tuple[ApiKey, str]:
+        """Create a key; return its row and the key itself, which nothing can show again.
+
+        Raises :class:`ApiKeyExists` if an active key has this name.
+        """
+
+    async def list_api_keys(self) -> list[ApiKey]:
+        """Every key, revoked ones included, oldest first."""
+
+    async def revoke_api_key(self, name: str) -> ApiKey | None:
+        """Revoke the active key of this name; None if there is none."""
+
+    async def check_api_key(self, key: str) -> ApiKey | None:
+        """The active key this secret is, or None (unknown or revoked).
+
+        Records the use in ``last_used_at``, at most once a minute per key (a
+        write per request would compete with the pipeline's writes).
+        """

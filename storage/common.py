@@ -10,7 +10,9 @@ Everything in this module is blocking: backends call it from worker threads.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
+import secrets
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Protocol
@@ -20,7 +22,7 @@ import orjson
 
 from sluice_core import merge
 from sluice_core.model import Job, JobEvent, JobState, QueueSample, Worker, WorkerEvent
-from sluice_core.storage import IngestResult, JobQuery, Page, QueueStats
+from sluice_core.storage import ApiKey, IngestResult, JobQuery, Page, QueueStats
 
 # -- rows -------------------------------------------------------------------
 
@@ -261,6 +263,35 @@ def record_samples_sql(marker: str) -> tuple[str, str]:
         f" ON CONFLICT (name, broker) DO UPDATE SET {updates}"
         " WHERE excluded.timestamp >= queues.timestamp",
     )
+
+
+# -- API keys -------------------------------------------------------------------
+
+API_KEY_COLUMNS = ("id", "name", "created_at", "revoked_at", "last_used_at")
+API_KEY_PREFIX = "sluice_"  # lets secret scanners recognise a leaked key
+LAST_USED_EVERY_S = 60.0
+
+
+def new_api_key() -> tuple[str, str]:
+    """A fresh key and the hash to store."""
+    key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    return key, hash_api_key(key)
+
+
+def hash_api_key(key: str) -> str:
+    # A fast hash is right here: keys are 256 random bits, so there is nothing to
+    # brute-force, unlike passwords. argon2 would cost ~0.1 s of CPU on every request.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def api_key_from_row(row: Row) -> ApiKey:
+    id_, name, created_at, revoked_at, last_used_at = row
+    return ApiKey(int(id_), name, created_at, revoked_at, last_used_at)
+
+
+def api_key_stale(key: ApiKey, now: float) -> bool:
+    """Whether ``last_used_at`` is old enough to be written again."""
+    return key.last_used_at is None or now - key.last_used_at >= LAST_USED_EVERY_S
 
 
 # -- migrations -----------------------------------------------------------------

@@ -13,6 +13,7 @@ and cannot deadlock), and the changed rows are COPYed and written back once.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
@@ -24,7 +25,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from sluice_core import hookimpl
 from sluice_core.config import Config, redact_url
 from sluice_core.model import Job, JobEvent, QueueSample, Worker, WorkerEvent
-from sluice_core.storage import IngestResult, JobQuery, Page, QueueStats
+from sluice_core.storage import ApiKey, ApiKeyExists, IngestResult, JobQuery, Page, QueueStats
 from sluice_storage import common
 from sluice_storage.common import EVENT_COLUMNS, JOB_COLUMNS, WORKER_COLUMNS, cols
 
@@ -329,3 +330,59 @@ class PostgresStorage:
         sql = common.top_failing_sql("%s")
         rows = await self._read(lambda conn: conn.execute(sql, (since, since, limit)).fetchall())
         return [(name, int(count)) for name, count in rows]
+
+    # -- API keys ---------------------------------------------------------------------
+
+    async def create_api_key(self, name: str) -> tuple[ApiKey, str]:
+        key, hashed = common.new_api_key()
+
+        def create(conn: psycopg.Connection[Any]) -> ApiKey:
+            try:
+                row = conn.execute(
+                    "INSERT INTO api_keys (name, hash, created_at) VALUES (%s, %s, %s)"
+                    f" RETURNING {cols(common.API_KEY_COLUMNS)}",
+                    (name, hashed, time.time()),
+                ).fetchone()
+            except psycopg.errors.UniqueViolation:
+                raise ApiKeyExists(f"an active API key is already named {name!r}") from None
+            assert row is not None
+            return common.api_key_from_row(row)
+
+        return await self._write(create), key
+
+    async def list_api_keys(self) -> list[ApiKey]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {cols(common.API_KEY_COLUMNS)} FROM api_keys ORDER BY id"
+            ).fetchall()
+        )
+        return [common.api_key_from_row(row) for row in rows]
+
+    async def revoke_api_key(self, name: str) -> ApiKey | None:
+        row = await self._write(
+            lambda conn: conn.execute(
+                "UPDATE api_keys SET revoked_at = %s WHERE name = %s AND revoked_at IS NULL"
+                f" RETURNING {cols(common.API_KEY_COLUMNS)}",
+                (time.time(), name),
+            ).fetchone()
+        )
+        return None if row is None else common.api_key_from_row(row)
+
+    async def check_api_key(self, key: str) -> ApiKey | None:
+        row = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {cols(common.API_KEY_COLUMNS)} FROM api_keys"
+                " WHERE hash = %s AND revoked_at IS NULL",
+                (common.hash_api_key(key),),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        found, now = common.api_key_from_row(row), time.time()
+        if common.api_key_stale(found, now):
+            await self._write(
+                lambda conn: conn.execute(
+                    "UPDATE api_keys SET last_used_at = %s WHERE id = %s", (now, found.id)
+                )
+            )
+        return found

@@ -21,7 +21,7 @@ import trio
 from sluice_core import hookimpl
 from sluice_core.config import Config, ConfigError, redact_url
 from sluice_core.model import Job, JobEvent, QueueSample, Worker, WorkerEvent
-from sluice_core.storage import IngestResult, JobQuery, Page, QueueStats
+from sluice_core.storage import ApiKey, ApiKeyExists, IngestResult, JobQuery, Page, QueueStats
 from sluice_storage import common
 from sluice_storage.common import EVENT_COLUMNS, JOB_COLUMNS, WORKER_COLUMNS, cols
 
@@ -348,6 +348,61 @@ class SQLiteStorage:
         sql = common.top_failing_sql("?")
         rows = await self._read(lambda conn: conn.execute(sql, (since, since, limit)).fetchall())
         return [(name, int(count)) for name, count in rows]
+
+    # -- API keys ---------------------------------------------------------------------
+
+    async def create_api_key(self, name: str) -> tuple[ApiKey, str]:
+        key, hashed = common.new_api_key()
+
+        def create(conn: sqlite3.Connection) -> ApiKey:
+            try:
+                row = conn.execute(
+                    "INSERT INTO api_keys (name, hash, created_at) VALUES (?, ?, ?)"
+                    f" RETURNING {cols(common.API_KEY_COLUMNS)}",
+                    (name, hashed, time.time()),
+                ).fetchone()
+            except sqlite3.IntegrityError:
+                raise ApiKeyExists(f"an active API key is already named {name!r}") from None
+            return common.api_key_from_row(row)
+
+        return await self._write(create), key
+
+    async def list_api_keys(self) -> list[ApiKey]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {cols(common.API_KEY_COLUMNS)} FROM api_keys ORDER BY id"
+            ).fetchall()
+        )
+        return [common.api_key_from_row(row) for row in rows]
+
+    async def revoke_api_key(self, name: str) -> ApiKey | None:
+        row = await self._write(
+            lambda conn: conn.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL"
+                f" RETURNING {cols(common.API_KEY_COLUMNS)}",
+                (time.time(), name),
+            ).fetchone()
+        )
+        return None if row is None else common.api_key_from_row(row)
+
+    async def check_api_key(self, key: str) -> ApiKey | None:
+        row = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {cols(common.API_KEY_COLUMNS)} FROM api_keys"
+                " WHERE hash = ? AND revoked_at IS NULL",
+                (common.hash_api_key(key),),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        found, now = common.api_key_from_row(row), time.time()
+        if common.api_key_stale(found, now):
+            await self._write(
+                lambda conn: conn.execute(
+                    "UPDATE api_keys SET last_used_at = ? WHERE id = ?", (now, found.id)
+                )
+            )
+        return found
 
 
 def _statements(script: str) -> list[str]:

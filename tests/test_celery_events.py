@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from sluice_celery import plugin
 from sluice_celery.events import KIND_AMQP, KIND_REDIS, normalize_batch
 from sluice_core.merge import rebuild
 from sluice_core.model import JobEvent, JobState, Normalized, RawBatch
+from sluice_core.plugins import PluginManager
 from tests.fixtures.services import FIXTURES
 
 ADD = "4aa9af1b-4bd4-4b63-a980-6b982bf297f6"  # tasks.add(2, 3) -> 5
@@ -318,8 +318,12 @@ def test_a_burst_of_bad_messages_logs_a_line_not_one_per_message(
 
 
 def test_plugin_claims_only_celery_batches() -> None:
-    assert plugin.sluice_normalize(RawBatch("rq/redis", "s", [("c", b"{}")], 0.0)) is None
+    pm = PluginManager()
+    pm.load(["celery"])
+    assert pm.normalize(RawBatch("rq/redis", "s", [("c", b"{}")], 0.0)) is None
     batch = redis_batch([("c", envelope(GOOD))])
-    assert plugin.sluice_normalize(batch) == normalize_batch(batch)
+    assert pm.normalize(batch) == normalize_batch(batch)
+    amqp = RawBatch(KIND_AMQP, "s", [("task.started", json.dumps(GOOD).encode())], 0.0)
+    assert pm.normalize(amqp) == normalize_batch(amqp)
     with pytest.raises(ValueError, match="not a Celery batch"):
         normalize_batch(RawBatch("rq/redis", "s", [], 0.0))

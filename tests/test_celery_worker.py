@@ -114,9 +114,10 @@ async def test_retried_task_keeps_its_id_counts_retries_and_completes(
     completed = next(e for e in events if e.state is JobState.COMPLETED)
     assert completed.fields["result"] == "3"
 
-    # Folding these into the job row hits a known sluice_core.merge bug: the worker
-    # stamps each retry's task-received before the task-retried that ends the attempt
-    # (see MERGE_RETRY_BUG in test_merge.py), so the row is not checked here.
+    # The worker stamps each retry's task-received before the task-retried that
+    # ends the previous attempt; the row must still come out right.
+    row = job_row(sink, job_id)
+    assert (row.state, row.retries, row.result) == (JobState.COMPLETED, 2, "3")
 
 
 async def test_killed_pool_child_makes_the_job_lost(

@@ -14,11 +14,10 @@ import pytest
 import redis
 import trio
 
-from sluice_celery import plugin
 from sluice_celery.events import KIND_REDIS
 from sluice_celery.redis_source import RedisEventSource
 from sluice_core.config import ConfigError, build
-from sluice_core.sources import Source
+from sluice_core.plugins import PluginManager
 from tests.fixtures.celery_worker import CollectingSink
 from tests.fixtures.services import FIXTURES, REDIS_URL, PrivateRedis, free_port, wait_port
 
@@ -225,8 +224,10 @@ def test_bad_urls_are_configuration_errors(url: str) -> None:
 def test_plugin_registers_one_source_per_redis_broker_with_the_keyprefix(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    pm = PluginManager()
+    pm.load(["celery"])  # the entry point, as `sluice run --plugin celery` loads it
     parser = argparse.ArgumentParser()
-    plugin.sluice_addoption(parser)
+    pm.add_options(parser)
     monkeypatch.setenv("SLUICE_REDIS_KEYPREFIX", "app1:")
     config = build(parser.parse_args([]))
     config.brokers = [
@@ -234,8 +235,7 @@ def test_plugin_registers_one_source_per_redis_broker_with_the_keyprefix(
         "amqp://guest:guest@localhost:5672//",  # the rabbitmq plugin's
         "rediss://:pw@cache.example:6380/2",
     ]
-    found: list[Source] = []
-    plugin.sluice_sources(config, found.append)
+    found = pm.sources(config)
 
     assert [s.name for s in found] == [
         "celery/redis://localhost:6379/0",
@@ -248,4 +248,3 @@ def test_plugin_registers_one_source_per_redis_broker_with_the_keyprefix(
     # The flag wins over the environment.
     flagged = build(parser.parse_args(["--redis-keyprefix", "flag:"]))
     assert flagged.get("redis_keyprefix") == "flag:"
-

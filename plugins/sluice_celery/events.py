@@ -93,19 +93,27 @@ _FIELD_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "runtime": _NUM,
 }
 
-_TaskSpec = tuple[JobState | None, tuple[str, ...], tuple[str, ...]]
+# (field, the JSON types it may have), per event type.
+_Fields = tuple[tuple[str, tuple[type, ...]], ...]
+# Event type -> (state, job fields, framework extras).
+_TaskSpec = tuple[JobState | None, _Fields, tuple[str, ...]]
+
+
+def _fields(*names: str) -> _Fields:
+    return tuple((name, _FIELD_TYPES[name]) for name in names)
+
 
 _REQUEST = ("name", "args", "kwargs", "retries", "root_id", "parent_id", "eta", "expires")
 
-# Event type -> (state, job fields, framework extras). A state of None only adds
-# to the timeline: a cancelled task is redelivered, its job goes on.
+# A state of None only adds to the timeline: a cancelled task is redelivered,
+# its job goes on.
 _TASK_EVENTS: Final[dict[str, _TaskSpec]] = {
-    "task-sent": (JobState.QUEUED, (*_REQUEST, "queue"), ("exchange", "routing_key")),
-    "task-received": (JobState.RECEIVED, _REQUEST, ()),
+    "task-sent": (JobState.QUEUED, _fields(*_REQUEST, "queue"), ("exchange", "routing_key")),
+    "task-received": (JobState.RECEIVED, _fields(*_REQUEST), ()),
     "task-started": (JobState.ACTIVE, (), ()),
-    "task-succeeded": (JobState.COMPLETED, ("result", "runtime"), ()),
-    "task-failed": (JobState.FAILED, ("exception", "traceback"), ()),
-    "task-retried": (JobState.RETRYING, ("exception", "traceback"), ()),
+    "task-succeeded": (JobState.COMPLETED, _fields("result", "runtime"), ()),
+    "task-failed": (JobState.FAILED, _fields("exception", "traceback"), ()),
+    "task-retried": (JobState.RETRYING, _fields("exception", "traceback"), ()),
     "task-rejected": (JobState.REJECTED, (), ("requeue",)),
     "task-revoked": (JobState.REVOKED, (), ("terminated", "signum", "expired")),
     "task-cancelled": (None, (), ()),
@@ -160,15 +168,19 @@ def _task_event(
     uuid = event.get("uuid")
     if type(uuid) is not str or not uuid:
         raise MalformedEvent(f"{etype} without a uuid")
-    state, names, extra_names = spec
+    state, typed_fields, extra_names = spec
     fields: dict[str, Any] = {}
-    for key in names:
+    for key, types in typed_fields:
         value = event.get(key)
         if value is not None:
-            if type(value) not in _FIELD_TYPES[key]:
+            if type(value) not in types:
                 raise MalformedEvent(f"{etype}: {key} is a {type(value).__name__}")
             fields[key] = value
-    extra = {key: event[key] for key in extra_names if event.get(key) is not None}
+    extra = (
+        {key: event[key] for key in extra_names if event.get(key) is not None}
+        if extra_names
+        else {}
+    )
 
     if etype == "task-sent":
         if "queue" not in fields and type(extra.get("routing_key")) is str:
@@ -202,15 +214,23 @@ def _task_event(
     )
 
 
-def _optional(event: dict[str, Any], key: str, types: tuple[type, ...]) -> Any:
-    value = event.get(key)
-    if value is not None and type(value) not in types:
-        raise MalformedEvent(f"{event['type']}: {key} is a {type(value).__name__}")
-    return value
+_WORKER_FIELDS: Final[_Fields] = (
+    ("freq", _NUM),
+    ("active", _INT),
+    ("processed", _INT),
+    ("loadavg", (list,)),
+    ("pid", _INT),
+    ("sw_ver", _STR),
+)
 
 
 def _worker_event(kind: str, event: dict[str, Any], hostname: str, timestamp: float) -> WorkerEvent:
-    loadavg = _optional(event, "loadavg", (list,))
+    get = event.get
+    for key, types in _WORKER_FIELDS:
+        value = get(key)
+        if value is not None and type(value) not in types:
+            raise MalformedEvent(f"{event['type']}: {key} is a {type(value).__name__}")
+    loadavg = get("loadavg")
     if loadavg is not None and not all(type(x) in _NUM for x in loadavg):
         raise MalformedEvent(f"{event['type']}: loadavg is not a list of numbers")
     return WorkerEvent(
@@ -218,13 +238,13 @@ def _worker_event(kind: str, event: dict[str, Any], hostname: str, timestamp: fl
         framework=FRAMEWORK,
         type=kind,
         timestamp=timestamp,
-        freq=_optional(event, "freq", _NUM),
-        active=_optional(event, "active", _INT),
-        processed=_optional(event, "processed", _INT),
+        freq=get("freq"),
+        active=get("active"),
+        processed=get("processed"),
         loadavg=loadavg,
-        pid=_optional(event, "pid", _INT),
-        sw_ver=_optional(event, "sw_ver", _STR),
-        extra={key: event[key] for key in ("sw_ident", "sw_sys") if event.get(key) is not None},
+        pid=get("pid"),
+        sw_ver=get("sw_ver"),
+        extra={key: event[key] for key in ("sw_ident", "sw_sys") if get(key) is not None},
     )
 
 

@@ -58,7 +58,9 @@ class RedisEventSource:
     def __init__(self, url: str, *, keyprefix: str = "") -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss"):
-            raise ConfigError(f"not a Redis URL: {redact_url(url)} (expected redis:// or rediss://)")
+            raise ConfigError(
+                f"not a Redis URL: {redact_url(url)} (expected redis:// or rediss://)"
+            )
         try:
             port = parts.port or 6379
             db_text = parts.path.strip("/") or "0"

@@ -1,0 +1,95 @@
+"""Where Sluice's time goes during a burst: py-spy samples, summed per function.
+
+Opt-in (``python -m bench profile``): needs py-spy, which is no dependency of
+Sluice (``.venv/bin/pip install py-spy``). Sampling is non-blocking, so the
+profiled process runs at full speed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import attrs
+
+from bench.generator import Plan, publish
+from bench.ingest import quiesce
+from bench.services import REPO, Sluice, database, unique, wait_subscribers
+
+# Frames from these folders are Sluice's own code; the rest is libraries and trio.
+OWN_CODE = ("sluice_core/", "storage/", "sluice_storage/", "sluice_celery/", "sluice_rabbitmq/",
+            "web/", "sluice_web/")
+
+
+@attrs.define
+class ProfileRun:
+    storage: str
+    published: int
+    taken: int
+    seconds: float
+    samples: int
+    threads: list[tuple[str, int]]  # thread name, samples
+    functions: list[tuple[str, int]]  # Sluice function (file:line), samples including callees
+
+
+def py_spy() -> Path | None:
+    found = REPO / ".venv" / "bin" / "py-spy"
+    if found.exists():
+        return found
+    which = shutil.which("py-spy")
+    return Path(which) if which else None
+
+
+def summarize(raw: str, top: int) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]]]:
+    """py-spy's collapsed stacks -> (samples, per thread, per Sluice function inclusive)."""
+    threads: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        total += n
+        # "thread (1234): name" -> the name (pids differ between runs)
+        threads[frames[0].split("): ", 1)[-1]] += n
+        own = {f for f in frames[1:] if any(f"({p}" in f for p in OWN_CODE)}
+        for frame in own:
+            inclusive[frame] += n
+    return total, threads.most_common(8), inclusive.most_common(top)
+
+
+def run(*, storage: str, events: int, broker: str, run_dir: Path, seconds: float = 40.0,
+        top: int = 25) -> ProfileRun:
+    spy = py_spy()
+    if spy is None:
+        raise RuntimeError("py-spy is not installed: .venv/bin/pip install py-spy")
+    keyprefix = unique("bench") + ":"
+    out = run_dir / f"py-spy-{storage}.txt"
+    with database(storage, run_dir) as db:
+        sluice = Sluice(broker, db, run_dir, keyprefix)
+        try:
+            plan = Plan(broker=broker, events=events, keyprefix=keyprefix)
+            wait_subscribers(plan, 1)
+            before = quiesce(sluice)
+            recorder = subprocess.Popen(
+                [str(spy), "record", "--pid", str(sluice.proc.pid), "--duration", str(int(seconds)),
+                 "--rate", "100", "--threads", "--nonblocking", "--format", "raw",
+                 "--output", str(out)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            t0 = time.time()
+            report = publish(plan)
+            while sluice.taken() - before < report.stats.task_events and time.time() - t0 < seconds:
+                time.sleep(0.2)
+            taken = int(sluice.taken() - before)
+            elapsed = time.time() - t0
+            recorder.wait()
+        finally:
+            sluice.stop()
+    total, threads, functions = summarize(out.read_text(), top)
+    return ProfileRun(storage, report.stats.task_events, taken, elapsed, total, threads, functions)
