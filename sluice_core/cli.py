@@ -1,8 +1,10 @@
-"""The ``sluice`` command: run, migrate, plugins."""
+"""The ``sluice`` command: run, agent, migrate, plugins, keys."""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import functools
 import logging
 import os
 import signal
@@ -13,8 +15,10 @@ import trio
 
 from sluice_core import __version__
 from sluice_core.config import Config, ConfigError, add_core_options, build
+from sluice_core.agent import Agent
 from sluice_core.engine import Engine
 from sluice_core.plugins import PluginManager
+from sluice_core.storage import ApiKey, ApiKeyExists
 
 log = logging.getLogger("sluice")
 
@@ -50,6 +54,32 @@ def make_parser(pm: PluginManager) -> argparse.ArgumentParser:
     commands.add_parser(
         "plugins", parents=[engine_options], help="list loaded plugins and their hooks"
     )
+    agent = commands.add_parser(
+        "agent",
+        parents=[engine_options],
+        help="watch the brokers without serving: store into --db, or stream to --server",
+    )
+    agent.add_argument(
+        "--server",
+        help="stream normalized events to this Sluice (wss://host or ws://host:port)"
+        " instead of a database (env SLUICE_SERVER)",
+    )
+    agent.add_argument(
+        "--api-key", help="the server's API key, from `sluice keys create` (env SLUICE_API_KEY)"
+    )
+    keys = commands.add_parser(
+        "keys", help="API keys for the ingest endpoints (the SDK, remote agents)"
+    )
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = key_commands.add_parser(
+        "create", parents=[engine_options], help="create a key and print it (once)"
+    )
+    create.add_argument("name", help="what the key is for, e.g. billing-app or eu-agent")
+    key_commands.add_parser("list", parents=[engine_options], help="list keys (never the keys)")
+    revoke = key_commands.add_parser(
+        "revoke", parents=[engine_options], help="revoke the active key of this name"
+    )
+    revoke.add_argument("name")
     return parser
 
 
@@ -76,6 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             applied = trio.run(_migrate, config, pm)
             print(f"applied migrations: {applied}" if applied else "database is up to date")
             return 0
+        if args.command == "keys":
+            return trio.run(_keys, config, pm, args.keys_command, getattr(args, "name", None))
+        if args.command == "agent":
+            return trio.run(_agent, config, pm)
         return trio.run(_run, config, pm)
     except* ConfigError as group:
         # Also raised by tasks in the engine's nurseries (the web server refusing
@@ -100,7 +134,62 @@ async def _migrate(config: Config, pm: PluginManager) -> list[int]:
     return applied
 
 
-async def _run(config: Config, pm: PluginManager) -> int:
+async def _keys(config: Config, pm: PluginManager, action: str, name: str | None) -> int:
+    storage = pm.storage(config)
+    await storage.open()
+    try:
+        if action == "create":
+            assert name is not None
+            try:
+                key, secret = await storage.create_api_key(name)
+            except ApiKeyExists as exc:
+                print(f"sluice: error: {exc}; revoke it first or pick another name", file=sys.stderr)
+                return 1
+            print(secret)
+            print(
+                f"API key {key.name!r} created. Keep it now: Sluice stores only its hash"
+                " and cannot show it again.",
+                file=sys.stderr,
+            )
+        elif action == "list":
+            for key in await storage.list_api_keys():
+                print(_describe_key(key))
+        else:
+            assert name is not None
+            revoked = await storage.revoke_api_key(name)
+            if revoked is None:
+                print(f"sluice: error: no active API key named {name!r}", file=sys.stderr)
+                return 1
+            print(f"revoked {_describe_key(revoked)}")
+    finally:
+        await storage.aclose()
+    return 0
+
+
+def _describe_key(key: ApiKey) -> str:
+    def when(ts: float | None) -> str:
+        return "never" if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(" ", "seconds")
+
+    status = "active" if key.revoked_at is None else f"revoked {when(key.revoked_at)}"
+    return f"{key.name}\tcreated {when(key.created_at)}\tlast used {when(key.last_used_at)}\t{status}"
+
+
+async def _agent(config: Config, pm: PluginManager) -> int:
+    server = config.get("server")
+    if server is None:
+        return await _run(config, pm, web=False)  # a split deployment: store into --db
+    api_key = config.get("api_key")
+    if not api_key:
+        raise ConfigError(
+            "--server needs --api-key (env SLUICE_API_KEY): create one on the server with"
+            " `sluice keys create NAME`"
+        )
+    agent = Agent(config, pm, server=str(server), api_key=str(api_key))
+    log.info("Sluice agent %s streaming to %s (pid %d)", __version__, agent.uplink.url, os.getpid())
+    return await _until_stopped(agent)
+
+
+async def _run(config: Config, pm: PluginManager, *, web: bool = True) -> int:
     engine = Engine(config, pm)
     if not engine.sources:
         log.warning(
@@ -109,7 +198,7 @@ async def _run(config: Config, pm: PluginManager) -> int:
         )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, engine)
-        await nursery.start(engine.run)
+        await nursery.start(functools.partial(engine.run, web=web))
         for address in engine.web_addresses:
             log.info("Sluice %s is serving on %s (pid %d)", __version__, address, os.getpid())
         # Once the engine has stopped and flushed, the signal watcher goes too.
@@ -118,7 +207,16 @@ async def _run(config: Config, pm: PluginManager) -> int:
     return 0
 
 
-async def _stop_on_signal(engine: Engine) -> None:
+async def _until_stopped(agent: Agent) -> int:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal, agent)
+        await nursery.start(agent.run)
+        await agent.stopped.wait()
+        nursery.cancel_scope.cancel()
+    return 0
+
+
+async def _stop_on_signal(engine: Engine | Agent) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             if engine.stop_requested:

@@ -30,6 +30,21 @@ log = logging.getLogger(__name__)
 SOURCE_RESTART_DELAY = 5.0  # after a source crashed (a bug, not a broker outage)
 
 
+async def supervise(source: Source, pipeline: Pipeline) -> None:
+    """Run a source; if it crashes (a bug: broker outages it handles itself), restart it."""
+    while True:
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(source.run, pipeline)
+                log.info("source %s is ready", source.name)
+        except Exception:
+            log.exception("source %s crashed; restarting", source.name)
+            pipeline.source_status(source.name, False, "crashed")
+        else:
+            return
+        await trio.sleep(SOURCE_RESTART_DELAY)
+
+
 class Engine:
     def __init__(self, config: Config, pm: PluginManager) -> None:
         self.config = config
@@ -105,24 +120,10 @@ class Engine:
         with scope:
             async with trio.open_nursery() as nursery:
                 for source in self.sources:
-                    nursery.start_soon(self._supervise, source)
+                    nursery.start_soon(supervise, source, self.pipeline)
                 for probe in self.probes:
                     nursery.start_soon(self._poll, probe)
                 nursery.start_soon(self.worker_monitor.run)
-
-    async def _supervise(self, source: Source) -> None:
-        """Run a source; if it crashes (a bug: broker outages it handles itself), restart it."""
-        while True:
-            try:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(source.run, self.pipeline)
-                    log.info("source %s is ready", source.name)
-            except Exception:
-                log.exception("source %s crashed; restarting", source.name)
-                self.pipeline.source_status(source.name, False, "crashed")
-            else:
-                return
-            await trio.sleep(SOURCE_RESTART_DELAY)
 
     async def _poll(self, probe: Probe) -> None:
         while True:

@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import attrs
 import trio
@@ -27,7 +28,7 @@ import trio
 from sluice_core.bus import Bus
 from sluice_core.metrics import Metrics
 from sluice_core.model import JobEvent, Normalized, RawBatch, WorkerEvent
-from sluice_core.storage import IngestResult, Storage
+from sluice_core.storage import IngestResult
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class _Normalized:
     job_events: list[JobEvent]
     worker_events: list[WorkerEvent]
     read_at: float  # when the oldest message of this batch was read
+    stored: trio.Event | None = None  # set once written (the ingest endpoint acks then)
 
 
 @attrs.define
@@ -46,6 +48,15 @@ class SourceStatus:
     since: float
 
 
+class EventWriter(Protocol):
+    """The pipeline's last stage: :class:`Storage` in the engine; in a remote agent
+    (``sluice agent --server``), the uplink that forwards batches to the server."""
+
+    async def ingest(
+        self, job_events: list[JobEvent], worker_events: list[WorkerEvent]
+    ) -> IngestResult: ...
+
+
 class Pipeline:
     """The engine's :class:`~sluice_core.sources.Sink`, and the tasks behind it."""
 
@@ -53,7 +64,7 @@ class Pipeline:
         self,
         *,
         normalize: Callable[[RawBatch], Normalized | None],
-        storage: Storage,
+        storage: EventWriter,
         metrics: Metrics,
         bus: Bus,
         on_stored: Callable[[IngestResult], None],
@@ -95,18 +106,28 @@ class Pipeline:
         self._buffered += n
         self._metrics.buffered.set(self._buffered)
 
-    def put_events(self, job_events: list[JobEvent], worker_events: list[WorkerEvent]) -> None:
+    def put_events(
+        self,
+        job_events: list[JobEvent],
+        worker_events: list[WorkerEvent],
+        stored: trio.Event | None = None,
+    ) -> bool:
+        """Also returns whether the events were taken (False: dropped and counted), and
+        sets ``stored`` once they are written, so a sender can be told they are safe."""
         n = len(job_events) + len(worker_events)
         if self._buffered + n > self._buffer_limit:
             self._metrics.events_dropped.labels("ingest").inc(n)
             log.warning("ingest buffer full: dropped %d normalized events", n)
-            return
+            return False
         try:
-            self._raw_send.send_nowait(_Normalized(job_events, worker_events, time.time()))
+            self._raw_send.send_nowait(
+                _Normalized(job_events, worker_events, time.time(), stored)
+            )
         except trio.ClosedResourceError:
             self._metrics.events_dropped.labels("ingest").inc(n)
-            return
+            return False
         self._buffered += n
+        return True
 
     def source_status(self, name: str, up: bool, detail: str = "") -> None:
         previous = self.sources.get(name)
@@ -154,6 +175,7 @@ class Pipeline:
         async for first in self._norm_receive:
             job_events, worker_events = list(first.job_events), list(first.worker_events)
             read_at = first.read_at
+            waiting = [first.stored]
             while len(job_events) + len(worker_events) < self._batch_events:
                 try:
                     more = self._norm_receive.receive_nowait()
@@ -162,7 +184,11 @@ class Pipeline:
                 job_events += more.job_events
                 worker_events += more.worker_events
                 read_at = min(read_at, more.read_at)
+                waiting.append(more.stored)
             result = await self._store(job_events, worker_events)
+            for stored in waiting:
+                if stored is not None:
+                    stored.set()
             self.stored_batches += 1
             self._metrics.events_ingested.inc(result.events_stored)
             self._metrics.events_duplicate.inc(

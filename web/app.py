@@ -10,7 +10,7 @@ from quart_trio import QuartTrio
 
 from sluice_core.config import Config, ConfigError
 from sluice_core.engine import Engine
-from sluice_web import api, dashboard, errors, stream
+from sluice_web import api, dashboard, errors, ingest, stream
 from sluice_web.auth import Auth, install, load_auth
 
 MAX_BODY = 1024 * 1024  # the largest body a client needs is a bulk action's 1,000 ids
@@ -51,4 +51,5 @@ def create_app(engine: Engine, *, auth: Auth | None = None) -> QuartTrio:
     app.register_blueprint(api.blueprint)
     app.register_blueprint(stream.blueprint)
     app.register_blueprint(dashboard.blueprint)
+    app.register_blueprint(ingest.blueprint)
     return app

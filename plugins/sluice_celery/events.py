@@ -33,6 +33,8 @@ FRAMEWORK: Final = "celery"
 KIND_REDIS: Final = "celery/redis"
 KIND_AMQP: Final = "celery/amqp"
 KINDS: Final = frozenset({KIND_REDIS, KIND_AMQP})
+# The field the SDK adds to task-sent and task-received events (Celery sends none such).
+SDK_MESSAGE: Final = "sluice_message"
 
 
 class MalformedEvent(ValueError):
@@ -157,6 +159,14 @@ def _epoch(iso: str) -> float | None:
     return when.timestamp()
 
 
+def _sdk_message(event: dict[str, Any], extra: dict[str, Any]) -> None:
+    """The full message the SDK saw (real args and kwargs, routing, limits; see sdk/):
+    kept as the job's ``extra["message"]``, from which the retry action re-publishes."""
+    message = event.get(SDK_MESSAGE)
+    if type(message) is dict:
+        extra["message"] = message
+
+
 def _task_event(
     etype: str,
     spec: _TaskSpec,
@@ -185,7 +195,9 @@ def _task_event(
     if etype == "task-sent":
         if "queue" not in fields and type(extra.get("routing_key")) is str:
             fields["queue"] = extra["routing_key"]
+        _sdk_message(event, extra)
     elif etype == "task-received":
+        _sdk_message(event, extra)
         eta = fields.get("eta")
         if eta is not None:
             eta_ts = _epoch(eta)

@@ -1,0 +1,334 @@
+"""The ingest endpoints: events pushed to Sluice by the SDK and by remote agents.
+
+- ``POST /api/ingest``: one batch, JSON. ``{"format": "celery", "events": [...]}``
+  carries Celery's own event dicts (CELERY_PROTOCOL.md section 3, what the SDK
+  sends); ``{"format": "sluice", "job_events": [...], "worker_events": [...]}``
+  carries normalized events (:mod:`sluice_core.serialize`, what an agent sends).
+  The answer, ``200 {"accepted": n}``, comes once the events are stored.
+- ``WS /api/ingest/ws``: a stream of such batches, each with a ``seq``; the server
+  answers ``{"ack": seq}`` once a batch is stored, or ``{"seq": seq, "error": ...}``
+  for a batch it will never take (resending it cannot help).
+
+Both take only API keys (``Authorization: Bearer <key>``, ``sluice keys create``),
+never the dashboard's login or API token, and use no cookies, so the dashboard's
+CSRF and Origin checks do not apply (web/auth.py exempts these paths).
+
+Acks wait for storage, not just for the pipeline's buffer: a sender drops what
+is acked, so an ack must mean "safe". Ingest is idempotent by event id, so a
+batch sent again after a lost ack changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import orjson
+import trio
+from quart import Blueprint, Response, current_app, request, websocket
+from werkzeug.datastructures import Headers
+
+from sluice_core.config import ConfigError
+from sluice_core.engine import Engine
+from sluice_core.model import JobEvent, RawBatch, WorkerEvent
+from sluice_core.serialize import job_event_from_json, worker_event_from_json
+from sluice_core.storage import ApiKey
+from sluice_web.errors import ApiError, BadRequest, error_response
+
+log = logging.getLogger(__name__)
+
+INGEST_PATHS = frozenset({"/api/ingest", "/api/ingest/ws"})
+# Bodies are capped by the app's MAX_CONTENT_LENGTH (1 MiB, 413 past it); WebSocket
+# messages get the same cap here. The SDK and the agent send well below it.
+MAX_MESSAGE_BYTES = 1024 * 1024
+MAX_EVENTS = 10_000  # per request or message
+STORE_TIMEOUT = 30.0  # seconds to wait for storage before telling the sender to resend
+REVALIDATE_S = 10.0  # an open stream re-checks its key this often (a revoked key stops it)
+DEFAULT_RATE = 20_000.0  # events per second per key (option ingest_rate)
+DEFAULT_BURST = 100_000.0  # option ingest_burst
+
+# Wire formats of Celery events, by the name a sender gives: the SDK's batches are
+# JSON lists of Celery event dicts, exactly a RabbitMQ ``task.multi`` body, which
+# the Celery plugin's normalizer reads as ``celery/amqp``.
+RAW_FORMATS = {"celery": "celery/amqp"}
+NORMALIZED_FORMAT = "sluice"
+
+blueprint = Blueprint("ingest", __name__)
+
+
+# -- limits -------------------------------------------------------------------
+
+
+@attrs.define
+class TokenBucket:
+    """``rate`` events per second on average, bursts of up to ``burst``."""
+
+    rate: float
+    burst: float
+    tokens: float = attrs.field(default=math.nan)
+    at: float = 0.0
+
+    def take(self, n: float, now: float) -> float:
+        """Take ``n`` tokens if there are; else take none and return the seconds to wait."""
+        if math.isnan(self.tokens):
+            self.tokens = self.burst
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        n = min(n, self.burst)  # a request larger than a burst waits for a full bucket
+        if n <= self.tokens:
+            self.tokens -= n
+            return 0.0
+        return (n - self.tokens) / self.rate
+
+
+class Ingest:
+    """The endpoints' state in one app: a token bucket per API key."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        try:
+            self.rate = float(engine.config.get("ingest_rate", DEFAULT_RATE))
+            self.burst = float(engine.config.get("ingest_burst", DEFAULT_BURST))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"ingest_rate / ingest_burst: expected numbers ({exc})") from None
+        self._buckets: dict[int, TokenBucket] = {}
+
+    def wait_for(self, key: ApiKey, events: int) -> float:
+        """Seconds this key must wait before sending ``events`` more; 0 takes them now."""
+        bucket = self._buckets.setdefault(key.id, TokenBucket(self.rate, self.burst))
+        return bucket.take(max(events, 1), time.monotonic())
+
+    async def authenticate(self, headers: Headers) -> ApiKey | None:
+        scheme, _, token = headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        return await self.engine.storage.check_api_key(token.strip())
+
+    def decode(self, key: ApiKey, body: Any) -> tuple[list[JobEvent], list[WorkerEvent]]:
+        """The events of one batch, all valid, or BadRequest (and none of them is taken)."""
+        if type(body) is not dict:
+            raise BadRequest("expected a JSON object with a format and its events")
+        fmt = body.get("format")
+        if fmt in RAW_FORMATS:
+            events = body.get("events")
+            if type(events) is not list:
+                raise BadRequest(f'format {fmt!r}: "events" must be a list of event objects')
+            self._check_count(len(events))
+            return self._normalize(key, RAW_FORMATS[fmt], events)
+        if fmt == NORMALIZED_FORMAT:
+            job_events, worker_events = body.get("job_events", []), body.get("worker_events", [])
+            if type(job_events) is not list or type(worker_events) is not list:
+                raise BadRequest('"job_events" and "worker_events" must be lists')
+            self._check_count(len(job_events) + len(worker_events))
+            return (
+                self._parse(key, "job_events", job_events, job_event_from_json),
+                self._parse(key, "worker_events", worker_events, worker_event_from_json),
+            )
+        known = ", ".join(repr(f) for f in [*RAW_FORMATS, NORMALIZED_FORMAT])
+        raise BadRequest(f"unknown format {fmt!r} (accepted: {known})")
+
+    def _check_count(self, n: int) -> None:
+        if n > MAX_EVENTS:
+            raise ApiError(
+                f"{n} events in one batch: the limit is {MAX_EVENTS}; send smaller batches",
+                status=413,
+                code="too_many_events",
+            )
+
+    def _malformed(self, key: ApiKey, n: int, message: str) -> BadRequest:
+        self.engine.metrics.events_malformed.labels(_source(key)).inc(n)
+        return BadRequest(message)
+
+    def _normalize(
+        self, key: ApiKey, kind: str, events: list[Any]
+    ) -> tuple[list[JobEvent], list[WorkerEvent]]:
+        batch = RawBatch(kind, _source(key), [("ingest", orjson.dumps(events))], time.time())
+        result = self.engine.pm.normalize(batch)
+        if result is None:
+            raise BadRequest(
+                f"this Sluice reads no {kind!r} events: start it with the plugin for them"
+                " (sluice run --plugin celery)"
+            )
+        if result.malformed:
+            # The normalizer logged why (rate-limited); the sender's bug is in the count.
+            raise self._malformed(
+                key,
+                result.malformed,
+                f"{result.malformed} of {len(events)} events are malformed (not Celery events:"
+                " each needs a type, a hostname, a numeric timestamp and, for tasks, a uuid);"
+                " nothing was stored",
+            )
+        return result.job_events, result.worker_events
+
+    def _parse[T](
+        self, key: ApiKey, what: str, items: list[Any], parse: Callable[[Any], T]
+    ) -> list[T]:
+        out = []
+        for i, item in enumerate(items):
+            try:
+                out.append(parse(item))
+            except ValueError as exc:
+                raise self._malformed(
+                    key, len(items), f"{what}[{i}]: {exc}; nothing was stored"
+                ) from None
+        return out
+
+    async def store(
+        self, key: ApiKey, job_events: list[JobEvent], worker_events: list[WorkerEvent]
+    ) -> None:
+        """Hand the events to the pipeline and return once they are stored."""
+        n = len(job_events) + len(worker_events)
+        self.engine.metrics.messages_received.labels(_source(key)).inc(n)
+        stored = trio.Event()
+        if not self.engine.pipeline.put_events(job_events, worker_events, stored):
+            raise ApiError(
+                "Sluice cannot take events now (its buffer is full or it is stopping):"
+                " send them again later",
+                status=503,
+                code="unavailable",
+            )
+        with trio.move_on_after(STORE_TIMEOUT):
+            await stored.wait()
+            return
+        raise ApiError(
+            f"the events were not stored within {STORE_TIMEOUT:g}s (is the database slow"
+            " or away?): send them again (sending twice stores nothing twice)",
+            status=503,
+            code="unavailable",
+        )
+
+
+def _source(key: ApiKey) -> str:
+    """The label of this key's events in metrics and logs."""
+    return f"ingest/{key.name}"
+
+
+def _ingest() -> Ingest:
+    state: Ingest = current_app.extensions["sluice_ingest"]
+    return state
+
+
+@blueprint.record
+def _setup(state: Any) -> None:
+    app = state.app
+    app.extensions["sluice_ingest"] = Ingest(app.extensions["sluice_engine"])
+
+
+def _unauthorized() -> Response:
+    response = error_response(
+        401, "unauthorized", "send a valid API key: 'Authorization: Bearer <key>' (sluice keys create)"
+    )
+    response.headers["WWW-Authenticate"] = 'Bearer realm="sluice-ingest"'
+    return response
+
+
+# -- HTTP ---------------------------------------------------------------------
+
+
+@blueprint.post("/api/ingest")
+async def ingest_batch() -> Response | tuple[dict[str, Any], int]:
+    ingest = _ingest()
+    key = await ingest.authenticate(request.headers)
+    if key is None:
+        return _unauthorized()
+    data = await request.get_data()
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        ingest.engine.metrics.events_malformed.labels(_source(key)).inc()
+        raise BadRequest(f"body: not valid JSON ({exc})") from None
+    job_events, worker_events = ingest.decode(key, body)
+    wait = ingest.wait_for(key, len(job_events) + len(worker_events))
+    if wait:
+        seconds = math.ceil(wait)
+        response = error_response(
+            429, "rate_limited", f"too many events for this API key: retry in {seconds}s"
+        )
+        response.headers["Retry-After"] = str(seconds)
+        return response
+    await ingest.store(key, job_events, worker_events)
+    return {"accepted": len(job_events) + len(worker_events)}, 200
+
+
+# -- WebSocket -------------------------------------------------------------------
+
+# Close codes (RFC 6455 section 7.4): the key is refused / the server is going away.
+CLOSE_POLICY = 1008
+CLOSE_RESTART = 1012
+
+
+@blueprint.websocket("/api/ingest/ws")
+async def ingest_stream() -> Response | None:
+    ingest = _ingest()
+    key = await ingest.authenticate(websocket.headers)
+    if key is None:
+        return _unauthorized()  # sent as the handshake's answer: the client sees a 401
+    await websocket.accept()
+    checked = time.monotonic()
+    async with trio.open_nursery() as nursery:
+        while True:
+            data = await websocket.receive()
+            if time.monotonic() - checked > REVALIDATE_S:
+                if await ingest.authenticate(websocket.headers) is None:
+                    await _close(nursery, CLOSE_POLICY, "API key revoked")
+                    break
+                checked = time.monotonic()
+            reply = await _stream_message(ingest, key, data, nursery)
+            if reply is not None:
+                await websocket.send(orjson.dumps(reply).decode())
+    return None
+
+
+async def _close(nursery: trio.Nursery, code: int, reason: str) -> None:
+    """End the stream: acks still pending are not sent (the sender resends those batches)."""
+    nursery.cancel_scope.cancel()
+    with trio.CancelScope(shield=True):
+        await websocket.close(code, reason)
+
+
+async def _stream_message(
+    ingest: Ingest, key: ApiKey, data: str | bytes, nursery: trio.Nursery
+) -> dict[str, Any] | None:
+    """Take one streamed batch; the ack is sent once it is stored, by a task of its own
+    (so the next batches are read meanwhile). Returns an immediate reply, if any."""
+    seq = None
+    try:
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise ApiError(
+                f"message of {len(data)} bytes: the limit is {MAX_MESSAGE_BYTES}",
+                status=413,
+                code="too_large",
+            )
+        try:
+            body = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            ingest.engine.metrics.events_malformed.labels(_source(key)).inc()
+            raise BadRequest(f"not valid JSON ({exc})") from None
+        seq = body.get("seq") if type(body) is dict else None
+        if type(seq) is not int:
+            raise BadRequest('every message needs an integer "seq"')
+        job_events, worker_events = ingest.decode(key, body)
+    except ApiError as exc:
+        return {"seq": seq, "error": {"code": exc.code, "message": exc.message}}
+    # A stream is not refused when over the rate: it is read more slowly.
+    wait = ingest.wait_for(key, len(job_events) + len(worker_events))
+    while wait:
+        await trio.sleep(wait)
+        wait = ingest.wait_for(key, len(job_events) + len(worker_events))
+
+    async def store_then_ack() -> None:
+        try:
+            await ingest.store(key, job_events, worker_events)
+        except ApiError as exc:
+            # Stopping, or storage away: the sender keeps the batch and resends on reconnect.
+            log.warning("ingest stream from key %r: %s", key.name, exc.message)
+            await _close(nursery, CLOSE_RESTART, exc.message)
+            return
+        await websocket.send(orjson.dumps({"ack": seq}).decode())
+
+    nursery.start_soon(store_then_ack)
+    return None
