@@ -10,11 +10,11 @@ PYTHON313 := $(shell for p in python3.13 /usr/bin/python3.13 /usr/local/bin/pyth
 
 .PHONY: run test bench services venv clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml sdk/pyproject.toml
 	@if [ -z "$(PYTHON313)" ]; then echo "error: Python 3.13 not found (install it, or put python3.13 on PATH)" >&2; exit 1; fi
 	@[ -x $(PY) ] || $(PYTHON313) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' -e ./sdk
 	touch $@
 
 venv: $(VENV)/.installed

@@ -92,9 +92,15 @@ class Bench:
         self.storages = args.storage or (["sqlite"] if args.quick else ["sqlite", "postgresql"])
         self.run_dir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
         self.sections: list[Section] = []
+        # The headline figures against the issue's targets: (what, target, Sluice, Flower, met)
+        self.summary: list[tuple[str, str, str, str, str]] = []
 
     def log(self, text: str) -> None:
         print(text, flush=True)
+
+    def headline(self, what: str, target: str, sluice: str, flower: str, met: bool | None) -> None:
+        verdict = "n/a" if met is None else ("yes" if met else "**no**")
+        self.summary.append((what, target, sluice, flower, verdict))
 
     def add(self, title: str, notes: str, table: str) -> None:
         section = Section(title, f"{notes}\n\n{table}" if notes else table)
@@ -133,7 +139,9 @@ class Bench:
                       "lost", "ingest rate (ev/s)", "catch-up (s)", "peak RSS (MB)",
                       "Sluice/Flower")
 
-    def _ingest(self, plan: Plan, storage: str, repeats: int, extra: list[str] = ()) -> list[ingest.IngestRun]:
+    def _ingest(
+        self, plan: Plan, storage: str, repeats: int, extra: Sequence[str] = ()
+    ) -> list[ingest.IngestRun]:
         runs = []
         for i in range(repeats):
             result = ingest.run(
@@ -155,6 +163,22 @@ class Bench:
             )
         return runs
 
+    def _ingest_headline(
+        self,
+        what: str,
+        target: str,
+        runs: list[ingest.IngestRun],
+        show: Callable[[ingest.Outcome], str],
+        met: Callable[[ingest.Outcome], bool],
+    ) -> None:
+        """The median run (by Sluice's events taken in) against the target."""
+        ordered = sorted(runs, key=lambda r: r.outcomes["sluice"].taken)
+        median = ordered[len(ordered) // 2]
+        sluice = median.outcomes["sluice"]
+        flower = median.outcomes.get("flower")
+        self.headline(what, target, show(sluice), show(flower) if flower else "not run",
+                      met(sluice))
+
     def burst(self) -> None:
         n = self.sizes.burst_events
         rows = []
@@ -162,6 +186,8 @@ class Bench:
             plan = Plan(broker=REDIS_URL, events=n, publishers=self.args.publishers)
             runs = self._ingest(plan, storage, self.sizes.repeats)
             rows += self._ingest_rows(f"burst {n:,}", runs)
+            self._ingest_headline(f"burst of {n:,}, lost ({storage})", "0%", runs,
+                                  lambda o: f"{o.lost_pct:.1f}%", lambda o: o.lost == 0)
         self.add(
             f"Burst: {n:,} events published as fast as possible (Redis)",
             f"Median of {self.sizes.repeats} run(s). Sluice and Flower subscribed at once to "
@@ -180,6 +206,13 @@ class Bench:
                             publishers=self.args.publishers)
                 runs = self._ingest(plan, storage, 1)
                 rows += self._ingest_rows(f"{rate:,}/s for {self.sizes.steady_s:.0f}s", runs)
+                self._ingest_headline(
+                    f"{rate:,} events/s for {self.sizes.steady_s:.0f}s: ingest rate, lost ({storage})",
+                    f">= {rate:,}/s (keeps up), 0%", runs,
+                    lambda o: f"{o.rate:,.0f}/s, {o.lost_pct:.1f}%",
+                    # Keeping up: within 5% of the offered rate, over publish and catch-up.
+                    lambda o, rate=rate: o.lost == 0 and o.rate >= 0.95 * rate,
+                )
         self.add(
             "Steady rate (Redis)",
             "One run each. Sluice keeps up with a rate when it loses nothing and its catch-up "
@@ -198,6 +231,8 @@ class Bench:
             self.add("RabbitMQ ingest", f"Not measured: the run failed with `{exc!r}`.", "")
             self.log(traceback.format_exc())
             return
+        self._ingest_headline(f"RabbitMQ burst of {n:,}, lost (sqlite)", "0%", runs,
+                              lambda o: f"{o.lost_pct:.1f}%", lambda o: o.lost == 0)
         self.add(
             f"RabbitMQ: {n:,} events published as fast as possible to the celeryev exchange",
             "One run, a fresh vhost. Raw JSON bodies as Celery publishes them on AMQP.",
@@ -216,6 +251,9 @@ class Bench:
         for r in runs:
             self.log(f"    p50 {r.p50_ms:.0f} ms, p99 {r.p99_ms:.0f} ms over {r.samples:,} samples")
         med = statistics.median
+        p99 = med(r.p99_ms for r in runs)
+        self.headline(f"PUBLISH to SSE p99 at {s.latency_rate:,} events/s", "< 500 ms",
+                      f"{p99:,.0f} ms", "no SSE", p99 < 500)
         self.add(
             f"Latency: broker PUBLISH to SSE delivery at {s.latency_rate:,} events/s",
             f"Median of {len(runs)} run(s) of {s.latency_s:.0f}s, SQLite. A sample is a job's "
@@ -239,6 +277,9 @@ class Bench:
                             broker=REDIS_URL, run_dir=self.run_dir, log=self.log)
             rows = [[t.query, " ".join(f"{k}={v}" for k, v in t.params.items()), t.rows,
                      t.p50_ms, t.p95_ms] for t in r.timings]
+            worst = max(r.timings, key=lambda t: t.p95_ms)
+            self.headline(f"job list queries, {jobs:,} jobs ({storage}): slowest p95",
+                          "(none set)", f"{worst.p95_ms:,.0f} ms ({worst.query})", "n/a", None)
             target = FULL_HISTORY[storage]
             size_note = "" if jobs >= target else (
                 f" The target size is {target:,} jobs: run `python -m bench queries --full-size`."
@@ -255,6 +296,9 @@ class Bench:
     def startup(self) -> None:
         runs = [startup.run(storage=s, repeats=self.sizes.startup_repeats, broker=REDIS_URL,
                             run_dir=self.run_dir) for s in self.storages]
+        for r in runs:
+            self.headline(f"startup to /healthz 200 ({r.storage})", "(none set)",
+                          f"{r.median_s:.2f} s", "n/a", None)
         self.add(
             "Startup: process spawned to GET /healthz 200",
             f"Median of {self.sizes.startup_repeats} starts, each on a fresh empty database "
@@ -305,6 +349,10 @@ class Bench:
             "time, and Sluice must not add `lost` events of its own to the count.",
             "",
         ]
+        if self.summary:
+            lines += ["## Summary", "",
+                      report.table(("figure", "target", "Sluice", "Flower 2.2", "met"),
+                                   self.summary), ""]
         for section in self.sections:
             lines += [f"## {section.title}", "", section.text, ""]
         path.write_text("\n".join(lines))
@@ -353,6 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.add(name, f"Failed: `{exc!r}` (logs in the run directory).", "")
         if out:
             bench.write(out, machine, started, loads)
+    if bench.summary:
+        bench.log("\n## Summary\n" + report.table(
+            ("figure", "target", "Sluice", "Flower 2.2", "met"), bench.summary))
     if out:
         bench.log(f"\nwrote {out}")
     return 1 if failed else 0

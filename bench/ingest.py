@@ -9,6 +9,7 @@ state). Both count task events; heartbeats are left out on both sides.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -78,7 +79,7 @@ def run(
     flower: bool = True,
     stall_s: float = 5.0,
     max_wait_s: float = 600.0,
-    sluice_extra: list[str] = (),
+    sluice_extra: Sequence[str] = (),
 ) -> IngestRun:
     """Start Sluice (and Flower), publish ``plan`` once, wait until both have settled."""
     keyprefix = unique("bench") + ":"

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -130,7 +130,9 @@ class Service:
 class Sluice(Service):
     name = "sluice"
 
-    def __init__(self, broker: str, db: str, run_dir: Path, keyprefix: str = "", extra: list[str] = ()):
+    def __init__(
+        self, broker: str, db: str, run_dir: Path, keyprefix: str = "", extra: Sequence[str] = ()
+    ) -> None:
         port = free_port()
         # The generator's workers send heartbeats in stream time, not while Sluice
         # catches up: without this, Sluice would rightly declare them offline and

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import attrs
 
@@ -35,3 +35,16 @@ class ActionHandler(Protocol):
 
     async def revoke(self, job: Job, *, terminate: bool, signal: str) -> ActionResult:
         """Ask the workers to discard ``job`` (and kill it if ``terminate``)."""
+
+
+@runtime_checkable
+class RevokesMany(Protocol):
+    """Optional for a handler: revoke several jobs with one broker message.
+
+    A bulk revoke uses it, when the handler has it, for all the jobs it handles.
+    """
+
+    async def revoke_many(
+        self, jobs: list[Job], *, terminate: bool, signal: str
+    ) -> list[ActionResult]:
+        """Like ``revoke`` for each job, at once; one result per job, in order."""

@@ -57,7 +57,7 @@ UPLINK = "uplink"  # the label of what the uplink drops, in sluice_events_droppe
 
 
 def ingest_url(server: str) -> str:
-    """The ingest WebSocket URL of a server given as ws(s):// or http(s)://, with or without path."""
+    """The ingest WebSocket URL of a server given as ws(s):// or http(s)://, path or not."""
     parts = urlsplit(server)
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
     if scheme not in ("ws", "wss") or not parts.hostname:
@@ -126,8 +126,11 @@ class Uplink:
 
         def body() -> bytes:
             return (
-                b'"format":"sluice","job_events":[' + b",".join(jobs)
-                + b'],"worker_events":[' + b",".join(workers) + b"]}"
+                b'"format":"sluice","job_events":['
+                + b",".join(jobs)
+                + b'],"worker_events":['
+                + b",".join(workers)
+                + b"]}"
             )
 
         encoded = [(jobs, orjson.dumps(job_event_to_json(e))) for e in job_events]
@@ -169,9 +172,7 @@ class Uplink:
                 ) as ws:
                     self.connected = True
                     delay = BACKOFF_FIRST
-                    log.info(
-                        "connected to %s; sending %d held events", where, self.unacked_events
-                    )
+                    log.info("connected to %s; sending %d held events", where, self.unacked_events)
                     await self._session(ws)
             except ConnectionRejected as exc:
                 if exc.status_code in (401, 403):
@@ -184,11 +185,11 @@ class Uplink:
                     )
                 else:
                     log.warning("%s refused the connection (HTTP %d)", where, exc.status_code)
-            except (OSError, HandshakeError, ConnectionClosed) as exc:
+            except (OSError, HandshakeError) as exc:
                 log.warning(
-                    "connection to %s lost or refused (%s); holding %d events",
+                    "cannot connect to %s (%s); holding %d events",
                     where,
-                    exc,
+                    str(exc) or type(exc).__name__,  # trio-websocket's errors may say nothing
                     self.unacked_events,
                 )
             finally:
@@ -197,9 +198,19 @@ class Uplink:
             delay = min(delay * 2, max(delay, BACKOFF_MAX))
 
     async def _session(self, ws: WebSocketConnection) -> None:
+        """Stream until the connection closes; the next one resends what is not acked."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._send_loop, ws)
-            await self._receive_loop(ws)  # until the connection closes (ConnectionClosed)
+            try:
+                await self._receive_loop(ws)
+            except ConnectionClosed as exc:
+                log.warning(
+                    "%s closed the connection (%s); holding %d events",
+                    redact_url(self.url),
+                    exc.reason,
+                    self.unacked_events,
+                )
+            nursery.cancel_scope.cancel()
 
     async def _send_loop(self, ws: WebSocketConnection) -> None:
         sent = 0  # a new connection sends everything not acked, oldest first
@@ -210,8 +221,12 @@ class Uplink:
                 continue
             for seq in [seq for seq in self._unacked if sent < seq <= latest]:
                 held = self._unacked.get(seq)
-                if held is not None:  # else acked while the previous ones were sent
+                if held is None:
+                    continue  # acked while the previous ones were sent
+                try:
                     await ws.send_message(held[0])
+                except ConnectionClosed:
+                    return  # the receive loop sees the close too, and ends the session
             sent = latest
 
     async def _receive_loop(self, ws: WebSocketConnection) -> None:

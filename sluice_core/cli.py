@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -143,7 +143,9 @@ async def _keys(config: Config, pm: PluginManager, action: str, name: str | None
             try:
                 key, secret = await storage.create_api_key(name)
             except ApiKeyExists as exc:
-                print(f"sluice: error: {exc}; revoke it first or pick another name", file=sys.stderr)
+                print(
+                    f"sluice: error: {exc}; revoke it first or pick another name", file=sys.stderr
+                )
                 return 1
             print(secret)
             print(
@@ -168,10 +170,13 @@ async def _keys(config: Config, pm: PluginManager, action: str, name: str | None
 
 def _describe_key(key: ApiKey) -> str:
     def when(ts: float | None) -> str:
-        return "never" if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(" ", "seconds")
+        if ts is None:
+            return "never"
+        return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(" ", "seconds")
 
     status = "active" if key.revoked_at is None else f"revoked {when(key.revoked_at)}"
-    return f"{key.name}\tcreated {when(key.created_at)}\tlast used {when(key.last_used_at)}\t{status}"
+    used = when(key.last_used_at)
+    return f"{key.name}\tcreated {when(key.created_at)}\tlast used {used}\t{status}"
 
 
 async def _agent(config: Config, pm: PluginManager) -> int:
@@ -185,33 +190,38 @@ async def _agent(config: Config, pm: PluginManager) -> int:
             " `sluice keys create NAME`"
         )
     agent = Agent(config, pm, server=str(server), api_key=str(api_key))
-    log.info("Sluice agent %s streaming to %s (pid %d)", __version__, agent.uplink.url, os.getpid())
-    return await _until_stopped(agent)
+
+    def started() -> None:
+        url, pid = agent.uplink.url, os.getpid()
+        log.info("Sluice agent %s is streaming to %s (pid %d)", __version__, url, pid)
+
+    return await _until_stopped(agent, agent.run, started)
 
 
 async def _run(config: Config, pm: PluginManager, *, web: bool = True) -> int:
     engine = Engine(config, pm)
-    if not engine.sources:
+
+    def started() -> None:
+        for address in engine.web_addresses:
+            log.info("Sluice %s is serving on %s (pid %d)", __version__, address, os.getpid())
+
+    return await _until_stopped(engine, functools.partial(engine.run, web=web), started)
+
+
+async def _until_stopped(
+    runner: Engine | Agent, run: Callable[..., Awaitable[None]], started: Callable[[], None]
+) -> int:
+    if not runner.sources:
         log.warning(
             "no event source configured: load a plugin and give a broker "
             "(sluice run --plugin celery --broker redis://localhost:6379/0)"
         )
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal, engine)
-        await nursery.start(functools.partial(engine.run, web=web))
-        for address in engine.web_addresses:
-            log.info("Sluice %s is serving on %s (pid %d)", __version__, address, os.getpid())
-        # Once the engine has stopped and flushed, the signal watcher goes too.
-        await engine.stopped.wait()
-        nursery.cancel_scope.cancel()
-    return 0
-
-
-async def _until_stopped(agent: Agent) -> int:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal, agent)
-        await nursery.start(agent.run)
-        await agent.stopped.wait()
+        nursery.start_soon(_stop_on_signal, runner)
+        await nursery.start(run)
+        started()
+        # Once it has stopped and flushed, the signal watcher goes too.
+        await runner.stopped.wait()
         nursery.cancel_scope.cancel()
     return 0
 

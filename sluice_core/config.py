@@ -171,3 +171,10 @@ def add_core_options(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="heartbeat intervals without news before a worker is offline (default 3)",
     )
+    parser.add_argument(
+        "--stuck-after",
+        type=float,
+        help="seconds a job may wait queued with no worker taking it before it is flagged"
+        " stuck (default 600; env SLUICE_STUCK_AFTER); active jobs are stuck past 5x"
+        " their task's mean runtime (at least 60 s)",
+    )

@@ -20,7 +20,7 @@ from sluice_core.model import Job
 from sluice_core.monitors import WorkerMonitor
 from sluice_core.pipeline import Pipeline
 from sluice_core.plugins import PluginManager
-from sluice_core.probes import Probe
+from sluice_core.probes import Probe, WorkerProbe
 from sluice_core.serialize import job_to_dict, worker_to_dict
 from sluice_core.sources import Source
 from sluice_core.storage import IngestResult
@@ -131,12 +131,10 @@ class Engine:
                 queues = {q.name for q in await self.storage.list_queues(time.time())}
                 samples = await probe.probe(queues)
                 await self.storage.record_queue_samples(samples)
+                if isinstance(probe, WorkerProbe):
+                    await self.storage.set_worker_queues(probe.take_worker_queues())
+                self.metrics.observe_queue_samples(samples)
                 for sample in samples:
-                    labels = (sample.name, sample.broker)
-                    if sample.depth is not None:
-                        self.metrics.queue_depth.labels(*labels).set(sample.depth)
-                    if sample.consumers is not None:
-                        self.metrics.queue_consumers.labels(*labels).set(sample.consumers)
                     self.bus.publish(
                         "queue",
                         {
@@ -152,6 +150,7 @@ class Engine:
             await trio.sleep(probe.interval)
 
     def _publish(self, result: IngestResult) -> None:
+        self.metrics.observe_ingest(result)
         for job in result.jobs:
             self.bus.publish("job", job_to_dict(job))
         for worker in result.workers:

@@ -6,7 +6,16 @@ tests do not share state.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from collections import Counter as Counter_
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from sluice_core.model import JobState, QueueSample, Worker
+from sluice_core.storage import MAX_PAGE, IngestResult
+
+UNKNOWN = "unknown"  # the label of a job whose name or queue no event told yet
+# Seconds; from quick tasks to hour-long batch jobs.
+RUNTIME_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
 
 class Metrics:
@@ -50,9 +59,89 @@ class Metrics:
         self.queue_consumers = Gauge(
             "sluice_queue_consumers", "Consumers of a queue", ["queue", "broker"], registry=r
         )
+        self.queue_reserved = Gauge(
+            "sluice_queue_reserved",
+            "Messages of a queue taken by a worker but not acknowledged (prefetched, or held"
+            " for an ETA)",
+            ["queue", "broker"],
+            registry=r,
+        )
+        self.job_events = Counter(
+            "sluice_job_events",
+            "Job events stored, by the state they move the job to (e.g. completed: jobs"
+            " that succeeded)",
+            ["name", "queue", "state"],
+            registry=r,
+        )
+        self.job_runtime = Histogram(
+            "sluice_job_runtime_seconds",
+            "Runtime of jobs that completed or failed",
+            ["name", "queue"],
+            buckets=RUNTIME_BUCKETS,
+            registry=r,
+        )
+        self.jobs_stuck = Gauge(
+            "sluice_jobs_stuck",
+            f"Jobs queued with no taker or active far beyond their usual runtime (counted up"
+            f" to {MAX_PAGE}, one page of the job list)",
+            registry=r,
+        )
+        self.worker_up = Gauge(
+            "sluice_worker_up", "1 while a worker is online, 0 once offline", ["hostname"],
+            registry=r,
+        )
+        self.worker_active = Gauge(
+            "sluice_worker_active_jobs", "Jobs a worker runs now (its last heartbeat)",
+            ["hostname"], registry=r,
+        )
+        self.worker_heartbeat = Gauge(
+            "sluice_worker_last_heartbeat_timestamp_seconds",
+            "When a worker last sent a heartbeat (epoch seconds)",
+            ["hostname"],
+            registry=r,
+        )
         self.source_up = Gauge(
             "sluice_source_up", "1 when a source is connected", ["source"], registry=r
         )
+
+    def observe_ingest(self, result: IngestResult) -> None:
+        """Count a stored batch's new events (each once: duplicates are not in it)."""
+        jobs = {job.id: job for job in result.jobs}
+        counts: Counter_[tuple[str, str, str]] = Counter_()
+        for event in result.new_events:
+            if event.state is None:
+                continue
+            job = jobs.get(event.job_id)
+            name = (job and job.name) or UNKNOWN
+            queue = (job and job.queue) or UNKNOWN
+            counts[(name, queue, event.state.value)] += 1
+            if event.state in (JobState.COMPLETED, JobState.FAILED):
+                runtime = event.fields.get("runtime", job and job.runtime)
+                if isinstance(runtime, int | float):
+                    self.job_runtime.labels(name, queue).observe(runtime)
+        for labels, n in counts.items():
+            self.job_events.labels(*labels).inc(n)
+
+    def observe_queue_samples(self, samples: list[QueueSample]) -> None:
+        for sample in samples:
+            labels = (sample.name, sample.broker)
+            for gauge, value in (
+                (self.queue_depth, sample.depth),
+                (self.queue_reserved, sample.reserved),
+                (self.queue_consumers, sample.consumers),
+            ):
+                if value is not None:
+                    gauge.labels(*labels).set(value)
+
+    def observe_workers(self, workers: list[Worker]) -> None:
+        self.workers_online.set(sum(worker.status == "online" for worker in workers))
+        for worker in workers:
+            self.worker_up.labels(worker.hostname).set(worker.status == "online")
+            self.worker_active.labels(worker.hostname).set(
+                worker.active or 0 if worker.status == "online" else 0
+            )
+            if worker.last_heartbeat is not None:
+                self.worker_heartbeat.labels(worker.hostname).set(worker.last_heartbeat)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

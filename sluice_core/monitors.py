@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import trio
 
-from sluice_core.model import JobEvent, JobState, WorkerEvent, event_id
+from sluice_core.model import JobEvent, JobState, Worker, WorkerEvent, event_id
 from sluice_core.sources import Sink
 from sluice_core.storage import MAX_PAGE, JobQuery, Storage
 
@@ -26,19 +27,58 @@ DEFAULT_HEARTBEAT_FREQ = 2.0  # Celery's default, for workers that did not say
 HELD_STATES = frozenset({JobState.RECEIVED, JobState.ACTIVE, JobState.SCHEDULED})
 
 
-class WorkerMonitor:
-    """Marks workers offline after ``missed`` heartbeat intervals, and their jobs lost."""
+def sends_task_events(worker: Worker, named_by_jobs: bool) -> bool | None:
+    """Whether a worker's task events reach Sluice (DESIGN.md section 11).
 
-    def __init__(self, storage: Storage, sink: Sink, *, missed: float = 3.0, interval: float = 1.0) -> None:
+    True when some stored job names the worker. False when its heartbeats say it
+    ran jobs (``processed``, ``active``) yet no job names it: it runs without
+    ``-E``. None when it cannot be told yet (an idle worker sends no task events
+    either way).
+    """
+    if named_by_jobs:
+        return True
+    if worker.processed or worker.active:
+        return False
+    return None
+
+
+async def workers_task_events(storage: Storage) -> list[tuple[Worker, bool | None]]:
+    """Every worker, with :func:`sends_task_events` for it."""
+    workers = await storage.list_workers()
+    named = await storage.job_workers([worker.hostname for worker in workers]) if workers else set()
+    return [(worker, sends_task_events(worker, worker.hostname in named)) for worker in workers]
+
+
+class WorkerMonitor:
+    """Marks workers offline after ``missed`` heartbeat intervals, and their jobs lost.
+
+    A worker that stopped cleanly (worker-offline) and still holds jobs once the
+    same deadline has passed left them unfinished too: they become lost as well.
+    ``clock`` gives epoch seconds (tests drive it from trio's clock).
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        sink: Sink,
+        *,
+        missed: float = 3.0,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._storage = storage
         self._sink = sink
         self.missed = missed
         self.interval = interval
+        self._clock = clock
+        # The last heartbeat each worker's silence was concluded on: one
+        # conclusion per silence, not one query per worker at every round.
+        self._settled: dict[str, float] = {}
 
     async def run(self) -> None:
         while True:
             try:
-                await self.check(time.time())
+                await self.check(self._clock())
             except Exception as exc:  # the database may be away: try again next round
                 log.warning("worker monitor: %s", exc)
             await trio.sleep(self.interval)
@@ -47,29 +87,42 @@ class WorkerMonitor:
         """Conclude what the silence up to ``now`` means; return how many workers went offline."""
         gone = 0
         for worker in await self._storage.list_workers():
-            if worker.status != "online" or worker.last_heartbeat is None:
+            if worker.last_heartbeat is None or self._settled.get(worker.hostname) == worker.last_heartbeat:
                 continue
             freq = worker.freq or DEFAULT_HEARTBEAT_FREQ
+            # Also the grace a clean stop gets: events the worker sent just before
+            # its worker-offline (batched in task.multi) may still be on their way.
             deadline = worker.last_heartbeat + freq * self.missed
             if now < deadline:
                 continue
-            gone += 1
-            reason = (
-                f"no heartbeat from {worker.hostname} for {now - worker.last_heartbeat:.0f}s "
-                f"(expected every {freq:g}s): the worker process died or lost its broker"
-            )
-            log.warning("worker %s is offline: %s", worker.hostname, reason)
+            if worker.status == "online":
+                gone += 1
+                reason = (
+                    f"no heartbeat from {worker.hostname} for {now - worker.last_heartbeat:.0f}s "
+                    f"(expected every {freq:g}s): the worker process died or lost its broker"
+                )
+                log.warning("worker %s is offline: %s", worker.hostname, reason)
+                offline = [
+                    WorkerEvent(
+                        hostname=worker.hostname,
+                        framework=worker.framework,
+                        type="offline",
+                        timestamp=deadline,
+                        extra={"reason": reason},
+                    )
+                ]
+            else:
+                reason = (
+                    f"{worker.hostname} stopped (worker-offline) without finishing it;"
+                    " the broker may deliver it again if it was not acknowledged"
+                )
+                offline = []
             # Stamped at the deadline, not at ``now``: the same silence gives the
             # same event ids, so two agents do not record it twice.
             lost = await self._held_jobs_lost(worker.hostname, worker.framework, deadline, reason)
-            offline = WorkerEvent(
-                hostname=worker.hostname,
-                framework=worker.framework,
-                type="offline",
-                timestamp=deadline,
-                extra={"reason": reason},
-            )
-            self._sink.put_events(lost, [offline])
+            if lost or offline:
+                self._sink.put_events(lost, offline)
+            self._settled[worker.hostname] = worker.last_heartbeat
         return gone
 
     async def _held_jobs_lost(

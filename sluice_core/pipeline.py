@@ -106,14 +106,18 @@ class Pipeline:
         self._buffered += n
         self._metrics.buffered.set(self._buffered)
 
-    def put_events(
+    def put_events(self, job_events: list[JobEvent], worker_events: list[WorkerEvent]) -> None:
+        self.offer(job_events, worker_events)
+
+    def offer(
         self,
         job_events: list[JobEvent],
         worker_events: list[WorkerEvent],
         stored: trio.Event | None = None,
     ) -> bool:
-        """Also returns whether the events were taken (False: dropped and counted), and
-        sets ``stored`` once they are written, so a sender can be told they are safe."""
+        """:meth:`put_events` for a sender that must know (the ingest endpoint acks only
+        what is safe): whether the events were taken (False: dropped and counted), and
+        ``stored`` is set once they are written."""
         n = len(job_events) + len(worker_events)
         if self._buffered + n > self._buffer_limit:
             self._metrics.events_dropped.labels("ingest").inc(n)

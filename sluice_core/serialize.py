@@ -67,7 +67,15 @@ def event_to_dict(event: JobEvent) -> dict[str, Any]:
     }
 
 
-def worker_to_dict(worker: Worker) -> dict[str, Any]:
+# What a user does about a worker whose task events do not reach Sluice.
+TASK_EVENTS_ADVICE = (
+    "start the worker with -E (or set worker_send_task_events=True), or switch events on"
+    " now with: celery -A <app> control enable_events"
+)
+
+
+def worker_to_dict(worker: Worker, *, task_events: bool | None = None) -> dict[str, Any]:
+    """``task_events``: see :func:`sluice_core.monitors.sends_task_events`."""
     return {
         "hostname": worker.hostname,
         "framework": worker.framework,
@@ -82,6 +90,8 @@ def worker_to_dict(worker: Worker) -> dict[str, Any]:
         "queues": worker.queues,
         "concurrency": worker.concurrency,
         "updated_at": iso(worker.updated_at),
+        "task_events": task_events,
+        "advice": TASK_EVENTS_ADVICE if task_events is False else None,
     }
 
 
@@ -166,7 +176,7 @@ def job_event_from_json(data: Any) -> JobEvent:
     except ValueError:
         raise ValueError(f"state {state!r} is not one of {[s.value for s in JobState]}") from None
     fields = _object(data.get("fields", {}), "fields")
-    for key, value in fields.items():
+    for key in fields:
         if key in _STR_FIELDS:
             types: tuple[type, ...] = (str,)
         elif key == "retries":

@@ -13,9 +13,13 @@ from typing import Protocol
 import attrs
 
 from sluice_core.model import Job, JobEvent, JobState, QueueSample, Worker, WorkerEvent
+from sluice_core.probes import WorkerQueues
 
 MAX_PAGE = 500
 DEFAULT_PAGE = 50
+# A job is stuck when queued this long with no worker taking it, or active far
+# beyond its name's usual runtime (see sluice_storage.common.stuck_sql).
+DEFAULT_STUCK_AFTER_S = 600.0
 
 
 @attrs.frozen
@@ -31,6 +35,7 @@ class JobQuery:
     since: float | None = None  # epoch seconds, on the job's created_at
     until: float | None = None
     ids: frozenset[str] = frozenset()
+    stuck: bool = False  # only jobs queued or active for too long (DEFAULT_STUCK_AFTER_S)
     limit: int = DEFAULT_PAGE
     cursor: int | None = None  # the last page's last ``seq``; see Page
 
@@ -49,6 +54,7 @@ class IngestResult:
     jobs: list[Job]  # rows that changed, as they are now
     workers: list[Worker]
     events_stored: int  # new event rows (duplicates of stored events are not counted)
+    new_events: list[JobEvent] = attrs.field(factory=list)  # those rows' events
 
 
 @attrs.frozen
@@ -114,6 +120,14 @@ class Storage(Protocol):
     async def list_workers(self) -> list[Worker]: ...
 
     async def record_queue_samples(self, samples: list[QueueSample]) -> None: ...
+
+    async def set_worker_queues(self, workers: list[WorkerQueues]) -> None:
+        """Record which queues workers consume and their pool sizes. A worker
+        Sluice has no row for yet (no heartbeat stored) gets one, online."""
+
+    async def job_workers(self, hostnames: list[str]) -> set[str]:
+        """The hostnames among ``hostnames`` that some stored job names as its worker
+        (i.e. workers whose task events reach Sluice)."""
 
     async def list_queues(self, now: float) -> list[QueueStats]: ...
 

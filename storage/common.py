@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import secrets
+import time
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Protocol
@@ -21,8 +22,17 @@ import attrs
 import orjson
 
 from sluice_core import merge
+from sluice_core.config import Config, ConfigError
 from sluice_core.model import Job, JobEvent, JobState, QueueSample, Worker, WorkerEvent
-from sluice_core.storage import ApiKey, IngestResult, JobQuery, Page, QueueStats
+from sluice_core.probes import WorkerQueues
+from sluice_core.storage import (
+    DEFAULT_STUCK_AFTER_S,
+    ApiKey,
+    IngestResult,
+    JobQuery,
+    Page,
+    QueueStats,
+)
 
 # -- rows -------------------------------------------------------------------
 
@@ -190,7 +200,12 @@ def ingest(
         new = [job for job in new if job.id not in raced] + rebuilt
 
     workers = _fold_workers(tx, worker_events)
-    return IngestResult(jobs=new + changed, workers=workers, events_stored=len(stored_now))
+    return IngestResult(
+        jobs=new + changed,
+        workers=workers,
+        events_stored=len(stored_now),
+        new_events=[unique[i] for i in sorted(stored_now)],
+    )
 
 
 def _rebuild(tx: Transaction, job_ids: list[str]) -> list[Job]:
@@ -239,6 +254,25 @@ def upsert_workers_sql(marker: str) -> str:
         " WHERE workers.last_heartbeat IS NULL"
         " OR excluded.last_heartbeat >= workers.last_heartbeat"
     )
+
+
+def set_worker_queues_sql(marker: str) -> str:
+    """Parameters per worker: hostname, framework, queues (JSON text), concurrency.
+
+    A worker that answered before its first heartbeat was stored gets its row now
+    (it is online: it answered); heartbeats fill in the rest.
+    """
+    p = marker
+    return (
+        "INSERT INTO workers (hostname, framework, status, queues, concurrency)"
+        f" VALUES ({p}, {p}, 'online', {p}, {p})"
+        " ON CONFLICT (hostname) DO UPDATE"
+        " SET queues = excluded.queues, concurrency = excluded.concurrency"
+    )
+
+
+def worker_queues_rows(workers: list[WorkerQueues]) -> list[Row]:
+    return [(w.hostname, w.framework, dumps(w.queues), w.concurrency) for w in workers]
 
 
 SAMPLE_COLUMNS = ("name", "framework", "broker", "timestamp", "depth", "reserved", "consumers")
@@ -329,8 +363,53 @@ def like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def list_jobs_sql(query: JobQuery, dialect: Dialect) -> tuple[str, list[Any]]:
-    """The page query: ``JOB_COLUMNS`` then ``seq``, newest first, one row past the page."""
+# Stuck jobs. Active ones are judged against their name's usual runtime: the
+# mean of its last TYPICAL_RUNS completions (the (name, seq) index finds them
+# newest first), times STUCK_RUNTIME_FACTOR, never under STUCK_ACTIVE_FLOOR_S
+# (a 50 ms task running 1 s is not stuck). A name with no completed run yet
+# gets the queued threshold.
+TYPICAL_RUNS = 100
+STUCK_RUNTIME_FACTOR = 5
+STUCK_ACTIVE_FLOOR_S = 60
+
+
+def stuck_after(config: Config) -> float:
+    """The ``--stuck-after`` option, in seconds."""
+    raw = config.get("stuck_after", DEFAULT_STUCK_AFTER_S)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--stuck-after: expected seconds, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"--stuck-after: must be more than 0, got {raw!r}")
+    return value
+
+
+def stuck_sql(marker: str) -> str:
+    """Parameters: ``now - stuck_after``, ``now``, ``stuck_after`` (see :func:`list_jobs_sql`)."""
+    p = marker
+    typical = f"avg(r.runtime) * {STUCK_RUNTIME_FACTOR}"
+    return f"""((state = 'queued' AND sent_at < {p})
+ OR (state = 'active' AND started_at < {p} - (
+    SELECT CASE WHEN count(r.runtime) = 0 THEN {p}
+        WHEN {typical} > {STUCK_ACTIVE_FLOOR_S} THEN {typical}
+        ELSE {STUCK_ACTIVE_FLOOR_S} END
+    FROM (SELECT runtime FROM jobs r
+        WHERE r.name = jobs.name AND r.state = 'completed' AND r.runtime IS NOT NULL
+        ORDER BY r.seq DESC LIMIT {TYPICAL_RUNS}) r)))"""
+
+
+def list_jobs_sql(
+    query: JobQuery,
+    dialect: Dialect,
+    *,
+    now: float | None = None,
+    stuck_after: float = DEFAULT_STUCK_AFTER_S,
+) -> tuple[str, list[Any]]:
+    """The page query: ``JOB_COLUMNS`` then ``seq``, newest first, one row past the page.
+
+    ``now`` and ``stuck_after`` (seconds) judge ``query.stuck``; ``now`` defaults to the clock.
+    """
     p = dialect.marker
     where: list[str] = []
     params: list[Any] = []
@@ -360,6 +439,9 @@ def list_jobs_sql(query: JobQuery, dialect: Dialect) -> tuple[str, list[Any]]:
         add(f"created_at >= {p}", query.since)
     if query.until is not None:
         add(f"created_at <= {p}", query.until)
+    if query.stuck:
+        at = time.time() if now is None else now
+        add(stuck_sql(p), at - stuck_after, at, stuck_after)
     if query.cursor is not None:
         add(f"seq < {p}", query.cursor)
     sql = f"SELECT {cols(JOB_COLUMNS)}, seq FROM jobs"

@@ -25,7 +25,16 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from sluice_core import hookimpl
 from sluice_core.config import Config, redact_url
 from sluice_core.model import Job, JobEvent, QueueSample, Worker, WorkerEvent
-from sluice_core.storage import ApiKey, ApiKeyExists, IngestResult, JobQuery, Page, QueueStats
+from sluice_core.probes import WorkerQueues
+from sluice_core.storage import (
+    DEFAULT_STUCK_AFTER_S,
+    ApiKey,
+    ApiKeyExists,
+    IngestResult,
+    JobQuery,
+    Page,
+    QueueStats,
+)
 from sluice_storage import common
 from sluice_storage.common import EVENT_COLUMNS, JOB_COLUMNS, WORKER_COLUMNS, cols
 
@@ -46,7 +55,7 @@ TEXT_EXPR = (
 def sluice_storage(url: str, config: Config) -> PostgresStorage | None:
     if not url.startswith(("postgresql://", "postgres://")):
         return None
-    return PostgresStorage(url)
+    return PostgresStorage(url, stuck_after=common.stuck_after(config))
 
 
 def _configure(conn: psycopg.Connection[Any]) -> None:
@@ -161,8 +170,9 @@ class _Transaction:
 
 
 class PostgresStorage:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, stuck_after: float = DEFAULT_STUCK_AFTER_S) -> None:
         self.url = redact_url(url)
+        self.stuck_after = stuck_after
         self._conninfo = url
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
         self._write_limiter = trio.CapacityLimiter(1)  # the pipeline writes one batch at a time
@@ -261,6 +271,16 @@ class PostgresStorage:
         if rows:
             await self._write(write)
 
+    async def set_worker_queues(self, workers: list[WorkerQueues]) -> None:
+        rows = common.worker_queues_rows(workers)
+
+        def write(conn: psycopg.Connection[Any]) -> None:
+            with conn.cursor() as cur:
+                cur.executemany(common.set_worker_queues_sql("%s"), rows)
+
+        if rows:
+            await self._write(write)
+
     # -- reads -----------------------------------------------------------------------
 
     async def get_job(self, job_id: str) -> Job | None:
@@ -282,7 +302,7 @@ class PostgresStorage:
         return [common.event_from_row(row) for row in rows]
 
     async def list_jobs(self, query: JobQuery) -> Page:
-        sql, params = common.list_jobs_sql(query, _DIALECT)
+        sql, params = common.list_jobs_sql(query, _DIALECT, stuck_after=self.stuck_after)
         rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
         return common.page(rows, query.limit)
 
@@ -299,6 +319,17 @@ class PostgresStorage:
             ).fetchall()
         )
         return [common.worker_from_row(row) for row in rows]
+
+    async def job_workers(self, hostnames: list[str]) -> set[str]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                # One probe of the (worker, seq) index per hostname, not a scan of its jobs.
+                "SELECT h FROM unnest(%s::text[]) AS h"
+                " WHERE EXISTS (SELECT 1 FROM jobs WHERE worker = h)",
+                (hostnames,),
+            ).fetchall()
+        )
+        return {row[0] for row in rows}
 
     async def list_queues(self, now: float) -> list[QueueStats]:
         def read(conn: psycopg.Connection[Any]) -> list[QueueStats]:

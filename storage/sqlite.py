@@ -21,7 +21,16 @@ import trio
 from sluice_core import hookimpl
 from sluice_core.config import Config, ConfigError, redact_url
 from sluice_core.model import Job, JobEvent, QueueSample, Worker, WorkerEvent
-from sluice_core.storage import ApiKey, ApiKeyExists, IngestResult, JobQuery, Page, QueueStats
+from sluice_core.probes import WorkerQueues
+from sluice_core.storage import (
+    DEFAULT_STUCK_AFTER_S,
+    ApiKey,
+    ApiKeyExists,
+    IngestResult,
+    JobQuery,
+    Page,
+    QueueStats,
+)
 from sluice_storage import common
 from sluice_storage.common import EVENT_COLUMNS, JOB_COLUMNS, WORKER_COLUMNS, cols
 
@@ -35,7 +44,7 @@ READERS = 4
 def sluice_storage(url: str, config: Config) -> SQLiteStorage | None:
     if not url.startswith("sqlite:"):
         return None
-    return SQLiteStorage(url)
+    return SQLiteStorage(url, stuck_after=common.stuck_after(config))
 
 
 def _path(url: str) -> Path:
@@ -183,8 +192,9 @@ class _Readers:
 
 
 class SQLiteStorage:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, stuck_after: float = DEFAULT_STUCK_AFTER_S) -> None:
         self.url = redact_url(url)
+        self.stuck_after = stuck_after
         self._path = _path(url)
         self._writer: sqlite3.Connection | None = None
         self._write_limiter = trio.CapacityLimiter(1)  # one writer connection, one thread
@@ -279,6 +289,12 @@ class SQLiteStorage:
         if rows:
             await self._write(write)
 
+    async def set_worker_queues(self, workers: list[WorkerQueues]) -> None:
+        rows = common.worker_queues_rows(workers)
+        if rows:
+            sql = common.set_worker_queues_sql("?")
+            await self._write(lambda conn: conn.executemany(sql, rows))
+
     # -- reads -----------------------------------------------------------------------
 
     async def get_job(self, job_id: str) -> Job | None:
@@ -300,7 +316,7 @@ class SQLiteStorage:
         return [common.event_from_row(row) for row in rows]
 
     async def list_jobs(self, query: JobQuery) -> Page:
-        sql, params = common.list_jobs_sql(query, _DIALECT)
+        sql, params = common.list_jobs_sql(query, _DIALECT, stuck_after=self.stuck_after)
         rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
         return common.page(rows, query.limit)
 
@@ -317,6 +333,17 @@ class SQLiteStorage:
             ).fetchall()
         )
         return [common.worker_from_row(row) for row in rows]
+
+    async def job_workers(self, hostnames: list[str]) -> set[str]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                # One probe of the (worker, seq) index per hostname, not a scan of its jobs.
+                "SELECT value FROM json_each(?)"
+                " WHERE EXISTS (SELECT 1 FROM jobs WHERE worker = value)",
+                (common.dumps(hostnames),),
+            ).fetchall()
+        )
+        return {row[0] for row in rows}
 
     async def list_queues(self, now: float) -> list[QueueStats]:
         def read(conn: sqlite3.Connection) -> list[QueueStats]:

@@ -18,17 +18,23 @@ from celery import Celery, Task
 ENV_BROKER = "SLUICE_TEST_CELERY_BROKER"
 ENV_KEYPREFIX = "SLUICE_TEST_CELERY_KEYPREFIX"
 ENV_QUEUE = "SLUICE_TEST_CELERY_QUEUE"
+# Set (to "1") by the SDK tests: the app sends no Celery events at all, and the
+# Sluice SDK (configured by SLUICE_URL / SLUICE_API_KEY) reports everything.
+ENV_SDK = "SLUICE_TEST_SDK"
+SDK_REDACT_KEYS = ["password"]
 
 
-def make_app(broker: str, *, keyprefix: str = "", queue: str = "celery") -> Celery:
+def make_app(
+    broker: str, *, keyprefix: str = "", queue: str = "celery", events: bool = True
+) -> Celery:
     app = Celery("sluice-tests", broker=broker, set_as_current=False)
     app.conf.update(
         broker_transport_options={"global_keyprefix": keyprefix} if keyprefix else {},
         broker_connection_retry_on_startup=True,
         task_default_queue=queue,
         # Producers announce what they publish (task-sent), workers what they do.
-        task_send_sent_event=True,
-        worker_send_task_events=True,
+        task_send_sent_event=events,
+        worker_send_task_events=events,
         # The tests read events, never results.
         task_ignore_result=True,
         worker_hijack_root_logger=False,
@@ -64,6 +70,13 @@ def _register_tasks(app: Celery) -> None:
         # The prefork pool child dies: the worker reports WorkerLostError.
         os.kill(os.getpid(), signal.SIGKILL)
 
+    @app.task(name="tests.read_file")
+    def read_file(path: str, *, strip: bool = False) -> str:
+        """Fails until the file exists: a failure whose cause can be fixed, then retried."""
+        with open(path) as f:
+            text = f.read()
+        return text.strip() if strip else text
+
     @app.task(name="tests.echo")
     def echo(*args: Any, **kwargs: Any) -> dict[str, Any]:
         return {"args": list(args), "kwargs": kwargs}
@@ -75,4 +88,9 @@ app = make_app(
     os.environ.get(ENV_BROKER, "redis://localhost:6379/0"),
     keyprefix=os.environ.get(ENV_KEYPREFIX, ""),
     queue=os.environ.get(ENV_QUEUE, "celery"),
+    events=not os.environ.get(ENV_SDK),
 )
+if os.environ.get(ENV_SDK):
+    import sluice
+
+    sluice.init(redact_keys=SDK_REDACT_KEYS)

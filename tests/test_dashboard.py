@@ -357,6 +357,7 @@ async def test_job_detail_shows_traceback_timeline_links_and_action_errors(
         expect(page.locator("section", has_text="Recent runs").locator("tbody tr")).to_have_count(10)
         screenshot(page, "job.png")
         # No action plugin is loaded: the API answers 501 and the page says why.
+        page.once("dialog", lambda dialog: dialog.accept())  # "Run this job again ...?"
         page.click("button[data-action=retry]")
         expect(page.locator("#action-result")).to_have_class(re.compile("error"))
         expect(page.locator("#action-result")).to_contain_text("no action handler")
@@ -401,6 +402,7 @@ async def test_bulk_retry_posts_selection_and_shows_the_answer(engine: Engine) -
         boxes.nth(0).check()
         boxes.nth(1).check()
         expect(page.locator("#bulk-count")).to_have_text("2 selected")
+        page.once("dialog", lambda dialog: dialog.accept())  # "Retry 2 job(s)?"
         page.click("[data-bulk=retry]")
         result = page.locator("#bulk-result")
         expect(result).to_contain_text("no action handler")

@@ -10,17 +10,19 @@ from __future__ import annotations
 import logging
 import signal
 import time
+import uuid
 from typing import Any
 
 import attrs
 import orjson
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
-from quart import Blueprint, Response, current_app, request
+from quart import Blueprint, Response, current_app, request, session
 
-from sluice_core.actions import ActionHandler, ActionRefused, ActionResult
+from sluice_core.actions import ActionHandler, ActionRefused, ActionResult, RevokesMany
 from sluice_core.engine import Engine
-from sluice_core.model import Job, JobState
+from sluice_core.model import Job, JobEvent, JobState, event_id
+from sluice_core.monitors import workers_task_events
 from sluice_core.serialize import (
     event_to_dict,
     iso,
@@ -30,7 +32,7 @@ from sluice_core.serialize import (
     worker_to_dict,
 )
 from sluice_core.storage import MAX_PAGE, JobQuery
-from sluice_web.auth import CSRF_FIELD
+from sluice_web.auth import CSRF_FIELD, TOKEN_USER
 from sluice_web.errors import ApiError, BadRequest, NotFound, error_response
 from sluice_web.params import FILTERS, build_query, encode_cursor, query_from_args
 
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 MAX_BULK = 1_000  # jobs one bulk request may touch: past it, narrow the filter
 HEALTH_TIMEOUT = 5.0  # seconds a storage ping may take before /healthz calls it down
+AUDIT_TIMEOUT = 10.0  # seconds an action's answer waits for its audit events to be stored
 ACTIONS = ("retry", "revoke")
 REVOKE_OPTIONS = ("terminate", "signal")
 
@@ -158,8 +161,9 @@ def _handler(job: Job) -> ActionHandler:
 async def retry(job_id: str) -> tuple[dict[str, Any], int]:
     _reject_unknown(await _body(), ())
     job = await _job(job_id)
-    result = await _handler(job).retry(job)
-    return {"job_id": result.new_job_id, "retry_of": job.id}, 202
+    [outcome] = await _act("retry", [job], {})
+    _raise_failure(outcome)
+    return {"job_id": outcome["new_job_id"], "retry_of": job.id}, 202
 
 
 @blueprint.post("/api/jobs/<job_id>/revoke")
@@ -168,8 +172,19 @@ async def revoke(job_id: str) -> tuple[dict[str, Any], int]:
     _reject_unknown(body, REVOKE_OPTIONS)
     options = _revoke_options(body)
     job = await _job(job_id)
-    await _handler(job).revoke(job, **options)
+    [outcome] = await _act("revoke", [job], options)
+    _raise_failure(outcome)
     return {"job_id": job.id, **options}, 202
+
+
+def _raise_failure(outcome: dict[str, Any]) -> None:
+    """A single job's action answers with its failure as an error status."""
+    if outcome["outcome"] == "refused":
+        raise ActionRefused(outcome["message"])
+    if outcome["outcome"] == "error":
+        raise ApiError(outcome["message"])
+    if outcome["outcome"] != "accepted":
+        raise ApiError(outcome["message"], status=501, code=outcome["outcome"])
 
 
 # -- bulk actions ----------------------------------------------------------
@@ -211,17 +226,163 @@ async def _matching(query: JobQuery) -> list[Job]:
         cursor = page.next_cursor
 
 
-async def _act(action: str, job: Job, options: dict[str, Any]) -> ActionResult:
-    handler = _handler(job)
+async def _act(action: str, jobs: list[Job], options: dict[str, Any]) -> list[dict[str, Any]]:
+    """Do ``action`` on each job; its outcome per job, in order, each recorded on the
+    job's timeline. Revokes go in one call per handler that can revoke many."""
+    # Stamped before anything is published: the worker's events come after it.
+    requested_at = time.time()
+    outcomes: dict[str, dict[str, Any]] = {}
+    single: list[tuple[ActionHandler, Job]] = []
+    by_handler: dict[int, tuple[RevokesMany, list[Job]]] = {}
+    for job in jobs:
+        handler = _engine().action_handler(job)
+        if handler is None:
+            outcomes[job.id] = _outcome(job, "not_implemented", _not_implemented(job).message)
+        elif action == "revoke" and isinstance(handler, RevokesMany):
+            by_handler.setdefault(id(handler), (handler, []))[1].append(job)
+        else:
+            single.append((handler, job))
+    for many, group in by_handler.values():
+        try:
+            results = await many.revoke_many(group, **options)
+        except Exception as exc:
+            outcomes.update((job.id, _failed(action, job, exc)) for job in group)
+        else:
+            outcomes.update((r.job_id, _outcome_of(r)) for r in results)
+    for handler, job in single:
+        try:
+            result = await _call(handler, action, job, options)
+        except Exception as exc:
+            outcomes[job.id] = _failed(action, job, exc)
+        else:
+            outcomes[job.id] = _outcome_of(result)
+    ordered = [outcomes[job.id] for job in jobs]
+    await _audit(action, jobs, ordered, options, requested_at)
+    return ordered
+
+
+async def _call(
+    handler: ActionHandler, action: str, job: Job, options: dict[str, Any]
+) -> ActionResult:
     if action == "retry":
         return await handler.retry(job)
     return await handler.revoke(job, **options)
+
+
+def _failed(action: str, job: Job, exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, ActionRefused):
+        return _outcome(job, "refused", str(exc))
+    if isinstance(exc, ApiError):
+        return _outcome(job, exc.code, exc.message)
+    log.error("%s of job %s failed", action, job.id, exc_info=exc)
+    return _outcome(job, "error", "the action failed; the server log has the details")
 
 
 def _outcome(
     job: Job, outcome: str, message: str = "", new_job_id: str | None = None
 ) -> dict[str, Any]:
     return {"id": job.id, "outcome": outcome, "message": message, "new_job_id": new_job_id}
+
+
+def _outcome_of(result: ActionResult) -> dict[str, Any]:
+    return {
+        "id": result.job_id,
+        "outcome": "accepted",
+        "message": "",
+        "new_job_id": result.new_job_id,
+    }
+
+
+# -- audit -------------------------------------------------------------------
+
+
+def _user() -> str | None:
+    """Who is acting: the API token's holder, the dashboard user, or None without auth.
+    The auth guard has already checked either, in this order."""
+    if not current_app.extensions["sluice_auth"].enabled:
+        return None
+    if request.headers.get("Authorization"):
+        return TOKEN_USER
+    user = session.get("user")
+    return user if isinstance(user, str) else None
+
+
+async def _audit(
+    action: str,
+    jobs: list[Job],
+    outcomes: list[dict[str, Any]],
+    options: dict[str, Any],
+    now: float,
+) -> None:
+    """Record each action on its job's timeline (a ``sluice-<action>`` event that moves
+    no state), and a retry's new job as queued, linked both ways (retry_of / retried_as).
+    Returns once stored, so the job's page shows them at once."""
+    user = _user()
+    events: list[JobEvent] = []
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        if outcome["outcome"] == "not_implemented":
+            continue  # nothing was attempted
+        new_id = outcome["new_job_id"]
+        detail = {
+            "action": action,
+            "outcome": outcome["outcome"],
+            "user": user,
+            "new_job_id": new_id,
+            "reason": outcome["message"] or None,
+            **options,
+        }
+        events.append(
+            _sluice_event(
+                job, job.id, action, None, now, {"retried_as": new_id} if new_id else {}, detail
+            )
+        )
+        if new_id is not None:
+            copied = {
+                "name": job.name,
+                "queue": job.queue,
+                "args": job.args,
+                "kwargs": job.kwargs,
+                "parent_id": job.parent_id,
+            }
+            extra = {"action": action, "outcome": "accepted", "user": user}
+            if "message" in job.extra:  # the SDK's capture: the new job ran with it too
+                extra["message"] = job.extra["message"]
+            events.append(
+                _sluice_event(
+                    job, new_id, action, JobState.QUEUED, now, {**copied, "retry_of": job.id}, extra
+                )
+            )
+    if not events:
+        return
+    stored = trio.Event()
+    if not _engine().pipeline.offer(events, [], stored):
+        log.error("%s: could not record %d audit event(s): ingest buffer full", action, len(events))
+        return
+    with trio.move_on_after(AUDIT_TIMEOUT) as waited:
+        await stored.wait()
+    if waited.cancelled_caught:
+        log.warning("%s: audit events not stored after %.0fs", action, AUDIT_TIMEOUT)
+
+
+def _sluice_event(
+    job: Job,
+    job_id: str,
+    action: str,
+    state: JobState | None,
+    now: float,
+    fields: dict[str, Any],
+    extra: dict[str, Any],
+) -> JobEvent:
+    return JobEvent(
+        id=event_id("sluice", action, job_id, now, uuid.uuid4().hex),
+        job_id=job_id,
+        framework=job.framework,
+        type=f"sluice-{action}",
+        state=state,
+        timestamp=now,
+        fields={key: value for key, value in fields.items() if value is not None},
+        extra={key: value for key, value in extra.items() if value is not None},
+    )
 
 
 @blueprint.post("/api/jobs/bulk")
@@ -258,21 +419,7 @@ async def bulk() -> dict[str, Any]:
     # Nothing at all can be done: say so once, as for a single job.
     if jobs and all(_engine().action_handler(job) is None for job in jobs):
         raise _not_implemented(jobs[0])
-    results = []
-    for job in jobs:
-        try:
-            result = await _act(action, job, options)
-        except ActionRefused as exc:
-            results.append(_outcome(job, "refused", str(exc)))
-        except ApiError as exc:
-            results.append(_outcome(job, exc.code, exc.message))
-        except Exception:
-            log.exception("%s of job %s failed", action, job.id)
-            results.append(
-                _outcome(job, "error", "the action failed; the server log has the details")
-            )
-        else:
-            results.append(_outcome(job, "accepted", new_job_id=result.new_job_id))
+    results = await _act(action, jobs, options)
     return {"action": action, "dry_run": False, "count": len(jobs), "results": results}
 
 
@@ -286,7 +433,10 @@ async def queues() -> list[dict[str, Any]]:
 
 @blueprint.get("/api/workers")
 async def workers() -> list[dict[str, Any]]:
-    return [worker_to_dict(worker) for worker in await _engine().storage.list_workers()]
+    return [
+        worker_to_dict(worker, task_events=flag)
+        for worker, flag in await workers_task_events(_engine().storage)
+    ]
 
 
 # -- health and metrics ------------------------------------------------------
@@ -325,8 +475,9 @@ async def metrics() -> Response:
     counts = await engine.storage.count_jobs_by_state()
     for state in JobState:
         m.jobs.labels(state.value).set(counts.get(state.value, 0))
-    online = sum(worker.status == "online" for worker in await engine.storage.list_workers())
-    m.workers_online.set(online)
+    m.observe_workers(await engine.storage.list_workers())
+    stuck = await engine.storage.list_jobs(JobQuery(stuck=True, limit=MAX_PAGE))
+    m.jobs_stuck.set(len(stuck.jobs))
     # A labelled counter has no sample until a label is used; a scraper should
     # see an explicit 0 for every source rather than a missing series.
     for name in [source.name for source in engine.sources] + ["ingest"]:

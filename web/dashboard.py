@@ -28,7 +28,8 @@ from sluice_core.serialize import (
     queue_to_dict,
     worker_to_dict,
 )
-from sluice_core.storage import JobQuery
+from sluice_core.monitors import workers_task_events
+from sluice_core.storage import MAX_PAGE, JobQuery
 from sluice_web import charts
 from sluice_web.errors import ApiError
 from sluice_web.params import FILTERS, encode_cursor, query_from_args
@@ -162,6 +163,7 @@ async def overview() -> str:
     most = max((count for _, count in top), default=1)
     counts = await storage.count_jobs_by_state()
     workers = await storage.list_workers()
+    stuck = await storage.list_jobs(JobQuery(stuck=True, limit=MAX_PAGE))
     return await render_template(
         "overview.html",
         window=window,
@@ -174,6 +176,8 @@ async def overview() -> str:
                      for name, count in top],
         counts=counts,
         total_jobs=sum(counts.values()),
+        stuck=len(stuck.jobs),
+        stuck_max=MAX_PAGE,
         workers_online=sum(1 for w in workers if w.status == "online"),
         workers_total=len(workers),
         queues=[queue_to_dict(queue) for queue in await storage.list_queues(now)],
@@ -278,8 +282,11 @@ async def queues() -> str:
 async def workers() -> str:
     now = time.time()
     rows = [
-        {**worker_to_dict(w), "age_s": None if w.last_heartbeat is None else now - w.last_heartbeat}
-        for w in await _engine().storage.list_workers()
+        {
+            **worker_to_dict(w, task_events=flag),
+            "age_s": None if w.last_heartbeat is None else now - w.last_heartbeat,
+        }
+        for w, flag in await workers_task_events(_engine().storage)
     ]
     rows.sort(key=lambda w: (w["status"] != "online", w["hostname"]))
     return await render_template("workers.html", workers=rows)

@@ -85,6 +85,14 @@ class TokenBucket:
         return (n - self.tokens) / self.rate
 
 
+class Malformed(BadRequest):
+    """A batch Sluice cannot read; ``count`` is what it adds to sluice_events_malformed_total."""
+
+    def __init__(self, message: str, *, count: int = 1) -> None:
+        super().__init__(message)
+        self.count = count
+
+
 class Ingest:
     """The endpoints' state in one app: a token bucket per API key."""
 
@@ -95,6 +103,10 @@ class Ingest:
             self.burst = float(engine.config.get("ingest_burst", DEFAULT_BURST))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"ingest_rate / ingest_burst: expected numbers ({exc})") from None
+        if not (self.rate > 0 and self.burst >= 1):
+            raise ConfigError(
+                f"ingest_rate must be > 0 and ingest_burst >= 1 (got {self.rate}, {self.burst})"
+            )
         self._buckets: dict[int, TokenBucket] = {}
 
     def wait_for(self, key: ApiKey, events: int) -> float:
@@ -106,30 +118,53 @@ class Ingest:
         scheme, _, token = headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return None
-        return await self.engine.storage.check_api_key(token.strip())
+        try:
+            return await self.engine.storage.check_api_key(token.strip())
+        except Exception as exc:  # any driver error: the sender keeps its events, retries
+            log.warning("cannot check an API key: %s", exc)
+            raise ApiError(
+                "cannot check the API key now (the database is unreachable): retry later",
+                status=503,
+                code="unavailable",
+            ) from None
+
+    def parse(self, key: ApiKey, data: str | bytes) -> Any:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            self.engine.metrics.events_malformed.labels(_source(key)).inc()
+            raise Malformed(f"not valid JSON ({exc})") from None
 
     def decode(self, key: ApiKey, body: Any) -> tuple[list[JobEvent], list[WorkerEvent]]:
-        """The events of one batch, all valid, or BadRequest (and none of them is taken)."""
+        """The events of one batch (a parsed JSON body), all valid, or :class:`Malformed`
+        (counted in sluice_events_malformed_total): then none of them is taken."""
+        try:
+            return self._decode(key, body)
+        except Malformed as exc:
+            self.engine.metrics.events_malformed.labels(_source(key)).inc(exc.count)
+            raise
+
+    def _decode(self, key: ApiKey, body: Any) -> tuple[list[JobEvent], list[WorkerEvent]]:
         if type(body) is not dict:
-            raise BadRequest("expected a JSON object with a format and its events")
+            raise Malformed("expected a JSON object with a format and its events")
         fmt = body.get("format")
         if fmt in RAW_FORMATS:
             events = body.get("events")
             if type(events) is not list:
-                raise BadRequest(f'format {fmt!r}: "events" must be a list of event objects')
+                raise Malformed(f'format {fmt!r}: "events" must be a list of event objects')
             self._check_count(len(events))
             return self._normalize(key, RAW_FORMATS[fmt], events)
         if fmt == NORMALIZED_FORMAT:
             job_events, worker_events = body.get("job_events", []), body.get("worker_events", [])
             if type(job_events) is not list or type(worker_events) is not list:
-                raise BadRequest('"job_events" and "worker_events" must be lists')
+                raise Malformed('"job_events" and "worker_events" must be lists')
             self._check_count(len(job_events) + len(worker_events))
             return (
-                self._parse(key, "job_events", job_events, job_event_from_json),
-                self._parse(key, "worker_events", worker_events, worker_event_from_json),
+                self._parse("job_events", job_events, job_event_from_json),
+                self._parse("worker_events", worker_events, worker_event_from_json),
             )
         known = ", ".join(repr(f) for f in [*RAW_FORMATS, NORMALIZED_FORMAT])
-        raise BadRequest(f"unknown format {fmt!r} (accepted: {known})")
+        raise Malformed(f"unknown format {fmt!r} (accepted: {known})")
 
     def _check_count(self, n: int) -> None:
         if n > MAX_EVENTS:
@@ -138,10 +173,6 @@ class Ingest:
                 status=413,
                 code="too_many_events",
             )
-
-    def _malformed(self, key: ApiKey, n: int, message: str) -> BadRequest:
-        self.engine.metrics.events_malformed.labels(_source(key)).inc(n)
-        return BadRequest(message)
 
     def _normalize(
         self, key: ApiKey, kind: str, events: list[Any]
@@ -155,25 +186,22 @@ class Ingest:
             )
         if result.malformed:
             # The normalizer logged why (rate-limited); the sender's bug is in the count.
-            raise self._malformed(
-                key,
-                result.malformed,
+            raise Malformed(
                 f"{result.malformed} of {len(events)} events are malformed (not Celery events:"
                 " each needs a type, a hostname, a numeric timestamp and, for tasks, a uuid);"
                 " nothing was stored",
+                count=result.malformed,
             )
         return result.job_events, result.worker_events
 
-    def _parse[T](
-        self, key: ApiKey, what: str, items: list[Any], parse: Callable[[Any], T]
-    ) -> list[T]:
+    def _parse[T](self, what: str, items: list[Any], parse: Callable[[Any], T]) -> list[T]:
         out = []
         for i, item in enumerate(items):
             try:
                 out.append(parse(item))
             except ValueError as exc:
-                raise self._malformed(
-                    key, len(items), f"{what}[{i}]: {exc}; nothing was stored"
+                raise Malformed(
+                    f"{what}[{i}]: {exc}; nothing was stored", count=len(items)
                 ) from None
         return out
 
@@ -184,7 +212,7 @@ class Ingest:
         n = len(job_events) + len(worker_events)
         self.engine.metrics.messages_received.labels(_source(key)).inc(n)
         stored = trio.Event()
-        if not self.engine.pipeline.put_events(job_events, worker_events, stored):
+        if not self.engine.pipeline.offer(job_events, worker_events, stored):
             raise ApiError(
                 "Sluice cannot take events now (its buffer is full or it is stopping):"
                 " send them again later",
@@ -220,7 +248,9 @@ def _setup(state: Any) -> None:
 
 def _unauthorized() -> Response:
     response = error_response(
-        401, "unauthorized", "send a valid API key: 'Authorization: Bearer <key>' (sluice keys create)"
+        401,
+        "unauthorized",
+        "send a valid API key: 'Authorization: Bearer <key>' (sluice keys create)",
     )
     response.headers["WWW-Authenticate"] = 'Bearer realm="sluice-ingest"'
     return response
@@ -235,13 +265,7 @@ async def ingest_batch() -> Response | tuple[dict[str, Any], int]:
     key = await ingest.authenticate(request.headers)
     if key is None:
         return _unauthorized()
-    data = await request.get_data()
-    try:
-        body = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        ingest.engine.metrics.events_malformed.labels(_source(key)).inc()
-        raise BadRequest(f"body: not valid JSON ({exc})") from None
-    job_events, worker_events = ingest.decode(key, body)
+    job_events, worker_events = ingest.decode(key, ingest.parse(key, await request.get_data()))
     wait = ingest.wait_for(key, len(job_events) + len(worker_events))
     if wait:
         seconds = math.ceil(wait)
@@ -273,7 +297,12 @@ async def ingest_stream() -> Response | None:
         while True:
             data = await websocket.receive()
             if time.monotonic() - checked > REVALIDATE_S:
-                if await ingest.authenticate(websocket.headers) is None:
+                try:
+                    still = await ingest.authenticate(websocket.headers)
+                except ApiError as exc:
+                    await _close(nursery, CLOSE_RESTART, exc.message)
+                    break
+                if still is None:
                     await _close(nursery, CLOSE_POLICY, "API key revoked")
                     break
                 checked = time.monotonic()
@@ -303,11 +332,7 @@ async def _stream_message(
                 status=413,
                 code="too_large",
             )
-        try:
-            body = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            ingest.engine.metrics.events_malformed.labels(_source(key)).inc()
-            raise BadRequest(f"not valid JSON ({exc})") from None
+        body = ingest.parse(key, data)
         seq = body.get("seq") if type(body) is dict else None
         if type(seq) is not int:
             raise BadRequest('every message needs an integer "seq"')

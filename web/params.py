@@ -24,7 +24,7 @@ from sluice_core.storage import DEFAULT_PAGE, MAX_PAGE, JobQuery
 from sluice_web.errors import BadRequest
 
 TEXT_FILTERS = ("q", "name", "queue", "worker", "framework")
-FILTERS = (*TEXT_FILTERS, "state", "since", "until")
+FILTERS = (*TEXT_FILTERS, "state", "since", "until", "stuck")
 PAGING = ("limit", "cursor")
 MAX_TEXT = 1_000  # longer than any name or id; bounds what a search scans for
 # Year 9999: the largest instant ISO-8601 and every backend can represent.
@@ -114,6 +114,17 @@ def _iso_to_epoch(name: str, text: str) -> float:
     )
 
 
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", ""):
+        return False
+    raise BadRequest(f"{name}: expected true or false")
+
+
 def _limit(value: Any) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
@@ -145,6 +156,7 @@ def build_query(values: Mapping[str, Any], *, allowed: Collection[str]) -> JobQu
         worker=text("worker"),
         framework=text("framework"),
         states=_states(values["state"]) if "state" in values else frozenset(),
+        stuck=_bool("stuck", values["stuck"]) if "stuck" in values else False,
         since=since,
         until=until,
         limit=_limit(values["limit"]) if "limit" in values else DEFAULT_PAGE,

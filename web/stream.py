@@ -71,6 +71,8 @@ class Streams:
 
 def matches(query: JobQuery, job: dict[str, Any]) -> bool:
     """Whether a job (as serialized) passes the list's filters."""
+    if query.stuck:
+        return False  # a job that just moved is not stuck: stuck jobs are the silent ones
     if query.states and job["state"] not in query.states:
         return False
     for field in ("name", "queue", "worker", "framework"):

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import base64
 import itertools
+import logging
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -27,8 +29,11 @@ import orjson
 import redis
 import trio
 
+from sluice_celery.events import decode_envelope
 from sluice_core.config import ConfigError, redact_url
 from sluice_rabbitmq.publish import AmqpPublisher, PublishError
+
+log = logging.getLogger(__name__)
 
 PIDBOX_EXCHANGE = "celery.pidbox"
 REPLY_EXCHANGE = "reply.celery.pidbox"
@@ -37,6 +42,9 @@ REPLY_EXCHANGE = "reply.celery.pidbox"
 REDIS_TIMEOUT = 10.0
 # Threads one Redis broker's calls may use at once (redis-py is blocking).
 REDIS_THREADS = 4
+# Seconds a request waits for workers' answers (Celery's inspect waits 1 s).
+REQUEST_TIMEOUT = 1.0
+KOMBU_SEP = "\x06\x16"  # between the parts of a kombu binding
 
 T = TypeVar("T")
 
@@ -163,6 +171,84 @@ class RedisMailbox:
         if not heard:
             raise NoListener(f"no worker listens for control commands on {self.client.url}")
         return heard
+
+    async def request(
+        self,
+        method: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        timeout: float = REQUEST_TIMEOUT,
+    ) -> dict[str, Any]:
+        """Ask every worker and collect the answers: ``{nodename: reply}``.
+
+        Returns once every worker that heard the request answered, or after
+        ``timeout`` seconds with the answers so far (a busy worker answers late,
+        a dead one never). Raises :class:`NoListener` when no worker listens.
+        """
+        oid = str(uuid.uuid4())
+        ticket = str(uuid.uuid4())
+        reply_queue = f"{oid}.{REPLY_EXCHANGE}"
+        body = command(
+            method,
+            arguments or {},
+            ticket=ticket,
+            reply_to={"exchange": REPLY_EXCHANGE, "routing_key": oid},
+        )
+        envelope = redis_envelope(
+            orjson.dumps(body),
+            control_headers(time.time() + timeout),
+            exchange=PIDBOX_EXCHANGE,
+            routing_key="",
+        )
+        prefix = self.client.keyprefix
+        binding_key = f"{prefix}_kombu.binding.{REPLY_EXCHANGE}"
+        # kombu routes a direct-exchange message through the exchange's binding set:
+        # this member sends replies with routing key ``oid`` to our list.
+        member = f"{oid}{KOMBU_SEP}{KOMBU_SEP}{reply_queue}"
+
+        def ask(r: redis.Redis) -> tuple[int, list[bytes]]:
+            r.sadd(binding_key, member)
+            try:
+                heard = int(r.publish(self.channel, envelope))
+                replies: list[bytes] = []
+                deadline = time.monotonic() + timeout
+                while heard and len(replies) < heard:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    popped = r.brpop([prefix + reply_queue], timeout=left)
+                    if popped is None:
+                        break
+                    replies.append(popped[1])
+                return heard, replies
+            finally:
+                r.srem(binding_key, member)
+                r.delete(prefix + reply_queue)
+
+        heard, raw = await self.client.call(ask)
+        if not heard:
+            raise NoListener(f"no worker listens for control commands on {self.client.url}")
+        return _collect_replies(raw, ticket)
+
+
+def _collect_replies(raw: list[bytes], ticket: str) -> dict[str, Any]:
+    """Merge workers' reply envelopes (each ``{nodename: result}``) for this ticket.
+    A reply that does not decode is skipped and logged: one odd worker must not
+    hide the others' answers."""
+    out: dict[str, Any] = {}
+    for data in raw:
+        try:
+            envelope = orjson.loads(data)
+            payload = decode_envelope(data)
+        except ValueError as exc:
+            log.warning("skipped an undecodable control reply: %s", exc)
+            continue
+        headers = envelope.get("headers") if isinstance(envelope, dict) else None
+        if not isinstance(headers, dict) or headers.get("ticket") != ticket:
+            continue  # an answer to an earlier request
+        if isinstance(payload, dict):
+            out.update(payload)
+    return out
 
 
 # -- RabbitMQ -----------------------------------------------------------------------

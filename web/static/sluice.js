@@ -238,7 +238,7 @@
       button.addEventListener("click", async () => {
         const action = button.dataset.bulk;
         const ids = selectedIds();
-        if (action === "revoke" && !confirm(`Revoke ${ids.length} job(s)?`)) return;
+        if (!confirm(`${action === "revoke" ? "Revoke" : "Retry"} ${ids.length} job(s)?`)) return;
         button.disabled = true;
         try {
           const data = await post("/api/jobs/bulk", { action, ids });
@@ -261,11 +261,14 @@
     document.querySelectorAll("[data-action]").forEach((button) =>
       button.addEventListener("click", async () => {
         const action = button.dataset.action;
-        if (action === "revoke" && !confirm("Revoke this job?")) return;
+        const question = action === "retry"
+          ? "Run this job again, as a new job with the same arguments?"
+          : terminate.checked ? "Revoke this job, and kill it if it is running?" : "Revoke this job?";
+        if (!confirm(question)) return;
         button.disabled = true;
         try {
           const data = await post(button.dataset.url, action === "revoke" ? { terminate: terminate.checked } : {});
-          if (data?.job_id) {
+          if (action === "retry" && data?.job_id) {
             result.className = "action-result ok";
             result.replaceChildren("Retry sent as ");
             const link = document.createElement("a");

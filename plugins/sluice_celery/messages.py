@@ -1,0 +1,296 @@
+"""Re-running a job: Celery's protocol-2 task message, built without Celery
+(CELERY_PROTOCOL.md section 6).
+
+A re-run is only worth doing with the job's real arguments. They come from
+the SDK's capture of the message when there is one (``job.extra["message"]``:
+``{"args": [...], "kwargs": {...}, "options": {...}}``), else from the event's
+argument reprs, and only when those parse as complete literals: Celery cuts
+reprs at 1024 characters (a string then ends in ``...``, a list in ``, ...``)
+and 3 levels (``[...]``, ``{...}``), and does not escape backslashes, so a repr
+that parses may still not be the value. Such jobs are refused with
+:class:`~sluice_core.actions.ActionRefused`, saying how to make them re-runnable.
+``ast.literal_eval`` only; nothing is ever evaluated.
+"""
+
+from __future__ import annotations
+
+import ast
+import bisect
+import math
+import re
+import socket
+from typing import Any
+
+import attrs
+import orjson
+
+from sluice_celery.control import RedisClient, redis_envelope
+from sluice_core.actions import ActionRefused
+from sluice_core.model import Job
+from sluice_rabbitmq.publish import AmqpPublisher
+
+# kombu's Redis priority queues: steps 0, 3, 6, 9; step 0 is the plain key.
+PRIORITY_STEPS = (0, 3, 6, 9)
+PRIORITY_SEP = "\x06\x16"
+REPR_MAXSIZE = 1024  # Celery's argsrepr_maxsize; the reprs Sluice sends are cut alike
+ORIGIN = f"sluice@{socket.gethostname()}"
+
+HOW_TO_FIX = (
+    "install the Sluice SDK in the application (it records the full message), or raise "
+    "app.amqp.argsrepr_maxsize / kwargsrepr_maxsize (Celery cuts argument reprs at "
+    f"{REPR_MAXSIZE} characters) and app.conf.task_repr_maxlevels (3 levels)"
+)
+
+# Message options of the SDK's capture that a re-run keeps, and their JSON types.
+# Others (eta, expires, group, callbacks...) belong to the first run only.
+KEPT_OPTIONS: dict[str, tuple[type, ...]] = {
+    "queue": (str,),
+    "exchange": (str,),
+    "routing_key": (str,),
+    "priority": (int,),
+    "timelimit": (list,),
+    "shadow": (str,),
+    "ignore_result": (bool,),
+}
+
+# A backslash that is not saferepr's escape of a quote: saferepr writes strings
+# between quotes without escaping, so "C:\temp" reads back with a tab in it.
+_RAW_BACKSLASH = re.compile(r"\\(?!')")
+
+
+@attrs.frozen
+class Call:
+    """What a job was called with, faithfully."""
+
+    args: list[Any]
+    kwargs: dict[str, Any]
+    options: dict[str, Any]  # KEPT_OPTIONS found in the SDK's capture
+    source: str  # "sdk" or "events"
+
+
+@attrs.frozen
+class TaskMessage:
+    """A protocol-2 task message, ready for either broker."""
+
+    id: str
+    queue: str | None  # the Redis list it goes to (None: only an AMQP routing key is known)
+    exchange: str
+    routing_key: str
+    priority: int | None
+    headers: dict[str, Any]
+    body: bytes  # JSON [args, kwargs, embed]
+
+
+# -- the arguments -------------------------------------------------------------------
+
+
+def recover_call(job: Job) -> Call:
+    """The job's arguments and options, or :class:`ActionRefused` saying why not."""
+    message = job.extra.get("message")
+    if message is not None:
+        return _from_capture(job, message)
+    if job.args is None or job.kwargs is None:
+        raise ActionRefused(
+            f"cannot retry job {job.id}: Sluice never saw its arguments (no task-sent or "
+            f"task-received event carried them). To make jobs re-runnable, {HOW_TO_FIX}."
+        )
+    args = _literal(job, "args", job.args)
+    kwargs = _literal(job, "kwargs", job.kwargs)
+    if not isinstance(args, (tuple, list)):
+        raise _unfaithful(job, "args", "it is not a tuple or list of arguments")
+    if not isinstance(kwargs, dict):
+        raise _unfaithful(job, "kwargs", "it is not a dict of keyword arguments")
+    return Call(list(args), kwargs, {}, "events")
+
+
+def _from_capture(job: Job, message: Any) -> Call:
+    def malformed(what: str) -> ActionRefused:
+        return ActionRefused(
+            f"cannot retry job {job.id}: the SDK's record of its message is malformed ({what})"
+        )
+
+    if not isinstance(message, dict):
+        raise malformed("not an object")
+    args, kwargs = message.get("args"), message.get("kwargs", {})
+    options = message.get("options", {})
+    if not isinstance(args, list):
+        raise malformed("args is not a list")
+    if not isinstance(kwargs, dict):
+        raise malformed("kwargs is not an object")
+    if not isinstance(options, dict):
+        raise malformed("options is not an object")
+    kept = {}
+    for name, types in KEPT_OPTIONS.items():
+        value = options.get(name)
+        if value is None:
+            continue
+        if type(value) not in types:
+            raise malformed(f"options.{name} is a {type(value).__name__}")
+        kept[name] = value
+    timelimit = kept.get("timelimit")
+    if timelimit is not None and not (
+        len(timelimit) == 2
+        and all(t is None or (type(t) in (int, float) and t >= 0) for t in timelimit)
+    ):
+        raise malformed("options.timelimit is not [hard, soft] seconds")
+    return Call(args, kwargs, kept, "sdk")
+
+
+def _literal(job: Job, what: str, text: str) -> Any:
+    if _RAW_BACKSLASH.search(text):
+        raise _unfaithful(
+            job, what, "it contains a backslash, which Celery's repr does not escape"
+        )
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        if text.rstrip(")]}'\" ,").endswith("..."):
+            raise _unfaithful(job, what, "Celery truncated it") from None
+        raise _unfaithful(
+            job, what, "it is not made of plain literals (an object such as a date has none)"
+        ) from None
+    problem = _not_json(value)
+    if problem is not None:
+        raise _unfaithful(job, what, problem)
+    return value
+
+
+def _not_json(value: Any) -> str | None:
+    """Why ``value`` is not exactly what the worker got (JSON), or None if it is."""
+    # saferepr writes a container past its depth limit as [...], (...) or {...}: the
+    # last is a set holding Ellipsis.
+    if value is Ellipsis or value == {Ellipsis}:
+        return "Celery elided part of it ('...')"
+    if value is None or type(value) in (bool, int):
+        return None
+    if type(value) is float:
+        return None if math.isfinite(value) else "it holds a number JSON cannot carry"
+    if type(value) is str:
+        # What saferepr cut short ends in "..." inside its quotes.
+        return "Celery truncated a string in it ('...')" if value.endswith("...") else None
+    if type(value) in (list, tuple):
+        return next((p for p in map(_not_json, value) if p is not None), None)
+    if type(value) is dict:
+        if not all(type(key) is str for key in value):
+            return "a dict in it has keys that are not strings (JSON would change them)"
+        return next((p for p in map(_not_json, value.values()) if p is not None), None)
+    return f"it holds a {type(value).__name__}, which Celery's JSON messages cannot carry"
+
+
+def _unfaithful(job: Job, what: str, why: str) -> ActionRefused:
+    return ActionRefused(
+        f"cannot retry job {job.id} faithfully: its {what} are only known as the repr "
+        f"Celery put in its events, and {why}. To make jobs re-runnable, {HOW_TO_FIX}."
+    )
+
+
+# -- the message ---------------------------------------------------------------------
+
+
+def task_message(job: Job, call: Call, *, new_id: str) -> TaskMessage:
+    """The message that re-runs ``job`` as the new job ``new_id``, on the job's original
+    queue (exchange and routing key where known)."""
+    if not job.name:
+        raise ActionRefused(f"cannot retry job {job.id}: Sluice does not know its task name")
+    options = call.options
+    exchange = _text(options.get("exchange", job.extra.get("exchange"))) or ""
+    queue = options.get("queue") or job.queue
+    routing_key = options.get("routing_key") or _text(job.extra.get("routing_key")) or queue
+    if routing_key is None:
+        raise ActionRefused(
+            f"cannot retry job {job.id}: Sluice does not know which queue it was sent to "
+            "(no task-sent event): set task_send_sent_event=True in the application, "
+            "or install the Sluice SDK"
+        )
+    if queue is None and exchange == "":
+        queue = routing_key  # the default exchange routes by queue name
+    priority = options.get("priority")
+    root_id = job.root_id if job.root_id not in (None, job.id) else new_id
+    headers = {
+        "lang": "py",
+        "task": job.name,
+        "id": new_id,
+        "shadow": options.get("shadow"),
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": options.get("timelimit", [None, None]),
+        "root_id": root_id,
+        "parent_id": job.parent_id,
+        "argsrepr": job.args if call.source == "events" else _display(tuple(call.args)),
+        "kwargsrepr": job.kwargs if call.source == "events" else _display(call.kwargs),
+        "origin": ORIGIN,
+        "ignore_result": options.get("ignore_result", False),
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+        # Lets the application (and the SDK) tell a re-run by Sluice from a first run.
+        "sluice_retry_of": job.id,
+    }
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    return TaskMessage(
+        id=new_id,
+        queue=queue,
+        exchange=exchange,
+        routing_key=routing_key,
+        priority=priority,
+        headers=headers,
+        body=orjson.dumps([call.args, call.kwargs, embed]),
+    )
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _display(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= REPR_MAXSIZE else text[:REPR_MAXSIZE] + "..."
+
+
+def redis_queue_key(queue: str, priority: int | None, keyprefix: str = "") -> str:
+    """The Redis list a message for ``queue`` at ``priority`` goes to, as kombu names it."""
+    clamped = min(max(priority or 0, 0), 9)
+    step = PRIORITY_STEPS[bisect.bisect_right(PRIORITY_STEPS, clamped) - 1]
+    return f"{keyprefix}{queue}{PRIORITY_SEP}{step}" if step else f"{keyprefix}{queue}"
+
+
+async def push_redis(client: RedisClient, message: TaskMessage) -> None:
+    """LPUSH the message to its queue's list, where workers BRPOP it."""
+    if message.queue is None:
+        raise ActionRefused(
+            f"cannot retry on Redis: exchange {message.exchange!r} with routing key "
+            f"{message.routing_key!r} names no queue Sluice can push to"
+        )
+    entry = redis_envelope(
+        message.body,
+        message.headers,
+        exchange=message.exchange,
+        routing_key=message.routing_key,
+        properties={"correlation_id": message.id, "priority": message.priority or 0},
+    )
+    key = redis_queue_key(message.queue, message.priority, client.keyprefix)
+    await client.call(lambda r: r.lpush(key, entry))
+
+
+async def publish_amqp(publisher: AmqpPublisher, message: TaskMessage) -> None:
+    """Publish to the message's exchange and routing key; unroutable is an error
+    (:class:`~sluice_rabbitmq.publish.PublishError`), not a silent drop."""
+    properties: dict[str, Any] = {
+        "content_type": "application/json",
+        "content_encoding": "utf-8",
+        "delivery_mode": 2,
+        "correlation_id": message.id,
+    }
+    if message.priority is not None:
+        properties["priority"] = message.priority
+    await publisher.publish(
+        message.exchange,
+        message.routing_key,
+        message.body,
+        message.headers,
+        properties,
+        mandatory=True,
+    )

@@ -1,0 +1,402 @@
+"""Retry and revoke, one job or in bulk, against real Celery workers on Redis and RabbitMQ.
+
+Each test runs the whole engine (the celery and rabbitmq plugins, SQLite in
+tmp_path, the web server on a free port) and acts through the HTTP API as a
+user would, then watches what the real worker did through Sluice's own view of
+the job. The worker fixture gives each test its own queue, key prefix and (on
+RabbitMQ) vhost.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import trio
+from celery.utils.saferepr import saferepr
+from playwright.sync_api import Page, expect
+
+from sluice_celery.actions import CeleryActions
+from sluice_celery.messages import recover_call, redis_queue_key, task_message
+from sluice_core.actions import ActionRefused
+from sluice_core.config import Config
+from sluice_core.engine import Engine
+from sluice_core.model import Job
+from sluice_core.plugins import PluginManager
+from tests.celery_app import make_app
+from tests.fixtures.celery_worker import CeleryWorker
+from tests.test_dashboard import browse
+
+TIMEOUT = 60  # absolute bound per test: worker start-up on a busy machine takes seconds
+BOTH = pytest.mark.parametrize("celery_worker", ["redis", "rabbitmq"], indirect=True)
+TOKEN = "test-token-0123456789abcdef"
+
+
+@asynccontextmanager
+async def sluice(
+    tmp_path: Path, broker_url: str, keyprefix: str, **options: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    """``sluice run --plugin celery --broker URL`` on a free port, its sources connected."""
+    pm = PluginManager()
+    pm.load(["celery", "rabbitmq"])
+    options = {"redis_keyprefix": keyprefix, **options}
+    config = Config(
+        brokers=[broker_url], db=f"sqlite:///{tmp_path}/sluice.db", port=0, layers=[options]
+    )
+    pm.configure(config)
+    engine = Engine(config, pm)
+    headers = {"Authorization": f"Bearer {TOKEN}"} if "api_token" in options else None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        base = engine.web_addresses[0].replace("0.0.0.0", "127.0.0.1")
+        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as client:
+            # Ready once the event source is subscribed: nothing sent from here on is missed.
+            while (await client.get("/healthz")).status_code != 200:
+                await trio.sleep(0.05)
+            yield client
+        for handler in engine.actions:
+            if isinstance(handler, CeleryActions):
+                await handler.aclose()
+        engine.stop()
+
+
+async def job_when(
+    client: httpx.AsyncClient, job_id: str, ready: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """The job as the API shows it, once ``ready(job)`` holds."""
+    while True:
+        response = await client.get(f"/api/jobs/{job_id}")
+        if response.status_code == 200 and ready(job := response.json()):
+            return job
+        await trio.sleep(0.05)
+
+
+def in_state(*states: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda job: job["state"] in states
+
+
+def actions(job: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    """The details of the job's ``sluice-<kind>`` audit events, oldest first."""
+    return [e["detail"] for e in job["events"] if e["type"] == f"sluice-{kind}"]
+
+
+async def send(worker: CeleryWorker, name: str, *args: Any, **options: Any) -> str:
+    kwargs = options.pop("kwargs", {})
+    result = await trio.to_thread.run_sync(
+        lambda: worker.app.send_task(name, args, kwargs, queue=worker.queue, **options)
+    )
+    return str(result.id)
+
+
+# -- revoke ----------------------------------------------------------------------------
+
+
+@BOTH
+async def test_revoked_scheduled_job_never_runs_and_ends_revoked(
+    celery_worker: CeleryWorker, tmp_path: Path
+) -> None:
+    worker = celery_worker
+    with trio.fail_after(TIMEOUT):
+        async with sluice(tmp_path, worker.broker_url, worker.keyprefix) as client:
+            # The worker holds a countdown job until its ETA: a revoke must reach it there.
+            job_id = await send(worker, "tests.add", 2, 2, countdown=3)
+            await job_when(client, job_id, in_state("scheduled"))
+
+            response = await client.post(f"/api/jobs/{job_id}/revoke", json={})
+            assert response.status_code == 202, response.text
+            assert response.json() == {"job_id": job_id, "terminate": False, "signal": "SIGTERM"}
+            # Until a worker confirms, the job shows the pending action, from the audit event.
+            job = (await client.get(f"/api/jobs/{job_id}")).json()
+            [audit] = actions(job, "revoke")
+            assert audit["outcome"] == "accepted" and audit["terminate"] is False
+            if job["state"] != "revoked":
+                page = (await client.get(f"/jobs/{job_id}")).text
+                assert "Revoke requested at" in page
+
+            job = await job_when(client, job_id, in_state("revoked"))
+            page = (await client.get(f"/jobs/{job_id}")).text
+    states = [e["state"] for e in job["events"]]
+    assert "active" not in states and "completed" not in states
+    assert job["started_at"] is None and job["result"] is None
+    assert "Revoke requested" not in page
+
+
+@BOTH
+async def test_terminate_kills_a_running_job(celery_worker: CeleryWorker, tmp_path: Path) -> None:
+    worker = celery_worker
+    with trio.fail_after(TIMEOUT):
+        async with sluice(tmp_path, worker.broker_url, worker.keyprefix) as client:
+            job_id = await send(worker, "tests.sleep", 120)
+            await job_when(client, job_id, in_state("active"))
+            response = await client.post(
+                f"/api/jobs/{job_id}/revoke", json={"terminate": True, "signal": "SIGKILL"}
+            )
+            assert response.status_code == 202, response.text
+            job = await job_when(client, job_id, in_state("revoked"))
+    [revoked] = [e for e in job["events"] if e["type"] == "task-revoked"]
+    assert revoked["detail"]["terminated"] is True
+    assert revoked["detail"]["signum"] in ("9", 9)
+    [audit] = actions(job, "revoke")
+    assert (audit["terminate"], audit["signal"]) == (True, "SIGKILL")
+
+
+# -- retry -----------------------------------------------------------------------------
+
+
+@BOTH
+async def test_retry_of_a_failed_job_whose_cause_was_fixed_completes_with_its_arguments(
+    celery_worker: CeleryWorker, tmp_path: Path
+) -> None:
+    worker = celery_worker
+    path = tmp_path / "input.txt"
+    with trio.fail_after(TIMEOUT):
+        async with sluice(tmp_path, worker.broker_url, worker.keyprefix) as client:
+            failed_id = await send(worker, "tests.read_file", str(path), kwargs={"strip": True})
+            failed = await job_when(client, failed_id, in_state("failed"))
+            assert "FileNotFoundError" in failed["exception"]
+
+            path.write_text("  fixed  \n")
+            response = await client.post(f"/api/jobs/{failed_id}/retry")
+            assert response.status_code == 202, response.text
+            new_id = response.json()["job_id"]
+            assert response.json() == {"job_id": new_id, "retry_of": failed_id}
+            assert new_id != failed_id
+
+            new = await job_when(client, new_id, in_state("completed"))
+            old = (await client.get(f"/api/jobs/{failed_id}")).json()
+    # The new run had the original arguments (strip=True included): it read and stripped.
+    assert new["result"] == "'fixed'"
+    assert (new["name"], new["queue"]) == ("tests.read_file", worker.queue)
+    assert (new["args"], new["kwargs"]) == (failed["args"], failed["kwargs"])
+    assert new["retry_of"] == failed_id and old["retried_as"] == new_id
+    assert old["state"] == "failed"  # the original job's own history is unchanged
+    [audit] = actions(old, "retry")
+    assert (audit["outcome"], audit["new_job_id"]) == ("accepted", new_id)
+    # The new job shows Sluice's publish first, then what the worker did.
+    assert [e["type"] for e in new["events"]][:2] == ["sluice-retry", "task-received"]
+
+
+async def test_retry_is_refused_when_arguments_are_only_a_truncated_repr(
+    celery_worker: CeleryWorker, tmp_path: Path
+) -> None:
+    worker = celery_worker
+    with trio.fail_after(TIMEOUT):
+        async with sluice(tmp_path, worker.broker_url, worker.keyprefix) as client:
+            long_id = await send(worker, "tests.echo", "x" * 2000)
+            deep_id = await send(worker, "tests.echo", {"a": {"b": {"c": 1}}})
+            for job_id in (long_id, deep_id):
+                await job_when(client, job_id, in_state("completed"))
+            refusals = {}
+            for job_id in (long_id, deep_id):
+                response = await client.post(f"/api/jobs/{job_id}/retry")
+                assert response.status_code == 409, response.text
+                assert response.json()["error"]["code"] == "refused"
+                refusals[job_id] = response.json()["error"]["message"]
+            listed = (await client.get("/api/jobs")).json()["jobs"]
+            long_job = (await client.get(f"/api/jobs/{long_id}")).json()
+    assert "truncated" in refusals[long_id]
+    assert "elided" in refusals[deep_id]
+    for message in refusals.values():
+        assert "SDK" in message and "argsrepr_maxsize" in message
+    assert {job["id"] for job in listed} == {long_id, deep_id}  # no new job was published
+    [audit] = actions(long_job, "retry")
+    assert audit["outcome"] == "refused" and "truncated" in audit["reason"]
+
+
+@pytest.mark.browser
+async def test_retry_button_confirms_then_links_to_the_new_job(
+    celery_worker: CeleryWorker, tmp_path: Path
+) -> None:
+    worker = celery_worker
+    path = tmp_path / "input.txt"
+    with trio.fail_after(TIMEOUT):
+        async with sluice(tmp_path, worker.broker_url, worker.keyprefix) as client:
+            job_id = await send(worker, "tests.read_file", str(path))
+            await job_when(client, job_id, in_state("failed"))
+            path.write_text("ok")
+            base = str(client.base_url)
+            dialogs: list[str] = []
+
+            def scenario(page: Page) -> None:
+                page.goto(f"{base}/jobs/{job_id}")
+                page.once("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+                page.click("button[data-action=retry]")
+                expect(page.locator("#action-result")).to_have_text("")  # dismissed: nothing sent
+                page.once("dialog", lambda dialog: dialog.accept())
+                page.click("button[data-action=retry]")
+                link = page.locator("#action-result a")
+                expect(link).to_have_text(re.compile(r"^[0-9a-f-]{36}$"))
+                link.click()
+                expect(page.locator("h1 .badge")).to_have_text("completed", timeout=20_000)
+                expect(page.locator(".details")).to_contain_text(f"Retry of{job_id}")
+
+            await browse(scenario)
+            job = (await client.get(f"/api/jobs/{job_id}")).json()
+    assert dialogs and "same arguments" in dialogs[0]
+    assert [audit["outcome"] for audit in actions(job, "retry")] == ["accepted"]  # one retry
+
+
+# -- bulk --------------------------------------------------------------------------------
+
+
+@BOTH
+async def test_bulk_retry_of_failed_jobs_and_bulk_revoke_of_scheduled_ones(
+    celery_worker: CeleryWorker, tmp_path: Path
+) -> None:
+    worker = celery_worker
+    paths = [tmp_path / f"input-{i}.txt" for i in range(3)]
+    with trio.fail_after(TIMEOUT):
+        async with sluice(tmp_path, worker.broker_url, worker.keyprefix) as client:
+            failed = [await send(worker, "tests.read_file", str(path)) for path in paths]
+            scheduled = [await send(worker, "tests.add", i, i, countdown=3) for i in range(2)]
+            for job_id in failed:
+                await job_when(client, job_id, in_state("failed"))
+            for job_id in scheduled:
+                await job_when(client, job_id, in_state("scheduled"))
+
+            response = await client.post(
+                "/api/jobs/bulk", json={"action": "revoke", "ids": scheduled}
+            )
+            assert response.status_code == 200, response.text
+            assert [r["outcome"] for r in response.json()["results"]] == ["accepted"] * 2
+
+            for i, path in enumerate(paths):
+                path.write_text(f"run {i}")
+            retry_failed = {
+                "action": "retry",
+                "filter": {"state": "failed", "name": "tests.read_file"},
+            }
+            dry = await client.post("/api/jobs/bulk", json={**retry_failed, "dry_run": True})
+            assert dry.status_code == 200, dry.text
+            assert sorted(job["id"] for job in dry.json()["jobs"]) == sorted(failed)
+            for job_id in failed:  # a dry run touches nothing
+                assert actions((await client.get(f"/api/jobs/{job_id}")).json(), "retry") == []
+
+            response = await client.post("/api/jobs/bulk", json=retry_failed)
+            assert response.status_code == 200, response.text
+            results = {r["id"]: r for r in response.json()["results"]}
+            assert set(results) == set(failed)
+            assert {r["outcome"] for r in results.values()} == {"accepted"}
+            outcomes = {
+                job_id: await job_when(client, r["new_job_id"], in_state("completed"))
+                for job_id, r in results.items()
+            }
+            for job_id in scheduled:
+                await job_when(client, job_id, in_state("revoked"))
+    for job_id, path in zip(failed, paths, strict=True):
+        assert outcomes[job_id]["result"] == repr(path.read_text())
+        assert outcomes[job_id]["retry_of"] == job_id
+
+
+# -- bad input, and a revoke no worker hears -----------------------------------------------
+
+
+async def test_bad_input_and_a_revoke_that_reaches_no_worker(
+    tmp_path: Path, keyprefix: str
+) -> None:
+    # A producer and no worker: the job is queued and nobody listens on the mailbox.
+    app = make_app("redis://localhost:6379/0", keyprefix=keyprefix, queue=f"q-{keyprefix}")
+    with trio.fail_after(TIMEOUT):
+        async with sluice(
+            tmp_path, "redis://localhost:6379/0", keyprefix, api_token=TOKEN
+        ) as client:
+            job_id = str(
+                (await trio.to_thread.run_sync(lambda: app.send_task("tests.add", (1, 2)))).id
+            )
+            await job_when(client, job_id, in_state("queued"))
+
+            assert (await client.post("/api/jobs/nope/retry")).status_code == 404
+            assert (await client.post("/api/jobs/nope/revoke")).status_code == 404
+            bulk_unknown = {"action": "revoke", "ids": [job_id, "nope"]}
+            assert (await client.post("/api/jobs/bulk", json=bulk_unknown)).status_code == 404
+            for body in (b"{not json", b"[1]"):
+                response = await client.post(f"/api/jobs/{job_id}/revoke", content=body)
+                assert response.status_code == 400, response.text
+            bad = {"terminate": "yes"}
+            assert (await client.post(f"/api/jobs/{job_id}/revoke", json=bad)).status_code == 400
+            bad_bulk = {"action": "retry", "ids": [job_id], "dry_run": "maybe"}
+            assert (await client.post("/api/jobs/bulk", json=bad_bulk)).status_code == 400
+
+            response = await client.post(f"/api/jobs/{job_id}/revoke")
+            assert response.status_code == 409, response.text
+            message = response.json()["error"]["message"]
+            job = (await client.get(f"/api/jobs/{job_id}")).json()
+    app.close()
+    assert "reached no worker" in message and "no worker listens" in message
+    [audit] = actions(job, "revoke")
+    assert (audit["outcome"], audit["user"]) == ("refused", "api-token")
+    assert job["state"] == "queued"
+
+
+# -- arguments from event reprs: what Celery's saferepr really produces ---------------------
+
+
+def repr_job(*args: Any, **kwargs: Any) -> Job:
+    return Job(
+        id="j1", framework="celery", name="t", queue="q",
+        args=saferepr(args, 1024), kwargs=saferepr(kwargs, 1024),
+    )
+
+
+def test_plain_literal_reprs_are_recovered_exactly() -> None:
+    args = (1, -2.5, "it's", None, True, [1, (2, 3)], {"k": ["v"]}, "")
+    job = repr_job(*args, flag=False, name="ok")
+    call = recover_call(job)
+    assert call.source == "events"
+    # What the worker gets: the JSON body of the new message (tuples become lists, as
+    # they did in the original JSON message).
+    message = task_message(job, call, new_id="n1")
+    body_args, body_kwargs, embed = orjson.loads(message.body)
+    assert body_args == [1, -2.5, "it's", None, True, [1, [2, 3]], {"k": ["v"]}, ""]
+    assert body_kwargs == {"flag": False, "name": "ok"}
+    assert embed == {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    assert (message.headers["task"], message.headers["id"], message.routing_key) == ("t", "n1", "q")
+    assert (message.headers["argsrepr"], message.headers["root_id"]) == (job.args, "n1")
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "why"),
+    [
+        (("x" * 2000,), {}, "truncated"),  # parses, but the string was cut
+        ((list(range(600)),), {}, "truncated"),  # does not parse
+        (({"a": {"b": {"c": 1}}},), {}, "elided"),  # {...} past 3 levels
+        ((), {"deep": [[[["x"]]]]}, "elided"),
+        ((r"C:\temp",), {}, "backslash"),  # saferepr does not escape it
+        (("line 1\nline 2",), {}, "plain literals"),
+        (({1, 2},), {}, "set"),
+        ((b"raw",), {}, "bytes"),
+        (({1: "a"},), {}, "keys"),
+    ],
+)
+def test_reprs_that_are_not_the_real_arguments_are_refused(
+    args: tuple[Any, ...], kwargs: dict[str, Any], why: str
+) -> None:
+    with pytest.raises(ActionRefused, match=why) as refused:
+        recover_call(repr_job(*args, **kwargs))
+    assert "SDK" in str(refused.value)
+
+
+def test_the_sdk_capture_wins_over_reprs_and_bad_captures_are_refused() -> None:
+    job = repr_job("x" * 2000)
+    job.extra["message"] = {
+        "args": ["x" * 2000], "kwargs": {}, "options": {"priority": 6, "eta": "later"},
+    }
+    call = recover_call(job)
+    assert (call.args, call.options, call.source) == (["x" * 2000], {"priority": 6}, "sdk")
+    job.extra["message"] = {"args": "oops", "kwargs": {}}
+    with pytest.raises(ActionRefused, match="malformed"):
+        recover_call(job)
+
+
+def test_redis_queue_keys_follow_kombus_priority_steps() -> None:
+    assert redis_queue_key("q", None) == "q"
+    assert redis_queue_key("q", 0, "p:") == "p:q"
+    assert redis_queue_key("q", 4) == "q\x06\x163"
+    assert redis_queue_key("q", 9) == "q\x06\x169"
+    assert redis_queue_key("q", 255) == "q\x06\x169"

@@ -1,0 +1,198 @@
+"""A remote agent (``sluice agent --server``): a real Redis, a real agent, a real server.
+
+The agent reads Celery events from Redis and streams them to the server's ingest
+WebSocket; the server is stopped mid-stream and started again on the same port
+and database, and every event must be stored exactly once.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from sluice_core.agent import Agent, ingest_url
+from sluice_core.config import Config, ConfigError
+from sluice_core.engine import Engine
+from sluice_core.plugins import PluginManager
+from tests.fixtures.services import REDIS_URL, free_port
+from tests.test_redis_source import publish
+
+
+def envelope(payload: object, hostname: str) -> bytes:
+    """Celery events as kombu PUBLISHes them on Redis (CELERY_PROTOCOL.md section 1)."""
+    return json.dumps(
+        {
+            "body": base64.b64encode(json.dumps(payload).encode()).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {"hostname": hostname},
+            "properties": {"body_encoding": "base64", "delivery_tag": str(uuid.uuid4())},
+        }
+    ).encode()
+
+
+def task_events(keyprefix: str, n: int) -> list[tuple[str, bytes]]:
+    """``n`` jobs, each sent, then (in one task.multi) received and succeeded."""
+    out = []
+    now = time.time()
+    for i in range(n):
+        job = str(uuid.uuid4())
+        sent = {
+            "type": "task-sent",
+            "uuid": job,
+            "hostname": "gen1@h",
+            "pid": 1,
+            "clock": i,
+            "timestamp": now,
+            "name": "tests.add",
+            "args": f"({i}, 1)",
+            "kwargs": "{}",
+            "queue": "celery",
+            "utcoffset": 0,
+        }
+        worker = {"hostname": "w1@h", "pid": 2, "utcoffset": 0, "uuid": job}
+        multi = [
+            {
+                **worker,
+                "type": "task-received",
+                "clock": 2 * i,
+                "timestamp": now + 0.1,
+                "name": "tests.add",
+                "args": f"({i}, 1)",
+                "kwargs": "{}",
+                "retries": 0,
+            },
+            {
+                **worker,
+                "type": "task-succeeded",
+                "clock": 2 * i + 1,
+                "timestamp": now + 0.2,
+                "result": str(i + 1),
+                "runtime": 0.01,
+            },
+        ]
+        out.append((f"{keyprefix}/0.celeryev/task.sent", envelope(sent, "gen1@h")))
+        out.append((f"{keyprefix}/0.celeryev/task.multi", envelope(multi, "w1@h")))
+    return out
+
+
+def stored(db: Path) -> tuple[int, int, int]:
+    """(event rows, distinct event ids, completed jobs) in the server's database."""
+    with sqlite3.connect(db) as conn:
+        rows, distinct = conn.execute(
+            "SELECT count(*), count(DISTINCT id) FROM job_events"
+        ).fetchone()
+        (done,) = conn.execute("SELECT count(*) FROM jobs WHERE state = 'completed'").fetchone()
+    return rows, distinct, done
+
+
+@asynccontextmanager
+async def server(db: Path, port: int, *plugins: object) -> AsyncIterator[Engine]:
+    """A central Sluice on ``port`` (so that it can be started again on it) and ``db``."""
+    pm = PluginManager()
+    for plugin in plugins:
+        pm.register(plugin)
+    config = Config(db=f"sqlite:///{db}", port=port)
+    pm.configure(config)
+    engine = Engine(config, pm)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        yield engine
+        engine.stop()
+        await engine.stopped.wait()
+
+
+async def wait_until(predicate: object, interval: float = 0.05) -> None:
+    while not predicate():  # type: ignore[operator]
+        await trio.sleep(interval)
+
+
+async def test_the_agent_streams_through_a_server_restart_losing_and_doubling_nothing(
+    tmp_path: Path, keyprefix: str
+) -> None:
+    db, port = tmp_path / "central.db", free_port()
+    pm = PluginManager()
+    pm.load(["celery"])
+    config = Config(brokers=[REDIS_URL], layers=[{"redis_keyprefix": keyprefix}])
+    pm.configure(config)
+    before, during, after = (task_events(keyprefix, n) for n in (200, 300, 100))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            async with server(db, port) as central:
+                _, key = await central.storage.create_api_key("agent-eu")
+                agent = Agent(config, pm, server=f"ws://127.0.0.1:{port}", api_key=key)
+                await nursery.start(agent.run)
+                await wait_until(
+                    lambda: (
+                        agent.uplink.connected
+                        and agent.pipeline.sources.get(agent.sources[0].name) is not None
+                    )
+                )
+                await publish(REDIS_URL, before)
+                await wait_until(lambda: stored(db)[2] == 200)
+                # Mid-stream: events keep coming while the server stops.
+                await publish(REDIS_URL, during)
+            # The server is down: the agent holds what it reads.
+            await publish(REDIS_URL, after)
+            await wait_until(lambda: not agent.uplink.connected)
+            await wait_until(lambda: agent.uplink.unacked_events > 0)
+            assert stored(db)[2] < 600
+            async with server(db, port):
+                await wait_until(lambda: stored(db)[2] == 600)
+                await wait_until(lambda: agent.uplink.unacked_events == 0)
+            agent.stop()
+
+    rows, distinct, done = stored(db)
+    assert done == 600
+    assert rows == distinct == 600 * 3  # sent, received, succeeded: each stored once
+    assert agent.metrics.events_dropped.labels("uplink")._value.get() == 0
+
+
+async def test_a_refused_key_stores_nothing_and_the_agent_keeps_the_events(
+    tmp_path: Path, keyprefix: str
+) -> None:
+    db, port = tmp_path / "central.db", free_port()
+    pm = PluginManager()
+    pm.load(["celery"])
+    config = Config(brokers=[REDIS_URL], layers=[{"redis_keyprefix": keyprefix}])
+    pm.configure(config)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery, server(db, port) as central:
+            await central.storage.create_api_key("agent-eu")
+            agent = Agent(config, pm, server=f"ws://127.0.0.1:{port}", api_key="sluice_wrong")
+            await nursery.start(agent.run)
+            source = agent.sources[0].name
+            await wait_until(lambda: agent.pipeline.sources.get(source) is not None)
+            await publish(REDIS_URL, task_events(keyprefix, 5))
+            await wait_until(lambda: agent.uplink.unacked_events == 15)
+            await trio.sleep(0.5)
+            assert not agent.uplink.connected
+            assert stored(db) == (0, 0, 0)
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("given", "url"),
+    [
+        ("wss://sluice.example.com", "wss://sluice.example.com/api/ingest/ws"),
+        ("http://10.0.0.5:5580/", "ws://10.0.0.5:5580/api/ingest/ws"),
+        ("https://sluice.example.com/api/ingest/ws", "wss://sluice.example.com/api/ingest/ws"),
+    ],
+)
+def test_the_server_address_may_be_given_as_ws_or_http(given: str, url: str) -> None:
+    assert ingest_url(given) == url
+
+
+def test_a_server_address_that_is_not_one_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigError, match="expected the Sluice server's address"):
+        ingest_url("redis://localhost:6379/0")

@@ -1,0 +1,188 @@
+"""The worker monitor: offline after missed heartbeats, held jobs lost, clean stops.
+
+Time is trio's MockClock (autojump): the monitor's clock is driven from it, so
+"six seconds of silence" takes no real time. Storage is a real SQLite file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import trio
+import trio.testing
+
+from sluice_core.model import JobEvent, JobState, WorkerEvent, event_id
+from sluice_core.monitors import WorkerMonitor, workers_task_events
+from sluice_core.storage import Storage
+from tests.fixtures.celery_worker import CollectingSink
+from tests.fixtures.storage import open_storage
+
+EPOCH = 1_750_000_000.0  # the wall-clock time the tests start at
+FREQ = 2.0
+MISSED = 3.0
+WORKER = "celery@box"
+
+
+def epoch_clock(autojump_clock: trio.testing.MockClock) -> Callable[[], float]:
+    """Epoch seconds that follow trio's mock clock. (Tests take ``autojump_clock``
+    themselves: pytest-trio only runs a test on a clock it requests directly.)"""
+    # Jump only once nothing has run for a moment of real time, never while a
+    # storage call waits for its thread.
+    autojump_clock.autojump_threshold = 0.05
+    start = autojump_clock.current_time()
+    return lambda: EPOCH + autojump_clock.current_time() - start
+
+
+@pytest.fixture
+async def sqlite(sqlite_url: str) -> AsyncIterator[Storage]:
+    backend = open_storage(sqlite_url)
+    await backend.open()
+    try:
+        yield backend
+    finally:
+        await backend.aclose()
+
+
+def heartbeat(ts: float, kind: str = "heartbeat", hostname: str = WORKER) -> WorkerEvent:
+    return WorkerEvent(hostname, "celery", kind, ts, freq=FREQ, active=1, processed=3)
+
+
+def job(job_id: str, state: JobState, ts: float, *, worker: str = WORKER) -> JobEvent:
+    return JobEvent(
+        id=event_id(job_id, state, ts),
+        job_id=job_id,
+        framework="celery",
+        type=f"task-{state}",
+        state=state,
+        timestamp=ts,
+        worker=worker,
+        fields={"name": "tasks.work"},
+    )
+
+
+async def run_monitor(
+    storage: Storage, sink: CollectingSink, clock: Callable[[], float], nursery: trio.Nursery
+) -> WorkerMonitor:
+    monitor = WorkerMonitor(storage, sink, missed=MISSED, interval=1.0, clock=clock)
+    nursery.start_soon(monitor.run)
+    return monitor
+
+
+async def test_silent_worker_goes_offline_after_missed_heartbeats_and_its_jobs_are_lost(
+    sqlite: Storage, autojump_clock: trio.testing.MockClock
+) -> None:
+    clock = epoch_clock(autojump_clock)
+    await sqlite.ingest(
+        [
+            job("running", JobState.RECEIVED, EPOCH - 1),
+            job("running", JobState.ACTIVE, EPOCH - 0.5),
+            job("waiting", JobState.RECEIVED, EPOCH - 0.2),
+            job("done", JobState.RECEIVED, EPOCH - 1),
+            job("done", JobState.COMPLETED, EPOCH - 0.1),
+            job("elsewhere", JobState.ACTIVE, EPOCH - 0.5, worker="celery@other"),
+        ],
+        [heartbeat(EPOCH), heartbeat(EPOCH, hostname="celery@other")],
+    )
+    sink = CollectingSink()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await run_monitor(sqlite, sink, clock, nursery)
+            await trio.sleep(FREQ * MISSED - 0.5)
+            assert sink.worker_events == []  # two heartbeats missed is not yet offline
+            await sink.wait_for(lambda: bool(sink.worker_events))
+            concluded_at = clock()
+            nursery.cancel_scope.cancel()
+    deadline = EPOCH + FREQ * MISSED
+    # Within one monitor round of the deadline.
+    assert deadline <= concluded_at <= deadline + 1.0 + 0.1
+    offline = {e.hostname: e for e in sink.worker_events}
+    assert offline[WORKER].type == "offline" and offline[WORKER].timestamp == deadline
+    assert "no heartbeat" in offline[WORKER].extra["reason"]
+    lost = {e.job_id: e for e in sink.job_events if e.worker == WORKER}
+    assert set(lost) == {"running", "waiting"}  # the completed job is not lost
+    assert all(e.state is JobState.LOST for e in lost.values())
+    assert "died or lost its broker" in lost["running"].fields["exception"]
+
+
+async def test_lost_and_offline_are_stored_and_a_silence_is_concluded_once(
+    sqlite: Storage, autojump_clock: trio.testing.MockClock
+) -> None:
+    clock = epoch_clock(autojump_clock)
+    await sqlite.ingest(
+        [job("running", JobState.ACTIVE, EPOCH - 0.5)], [heartbeat(EPOCH)]
+    )
+    sink = CollectingSink()
+    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock)
+    await trio.sleep(FREQ * MISSED)
+    assert await monitor.check(clock()) == 1
+    await sqlite.ingest(sink.job_events, sink.worker_events)
+    [worker] = await sqlite.list_workers()
+    stored = await sqlite.get_job("running")
+    assert worker.status == "offline"
+    assert stored is not None and stored.state is JobState.LOST
+    assert stored.exception is not None and stored.exception.startswith("WorkerLost:")
+    # Later rounds conclude nothing more: no events, and the worker stays offline.
+    seen = len(sink.job_events) + len(sink.worker_events)
+    for _ in range(3):
+        await trio.sleep(FREQ * MISSED)
+        assert await monitor.check(clock()) == 0
+    assert len(sink.job_events) + len(sink.worker_events) == seen
+
+
+async def test_clean_stop_keeps_finished_jobs_and_loses_held_ones_after_the_grace(
+    sqlite: Storage, autojump_clock: trio.testing.MockClock
+) -> None:
+    clock = epoch_clock(autojump_clock)
+    await sqlite.ingest(
+        [
+            job("done", JobState.ACTIVE, EPOCH - 3),
+            job("done", JobState.COMPLETED, EPOCH - 2),
+            job("prefetched", JobState.RECEIVED, EPOCH - 2),
+        ],
+        [heartbeat(EPOCH - 4, "online"), heartbeat(EPOCH, "offline")],
+    )
+    sink = CollectingSink()
+    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock)
+    # Events sent just before worker-offline may still be in flight: wait the grace.
+    await trio.sleep(FREQ * MISSED - 0.5)
+    await monitor.check(clock())
+    assert sink.job_events == []
+    await trio.sleep(0.5)
+    assert await monitor.check(clock()) == 0  # already offline: no second offline event
+    assert sink.worker_events == []
+    [lost] = sink.job_events
+    assert lost.job_id == "prefetched" and lost.state is JobState.LOST
+    assert "stopped (worker-offline)" in lost.fields["exception"]
+
+
+async def test_heartbeat_arriving_in_time_keeps_the_worker_online(
+    sqlite: Storage, autojump_clock: trio.testing.MockClock
+) -> None:
+    clock = epoch_clock(autojump_clock)
+    await sqlite.ingest([], [heartbeat(EPOCH)])
+    sink = CollectingSink()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await run_monitor(sqlite, sink, clock, nursery)
+            for _ in range(10):  # 20 s of heartbeats every FREQ seconds
+                await trio.sleep(FREQ)
+                await sqlite.ingest([], [heartbeat(clock())])
+            nursery.cancel_scope.cancel()
+    assert sink.worker_events == []
+    [worker] = await sqlite.list_workers()
+    assert worker.status == "online"
+
+
+async def test_worker_that_runs_jobs_without_task_events_is_flagged(storage: Storage) -> None:
+    now = 1_750_000_000.0
+    await storage.ingest(
+        [job("a", JobState.ACTIVE, now, worker="celery@with-events")],
+        [
+            heartbeat(now, hostname="celery@with-events"),
+            heartbeat(now, hostname="celery@no-events"),  # processed=3, yet no job names it
+            WorkerEvent("celery@idle", "celery", "heartbeat", now, freq=FREQ, processed=0, active=0),
+        ],
+    )
+    flags = {w.hostname: flag for w, flag in await workers_task_events(storage)}
+    assert flags == {"celery@with-events": True, "celery@no-events": False, "celery@idle": None}
