@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sluice_celery.redis_probe import RedisQueueProbe
 from sluice_core.config import Config
 from sluice_core.engine import Engine
-from sluice_core.model import JobState
+from sluice_core.model import JobState, WorkerEvent
 from sluice_core.plugins import PluginManager
 from sluice_core.probes import WorkerQueues
 from sluice_core.storage import JobQuery, Storage
@@ -289,8 +289,6 @@ async def test_metrics_count_jobs_by_name_and_state_with_runtime_histograms(
 async def test_worker_queues_are_kept_across_heartbeats_even_when_learnt_first(
     storage: Storage,
 ) -> None:
-    from sluice_core.model import WorkerEvent
-
     await storage.set_worker_queues([WorkerQueues("celery@a", "celery", ["q1", "q2"], 8)])
     await storage.ingest([], [WorkerEvent("celery@a", "celery", "heartbeat", time.time(), freq=2.0)])
     [worker] = await storage.list_workers()
