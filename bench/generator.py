@@ -238,8 +238,10 @@ class EventStream:
                 if len(worker.buffer) == MULTI_MAX:
                     out.append(self._flush(worker))
         self._pending = []
-        for _ in range(new_jobs):
-            out.extend(self._job(now))
+        # Jobs are sent one after another through the tick, not all at one instant.
+        spread = 0.0 if self._live or not new_jobs else self._tick_s / new_jobs
+        for k in range(new_jobs):
+            out.extend(self._job(now + k * spread))
         for worker in self._workers:
             if worker.buffer:
                 out.append(self._flush(worker))
@@ -288,10 +290,11 @@ class EventStream:
         if retried:
             exc, tb = self._failure(n, retry=True)
             events.append(self._task(worker, job_id, "task-retried", exception=exc, traceback=tb))
-            events.append(self._sent(worker.child, call, retries=1))
+            events.append(self._sent(worker.child, call, retries=1, at=0.0))  # stamped next tick
             events.extend(self._run(worker, call, 1, not failed))
         self._pending.append((worker, events))
-        return [Message("task.sent", producer.hostname, self._sent(producer, call, retries=0))]
+        sent = self._sent(producer, call, retries=0, at=now)
+        return [Message("task.sent", producer.hostname, sent)]
 
     def _run(self, worker: _Worker, call: _Call, retries: int, succeeds: bool) -> list[dict[str, Any]]:
         """received, started, then succeeded or failed (``retries`` counts earlier attempts)."""
@@ -320,13 +323,15 @@ class EventStream:
         tb = TRACEBACK.format(module="app/tasks", line=40 + n % 60, func=func, exc=exc, last=last)
         return exc, tb
 
-    def _sent(self, producer: _Process, call: _Call, *, retries: int) -> dict[str, Any]:
+    def _sent(
+        self, producer: _Process, call: _Call, *, retries: int, at: float
+    ) -> dict[str, Any]:
         event = producer.header()
         event.update(
             uuid=call.id, root_id=call.root_id, parent_id=call.parent_id, name=call.name,
             args=call.args, kwargs=call.kwargs, retries=retries, eta=call.eta,
             expires=call.expires, queue=call.queue, exchange="", routing_key=call.queue,
-            timestamp=self.now(), type="task-sent",
+            timestamp=at, type="task-sent",
         )
         return event
 

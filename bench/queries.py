@@ -9,6 +9,7 @@ on that database, over HTTP, as the dashboard sends them.
 
 from __future__ import annotations
 
+import datetime as dt
 import statistics
 import time
 from collections.abc import Callable
@@ -93,12 +94,13 @@ def _sample_values(client: httpx.Client) -> dict[str, str]:
         "worker": jobs[0]["worker"] or "",
         "email": str(jobs[len(jobs) // 2]["args"]).split("'")[1],  # (n, 'user<n>@example.com')
         "exception_word": "payments-api" if "payments-api" in failed["exception"] else "timed out",
-        "day_until": newest,
+        "newest": newest,
     }
 
 
 def queries(values: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
-    until = values["day_until"]
+    # A day of history a day back: boundaries away from the newest job.
+    since, until = _days_before(values["newest"], 2), _days_before(values["newest"], 1)
     return [
         ("list newest 50", {}),
         ("list 500", {"limit": "500"}),
@@ -109,7 +111,7 @@ def queries(values: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
         ("queue=", {"queue": "mail"}),
         ("worker=", {"worker": values["worker"]}),
         ("name + state", {"name": "billing.charge_card", "state": "failed"}),
-        ("since/until 1 day", {"since": _day_before(until), "until": until}),
+        ("since/until 1 day", {"since": since, "until": until}),
         ("q=id prefix", {"q": values["id_prefix"]}),
         ("q=text in args", {"q": values["email"]}),
         ("q=text in exception", {"q": values["exception_word"]}),
@@ -117,10 +119,8 @@ def queries(values: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
     ]
 
 
-def _day_before(iso: str) -> str:
-    import datetime as dt
-
-    return (dt.datetime.fromisoformat(iso) - dt.timedelta(days=1)).isoformat()
+def _days_before(iso: str, days: int) -> str:
+    return (dt.datetime.fromisoformat(iso) - dt.timedelta(days=days)).isoformat()
 
 
 def time_queries(base: str, repeats: int) -> list[QueryTiming]:

@@ -29,8 +29,9 @@ from sluice_core.config import Config
 from sluice_core.engine import Engine
 from sluice_core.model import Job
 from sluice_core.plugins import PluginManager
-from tests.celery_app import make_app
+from tests.celery_app import ENV_SDK, make_app
 from tests.fixtures.celery_worker import CeleryWorker
+from tests.fixtures.services import REDIS_URL
 from tests.test_dashboard import browse
 
 TIMEOUT = 60  # absolute bound per test: worker start-up on a busy machine takes seconds
@@ -41,7 +42,7 @@ TOKEN = "test-token-0123456789abcdef"
 @asynccontextmanager
 async def sluice(
     tmp_path: Path, broker_url: str, keyprefix: str, **options: Any
-) -> AsyncIterator[httpx.AsyncClient]:
+) -> AsyncIterator[tuple[Engine, httpx.AsyncClient]]:
     """``sluice run --plugin celery --broker URL`` on a free port, its sources connected."""
     pm = PluginManager()
     pm.load(["celery", "rabbitmq"])
@@ -59,7 +60,7 @@ async def sluice(
             # Ready once the event source is subscribed: nothing sent from here on is missed.
             while (await client.get("/healthz")).status_code != 200:
                 await trio.sleep(0.05)
-            yield client
+            yield engine, client
         for handler in engine.actions:
             if isinstance(handler, CeleryActions):
                 await handler.aclose()
@@ -103,7 +104,7 @@ async def test_revoked_scheduled_job_never_runs_and_ends_revoked(
 ) -> None:
     worker = celery_worker
     with trio.fail_after(TIMEOUT):
-        async with sluice(tmp_path, worker.broker_url, worker.keyprefix) as client:
+        async with sluice(tmp_path, worker.broker_url, worker.keyprefix) as (_, client):
             # The worker holds a countdown job until its ETA: a revoke must reach it there.
             job_id = await send(worker, "tests.add", 2, 2, countdown=3)
             await job_when(client, job_id, in_state("scheduled"))
@@ -131,7 +132,7 @@ async def test_revoked_scheduled_job_never_runs_and_ends_revoked(
 async def test_terminate_kills_a_running_job(celery_worker: CeleryWorker, tmp_path: Path) -> None:
     worker = celery_worker
     with trio.fail_after(TIMEOUT):
-        async with sluice(tmp_path, worker.broker_url, worker.keyprefix) as client:
+        async with sluice(tmp_path, worker.broker_url, worker.keyprefix) as (_, client):
             job_id = await send(worker, "tests.sleep", 120)
             await job_when(client, job_id, in_state("active"))
             response = await client.post(
@@ -156,7 +157,7 @@ async def test_retry_of_a_failed_job_whose_cause_was_fixed_completes_with_its_ar
     worker = celery_worker
     path = tmp_path / "input.txt"
     with trio.fail_after(TIMEOUT):
-        async with sluice(tmp_path, worker.broker_url, worker.keyprefix) as client:
+        async with sluice(tmp_path, worker.broker_url, worker.keyprefix) as (_, client):
             failed_id = await send(worker, "tests.read_file", str(path), kwargs={"strip": True})
             failed = await job_when(client, failed_id, in_state("failed"))
             assert "FileNotFoundError" in failed["exception"]
@@ -182,12 +183,42 @@ async def test_retry_of_a_failed_job_whose_cause_was_fixed_completes_with_its_ar
     assert [e["type"] for e in new["events"]][:2] == ["sluice-retry", "task-received"]
 
 
+async def test_retry_uses_the_sdks_full_arguments_where_the_repr_is_truncated(
+    tmp_path: Path, keyprefix: str
+) -> None:
+    # A path longer than Celery's 1024-character repr: events alone could not re-run it.
+    folder = tmp_path.joinpath(*["d" * 200] * 6)
+    folder.mkdir(parents=True)
+    path = folder / "input.txt"
+    with trio.fail_after(TIMEOUT):
+        async with sluice(tmp_path, REDIS_URL, keyprefix) as (engine, client):
+            _, key = await engine.storage.create_api_key("tests")
+            # The worker reports through the SDK only (no -E): it sees the real message.
+            worker = CeleryWorker(
+                REDIS_URL, keyprefix, tmp_path / "celery-worker.log", task_events=False,
+                env={ENV_SDK: "1", "SLUICE_URL": str(client.base_url), "SLUICE_API_KEY": key},
+            )
+            try:
+                await trio.to_thread.run_sync(worker.start)
+                failed_id = await send(worker, "tests.read_file", str(path))
+                failed = await job_when(client, failed_id, in_state("failed"))
+                assert failed["args"].endswith("...',)")  # the repr was cut
+                path.write_text("full path")
+                response = await client.post(f"/api/jobs/{failed_id}/retry")
+                assert response.status_code == 202, response.text
+                new = await job_when(client, response.json()["job_id"], in_state("completed"))
+            finally:
+                await trio.to_thread.run_sync(worker.close)
+    assert new["result"] == "'full path'"
+    assert new["extra"]["message"]["args"] == [str(path)]
+
+
 async def test_retry_is_refused_when_arguments_are_only_a_truncated_repr(
     celery_worker: CeleryWorker, tmp_path: Path
 ) -> None:
     worker = celery_worker
     with trio.fail_after(TIMEOUT):
-        async with sluice(tmp_path, worker.broker_url, worker.keyprefix) as client:
+        async with sluice(tmp_path, worker.broker_url, worker.keyprefix) as (_, client):
             long_id = await send(worker, "tests.echo", "x" * 2000)
             deep_id = await send(worker, "tests.echo", {"a": {"b": {"c": 1}}})
             for job_id in (long_id, deep_id):
@@ -216,7 +247,7 @@ async def test_retry_button_confirms_then_links_to_the_new_job(
     worker = celery_worker
     path = tmp_path / "input.txt"
     with trio.fail_after(TIMEOUT):
-        async with sluice(tmp_path, worker.broker_url, worker.keyprefix) as client:
+        async with sluice(tmp_path, worker.broker_url, worker.keyprefix) as (_, client):
             job_id = await send(worker, "tests.read_file", str(path))
             await job_when(client, job_id, in_state("failed"))
             path.write_text("ok")
@@ -252,7 +283,7 @@ async def test_bulk_retry_of_failed_jobs_and_bulk_revoke_of_scheduled_ones(
     worker = celery_worker
     paths = [tmp_path / f"input-{i}.txt" for i in range(3)]
     with trio.fail_after(TIMEOUT):
-        async with sluice(tmp_path, worker.broker_url, worker.keyprefix) as client:
+        async with sluice(tmp_path, worker.broker_url, worker.keyprefix) as (_, client):
             failed = [await send(worker, "tests.read_file", str(path)) for path in paths]
             scheduled = [await send(worker, "tests.add", i, i, countdown=3) for i in range(2)]
             for job_id in failed:
@@ -305,7 +336,7 @@ async def test_bad_input_and_a_revoke_that_reaches_no_worker(
     with trio.fail_after(TIMEOUT):
         async with sluice(
             tmp_path, "redis://localhost:6379/0", keyprefix, api_token=TOKEN
-        ) as client:
+        ) as (_, client):
             job_id = str(
                 (await trio.to_thread.run_sync(lambda: app.send_task("tests.add", (1, 2)))).id
             )
@@ -382,13 +413,26 @@ def test_reprs_that_are_not_the_real_arguments_are_refused(
     assert "SDK" in str(refused.value)
 
 
-def test_the_sdk_capture_wins_over_reprs_and_bad_captures_are_refused() -> None:
+def test_the_sdk_capture_wins_over_reprs_and_redacted_or_bad_captures_are_refused() -> None:
     job = repr_job("x" * 2000)
+    chain = [{"task": "tests.add", "args": [1], "kwargs": {}, "options": {}}]
     job.extra["message"] = {
-        "args": ["x" * 2000], "kwargs": {}, "options": {"priority": 6, "eta": "later"},
+        "args": ["x" * 2000], "kwargs": {}, "redacted": False,
+        "embed": {"callbacks": None, "errbacks": None, "chain": chain, "chord": None},
+        "options": {"priority": 6, "eta": "2030-01-01T00:00:00+00:00", "shadow": None,
+                    "headers": {"tenant": "acme"}},
     }
     call = recover_call(job)
-    assert (call.args, call.options, call.source) == (["x" * 2000], {"priority": 6}, "sdk")
+    assert (call.args, call.source) == (["x" * 2000], "sdk")
+    assert call.options == {"priority": 6, "headers": {"tenant": "acme"}}  # no eta: runs now
+    message = task_message(job, call, new_id="n1")
+    assert orjson.loads(message.body)[2]["chain"] == chain  # what runs after it, too
+    assert (message.headers["tenant"], message.headers["eta"], message.priority) == (
+        "acme", None, 6
+    )
+    job.extra["message"] = {**job.extra["message"], "redacted": True}
+    with pytest.raises(ActionRefused, match="placeholders"):
+        recover_call(job)
     job.extra["message"] = {"args": "oops", "kwargs": {}}
     with pytest.raises(ActionRefused, match="malformed"):
         recover_call(job)

@@ -124,8 +124,9 @@ async def test_killed_worker_goes_offline_and_its_running_job_becomes_lost(
         async with watching(tmp_path, celery_worker.keyprefix) as (engine, client):
 
             async def worker() -> dict[str, Any] | None:
+                # Known from its heartbeats (not only from its answer to active_queues).
                 found = [w for w in (await client.get("/api/workers")).json()
-                         if w["hostname"] == celery_worker.hostname]
+                         if w["hostname"] == celery_worker.hostname and w["last_heartbeat"]]
                 return found[0] if found else None
 
             async def job(job_id: str, state: str) -> dict[str, Any] | None:

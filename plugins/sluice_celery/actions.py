@@ -111,9 +111,13 @@ class CeleryActions:
 
     async def retry(self, job: Job) -> ActionResult:
         broker = self._carrier(job)
-        message = task_message(job, recover_call(job), new_id=str(uuid.uuid4()))
+        call = recover_call(job)
+        message = task_message(job, call, new_id=str(uuid.uuid4()))
         await broker.send_task(message)
-        log.info("job %s retried as %s on %s", job.id, message.id, broker.url)
+        log.info(
+            "job %s retried as %s on %s (arguments from the %s)",
+            job.id, message.id, broker.url, "SDK" if call.source == "sdk" else "events",
+        )
         return ActionResult(job.id, "retry", new_job_id=message.id)
 
     async def revoke(self, job: Job, *, terminate: bool, signal: str) -> ActionResult:

@@ -3,8 +3,10 @@
 
 A re-run is only worth doing with the job's real arguments. They come from
 the SDK's capture of the message when there is one (``job.extra["message"]``:
-``{"args": [...], "kwargs": {...}, "options": {...}}``), else from the event's
-argument reprs, and only when those parse as complete literals: Celery cuts
+``{"args": [...], "kwargs": {...}, "embed": {...}, "redacted": bool,
+"options": {...}}``, see sdk/sluice/_celery.py; refused when ``redacted``),
+else from the event's argument reprs, and only when those parse as complete
+literals: Celery cuts
 reprs at 1024 characters (a string then ends in ``...``, a list in ``, ...``)
 and 3 levels (``[...]``, ``{...}``), and does not escape backslashes, so a repr
 that parses may still not be the value. Such jobs are refused with
@@ -32,7 +34,7 @@ from sluice_rabbitmq.publish import AmqpPublisher
 # kombu's Redis priority queues: steps 0, 3, 6, 9; step 0 is the plain key.
 PRIORITY_STEPS = (0, 3, 6, 9)
 PRIORITY_SEP = "\x06\x16"
-REPR_MAXSIZE = 1024  # Celery's argsrepr_maxsize; the reprs Sluice sends are cut alike
+REPR_MAXSIZE = 1024  # Celery's argsrepr_maxsize
 ORIGIN = f"sluice@{socket.gethostname()}"
 
 HOW_TO_FIX = (
@@ -42,7 +44,8 @@ HOW_TO_FIX = (
 )
 
 # Message options of the SDK's capture that a re-run keeps, and their JSON types.
-# Others (eta, expires, group, callbacks...) belong to the first run only.
+# Others (eta, expires, group) belong to the first run only. ``headers`` are the
+# caller's own message headers.
 KEPT_OPTIONS: dict[str, tuple[type, ...]] = {
     "queue": (str,),
     "exchange": (str,),
@@ -51,7 +54,9 @@ KEPT_OPTIONS: dict[str, tuple[type, ...]] = {
     "timelimit": (list,),
     "shadow": (str,),
     "ignore_result": (bool,),
+    "headers": (dict,),
 }
+EMBED_KEYS = ("callbacks", "errbacks", "chain", "chord")
 
 # A backslash that is not saferepr's escape of a quote: saferepr writes strings
 # between quotes without escaping, so "C:\temp" reads back with a tab in it.
@@ -66,6 +71,8 @@ class Call:
     kwargs: dict[str, Any]
     options: dict[str, Any]  # KEPT_OPTIONS found in the SDK's capture
     source: str  # "sdk" or "events"
+    # What runs after the job (callbacks, chain...): known from the SDK only.
+    embed: dict[str, Any] = attrs.field(factory=lambda: dict.fromkeys(EMBED_KEYS))
 
 
 @attrs.frozen
@@ -111,14 +118,23 @@ def _from_capture(job: Job, message: Any) -> Call:
 
     if not isinstance(message, dict):
         raise malformed("not an object")
+    if message.get("redacted") is True:
+        raise ActionRefused(
+            f"cannot retry job {job.id} faithfully: the SDK did not record its real arguments "
+            "(its redaction rules matched, send_args is off, or the caller masked argsrepr), "
+            "and a re-run must not use placeholders. Send the job again from the application."
+        )
     args, kwargs = message.get("args"), message.get("kwargs", {})
     options = message.get("options", {})
+    embed = message.get("embed") or {}
     if not isinstance(args, list):
         raise malformed("args is not a list")
     if not isinstance(kwargs, dict):
         raise malformed("kwargs is not an object")
     if not isinstance(options, dict):
         raise malformed("options is not an object")
+    if not isinstance(embed, dict):
+        raise malformed("embed is not an object")
     kept = {}
     for name, types in KEPT_OPTIONS.items():
         value = options.get(name)
@@ -133,7 +149,7 @@ def _from_capture(job: Job, message: Any) -> Call:
         and all(t is None or (type(t) in (int, float) and t >= 0) for t in timelimit)
     ):
         raise malformed("options.timelimit is not [hard, soft] seconds")
-    return Call(args, kwargs, kept, "sdk")
+    return Call(args, kwargs, kept, "sdk", {key: embed.get(key) for key in EMBED_KEYS})
 
 
 def _literal(job: Job, what: str, text: str) -> Any:
@@ -207,6 +223,8 @@ def task_message(job: Job, call: Call, *, new_id: str) -> TaskMessage:
     priority = options.get("priority")
     root_id = job.root_id if job.root_id not in (None, job.id) else new_id
     headers = {
+        # The caller's own headers first: Celery's below are never overridden.
+        **options.get("headers", {}),
         "lang": "py",
         "task": job.name,
         "id": new_id,
@@ -219,8 +237,10 @@ def task_message(job: Job, call: Call, *, new_id: str) -> TaskMessage:
         "timelimit": options.get("timelimit", [None, None]),
         "root_id": root_id,
         "parent_id": job.parent_id,
-        "argsrepr": job.args if call.source == "events" else _display(tuple(call.args)),
-        "kwargsrepr": job.kwargs if call.source == "events" else _display(call.kwargs),
+        # Celery's own reprs of these very arguments (the SDK records them unmasked
+        # only): anything else would look masked to the SDK in the worker.
+        "argsrepr": job.args,
+        "kwargsrepr": job.kwargs,
         "origin": ORIGIN,
         "ignore_result": options.get("ignore_result", False),
         "replaced_task_nesting": 0,
@@ -229,7 +249,6 @@ def task_message(job: Job, call: Call, *, new_id: str) -> TaskMessage:
         # Lets the application (and the SDK) tell a re-run by Sluice from a first run.
         "sluice_retry_of": job.id,
     }
-    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
     return TaskMessage(
         id=new_id,
         queue=queue,
@@ -237,17 +256,12 @@ def task_message(job: Job, call: Call, *, new_id: str) -> TaskMessage:
         routing_key=routing_key,
         priority=priority,
         headers=headers,
-        body=orjson.dumps([call.args, call.kwargs, embed]),
+        body=orjson.dumps([call.args, call.kwargs, call.embed]),
     )
 
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
-
-
-def _display(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= REPR_MAXSIZE else text[:REPR_MAXSIZE] + "..."
 
 
 def redis_queue_key(queue: str, priority: int | None, keyprefix: str = "") -> str:
