@@ -106,6 +106,14 @@ class Engine:
                 await self._pipeline_done.wait()
         finally:
             with trio.CancelScope(shield=True):
+                # Handlers and probes may hold broker connections of their own.
+                for part in [*self.actions, *self.probes]:
+                    aclose = getattr(part, "aclose", None)
+                    if aclose is not None:
+                        try:
+                            await aclose()
+                        except Exception as exc:
+                            log.warning("closing %r: %s", part, exc)
                 await self.storage.aclose()
             self.stopped.set()
         log.info("stopped")

@@ -80,7 +80,9 @@ def _apply(job: Job, event: JobEvent) -> None:
         value = fields.get(name)
         if value is not None:
             setattr(job, name, value)
-    if event.extra:
+    # Annotations (an operator's action, say) stay on the timeline: their extra
+    # describes the action, not the job.
+    if event.extra and event.state is not None:
         job.extra = {**job.extra, **event.extra}
     if event.worker is not None:
         job.worker = event.worker

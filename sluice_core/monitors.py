@@ -87,7 +87,9 @@ class WorkerMonitor:
         """Conclude what the silence up to ``now`` means; return how many workers went offline."""
         gone = 0
         for worker in await self._storage.list_workers():
-            if worker.last_heartbeat is None or self._settled.get(worker.hostname) == worker.last_heartbeat:
+            if worker.last_heartbeat is None:
+                continue  # known only from its answer to a control command: nothing to time
+            if self._settled.get(worker.hostname) == worker.last_heartbeat:
                 continue
             freq = worker.freq or DEFAULT_HEARTBEAT_FREQ
             # Also the grace a clean stop gets: events the worker sent just before

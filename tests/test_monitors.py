@@ -181,7 +181,7 @@ async def test_worker_that_runs_jobs_without_task_events_is_flagged(storage: Sto
         [
             heartbeat(now, hostname="celery@with-events"),
             heartbeat(now, hostname="celery@no-events"),  # processed=3, yet no job names it
-            WorkerEvent("celery@idle", "celery", "heartbeat", now, freq=FREQ, processed=0, active=0),
+            WorkerEvent("celery@idle", "celery", "heartbeat", now, processed=0, active=0),
         ],
     )
     flags = {w.hostname: flag for w, flag in await workers_task_events(storage)}

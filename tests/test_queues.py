@@ -291,7 +291,8 @@ async def test_worker_queues_are_kept_across_heartbeats_even_when_learnt_first(
     storage: Storage,
 ) -> None:
     await storage.set_worker_queues([WorkerQueues("celery@a", "celery", ["q1", "q2"], 8)])
-    await storage.ingest([], [WorkerEvent("celery@a", "celery", "heartbeat", time.time(), freq=2.0)])
+    heartbeat = WorkerEvent("celery@a", "celery", "heartbeat", time.time(), freq=2.0)
+    await storage.ingest([], [heartbeat])
     [worker] = await storage.list_workers()
     assert (worker.status, worker.queues, worker.concurrency) == ("online", ["q1", "q2"], 8)
     assert worker.freq == 2.0

@@ -82,7 +82,9 @@ class RedisAddress:
     def from_url(cls, url: str) -> RedisAddress:
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss"):
-            raise ConfigError(f"not a Redis URL: {redact_url(url)} (expected redis:// or rediss://)")
+            raise ConfigError(
+                f"not a Redis URL: {redact_url(url)} (expected redis:// or rediss://)"
+            )
         try:
             port = parts.port or 6379
             db = int(parts.path.strip("/") or "0")
@@ -156,7 +158,10 @@ class RespConnection:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._stream.send_all, payload)
                 while len(replies) < len(commands):
-                    while len(replies) < len(commands) and (reply := self._reader.gets()) is not False:
+                    while len(replies) < len(commands):
+                        reply = self._reader.gets()
+                        if reply is False:
+                            break
                         replies.append(reply)
                     if len(replies) < len(commands):
                         data = await self._stream.receive_some(RECEIVE_BYTES)
@@ -170,7 +175,9 @@ class RespConnection:
         keys: list[bytes] = []
         cursor = b"0"
         while True:
-            [(cursor, found)] = await self.execute([("SCAN", cursor, "MATCH", match, "COUNT", SCAN_COUNT)])
+            [(cursor, found)] = await self.execute(
+                [("SCAN", cursor, "MATCH", match, "COUNT", SCAN_COUNT)]
+            )
             keys += found
             if cursor == b"0":
                 return keys
@@ -269,7 +276,8 @@ class RedisQueueProbe:
         now = time.time()
         steps = len(PRIORITY_SUFFIXES)
         reserved = await self._reserved(conn, replies[-1], names)
-        if nodes != self._asked_nodes or trio.current_time() - self._asked_at >= CONSUMERS_INTERVAL:
+        stale = trio.current_time() - self._asked_at >= CONSUMERS_INTERVAL
+        if nodes != self._asked_nodes or stale:
             await self._ask_workers()
             self._asked_nodes = nodes
         consumers = self.consumers
@@ -339,11 +347,7 @@ class RedisQueueProbe:
         consumers: dict[str, int] = defaultdict(int)
         learnt = []
         for hostname, queues in active.items():
-            names = sorted(
-                {q["name"] for q in queues if isinstance(q, dict) and isinstance(q.get("name"), str)}
-                if isinstance(queues, list)
-                else ()
-            )
+            names = _queue_names(queues)
             for name in names:
                 consumers[name] += 1
             concurrency = _max_concurrency(stats.get(hostname))
@@ -366,6 +370,14 @@ class RedisQueueProbe:
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.aclose()
+
+
+def _queue_names(reply: Any) -> list[str]:
+    """The queue names in a worker's ``active_queues`` reply (a list of queue dicts)."""
+    entries = reply if isinstance(reply, list) else []
+    return sorted(
+        {q["name"] for q in entries if isinstance(q, dict) and isinstance(q.get("name"), str)}
+    )
 
 
 def _max_concurrency(stats: Any) -> int | None:
