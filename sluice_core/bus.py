@@ -17,6 +17,11 @@ import attrs
 import trio
 
 
+# How long after the last client left the bus keeps building messages, so a
+# dashboard that reloads or reconnects resumes from Last-Event-ID.
+RESUME_GRACE_S = 120.0
+
+
 @attrs.frozen
 class LiveMessage:
     id: int
@@ -38,6 +43,7 @@ class Bus:
         self._recent: collections.deque[LiveMessage] = collections.deque(maxlen=history)
         self._subscribers: set[Subscription] = set()
         self._per_subscriber = per_subscriber
+        self._last_left: float | None = None  # trio time the last subscriber left
 
     @property
     def last_id(self) -> int:
@@ -54,6 +60,25 @@ class Bus:
                 sub.send.send_nowait(message)
             except trio.WouldBlock:
                 sub.overflowed = True
+
+    @property
+    def wanted(self) -> bool:
+        """True while someone listens, or left recently enough to come back and resume."""
+        if self._subscribers:
+            return True
+        return (
+            self._last_left is not None
+            and trio.current_time() - self._last_left < RESUME_GRACE_S
+        )
+
+    def skip(self, count: int) -> None:
+        """Account for ``count`` messages nobody was listening to, without building them.
+
+        The ids advance and the ring forgets, so a client that comes back with
+        an older ``Last-Event-ID`` is told to resync rather than miss them.
+        """
+        self._next_id += count
+        self._recent.clear()
 
     def since(self, last_id: int) -> list[LiveMessage] | None:
         """Messages after ``last_id``, or None if some are no longer kept (resync)."""
@@ -72,6 +97,8 @@ class Bus:
             yield sub
         finally:
             self._subscribers.discard(sub)
+            if not self._subscribers:
+                self._last_left = trio.current_time()
             send.close()
             receive.close()
 

@@ -11,7 +11,9 @@ this module's whole job.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
+import sys
 import time
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -26,7 +28,17 @@ from sluice_core.sources import Sink
 
 log = logging.getLogger(__name__)
 
-RECEIVE_BYTES = 256 * 1024
+# Linux's option number; Python's socket module does not export it.
+SO_RCVBUFFORCE = 33 if sys.platform == "linux" else None
+
+# One receive takes everything the kernel holds, up to this: between two turns
+# of the read loop a burst can pile up megabytes.
+RECEIVE_BYTES = 4 * 1024 * 1024
+# The kernel's receive buffer is where a burst waits while the process is busy;
+# past it, Redis buffers on its side and disconnects us at 32 MB. As root the
+# buffer can be set beyond net.core.rmem_max (SO_RCVBUFFORCE); otherwise the
+# kernel's autotuning (tcp_rmem) is left to grow it.
+SOCKET_RECEIVE_BUFFER = 64 * 1024 * 1024
 CONNECT_TIMEOUT = 10.0
 # A quiet connection (no workers, no heartbeats) is PINGed this often; with no
 # answer by the next period it is taken for dead (a half-open TCP connection
@@ -113,6 +125,7 @@ class RedisEventSource:
     async def _connect(self) -> trio.abc.Stream:
         with trio.fail_after(CONNECT_TIMEOUT):
             tcp = await trio.open_tcp_stream(self.host, self.port)
+            _enlarge_receive_buffer(tcp)
             if self._ssl_context is None:
                 return tcp
             tls = trio.SSLStream(tcp, self._ssl_context, server_hostname=self.host)
@@ -191,6 +204,15 @@ def _ssl_context(query: str) -> ssl.SSLContext:
         context.check_hostname = False
     context.verify_mode = _CERT_REQS[reqs]
     return context
+
+
+def _enlarge_receive_buffer(tcp: trio.SocketStream) -> None:
+    if SO_RCVBUFFORCE is None:
+        return
+    try:
+        tcp.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SOCKET_RECEIVE_BUFFER)
+    except OSError:
+        pass  # not privileged: keep the kernel's autotuned buffer
 
 
 def _describe(exc: BaseException) -> str:
