@@ -158,12 +158,12 @@ class Engine:
             await trio.sleep(probe.interval)
 
     def _publish(self, result: IngestResult) -> None:
+        self.metrics.observe_ingest(result)
         if not self.bus.wanted:
             # Serializing every stored row costs a tenth of the ingest path:
             # not worth it when no dashboard is open.
             self.bus.skip(len(result.jobs) + len(result.workers))
             return
-        self.metrics.observe_ingest(result)
         for job in result.jobs:
             self.bus.publish("job", job_to_dict(job))
         for worker in result.workers:

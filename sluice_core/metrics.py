@@ -22,6 +22,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # trio time of the last refresh of the gauges read from storage (GET /metrics).
+        self.storage_refreshed_at = float("-inf")
         self.messages_received = Counter(
             "sluice_messages_received", "Raw messages read from sources", ["source"], registry=r
         )
