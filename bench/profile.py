@@ -8,6 +8,7 @@ profiled process runs at full speed.
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import time
 from collections import Counter
@@ -29,7 +30,7 @@ class ProfileRun:
     storage: str
     published: int
     taken: int
-    seconds: float
+    seconds: float  # from the first publish to the last event taken in
     samples: int
     threads: list[tuple[str, int]]  # thread name, samples
     functions: list[tuple[str, int]]  # Sluice function (file:line), samples including callees
@@ -63,7 +64,7 @@ def summarize(raw: str, top: int) -> tuple[int, list[tuple[str, int]], list[tupl
     return total, threads.most_common(8), inclusive.most_common(top)
 
 
-def run(*, storage: str, events: int, broker: str, run_dir: Path, seconds: float = 40.0,
+def run(*, storage: str, events: int, broker: str, run_dir: Path, seconds: float = 300.0,
         top: int = 25) -> ProfileRun:
     spy = py_spy()
     if spy is None:
@@ -84,10 +85,16 @@ def run(*, storage: str, events: int, broker: str, run_dir: Path, seconds: float
             )
             t0 = time.time()
             report = publish(plan)
-            while sluice.taken() - before < report.stats.task_events and time.time() - t0 < seconds:
-                time.sleep(0.2)
-            taken = int(sluice.taken() - before)
-            elapsed = time.time() - t0
+            # Until Sluice has taken everything in or stopped moving (Redis dropped it). Polled
+            # once a second: /metrics itself costs Sluice CPU.
+            taken, moved_at = 0, time.time()
+            while taken < report.stats.task_events and time.time() - moved_at < 3:
+                time.sleep(1.0)
+                now_taken = int(sluice.taken() - before)
+                if now_taken != taken:
+                    taken, moved_at = now_taken, time.time()
+            elapsed = moved_at - t0
+            recorder.send_signal(signal.SIGINT)  # py-spy writes what it has and exits
             recorder.wait()
         finally:
             sluice.stop()
