@@ -77,6 +77,9 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
         # all over the file. A 64 MiB page cache keeps them in memory between
         # batches (the default 2 MiB made ingest fall off as the tables grew).
         conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
+        # Checkpoint every 64 MiB of WAL rather than 4 MiB: fewer, larger copies
+        # back into the database (measured about a fifth more ingest).
+        conn.execute("PRAGMA wal_autocheckpoint = 16384")
     return conn
 
 
