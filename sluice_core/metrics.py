@@ -8,10 +8,20 @@ from __future__ import annotations
 
 from collections import Counter as Counter_
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 from sluice_core.model import JobState, QueueSample, Worker
 from sluice_core.storage import MAX_PAGE, IngestResult
+
+# The *_created series double the output and no dashboard uses them.
+disable_created_metrics()
 
 UNKNOWN = "unknown"  # the label of a job whose name or queue no event told yet
 # Seconds; from quick tasks to hour-long batch jobs.

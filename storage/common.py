@@ -15,8 +15,8 @@ import importlib.resources
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import attrs
 import orjson
@@ -28,6 +28,7 @@ from sluice_core.probes import WorkerQueues
 from sluice_core.storage import (
     DEFAULT_STUCK_AFTER_S,
     ApiKey,
+    ApiKeyExists,
     IngestResult,
     JobQuery,
     Page,
@@ -53,6 +54,7 @@ WORKER_COLUMNS = (
 )
 
 Row = tuple[Any, ...]
+T = TypeVar("T")
 
 
 def cols(columns: Sequence[str], prefix: str = "") -> str:
@@ -326,6 +328,79 @@ def api_key_from_row(row: Row) -> ApiKey:
 def api_key_stale(key: ApiKey, now: float) -> bool:
     """Whether ``last_used_at`` is old enough to be written again."""
     return key.last_used_at is None or now - key.last_used_at >= LAST_USED_EVERY_S
+
+
+class ApiKeyStore:
+    """The API-key methods of the Storage protocol: the same SQL on both backends.
+
+    A backend provides ``_read`` / ``_write`` (run a function on a connection in
+    a worker thread), its driver's placeholder and its unique-violation error.
+    """
+
+    _marker: str
+    _duplicate_key: type[Exception]
+
+    async def _read(self, fn: Callable[[Any], T]) -> T:
+        raise NotImplementedError
+
+    async def _write(self, fn: Callable[[Any], T]) -> T:
+        raise NotImplementedError
+
+    async def create_api_key(self, name: str) -> tuple[ApiKey, str]:
+        key, hashed = new_api_key()
+        p = self._marker
+
+        def create(conn: Any) -> ApiKey:
+            try:
+                row = conn.execute(
+                    f"INSERT INTO api_keys (name, hash, created_at) VALUES ({p}, {p}, {p})"
+                    f" RETURNING {cols(API_KEY_COLUMNS)}",
+                    (name, hashed, time.time()),
+                ).fetchone()
+            except self._duplicate_key:
+                raise ApiKeyExists(f"an active API key is already named {name!r}") from None
+            return api_key_from_row(row)
+
+        return await self._write(create), key
+
+    async def list_api_keys(self) -> list[ApiKey]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {cols(API_KEY_COLUMNS)} FROM api_keys ORDER BY id"
+            ).fetchall()
+        )
+        return [api_key_from_row(row) for row in rows]
+
+    async def revoke_api_key(self, name: str) -> ApiKey | None:
+        p = self._marker
+        row = await self._write(
+            lambda conn: conn.execute(
+                f"UPDATE api_keys SET revoked_at = {p} WHERE name = {p} AND revoked_at IS NULL"
+                f" RETURNING {cols(API_KEY_COLUMNS)}",
+                (time.time(), name),
+            ).fetchone()
+        )
+        return None if row is None else api_key_from_row(row)
+
+    async def check_api_key(self, key: str) -> ApiKey | None:
+        p = self._marker
+        row = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {cols(API_KEY_COLUMNS)} FROM api_keys"
+                f" WHERE hash = {p} AND revoked_at IS NULL",
+                (hash_api_key(key),),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        found, now = api_key_from_row(row), time.time()
+        if api_key_stale(found, now):
+            await self._write(
+                lambda conn: conn.execute(
+                    f"UPDATE api_keys SET last_used_at = {p} WHERE id = {p}", (now, found.id)
+                )
+            )
+        return found
 
 
 # -- migrations -----------------------------------------------------------------

@@ -13,7 +13,6 @@ and cannot deadlock), and the changed rows are COPYed and written back once.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
@@ -28,8 +27,6 @@ from sluice_core.model import Job, JobEvent, QueueSample, Worker, WorkerEvent
 from sluice_core.probes import WorkerQueues
 from sluice_core.storage import (
     DEFAULT_STUCK_AFTER_S,
-    ApiKey,
-    ApiKeyExists,
     IngestResult,
     JobQuery,
     Page,
@@ -169,7 +166,10 @@ class _Transaction:
             )
 
 
-class PostgresStorage:
+class PostgresStorage(common.ApiKeyStore):
+    _marker = "%s"
+    _duplicate_key = psycopg.errors.UniqueViolation
+
     def __init__(self, url: str, *, stuck_after: float = DEFAULT_STUCK_AFTER_S) -> None:
         self.url = redact_url(url)
         self.stuck_after = stuck_after
@@ -363,57 +363,3 @@ class PostgresStorage:
         return [(name, int(count)) for name, count in rows]
 
     # -- API keys ---------------------------------------------------------------------
-
-    async def create_api_key(self, name: str) -> tuple[ApiKey, str]:
-        key, hashed = common.new_api_key()
-
-        def create(conn: psycopg.Connection[Any]) -> ApiKey:
-            try:
-                row = conn.execute(
-                    "INSERT INTO api_keys (name, hash, created_at) VALUES (%s, %s, %s)"
-                    f" RETURNING {cols(common.API_KEY_COLUMNS)}",
-                    (name, hashed, time.time()),
-                ).fetchone()
-            except psycopg.errors.UniqueViolation:
-                raise ApiKeyExists(f"an active API key is already named {name!r}") from None
-            assert row is not None
-            return common.api_key_from_row(row)
-
-        return await self._write(create), key
-
-    async def list_api_keys(self) -> list[ApiKey]:
-        rows = await self._read(
-            lambda conn: conn.execute(
-                f"SELECT {cols(common.API_KEY_COLUMNS)} FROM api_keys ORDER BY id"
-            ).fetchall()
-        )
-        return [common.api_key_from_row(row) for row in rows]
-
-    async def revoke_api_key(self, name: str) -> ApiKey | None:
-        row = await self._write(
-            lambda conn: conn.execute(
-                "UPDATE api_keys SET revoked_at = %s WHERE name = %s AND revoked_at IS NULL"
-                f" RETURNING {cols(common.API_KEY_COLUMNS)}",
-                (time.time(), name),
-            ).fetchone()
-        )
-        return None if row is None else common.api_key_from_row(row)
-
-    async def check_api_key(self, key: str) -> ApiKey | None:
-        row = await self._read(
-            lambda conn: conn.execute(
-                f"SELECT {cols(common.API_KEY_COLUMNS)} FROM api_keys"
-                " WHERE hash = %s AND revoked_at IS NULL",
-                (common.hash_api_key(key),),
-            ).fetchone()
-        )
-        if row is None:
-            return None
-        found, now = common.api_key_from_row(row), time.time()
-        if common.api_key_stale(found, now):
-            await self._write(
-                lambda conn: conn.execute(
-                    "UPDATE api_keys SET last_used_at = %s WHERE id = %s", (now, found.id)
-                )
-            )
-        return found

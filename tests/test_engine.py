@@ -17,7 +17,6 @@ from sluice_core.config import Config
 from sluice_core.engine import Engine
 from sluice_core.model import JobEvent, JobState, RawBatch
 from sluice_core.plugins import PluginManager
-from sluice_core.storage import JobQuery
 from tests.fixtures.services import free_port, wait_port
 
 
