@@ -32,6 +32,8 @@ from sluice_core.storage import IngestResult
 
 log = logging.getLogger(__name__)
 
+DROP_LOG_INTERVAL_S = 10.0
+
 
 @attrs.define
 class _Normalized:
@@ -79,6 +81,8 @@ class Pipeline:
         self._buffer_limit = buffer_messages
         self._batch_events = batch_events
         self._buffered = 0
+        self._drop_logged_at = float("-inf")
+        self._dropped_unlogged = 0
         # Unbounded as a channel, bounded in messages by put_raw: a batch can
         # hold one message or thousands, so a count of batches would not bound memory.
         self._raw_send, self._raw_receive = trio.open_memory_channel[RawBatch | _Normalized](
@@ -99,8 +103,7 @@ class Pipeline:
         n = len(batch.messages)
         self._metrics.messages_received.labels(batch.source).inc(n)
         if self._buffered + n > self._buffer_limit:
-            self._metrics.events_dropped.labels(batch.source).inc(n)
-            log.warning("ingest buffer full: dropped %d messages from %s", n, batch.source)
+            self._drop(batch.source, n)
             return
         try:
             self._raw_send.send_nowait(batch)
@@ -124,8 +127,7 @@ class Pipeline:
         ``stored`` is set once they are written."""
         n = len(job_events) + len(worker_events)
         if self._buffered + n > self._buffer_limit:
-            self._metrics.events_dropped.labels("ingest").inc(n)
-            log.warning("ingest buffer full: dropped %d normalized events", n)
+            self._drop("ingest", n)
             return False
         try:
             self._raw_send.send_nowait(
@@ -136,6 +138,20 @@ class Pipeline:
             return False
         self._buffered += n
         return True
+
+    def _drop(self, source: str, n: int) -> None:
+        self._metrics.events_dropped.labels(source).inc(n)
+        self._dropped_unlogged += n
+        now = time.monotonic()
+        # Overload lasts: one line per interval, not one per batch.
+        if now - self._drop_logged_at >= DROP_LOG_INTERVAL_S:
+            log.warning(
+                "ingest buffer full (%d messages): dropped %d since the last report; "
+                "storage is not keeping up (see sluice_events_dropped_total)",
+                self._buffer_limit,
+                self._dropped_unlogged,
+            )
+            self._drop_logged_at, self._dropped_unlogged = now, 0
 
     def source_status(self, name: str, up: bool, detail: str = "") -> None:
         previous = self.sources.get(name)
