@@ -89,13 +89,18 @@ class _Dialect:
         return f"{column} IN (SELECT value FROM json_each(?))", [common.dumps(list(values))]
 
     def text_match(self, q: str) -> tuple[str, list[Any]]:
-        # GLOB, case-sensitive like ids, can use the id index; LIKE ignores ASCII case.
+        # GLOB, case-sensitive like ids, can use the id index; the trigram index
+        # (migration 0003) answers LIKE, which ignores ASCII case. It is only used
+        # for a LIKE without ESCAPE: text with % or _ is rare, and scans.
         prefix = "".join(f"[{c}]" if c in "*?[" else c for c in q) + "*"
-        pattern = f"%{common.like_escape(q)}%"
-        text = " OR ".join(
-            f"{column} LIKE ? ESCAPE '\\'" for column in ("name", "args", "kwargs", "exception")
+        if "%" in q or "_" in q or "\\" in q:
+            like, pattern = "LIKE ? ESCAPE '\\'", f"%{common.like_escape(q)}%"
+        else:
+            like, pattern = "LIKE ?", f"%{q}%"
+        return (
+            f"(id GLOB ? OR seq IN (SELECT rowid FROM job_search WHERE text {like}))",
+            [prefix, pattern],
         )
-        return f"(id GLOB ? OR {text})", [prefix] + [pattern] * 4
 
 
 _DIALECT = _Dialect()
@@ -106,6 +111,8 @@ class _Transaction:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
+        # The searched fields of the jobs as stored before this batch.
+        self._searched: dict[str, tuple[str | None, ...]] = {}
 
     def insert_events(self, events: list[JobEvent]) -> set[str]:
         ids = [event.id for event in events]
@@ -129,7 +136,9 @@ class _Transaction:
             f"SELECT {cols(JOB_COLUMNS)} FROM jobs WHERE id IN (SELECT value FROM json_each(?))",
             (common.dumps(ids),),
         )
-        return {row[0]: common.job_from_row(row) for row in rows}
+        jobs = {row[0]: common.job_from_row(row) for row in rows}
+        self._searched.update((job.id, _searched(job)) for job in jobs.values())
+        return jobs
 
     def load_events(self, job_ids: list[str]) -> list[JobEvent]:
         rows = self._conn.execute(
@@ -146,6 +155,14 @@ class _Transaction:
             f" ON CONFLICT (id) DO UPDATE SET {updates}",
             map(common.job_to_row, new + changed),
         )
+        # Most events change no searched field: only re-index the jobs whose did.
+        reindex = [job.id for job in new + changed if self._searched.get(job.id) != _searched(job)]
+        if reindex:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO job_search (rowid, text) SELECT seq, text"
+                " FROM job_search_text WHERE id IN (SELECT value FROM json_each(?))",
+                (common.dumps(reindex),),
+            )
         return set()  # the write lock is held since BEGIN: no one else stored a job
 
     def lock_workers(self, hostnames: list[str]) -> dict[str, Worker]:
@@ -158,6 +175,11 @@ class _Transaction:
 
     def write_workers(self, workers: list[Worker]) -> None:
         self._conn.executemany(common.upsert_workers_sql("?"), map(common.worker_to_row, workers))
+
+
+def _searched(job: Job) -> tuple[str | None, ...]:
+    """What job_search_text (migration 0003) is made of."""
+    return (job.name, job.args, job.kwargs, job.exception)
 
 
 def _marks(columns: tuple[str, ...]) -> str:

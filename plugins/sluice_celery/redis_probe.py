@@ -18,7 +18,7 @@ which is 0.6 s for the 40,000 LLENs of 10,000 queues; packing them in one
 write and parsing the replies in C takes ~50 ms.
 
 Consumers cannot be read from Redis: they come from the workers' answers to
-the ``active_queues`` control command (:mod:`sluice_celery.control`).
+the ``active_queues`` control command (:class:`~sluice_celery.control.WorkerInquiry`).
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ from urllib.parse import unquote, urlsplit
 import attrs
 import hiredis
 import orjson
-import redis
 import trio
 
-from sluice_celery.control import PIDBOX_EXCHANGE, NoListener, RedisClient, RedisMailbox
+from sluice_celery.control import PIDBOX_EXCHANGE, RedisClient, RedisMailbox, WorkerInquiry
 from sluice_celery.events import FRAMEWORK
 from sluice_celery.redis_source import CONNECT_TIMEOUT, RECEIVE_BYTES, RedisError, _ssl_context
 from sluice_core.config import ConfigError, redact_url
@@ -51,9 +50,6 @@ COMMAND_TIMEOUT = 10.0  # seconds for one round trip, however many commands it c
 # the whole keyspace (result keys included), so it is not done at every poll.
 DISCOVERY_INTERVAL = 60.0
 SCAN_COUNT = 1_000
-# Workers are asked which queues they consume this often, and at once when the
-# set of workers listening on the mailbox changes (a worker came or went).
-CONSUMERS_INTERVAL = 30.0
 # Past this many unacked messages, the per-queue split is not read (see _reserved).
 RESERVED_DETAIL_MAX = 1_000
 
@@ -240,12 +236,9 @@ class RedisQueueProbe:
         self._conn: RespConnection | None = None
         self._bindings = Bindings(frozenset(), {})
         self._discovered_at = float("-inf")  # trio clock
-        self._mailbox = RedisMailbox(RedisClient(url, keyprefix=keyprefix))
-        self._asked_at = float("-inf")  # trio clock
-        self._asked_nodes: frozenset[bytes] | None = None
-        # Consumers per queue from the workers' last answers; None until they answered.
-        self.consumers: dict[str, int] | None = None
-        self._worker_queues: list[WorkerQueues] = []
+        self._workers = WorkerInquiry(
+            RedisMailbox(RedisClient(url, keyprefix=keyprefix)), name=self.name
+        )
 
     async def probe(self, queues: set[str]) -> list[QueueSample]:
         try:
@@ -276,11 +269,8 @@ class RedisQueueProbe:
         now = time.time()
         steps = len(PRIORITY_SUFFIXES)
         reserved = await self._reserved(conn, replies[-1], names)
-        stale = trio.current_time() - self._asked_at >= CONSUMERS_INTERVAL
-        if nodes != self._asked_nodes or stale:
-            await self._ask_workers()
-            self._asked_nodes = nodes
-        consumers = self.consumers
+        await self._workers.refresh(nodes)
+        consumers = self._workers.consumers
         return [
             QueueSample(
                 name=name,
@@ -332,56 +322,11 @@ class RedisQueueProbe:
                     counts[queue] += 1
         return counts
 
-    async def _ask_workers(self) -> None:
-        """Refresh consumers per queue, and each worker's queues and pool size."""
-        self._asked_at = trio.current_time()
-        try:
-            active = await self._mailbox.request("active_queues")
-            stats = await self._mailbox.request("stats")
-        except NoListener:
-            active = stats = {}  # no worker at all: every queue has 0 consumers
-        except redis.RedisError as exc:
-            # Depth is still worth recording; consumers stay as last known.
-            log.warning("%s: asking workers for their queues failed: %s", self.name, exc)
-            return
-        consumers: dict[str, int] = defaultdict(int)
-        learnt = []
-        for hostname, queues in active.items():
-            names = _queue_names(queues)
-            for name in names:
-                consumers[name] += 1
-            concurrency = _max_concurrency(stats.get(hostname))
-            learnt.append(
-                WorkerQueues(
-                    hostname=hostname,
-                    framework=FRAMEWORK,
-                    queues=names,
-                    concurrency=concurrency,
-                )
-            )
-        self.consumers = dict(consumers)
-        self._worker_queues = learnt
-
     def take_worker_queues(self) -> list[WorkerQueues]:
-        learnt, self._worker_queues = self._worker_queues, []
-        return learnt
+        return self._workers.take_worker_queues()
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.aclose()
 
-
-def _queue_names(reply: Any) -> list[str]:
-    """The queue names in a worker's ``active_queues`` reply (a list of queue dicts)."""
-    entries = reply if isinstance(reply, list) else []
-    return sorted(
-        {q["name"] for q in entries if isinstance(q, dict) and isinstance(q.get("name"), str)}
-    )
-
-
-def _max_concurrency(stats: Any) -> int | None:
-    """The pool size in a worker's ``stats`` reply (``{"pool": {"max-concurrency": n}}``)."""
-    pool = stats.get("pool") if isinstance(stats, dict) else None
-    value = pool.get("max-concurrency") if isinstance(pool, dict) else None
-    return value if isinstance(value, int) else None

@@ -26,11 +26,12 @@ class PublishError(Exception):
 
 
 class AmqpPublisher:
-    """Publishes on one RabbitMQ broker over a connection of its own."""
+    """Publishes on one RabbitMQ broker, over a connection of its own unless given ``client``
+    (a probe's, which then also carries its control requests)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, client: AmqpClient | None = None) -> None:
         params = AmqpParams.from_url(url)
-        self._client = AmqpClient(params, name=f"sluice publisher {params.url}")
+        self.client = client or AmqpClient(params, name=f"sluice publisher {params.url}")
 
     async def publish(
         self,
@@ -51,18 +52,36 @@ class AmqpPublisher:
         silently dropped. Raises :class:`PublishError`; connection failures
         raise py-amqp's errors (:data:`~sluice_rabbitmq.connection.CONNECTION_ERRORS`).
         """
-        message = amqp.Message(body, application_headers=headers or {}, **(properties or {}))
-        try:
-            await self._client.call(
-                lambda client: _publish(client, message, exchange, routing_key, mandatory)
+        await self.client.call(
+            lambda client: publish_confirmed(
+                client, exchange, routing_key, body, headers, properties, mandatory=mandatory
             )
-        except CHANNEL_ERRORS as exc:
-            raise PublishError(
-                f"RabbitMQ refused the message for exchange {exchange!r}: {describe(exc)}"
-            ) from exc
+        )
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self.client.aclose()
+
+
+def publish_confirmed(
+    client: AmqpClient,
+    exchange: str,
+    routing_key: str,
+    body: bytes,
+    headers: dict[str, Any] | None = None,
+    properties: dict[str, Any] | None = None,
+    *,
+    mandatory: bool = False,
+) -> None:
+    """:meth:`AmqpPublisher.publish` from inside :meth:`AmqpClient.call` (blocking), for
+    callers that do more on the same channel in the same call (a control request
+    consumes its replies there)."""
+    message = amqp.Message(body, application_headers=headers or {}, **(properties or {}))
+    try:
+        _publish(client, message, exchange, routing_key, mandatory)
+    except CHANNEL_ERRORS as exc:
+        raise PublishError(
+            f"RabbitMQ refused the message for exchange {exchange!r}: {describe(exc)}"
+        ) from exc
 
 
 def _publish(
