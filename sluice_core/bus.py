@@ -43,7 +43,9 @@ class Bus:
         self._recent: collections.deque[LiveMessage] = collections.deque(maxlen=history)
         self._subscribers: set[Subscription] = set()
         self._per_subscriber = per_subscriber
-        self._last_left: float | None = None  # trio time the last subscriber left
+        # trio time someone last showed interest: the last subscriber left, or a
+        # page that will subscribe was rendered.
+        self._interest_at: float | None = None
 
     @property
     def last_id(self) -> int:
@@ -67,9 +69,15 @@ class Bus:
         if self._subscribers:
             return True
         return (
-            self._last_left is not None
-            and trio.current_time() - self._last_left < RESUME_GRACE_S
+            self._interest_at is not None
+            and trio.current_time() - self._interest_at < RESUME_GRACE_S
         )
+
+    def expect_subscriber(self) -> int:
+        """A page was rendered and will subscribe: build messages from now on, so it
+        can resume from the returned id and miss nothing in between."""
+        self._interest_at = trio.current_time()
+        return self.last_id
 
     def skip(self, count: int) -> None:
         """Account for ``count`` messages nobody was listening to, without building them.
@@ -98,7 +106,7 @@ class Bus:
         finally:
             self._subscribers.discard(sub)
             if not self._subscribers:
-                self._last_left = trio.current_time()
+                self._interest_at = trio.current_time()
             send.close()
             receive.close()
 

@@ -32,3 +32,16 @@ async def test_after_the_grace_period_messages_are_skipped_and_resumers_resync(
     assert bus.last_id == 4
     assert bus.since(1) is None  # what it missed was never built: reload
     assert bus.since(4) == []
+
+
+async def test_a_rendered_page_resumes_from_its_render_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    bus = Bus()
+    await trio.sleep(RESUME_GRACE_S + 1)
+    rendered_at = bus.expect_subscriber()
+    assert bus.wanted  # messages are built until the page subscribes
+    bus.publish("job", {"id": "between render and subscribe"})
+    assert [m.data["id"] for m in bus.since(rendered_at) or []] == [
+        "between render and subscribe"
+    ]

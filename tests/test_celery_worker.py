@@ -1,24 +1,35 @@
-"""A real Celery worker, watched through the Redis source and the normalizer.
+"""A real Celery worker on Redis and on RabbitMQ, watched through Sluice's event source
+for its broker and the normalizer.
 
-Each test runs tasks on its own worker and queue and checks the normalized
-events Sluice makes of what the worker really sent.
+Each test runs tasks on its own worker and queue (and on RabbitMQ, vhost) and
+checks the normalized events Sluice makes of what the worker really sent: the
+same on both brokers, though RabbitMQ carries a worker's task events as
+``task.multi`` lists of raw JSON and Redis as single kombu envelopes.
 """
 
 from __future__ import annotations
 
+import pytest
 import trio
 
-from sluice_celery.redis_source import RedisEventSource
+from sluice_core.config import Config
 from sluice_core.merge import rebuild
 from sluice_core.model import Job, JobEvent, JobState
+from sluice_core.plugins import PluginManager
 from tests.fixtures.celery_worker import CeleryWorker, CollectingSink
 
 TIMEOUT = 60  # absolute bound per test: a worker start on a busy machine takes seconds
 
+pytestmark = pytest.mark.parametrize("celery_worker", ["redis", "rabbitmq"], indirect=True)
+
 
 async def watch(worker: CeleryWorker, nursery: trio.Nursery) -> CollectingSink:
+    """Run the source Sluice's plugins choose for the worker's broker URL."""
+    pm = PluginManager()
+    pm.load(["celery", "rabbitmq"])
+    config = Config(brokers=[worker.broker_url], layers=[{"redis_keyprefix": worker.keyprefix}])
+    [source] = pm.sources(config)
     sink = CollectingSink()
-    source = RedisEventSource(worker.broker_url, keyprefix=worker.keyprefix)
     await nursery.start(source.run, sink)
     return sink
 
@@ -53,6 +64,7 @@ async def test_add_is_queued_received_active_then_completed(
     assert len(events) == 4
     assert len({e.id for e in events}) == 4
     assert all(e.framework == "celery" for e in events)
+    assert sink.malformed == 0
     # The worker's own events are causally ordered; task-sent may be stamped after
     # task-received (the producer publishes first, then announces it).
     worker_side = [e.state for e in events if e.state is not JobState.QUEUED]

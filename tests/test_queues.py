@@ -1,7 +1,9 @@
 """Queues and workers: depth, reserved, consumers, offline workers, lost and stuck jobs, metrics.
 
-The probe and the engine run against the machine's Redis and a real Celery
-worker, each test under its own key prefix (the ``keyprefix`` fixture).
+The probes and the engine run against the machine's Redis and RabbitMQ and a
+real Celery worker, each test under its own key prefix (the ``keyprefix``
+fixture) and, on RabbitMQ, vhost. What a user sees of queues and workers is
+the same on both brokers, and proven by the same tests.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -22,12 +25,15 @@ from sluice_core.config import Config
 from sluice_core.engine import Engine
 from sluice_core.model import JobState, WorkerEvent
 from sluice_core.plugins import PluginManager
-from sluice_core.probes import WorkerQueues
+from sluice_core.probes import WorkerProbe, WorkerQueues
 from sluice_core.storage import JobQuery, Storage
+from sluice_rabbitmq.probe import AmqpQueueProbe
 from tests.celery_app import make_app
 from tests.fixtures.celery_worker import CeleryWorker
 from tests.fixtures.services import REDIS_URL
 from tests.test_api import ingest, job_event, serving
+
+BOTH = pytest.mark.parametrize("celery_worker", ["redis", "rabbitmq"], indirect=True)
 
 # -- the Redis probe -----------------------------------------------------------------
 
@@ -57,7 +63,7 @@ async def test_depth_of_a_queue_with_no_consumer_counts_every_priority(keyprefix
     assert jobs.broker == "redis://localhost:6379/0" and jobs.framework == "celery"
 
 
-async def test_consumers_reserved_and_worker_queues_come_from_the_worker(
+async def test_reserved_counts_prefetched_jobs_and_consumers_come_from_the_worker(
     celery_worker: CeleryWorker,
 ) -> None:
     probe = RedisQueueProbe(REDIS_URL, keyprefix=celery_worker.keyprefix)
@@ -77,10 +83,40 @@ async def test_consumers_reserved_and_worker_queues_come_from_the_worker(
     finally:
         await probe.aclose()
     assert sample.consumers == 1
-    assert probe.take_worker_queues() == [
-        WorkerQueues(celery_worker.hostname, "celery", [queue], concurrency=2)
-    ]
-    assert probe.take_worker_queues() == []  # reported once
+
+
+# -- both brokers' probes --------------------------------------------------------------
+
+
+def broker_probe(worker: CeleryWorker) -> RedisQueueProbe | AmqpQueueProbe:
+    """The probe Sluice's plugins run for the worker's broker."""
+    pm = PluginManager()
+    pm.load(["celery", "rabbitmq"])
+    config = Config(brokers=[worker.broker_url], layers=[{"redis_keyprefix": worker.keyprefix}])
+    [probe] = pm.probes(config)
+    assert isinstance(probe, RedisQueueProbe | AmqpQueueProbe)
+    return probe
+
+
+@BOTH
+async def test_a_workers_queues_and_concurrency_are_learnt_and_its_queue_measured(
+    celery_worker: CeleryWorker,
+) -> None:
+    probe = broker_probe(celery_worker)
+    queue = celery_worker.queue
+    try:
+        with trio.fail_after(30):
+            await probe.probe(set())
+            learnt = probe.take_worker_queues()
+            again = probe.take_worker_queues()
+            # No job named the queue: the broker's bindings or the worker's answer did.
+            sample = {s.name: s for s in await probe.probe(set())}[queue]
+    finally:
+        await probe.aclose()
+    assert isinstance(probe, WorkerProbe)  # the engine stores what it learns
+    assert learnt == [WorkerQueues(celery_worker.hostname, "celery", [queue], concurrency=2)]
+    assert again == []  # reported once
+    assert (sample.depth, sample.consumers) == (0, 1)
 
 
 # -- the engine with a real worker --------------------------------------------------
@@ -88,17 +124,18 @@ async def test_consumers_reserved_and_worker_queues_come_from_the_worker(
 
 @asynccontextmanager
 async def watching(
-    tmp_path: Path, keyprefix: str
+    tmp_path: Path, worker: CeleryWorker
 ) -> AsyncIterator[tuple[Engine, httpx.AsyncClient]]:
-    """``sluice run --plugin celery`` on the test's key prefix, with its web server."""
+    """``sluice run --plugin celery --plugin rabbitmq`` on the worker's broker (and key
+    prefix), with its web server."""
     pm = PluginManager()
-    pm.load(["celery"])
+    pm.load(["celery", "rabbitmq"])
     config = Config(
-        brokers=[REDIS_URL],
+        brokers=[worker.broker_url],
         db=f"sqlite:///{tmp_path}/sluice.db",
         port=0,
-        layers=[{"redis_keyprefix": keyprefix, "redis_probe_interval": 0.5,
-                 "heartbeat_missed": 1.5}],
+        layers=[{"redis_keyprefix": worker.keyprefix, "redis_probe_interval": 0.5,
+                 "rabbitmq_probe_interval": 0.5, "heartbeat_missed": 1.5}],
     )
     pm.configure(config)
     engine = Engine(config, pm)
@@ -117,11 +154,12 @@ async def until(check: Callable[[], Awaitable[Any]]) -> Any:
     return found
 
 
+@BOTH
 async def test_killed_worker_goes_offline_and_its_running_job_becomes_lost(
     celery_worker: CeleryWorker, tmp_path: Path
 ) -> None:
     with trio.fail_after(60):
-        async with watching(tmp_path, celery_worker.keyprefix) as (engine, client):
+        async with watching(tmp_path, celery_worker) as (engine, client):
 
             async def worker() -> dict[str, Any] | None:
                 # Known from its heartbeats (not only from its answer to active_queues).
@@ -148,12 +186,13 @@ async def test_killed_worker_goes_offline_and_its_running_job_becomes_lost(
             assert celery_worker.hostname in page and "status-offline" in page
 
 
+@BOTH
 async def test_stopped_worker_goes_offline_cleanly_and_its_queue_then_fills_with_no_consumer(
     celery_worker: CeleryWorker, tmp_path: Path
 ) -> None:
     queue = celery_worker.queue
     with trio.fail_after(60):
-        async with watching(tmp_path, celery_worker.keyprefix) as (engine, client):
+        async with watching(tmp_path, celery_worker) as (engine, client):
 
             async def queue_row() -> dict[str, Any] | None:
                 rows = [q for q in (await client.get("/api/queues")).json() if q["name"] == queue]
@@ -177,7 +216,9 @@ async def test_stopped_worker_goes_offline_cleanly_and_its_queue_then_fills_with
             filled = await until(
                 lambda: _matching_one(queue_row, lambda q: q["depth"] == 3 and q["consumers"] == 0)
             )
-            assert filled["reserved"] == 0
+            # RabbitMQ's passive declare counts ready messages only: reserved is unknown.
+            on_redis = celery_worker.broker_url.startswith("redis")
+            assert filled["reserved"] == (0 if on_redis else None)
             html = (await client.get("/queues")).text
             assert f'data-queue="{queue}"' in html
 

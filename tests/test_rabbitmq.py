@@ -1,8 +1,10 @@
-"""The RabbitMQ transport against the real RabbitMQ: events from a real Celery worker,
-queue probes, publishing, broker-side disconnects and clean-up.
+"""The RabbitMQ transport against the real RabbitMQ: the event source's queue, outages
+and clean-up, queue probes, control requests, publishing.
 
-Each test gets a vhost of its own (``rabbitmqctl add_vhost``), so the shared
-broker's other users never see its events and it never sees theirs.
+What a real worker's events become is proven on both brokers by the same tests
+(tests/test_celery_worker.py); these cover what only RabbitMQ has. Each test
+gets a vhost of its own (``rabbitmqctl add_vhost``), so the shared broker's
+other users never see its events and it never sees theirs.
 """
 
 from __future__ import annotations
@@ -12,14 +14,12 @@ import json
 import subprocess
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
-from urllib.parse import quote
 
 import amqp
 import pytest
 import trio
 
-from sluice_celery.events import KIND_AMQP
+from sluice_celery.control import AmqpMailbox, NoListener
 from sluice_core.config import ConfigError, build
 from sluice_core.model import JobState
 from sluice_core.plugins import PluginManager
@@ -28,7 +28,7 @@ from sluice_rabbitmq.connection import AmqpParams
 from sluice_rabbitmq.probe import AmqpQueueProbe
 from sluice_rabbitmq.publish import AmqpPublisher, PublishError
 from sluice_rabbitmq.source import AmqpEventSource
-from tests.fixtures.celery_worker import CeleryWorker, CollectingSink
+from tests.fixtures.celery_worker import CeleryWorker, CollectingSink, rabbitmq_vhost
 from tests.fixtures.services import FIXTURES
 
 TIMEOUT = 60  # absolute bound per test: a worker start on a busy machine takes seconds
@@ -43,25 +43,11 @@ def rabbitmqctl(*args: str) -> str:
 
 @pytest.fixture
 def amqp_url() -> Iterator[str]:
-    """An AMQP URL on a fresh vhost of the shared RabbitMQ, deleted afterwards."""
-    vhost = f"sluice-test-{uuid.uuid4().hex[:10]}"
-    rabbitmqctl("add_vhost", vhost)
-    try:
-        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        yield f"amqp://guest:guest@localhost:5672/{quote(vhost, safe='')}"
-    finally:
-        rabbitmqctl("delete_vhost", vhost)
+    with rabbitmq_vhost() as url:
+        yield url
 
 
-@pytest.fixture
-def rabbitmq_worker(amqp_url: str, tmp_path: Path) -> Iterator[CeleryWorker]:
-    """The shared real-worker fixture's worker, on RabbitMQ."""
-    worker = CeleryWorker(amqp_url, "", tmp_path / "celery-worker.log")
-    try:
-        worker.start()
-        yield worker
-    finally:
-        worker.close()
+RABBITMQ = pytest.mark.parametrize("celery_worker", ["rabbitmq"], indirect=True)
 
 
 def table(rows: list[list[object]]) -> dict[object, object]:
@@ -73,9 +59,13 @@ def vhost_of(url: str) -> str:
     return AmqpParams.from_url(url).virtual_host
 
 
-def queue_exists(url: str, queue: str) -> bool:
+def queue_names(url: str) -> set[str]:
     out = rabbitmqctl("list_queues", "-p", vhost_of(url), "name", "--formatter", "json")
-    return queue in {q["name"] for q in json.loads(out)}
+    return {q["name"] for q in json.loads(out)}
+
+
+def queue_exists(url: str, queue: str) -> bool:
+    return queue in queue_names(url)
 
 
 def connection_pid(url: str, connection_name: str) -> str:
@@ -115,79 +105,6 @@ async def start_source(
     sink = CollectingSink()
     await nursery.start(source.run, sink)
     return source, sink
-
-
-# -- events from a real worker ---------------------------------------------------------
-
-
-async def test_every_task_event_type_from_a_real_worker_arrives_normalized(
-    rabbitmq_worker: CeleryWorker, nursery: trio.Nursery
-) -> None:
-    worker = rabbitmq_worker
-    publisher = AmqpPublisher(worker.broker_url)
-
-    def states(job_id: str) -> set[JobState | None]:
-        return {e.state for e in sink.job_events if e.job_id == job_id}
-
-    with trio.fail_after(TIMEOUT):
-        source, sink = await start_source(worker.broker_url, nursery)
-        added = await worker.send("tests.add", 2, 3)
-        failed = await worker.send("tests.fail", "missing")
-        flaky = await worker.send("tests.flaky", 2)
-        # A revoke published by Sluice (CELERY_PROTOCOL.md section 5), before the task
-        # is sent: the worker discards it on arrival and says so (task-revoked).
-        revoked = str(uuid.uuid4())
-        await publisher.publish(
-            "celery.pidbox",
-            "",
-            json.dumps({
-                "method": "revoke",
-                "arguments": {"task_id": revoked, "terminate": False, "signal": "SIGTERM"},
-                "destination": None, "pattern": None, "matcher": None,
-            }).encode(),
-            {"clock": 1, "expires": 0},
-            {"content_type": "application/json", "content_encoding": "utf-8"},
-        )
-        # Control commands run in order: once the worker answers a ping, it has the revoke.
-        await trio.to_thread.run_sync(
-            lambda: worker.app.control.ping(destination=[worker.hostname], timeout=10)
-        )
-        await trio.to_thread.run_sync(
-            lambda: worker.app.send_task("tests.add", (1, 1), task_id=revoked, queue=worker.queue)
-        )
-        await sink.wait_for(
-            lambda: JobState.COMPLETED in states(added)
-            and JobState.FAILED in states(failed)
-            and {JobState.RETRYING, JobState.COMPLETED} <= states(flaky)
-            and JobState.REVOKED in states(revoked)
-            and any(e.type == "heartbeat" and e.hostname == worker.hostname
-                    for e in sink.worker_events)
-        )
-        await trio.to_thread.run_sync(worker.stop)
-        await sink.wait_for(
-            lambda: any(e.type == "offline" and e.hostname == worker.hostname
-                        for e in sink.worker_events)
-        )
-    await publisher.aclose()
-
-    assert states(added) == {JobState.QUEUED, JobState.RECEIVED, JobState.ACTIVE,
-                             JobState.COMPLETED}
-    assert {e.type for e in sink.job_events} >= {
-        "task-sent", "task-received", "task-started", "task-succeeded", "task-failed",
-        "task-retried", "task-revoked",
-    }
-    assert {e.type for e in sink.worker_events if e.hostname == worker.hostname} >= {
-        "heartbeat", "offline",
-    }
-    completed = next(e for e in sink.job_events
-                     if e.job_id == added and e.state is JobState.COMPLETED)
-    assert completed.fields["result"] == "5"
-    assert completed.worker == worker.hostname
-    # Worker task events come as task.multi lists, producer events alone.
-    routing_keys = {routing_key for routing_key, _ in sink.messages}
-    assert {"task.multi", "task.sent", "worker.heartbeat"} <= routing_keys
-    assert sink.malformed == 0
-    assert {(b.kind, b.source) for b in sink.batches} == {(KIND_AMQP, source.name)}
 
 
 # -- the source's queue, outages, clean-up ------------------------------------------------
@@ -289,10 +206,11 @@ async def test_amqps_speaks_tls_and_reports_a_broker_that_does_not(
 # -- probe --------------------------------------------------------------------------------
 
 
+@RABBITMQ
 async def test_probe_reports_depth_and_consumers_and_survives_a_missing_queue(
-    rabbitmq_worker: CeleryWorker,
+    celery_worker: CeleryWorker,
 ) -> None:
-    url = rabbitmq_worker.broker_url
+    url = celery_worker.broker_url
     waiting = f"waiting-{uuid.uuid4().hex[:8]}"
     conn = amqp.Connection("localhost:5672", virtual_host=vhost_of(url))
     conn.connect()
@@ -304,29 +222,81 @@ async def test_probe_reports_depth_and_consumers_and_survives_a_missing_queue(
         for n in range(3):
             await publisher.publish("", waiting, b"{}", mandatory=True)
         # "absent" sorts first: the probe must go on after its 404.
-        samples = await probe.probe({waiting, "absent", rabbitmq_worker.queue})
-        again = await probe.probe({waiting})
+        samples = {s.name: s for s in await probe.probe({waiting, "absent"})}
+        # The worker told the probe which queue it consumes: measured from then on,
+        # though no job named it yet.
+        again = {s.name: s for s in await probe.probe({waiting})}
     await publisher.aclose()
     await probe.aclose()
 
-    by_name = {s.name: s for s in samples}
-    assert (by_name["absent"].depth, by_name["absent"].consumers) == (None, None)
-    assert (by_name[waiting].depth, by_name[waiting].consumers) == (3, 0)
-    worker_queue = by_name[rabbitmq_worker.queue]
+    assert set(samples) == {waiting, "absent"}
+    assert (samples["absent"].depth, samples["absent"].consumers) == (None, None)
+    assert (samples[waiting].depth, samples[waiting].consumers) == (3, 0)
+    assert set(again) == {waiting, celery_worker.queue}
+    assert again[waiting].depth == 3
+    worker_queue = again[celery_worker.queue]
     assert (worker_queue.depth, worker_queue.consumers) == (0, 1)
-    assert {(s.framework, s.broker) for s in samples} == {("celery", AmqpParams.from_url(url).url)}
-    assert again[0].depth == 3
+    assert {(s.framework, s.broker) for s in [*samples.values(), *again.values()]} == {
+        ("celery", AmqpParams.from_url(url).url)
+    }
     assert probe.name == "rabbitmq/" + AmqpParams.from_url(url).url
+
+
+# -- control requests ---------------------------------------------------------------------
+
+
+@RABBITMQ
+async def test_control_request_ends_when_the_named_workers_answered_and_leaves_no_queue(
+    celery_worker: CeleryWorker,
+) -> None:
+    url = celery_worker.broker_url
+    mailbox = AmqpMailbox(AmqpPublisher(url), url)
+    with trio.fail_after(20):
+        started = trio.current_time()
+        named = await mailbox.request("ping", destination=[celery_worker.hostname], timeout=10)
+        answered_in = trio.current_time() - started
+        # To every worker: RabbitMQ does not say how many there are, so the deadline ends it.
+        everyone = await mailbox.request("active_queues", timeout=0.5)
+        # Listed while the connection is open (an exclusive queue goes with it anyway).
+        reply_queues = [q for q in queue_names(url) if q.endswith(".reply.celery.pidbox")]
+    await mailbox.publisher.aclose()
+
+    assert named == {celery_worker.hostname: {"ok": "pong"}}
+    assert answered_in < 5  # not the 10 s deadline
+    [queue] = everyone[celery_worker.hostname]
+    assert queue["name"] == celery_worker.queue
+    assert reply_queues == []
+
+
+async def test_control_request_with_no_worker_listening_raises_no_listener(amqp_url: str) -> None:
+    mailbox = AmqpMailbox(AmqpPublisher(amqp_url), amqp_url)
+    with trio.fail_after(20):
+        # No worker ever declared the mailbox exchange (RabbitMQ: 404)...
+        with pytest.raises(NoListener, match="reached no worker"):
+            await mailbox.request("active_queues")
+        # ...or one did and is gone (the message is returned: no queue is bound).
+        conn = amqp.Connection("localhost:5672", virtual_host=vhost_of(amqp_url))
+        conn.connect()
+        conn.channel().exchange_declare("celery.pidbox", "fanout", durable=False,
+                                        auto_delete=False)
+        conn.close()
+        with pytest.raises(NoListener, match="no queue receives"):
+            await mailbox.request("active_queues")
+        reply_queues = [q for q in queue_names(amqp_url) if q.endswith(".reply.celery.pidbox")]
+    await mailbox.publisher.aclose()
+
+    assert reply_queues == []
 
 
 # -- publishing ---------------------------------------------------------------------------
 
 
+@RABBITMQ
 async def test_republished_task_message_runs_on_a_real_worker(
-    rabbitmq_worker: CeleryWorker, nursery: trio.Nursery
+    celery_worker: CeleryWorker, nursery: trio.Nursery
 ) -> None:
     """A protocol-2 task message built without Celery (CELERY_PROTOCOL.md section 6)."""
-    worker = rabbitmq_worker
+    worker = celery_worker
     job_id = str(uuid.uuid4())
     headers = {
         "lang": "py", "task": "tests.add", "id": job_id, "shadow": None, "eta": None,

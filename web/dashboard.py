@@ -113,8 +113,10 @@ def percent(fraction: float | None) -> str:
 
 
 @blueprint.app_context_processor
-def _globals() -> dict[str, Any]:
+async def _globals() -> dict[str, Any]:
     return {
+        # The live stream resumes from what the page was rendered with.
+        "live_from": _engine().bus.expect_subscriber(),
         "states": [str(state) for state in JobState],
         "nav": (
             ("dashboard.overview", "Overview"),

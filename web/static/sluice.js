@@ -76,6 +76,8 @@
         if (value && key !== "cursor" && key !== "limit") params.set(key, value);
       });
     }
+    // Events stored between the page's rendering and this connection are replayed.
+    if (body.dataset.streamFrom) params.set("last_event_id", body.dataset.streamFrom);
     const query = params.toString();
     const source = new EventSource(body.dataset.stream + (query ? `?${query}` : ""));
     status.hidden = false;
