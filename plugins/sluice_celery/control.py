@@ -226,8 +226,10 @@ class WorkerInquiry:
         self._asked_at = trio.current_time()
         try:
             active = await self.mailbox.request("active_queues")
-            # Only the workers that answered: the wait ends with the last of them.
-            stats = await self.mailbox.request("stats", destination=sorted(active))
+            stats = {}
+            if active:
+                # Only the workers that answered: the wait ends with the last of them.
+                stats = await self.mailbox.request("stats", destination=sorted(active))
         except NoListener:
             active = stats = {}  # no worker at all: every queue has 0 consumers
         except self.mailbox.errors as exc:
@@ -334,7 +336,7 @@ def redis_envelope(
 class RedisMailbox:
     """Celery's mailbox on a Redis broker: a fanout exchange is a pub/sub channel."""
 
-    errors = (redis.RedisError,)
+    errors: tuple[type[BaseException], ...] = (redis.RedisError,)
 
     def __init__(self, client: RedisClient) -> None:
         self.client = client
@@ -414,7 +416,7 @@ class AmqpMailbox:
     """Celery's mailbox on RabbitMQ: the ``celery.pidbox`` fanout exchange. It publishes
     on the publisher's connection, which a request also consumes its replies on."""
 
-    errors = (*CONNECTION_ERRORS, *CHANNEL_ERRORS)
+    errors: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, *CHANNEL_ERRORS)
 
     def __init__(self, publisher: AmqpPublisher, url: str) -> None:
         self.publisher = publisher
