@@ -58,6 +58,8 @@ class Config:
     # Raw messages held between the sources and the normalizers. Past this,
     # sources drop and count (sluice_events_dropped_total) rather than stall.
     buffer_messages: int = 1_000_000
+    # ...and at most this many MiB of them.
+    buffer_mb: int = 512
     # Most events written to storage in one transaction.
     batch_events: int = 20_000
     # Where unknown options come from, in precedence order (flags first).
@@ -118,6 +120,7 @@ def build(args: argparse.Namespace) -> Config:
     try:
         port = int(pick("port", DEFAULT_PORT))
         buffer_messages = int(pick("buffer_messages", 1_000_000))
+        buffer_mb = int(pick("buffer_mb", 512))
         batch_events = int(pick("batch_events", 20_000))
     except ValueError as exc:
         raise ConfigError(f"expected a number: {exc}") from None
@@ -131,6 +134,7 @@ def build(args: argparse.Namespace) -> Config:
         plugins=_as_list(pick("plugin", [])),
         log_level=str(pick("log_level", "INFO")).upper(),
         buffer_messages=buffer_messages,
+        buffer_mb=buffer_mb,
         batch_events=batch_events,
         layers=layers,
     )
@@ -155,6 +159,9 @@ def add_core_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     parser.add_argument(
         "--buffer-messages", type=int, help="raw messages buffered before dropping"
+    )
+    parser.add_argument(
+        "--buffer-mb", type=int, help="MiB of raw messages buffered before dropping (default 512)"
     )
     parser.add_argument("--batch-events", type=int, help="most events per storage transaction")
     parser.add_argument(

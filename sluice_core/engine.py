@@ -60,6 +60,7 @@ class Engine:
             bus=self.bus,
             on_stored=self._publish,
             buffer_messages=config.buffer_messages,
+            buffer_bytes=config.buffer_mb * 2**20,
             batch_events=config.batch_events,
         )
         self.sources: list[Source] = pm.sources(config)

@@ -71,6 +71,7 @@ class Pipeline:
         bus: Bus,
         on_stored: Callable[[IngestResult], None],
         buffer_messages: int = 1_000_000,
+        buffer_bytes: int = 512 * 2**20,
         batch_events: int = 20_000,
     ) -> None:
         self._normalize = normalize
@@ -79,8 +80,12 @@ class Pipeline:
         self._bus = bus
         self._on_stored = on_stored
         self._buffer_limit = buffer_messages
+        # Messages range from a heartbeat to a task.multi of 24 events: a count
+        # alone does not bound memory, so the raw bytes held are bounded too.
+        self._bytes_limit = buffer_bytes
         self._batch_events = batch_events
         self._buffered = 0
+        self._buffered_bytes = 0
         self._drop_logged_at = float("-inf")
         self._dropped_unlogged = 0
         # Unbounded as a channel, bounded in messages by put_raw: a batch can
@@ -101,8 +106,12 @@ class Pipeline:
 
     def put_raw(self, batch: RawBatch) -> None:
         n = len(batch.messages)
+        nbytes = _size(batch)
         self._metrics.messages_received.labels(batch.source).inc(n)
-        if self._buffered + n > self._buffer_limit:
+        if (
+            self._buffered + n > self._buffer_limit
+            or self._buffered_bytes + nbytes > self._bytes_limit
+        ):
             self._drop(batch.source, n)
             return
         try:
@@ -111,6 +120,7 @@ class Pipeline:
             self._metrics.events_dropped.labels(batch.source).inc(n)
             return
         self._buffered += n
+        self._buffered_bytes += nbytes
         self._metrics.buffered.set(self._buffered)
 
     def put_events(self, job_events: list[JobEvent], worker_events: list[WorkerEvent]) -> None:
@@ -146,9 +156,10 @@ class Pipeline:
         # Overload lasts: one line per interval, not one per batch.
         if now - self._drop_logged_at >= DROP_LOG_INTERVAL_S:
             log.warning(
-                "ingest buffer full (%d messages): dropped %d since the last report; "
-                "storage is not keeping up (see sluice_events_dropped_total)",
+                "ingest buffer full (%d messages or %d MiB): dropped %d since the last "
+                "report; storage is not keeping up (see sluice_events_dropped_total)",
                 self._buffer_limit,
+                self._bytes_limit >> 20,
                 self._dropped_unlogged,
             )
             self._drop_logged_at, self._dropped_unlogged = now, 0
@@ -182,6 +193,7 @@ class Pipeline:
                     await self._norm_send.send(item)
                     continue
                 self._buffered -= len(item.messages)
+                self._buffered_bytes -= _size(item)
                 self._metrics.buffered.set(self._buffered)
                 result = self._normalize(item)
                 if result is None:
@@ -238,3 +250,7 @@ class Pipeline:
                 )
                 await trio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+
+def _size(batch: RawBatch) -> int:
+    return sum(len(body) for _, body in batch.messages)

@@ -71,6 +71,14 @@ async def test_a_full_buffer_drops_and_counts_instead_of_blocking_the_source(
     assert (dropped, received) == (600, 1_200)
 
 
+async def test_the_buffer_is_bounded_in_bytes_too(tmp_path: Path) -> None:
+    engine = make_engine(tmp_path, buffer_mb=1)
+    big = RawBatch("celery/redis", "test-source", [("ch", b"x" * 400_000)], time.time())
+    for _ in range(3):  # 1.2 MB: the third does not fit in 1 MiB
+        engine.pipeline.put_raw(big)
+    assert engine.metrics.events_dropped.labels("test-source")._value.get() == 1
+
+
 def test_sigterm_stops_sluice_run_cleanly(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "SLUICE_DATABASE_URL": f"sqlite:///{tmp_path}/run.db", "SLUICE_PORT": str(port)}
