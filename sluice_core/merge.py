@@ -6,12 +6,15 @@ arrival order: it applies events sorted by ``(timestamp, id)`` and decides the
 state by precedence, not by which event came last.
 
 Precedence is ``(attempt, rank)``. ``attempt`` is the retry count Celery
-stamps on sent/received events; events that carry none (started, succeeded,
-failed...) belong to the attempt the worker last received. A retry ends an
-attempt and opens the next one at the lowest rank, so the retried attempt's
-own queued/received events take over when they come. Within an attempt the
-state only moves forward, so a late, earlier-stamped event can never undo a
-terminal state.
+stamps on sent/received events. Events that carry none (started, succeeded,
+failed...) belong to the run after as many retries as the fold has seen
+task-retried events: the n-th task-retried ends attempt n-1 and opens attempt
+n at the lowest rank, so that attempt's own queued/received events take over
+when they come. Counting retries, rather than trusting the last received
+event, matters because the worker's processes stamp events on their own: a
+run's task-started can be stamped after the next attempt's task-received (seen
+on real workers). Within an attempt the state only moves forward, so a late,
+earlier-stamped event can never undo a terminal state.
 
 Storage applies new events directly when they all sort after the row's fold
 position (the common case, see :func:`applies_in_order`), and otherwise
@@ -97,17 +100,10 @@ def _apply(job: Job, event: JobEvent) -> None:
             job.sent_at = ts
     elif state in (JobState.RECEIVED, JobState.SCHEDULED):
         attempt = explicit if explicit is not None else job.fold_attempt
-        job.fold_attempt = max(job.fold_attempt, attempt)
         job.received_at = ts
     elif state is JobState.RETRYING:
-        # A retry with a countdown is received (retries=N+1) before the worker
-        # stamps the task-retried that ends attempt N: then the attempt this
-        # retry opens is already open, and it must not open another.
-        opened = (
-            job.fold_rank[0] == job.fold_attempt > 0
-            and job.fold_rank[1] < _RANK[JobState.ACTIVE]
-        )
-        attempt = job.fold_attempt if opened else job.fold_attempt + 1
+        job.fold_attempt += 1
+        attempt = job.fold_attempt
     else:
         attempt = job.fold_attempt
         if state is JobState.ACTIVE:

@@ -140,7 +140,7 @@ class Job:
     # The fold's position: the last event applied, and the state's precedence.
     fold_ts: float = float("-inf")
     fold_event: str = ""
-    fold_attempt: int = 0  # the attempt the worker is on (from task-received)
+    fold_attempt: int = 0  # retries seen (task-retried events): the attempt running now
     fold_rank: tuple[int, int] = (-1, -1)  # (attempt, rank) of ``state``
 
 

@@ -167,3 +167,32 @@ def test_incremental_ingest_into_postgresql_equals_rebuild(
     pg_url: str, batches: list[list[JobEvent]]
 ) -> None:
     _check_backend(pg_url, batches)
+
+
+def test_a_run_stamped_after_the_next_attempts_receipt_still_counts_once() -> None:
+    """Seen on a real RabbitMQ worker: attempt 1's task-started is stamped after the
+    task-received of attempt 2 (the worker's processes stamp events on their own)."""
+    steps = [
+        ("task-sent", JobState.QUEUED, 0),
+        ("task-received", JobState.RECEIVED, 0),
+        ("task-started", JobState.ACTIVE, None),
+        ("task-sent", JobState.QUEUED, 1),
+        ("task-received", JobState.SCHEDULED, 1),
+        ("task-retried", JobState.RETRYING, None),
+        ("task-sent", JobState.QUEUED, 2),
+        ("task-received", JobState.SCHEDULED, 2),
+        ("task-started", JobState.ACTIVE, None),  # attempt 1's run, stamped late
+        ("task-retried", JobState.RETRYING, None),
+        ("task-started", JobState.ACTIVE, None),
+        ("task-succeeded", JobState.COMPLETED, None),
+    ]
+    events = [
+        JobEvent(
+            id=f"e{i:02d}", job_id="j", framework="celery", type=kind, state=state,
+            timestamp=1_000.0 + i * 0.001,
+            fields={} if retries is None else {"retries": retries},
+        )
+        for i, (kind, state, retries) in enumerate(steps)
+    ]
+    row = merge.rebuild("j", "celery", events)
+    assert (row.state, row.retries) == (JobState.COMPLETED, 2)
