@@ -329,80 +329,6 @@ def api_key_stale(key: ApiKey, now: float) -> bool:
     """Whether ``last_used_at`` is old enough to be written again."""
     return key.last_used_at is None or now - key.last_used_at >= LAST_USED_EVERY_S
 
-
-class ApiKeyStore:
-    """The API-key methods of the Storage protocol: the same SQL on both backends.
-
-    A backend provides ``_read`` / ``_write`` (run a function on a connection in
-    a worker thread), its driver's placeholder and its unique-violation error.
-    """
-
-    _marker: str
-    _duplicate_key: type[Exception]
-
-    async def _read(self, fn: Callable[[Any], T]) -> T:
-        raise NotImplementedError
-
-    async def _write(self, fn: Callable[[Any], T]) -> T:
-        raise NotImplementedError
-
-    async def create_api_key(self, name: str) -> tuple[ApiKey, str]:
-        key, hashed = new_api_key()
-        p = self._marker
-
-        def create(conn: Any) -> ApiKey:
-            try:
-                row = conn.execute(
-                    f"INSERT INTO api_keys (name, hash, created_at) VALUES ({p}, {p}, {p})"
-                    f" RETURNING {cols(API_KEY_COLUMNS)}",
-                    (name, hashed, time.time()),
-                ).fetchone()
-            except self._duplicate_key:
-                raise ApiKeyExists(f"an active API key is already named {name!r}") from None
-            return api_key_from_row(row)
-
-        return await self._write(create), key
-
-    async def list_api_keys(self) -> list[ApiKey]:
-        rows = await self._read(
-            lambda conn: conn.execute(
-                f"SELECT {cols(API_KEY_COLUMNS)} FROM api_keys ORDER BY id"
-            ).fetchall()
-        )
-        return [api_key_from_row(row) for row in rows]
-
-    async def revoke_api_key(self, name: str) -> ApiKey | None:
-        p = self._marker
-        row = await self._write(
-            lambda conn: conn.execute(
-                f"UPDATE api_keys SET revoked_at = {p} WHERE name = {p} AND revoked_at IS NULL"
-                f" RETURNING {cols(API_KEY_COLUMNS)}",
-                (time.time(), name),
-            ).fetchone()
-        )
-        return None if row is None else api_key_from_row(row)
-
-    async def check_api_key(self, key: str) -> ApiKey | None:
-        p = self._marker
-        row = await self._read(
-            lambda conn: conn.execute(
-                f"SELECT {cols(API_KEY_COLUMNS)} FROM api_keys"
-                f" WHERE hash = {p} AND revoked_at IS NULL",
-                (hash_api_key(key),),
-            ).fetchone()
-        )
-        if row is None:
-            return None
-        found, now = api_key_from_row(row), time.time()
-        if api_key_stale(found, now):
-            await self._write(
-                lambda conn: conn.execute(
-                    f"UPDATE api_keys SET last_used_at = {p} WHERE id = {p}", (now, found.id)
-                )
-            )
-        return found
-
-
 # -- migrations -----------------------------------------------------------------
 
 
@@ -653,3 +579,108 @@ GROUP BY name
 ORDER BY failed DESC, name
 LIMIT {p}
 """
+
+
+# -- what both backends run alike -------------------------------------------------
+
+
+class SharedSql:
+    """The Storage methods whose SQL is the same on both backends.
+
+    A backend provides ``_read`` / ``_write`` (run a function on a connection in
+    a worker thread), its driver's placeholder and its unique-violation error.
+    """
+
+    _marker: str
+    _duplicate_key: type[Exception]
+
+    async def _read(self, fn: Callable[[Any], T]) -> T:
+        raise NotImplementedError
+
+    async def _write(self, fn: Callable[[Any], T]) -> T:
+        raise NotImplementedError
+
+    async def list_queues(self, now: float) -> list[QueueStats]:
+        def read(conn: Any) -> list[QueueStats]:
+            return queue_stats(
+                conn.execute(LATEST_SAMPLES_SQL).fetchall(),
+                conn.execute(JOB_QUEUES_SQL).fetchall(),
+                conn.execute(queue_rates_sql(self._marker), queue_rates_params(now)).fetchall(),
+            )
+
+        return await self._read(read)
+
+    async def queue_depth_history(
+        self, name: str, broker: str, since: float
+    ) -> list[tuple[float, int]]:
+        sql = queue_depth_history_sql(self._marker)
+        rows = await self._read(lambda conn: conn.execute(sql, (name, broker, since)).fetchall())
+        return [(float(ts), int(depth)) for ts, depth in rows]
+
+    async def job_throughput(self, since: float, bucket_s: float) -> list[tuple[float, int, int]]:
+        sql = job_throughput_sql(self._marker)
+        rows = await self._read(
+            lambda conn: conn.execute(sql, (bucket_s, since, since)).fetchall()
+        )
+        return throughput(rows, bucket_s)
+
+    async def top_failing_names(self, since: float, limit: int) -> list[tuple[str, int]]:
+        sql = top_failing_sql(self._marker)
+        rows = await self._read(lambda conn: conn.execute(sql, (since, since, limit)).fetchall())
+        return [(name, int(count)) for name, count in rows]
+
+    async def create_api_key(self, name: str) -> tuple[ApiKey, str]:
+        key, hashed = new_api_key()
+        p = self._marker
+
+        def create(conn: Any) -> ApiKey:
+            try:
+                row = conn.execute(
+                    f"INSERT INTO api_keys (name, hash, created_at) VALUES ({p}, {p}, {p})"
+                    f" RETURNING {cols(API_KEY_COLUMNS)}",
+                    (name, hashed, time.time()),
+                ).fetchone()
+            except self._duplicate_key:
+                raise ApiKeyExists(f"an active API key is already named {name!r}") from None
+            return api_key_from_row(row)
+
+        return await self._write(create), key
+
+    async def list_api_keys(self) -> list[ApiKey]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {cols(API_KEY_COLUMNS)} FROM api_keys ORDER BY id"
+            ).fetchall()
+        )
+        return [api_key_from_row(row) for row in rows]
+
+    async def revoke_api_key(self, name: str) -> ApiKey | None:
+        p = self._marker
+        row = await self._write(
+            lambda conn: conn.execute(
+                f"UPDATE api_keys SET revoked_at = {p} WHERE name = {p} AND revoked_at IS NULL"
+                f" RETURNING {cols(API_KEY_COLUMNS)}",
+                (time.time(), name),
+            ).fetchone()
+        )
+        return None if row is None else api_key_from_row(row)
+
+    async def check_api_key(self, key: str) -> ApiKey | None:
+        p = self._marker
+        row = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {cols(API_KEY_COLUMNS)} FROM api_keys"
+                f" WHERE hash = {p} AND revoked_at IS NULL",
+                (hash_api_key(key),),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        found, now = api_key_from_row(row), time.time()
+        if api_key_stale(found, now):
+            await self._write(
+                lambda conn: conn.execute(
+                    f"UPDATE api_keys SET last_used_at = {p} WHERE id = {p}", (now, found.id)
+                )
+            )
+        return found

@@ -30,7 +30,6 @@ from sluice_core.storage import (
     IngestResult,
     JobQuery,
     Page,
-    QueueStats,
 )
 from sluice_storage import common
 from sluice_storage.common import EVENT_COLUMNS, JOB_COLUMNS, WORKER_COLUMNS, cols
@@ -166,7 +165,7 @@ class _Transaction:
             )
 
 
-class PostgresStorage(common.ApiKeyStore):
+class PostgresStorage(common.SharedSql):
     _marker = "%s"
     _duplicate_key = psycopg.errors.UniqueViolation
 
@@ -331,35 +330,3 @@ class PostgresStorage(common.ApiKeyStore):
         )
         return {row[0] for row in rows}
 
-    async def list_queues(self, now: float) -> list[QueueStats]:
-        def read(conn: psycopg.Connection[Any]) -> list[QueueStats]:
-            return common.queue_stats(
-                conn.execute(common.LATEST_SAMPLES_SQL).fetchall(),
-                conn.execute(common.JOB_QUEUES_SQL).fetchall(),
-                conn.execute(
-                    common.queue_rates_sql("%s"), common.queue_rates_params(now)
-                ).fetchall(),
-            )
-
-        return await self._read(read)
-
-    async def queue_depth_history(
-        self, name: str, broker: str, since: float
-    ) -> list[tuple[float, int]]:
-        sql = common.queue_depth_history_sql("%s")
-        rows = await self._read(lambda conn: conn.execute(sql, (name, broker, since)).fetchall())
-        return [(float(ts), int(depth)) for ts, depth in rows]
-
-    async def job_throughput(self, since: float, bucket_s: float) -> list[tuple[float, int, int]]:
-        sql = common.job_throughput_sql("%s")
-        rows = await self._read(
-            lambda conn: conn.execute(sql, (bucket_s, since, since)).fetchall()
-        )
-        return common.throughput(rows, bucket_s)
-
-    async def top_failing_names(self, since: float, limit: int) -> list[tuple[str, int]]:
-        sql = common.top_failing_sql("%s")
-        rows = await self._read(lambda conn: conn.execute(sql, (since, since, limit)).fetchall())
-        return [(name, int(count)) for name, count in rows]
-
-    # -- API keys ---------------------------------------------------------------------
