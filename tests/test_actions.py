@@ -10,7 +10,7 @@ RabbitMQ) vhost.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,13 +25,13 @@ from playwright.sync_api import Page, expect
 from sluice_celery.actions import CeleryActions
 from sluice_celery.messages import recover_call, redis_queue_key, task_message
 from sluice_core.actions import ActionRefused
-from sluice_core.config import Config
+from sluice_core.config import Config, redact_url
 from sluice_core.engine import Engine
 from sluice_core.model import Job
 from sluice_core.plugins import PluginManager
 from tests.celery_app import ENV_SDK, make_app
 from tests.fixtures.celery_worker import CeleryWorker
-from tests.fixtures.services import REDIS_URL
+from tests.fixtures.services import AMQP_URL, REDIS_URL
 from tests.test_dashboard import browse
 
 TIMEOUT = 60  # absolute bound per test: worker start-up on a busy machine takes seconds
@@ -41,14 +41,22 @@ TOKEN = "test-token-0123456789abcdef"
 
 @asynccontextmanager
 async def sluice(
-    tmp_path: Path, broker_url: str, keyprefix: str, **options: Any
+    tmp_path: Path,
+    broker_url: str,
+    keyprefix: str,
+    *,
+    more_brokers: Sequence[str] = (),
+    **options: Any,
 ) -> AsyncIterator[tuple[Engine, httpx.AsyncClient]]:
     """``sluice run --plugin celery --broker URL`` on a free port, its sources connected."""
     pm = PluginManager()
     pm.load(["celery", "rabbitmq"])
     options = {"redis_keyprefix": keyprefix, **options}
     config = Config(
-        brokers=[broker_url], db=f"sqlite:///{tmp_path}/sluice.db", port=0, layers=[options]
+        brokers=[broker_url, *more_brokers],
+        db=f"sqlite:///{tmp_path}/sluice.db",
+        port=0,
+        layers=[options],
     )
     pm.configure(config)
     engine = Engine(config, pm)
@@ -181,6 +189,26 @@ async def test_retry_of_a_failed_job_whose_cause_was_fixed_completes_with_its_ar
     assert (audit["outcome"], audit["new_job_id"]) == ("accepted", new_id)
     # The new job shows Sluice's publish first, then what the worker did.
     assert [e["type"] for e in new["events"]][:2] == ["sluice-retry", "task-received"]
+
+
+async def test_with_several_brokers_a_retry_goes_to_the_one_that_carried_the_job(
+    celery_worker: CeleryWorker, tmp_path: Path
+) -> None:
+    worker = celery_worker  # on Redis; Sluice also watches RabbitMQ
+    path = tmp_path / "input.txt"
+    with trio.fail_after(TIMEOUT):
+        async with sluice(
+            tmp_path, worker.broker_url, worker.keyprefix, more_brokers=[AMQP_URL]
+        ) as (engine, client):
+            assert len(engine.sources) == 2
+            failed_id = await send(worker, "tests.read_file", str(path))
+            failed = await job_when(client, failed_id, in_state("failed"))
+            assert failed["extra"]["broker"] == redact_url(worker.broker_url)
+            path.write_text("carried by Redis")
+            response = await client.post(f"/api/jobs/{failed_id}/retry")
+            assert response.status_code == 202, response.text
+            new = await job_when(client, response.json()["job_id"], in_state("completed"))
+    assert new["result"] == "'carried by Redis'"
 
 
 async def test_retry_uses_the_sdks_full_arguments_where_the_repr_is_truncated(

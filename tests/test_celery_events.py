@@ -147,7 +147,8 @@ def test_sent_event_fields(redis_events: Normalized) -> None:
         "name": "tasks.add", "args": "(2, 3)", "kwargs": "{}", "retries": 0,
         "root_id": ADD, "queue": "celery",
     }
-    assert sent.extra == {"exchange": "", "routing_key": "celery"}
+    # The broker that carried it (the source's name): a retry publishes there.
+    assert sent.extra == {"exchange": "", "routing_key": "celery", "broker": "redis://test"}
     assert sent.timestamp == 1795483590.9419658  # raw epoch, utcoffset not applied
 
 

@@ -33,6 +33,8 @@ FRAMEWORK: Final = "celery"
 KIND_REDIS: Final = "celery/redis"
 KIND_AMQP: Final = "celery/amqp"
 KINDS: Final = frozenset({KIND_REDIS, KIND_AMQP})
+# A broker source's name is this and the broker's URL, password redacted.
+SOURCE_PREFIX: Final = "celery/"
 # The field the SDK adds to task-sent and task-received events (Celery sends none such).
 SDK_MESSAGE: Final = "sluice_message"
 
@@ -174,6 +176,7 @@ def _task_event(
     hostname: str,
     timestamp: float,
     out: Normalized,
+    broker: str | None,
 ) -> None:
     uuid = event.get("uuid")
     if type(uuid) is not str or not uuid:
@@ -192,6 +195,9 @@ def _task_event(
         else {}
     )
 
+    if etype in ("task-sent", "task-received") and broker is not None:
+        # Which broker carried the job: a retry must publish on that one.
+        extra["broker"] = broker
     if etype == "task-sent":
         if "queue" not in fields and type(extra.get("routing_key")) is str:
             fields["queue"] = extra["routing_key"]
@@ -260,7 +266,7 @@ def _worker_event(kind: str, event: dict[str, Any], hostname: str, timestamp: fl
     )
 
 
-def _normalize_event(event: Any, out: Normalized) -> None:
+def _normalize_event(event: Any, out: Normalized, broker: str | None) -> None:
     if type(event) is not dict:
         raise MalformedEvent(f"an event is a JSON object, not a {type(event).__name__}")
     etype = event.get("type")
@@ -278,7 +284,7 @@ def _normalize_event(event: Any, out: Normalized) -> None:
     if type(timestamp) not in _NUM:
         raise MalformedEvent(f"{etype} without a numeric timestamp")
     if spec is not None:
-        _task_event(etype, spec, event, hostname, float(timestamp), out)
+        _task_event(etype, spec, event, hostname, float(timestamp), out, broker)
     elif worker_kind is not None:
         out.worker_events.append(_worker_event(worker_kind, event, hostname, float(timestamp)))
 
@@ -290,6 +296,8 @@ def normalize_batch(batch: RawBatch) -> Normalized:
     if decode is None:
         raise ValueError(f"not a Celery batch: {batch.kind!r} (expected one of {sorted(KINDS)})")
     out = Normalized()
+    source = batch.source
+    broker = source.removeprefix(SOURCE_PREFIX) if source.startswith(SOURCE_PREFIX) else None
     for channel, data in batch.messages:
         try:
             payload = decode(data)
@@ -299,7 +307,7 @@ def normalize_batch(batch: RawBatch) -> Normalized:
             continue
         for event in payload if type(payload) is list else (payload,):
             try:
-                _normalize_event(event, out)
+                _normalize_event(event, out, broker)
             except MalformedEvent as exc:
                 out.malformed += 1
                 _report_malformed(batch.source, channel, data, exc)

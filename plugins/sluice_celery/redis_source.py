@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import hiredis
 import trio
 
-from sluice_celery.events import KIND_REDIS
+from sluice_celery.events import KIND_REDIS, SOURCE_PREFIX
 from sluice_core.config import ConfigError, redact_url
 from sluice_core.model import RawBatch
 from sluice_core.sources import Sink
@@ -84,7 +84,7 @@ class RedisEventSource:
             raise ConfigError(
                 f"bad Redis URL {redact_url(url)}: expected redis://host:port/db with a numeric db"
             ) from None
-        self.name = "celery/" + redact_url(url)
+        self.name = SOURCE_PREFIX + redact_url(url)
         self.host = parts.hostname or "localhost"
         self.port = port
         self.db = db

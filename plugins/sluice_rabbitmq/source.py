@@ -32,7 +32,7 @@ from typing import NoReturn
 import amqp
 import trio
 
-from sluice_celery.events import KIND_AMQP
+from sluice_celery.events import KIND_AMQP, SOURCE_PREFIX
 from sluice_core.model import RawBatch
 from sluice_core.sources import Sink
 from sluice_rabbitmq.connection import (
@@ -69,7 +69,7 @@ class AmqpEventSource:
         self, url: str, *, buffer_messages: int, queue_ttl: float = DEFAULT_QUEUE_TTL
     ) -> None:
         self.params = AmqpParams.from_url(url)
-        self.name = "celery/" + self.params.url
+        self.name = SOURCE_PREFIX + self.params.url
         self.queue = f"sluice.celeryev.{uuid.uuid4()}"
         self.queue_ttl = queue_ttl
         self.queue_arguments = {
