@@ -18,6 +18,7 @@ from sluice_core.engine import Engine
 from sluice_core.model import JobEvent, JobState, RawBatch
 from sluice_core.plugins import PluginManager
 from tests.fixtures.services import free_port, wait_port
+from tests.fixtures.storage import pg_admin
 
 
 def job_events(n: int, start: float) -> list[JobEvent]:
@@ -98,3 +99,28 @@ def test_sigterm_stops_sluice_run_cleanly(tmp_path: Path) -> None:
         proc.kill()
     assert proc.returncode == 0, err
     assert "SIGTERM received" in err and "stopped" in err
+
+
+async def test_a_database_outage_holds_the_events_until_it_is_back(pg_url: str) -> None:
+    """While PostgreSQL refuses the database, the pipeline keeps the batch and retries;
+    every event read meanwhile is stored once it is back."""
+    name = pg_url.rsplit("/", 1)[1]
+    pm = PluginManager()
+    config = Config(db=pg_url)
+    pm.configure(config)
+    engine = Engine(config, pm)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(engine.run, web=False))
+            pg_admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            pg_admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+            engine.pipeline.put_events(job_events(500, time.time()), [])
+            while engine.metrics.storage_errors._value.get() < 1:
+                await trio.sleep(0.05)
+            assert engine.metrics.events_ingested._value.get() == 0
+            pg_admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            while engine.metrics.events_ingested._value.get() < 500:
+                await trio.sleep(0.1)
+            counts = await engine.storage.count_jobs_by_state()
+            engine.stop()
+    assert counts == {"queued": 500}
