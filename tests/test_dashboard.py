@@ -251,6 +251,8 @@ async def browse(scenario: Callable[[Page], None], *, javascript: bool = True) -
                 context.route("**/*", _with_strict_csp)
                 page = context.new_page()
                 page.set_default_timeout(10_000)
+                # expect()'s own default is 5 s: too short for a real worker on a busy CI machine.
+                expect.set_options(timeout=15_000)
                 problems: list[str] = []
                 page.on("pageerror", lambda exc: problems.append(str(exc)))
                 # A 4xx/5xx answer is logged as "Failed to load resource": expected in tests
