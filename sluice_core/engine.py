@@ -16,7 +16,7 @@ from sluice_core.actions import ActionHandler
 from sluice_core.bus import Bus
 from sluice_core.config import Config
 from sluice_core.metrics import Metrics
-from sluice_core.model import Job
+from sluice_core.model import Job, QueueSample
 from sluice_core.monitors import WorkerMonitor
 from sluice_core.pipeline import Pipeline
 from sluice_core.plugins import PluginManager
@@ -143,20 +143,26 @@ class Engine:
                 if isinstance(probe, WorkerProbe):
                     await self.storage.set_worker_queues(probe.take_worker_queues())
                 self.metrics.observe_queue_samples(samples)
-                for sample in samples:
-                    self.bus.publish(
-                        "queue",
-                        {
-                            "name": sample.name,
-                            "broker": sample.broker,
-                            "depth": sample.depth,
-                            "reserved": sample.reserved,
-                            "consumers": sample.consumers,
-                        },
-                    )
+                self._publish_samples(samples)
             except Exception as exc:
                 log.warning("probe %s failed: %s", probe.name, exc)
             await trio.sleep(probe.interval)
+
+    def _publish_samples(self, samples: list[QueueSample]) -> None:
+        if not self.bus.wanted:
+            self.bus.skip(len(samples))  # as for jobs: nobody to build them for
+            return
+        for sample in samples:
+            self.bus.publish(
+                "queue",
+                {
+                    "name": sample.name,
+                    "broker": sample.broker,
+                    "depth": sample.depth,
+                    "reserved": sample.reserved,
+                    "consumers": sample.consumers,
+                },
+            )
 
     def _publish(self, result: IngestResult) -> None:
         self.metrics.observe_ingest(result)
