@@ -600,6 +600,30 @@ class SharedSql:
     async def _write(self, fn: Callable[[Any], T]) -> T:
         raise NotImplementedError
 
+    async def get_job(self, job_id: str) -> Job | None:
+        row = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {cols(JOB_COLUMNS)} FROM jobs WHERE id = {self._marker}", (job_id,)
+            ).fetchone()
+        )
+        return None if row is None else job_from_row(row)
+
+    async def job_events(self, job_id: str) -> list[JobEvent]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {cols(EVENT_COLUMNS)} FROM job_events WHERE job_id = {self._marker}"
+                " ORDER BY timestamp, id",
+                (job_id,),
+            ).fetchall()
+        )
+        return [event_from_row(row) for row in rows]
+
+    async def count_jobs_by_state(self) -> dict[str, int]:
+        rows = await self._read(
+            lambda conn: conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
+        )
+        return {state: int(count) for state, count in rows}
+
     async def list_queues(self, now: float) -> list[QueueStats]:
         def read(conn: Any) -> list[QueueStats]:
             return queue_stats(

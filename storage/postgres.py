@@ -282,34 +282,10 @@ class PostgresStorage(common.SharedSql):
 
     # -- reads -----------------------------------------------------------------------
 
-    async def get_job(self, job_id: str) -> Job | None:
-        row = await self._read(
-            lambda conn: conn.execute(
-                f"SELECT {cols(JOB_COLUMNS)} FROM jobs WHERE id = %s", (job_id,)
-            ).fetchone()
-        )
-        return None if row is None else common.job_from_row(row)
-
-    async def job_events(self, job_id: str) -> list[JobEvent]:
-        rows = await self._read(
-            lambda conn: conn.execute(
-                f"SELECT {cols(EVENT_COLUMNS)} FROM job_events WHERE job_id = %s"
-                " ORDER BY timestamp, id",
-                (job_id,),
-            ).fetchall()
-        )
-        return [common.event_from_row(row) for row in rows]
-
     async def list_jobs(self, query: JobQuery) -> Page:
         sql, params = common.list_jobs_sql(query, _DIALECT, stuck_after=self.stuck_after)
         rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
         return common.page(rows, query.limit)
-
-    async def count_jobs_by_state(self) -> dict[str, int]:
-        rows = await self._read(
-            lambda conn: conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
-        )
-        return {state: int(count) for state, count in rows}
 
     async def list_workers(self) -> list[Worker]:
         rows = await self._read(
