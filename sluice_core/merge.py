@@ -38,10 +38,10 @@ _RANK: dict[JobState, int] = {
 
 # Copied from any event that carries them: the latest value in fold order wins.
 # retry_of / retried_as are the links Sluice's own retry action records.
-_COPIED = (
+_COPIED = frozenset((
     "name", "queue", "args", "kwargs", "parent_id", "root_id", "eta", "expires",
     "retry_of", "retried_as",
-)
+))
 
 
 def sort_key(event: JobEvent) -> tuple[float, str]:
@@ -79,8 +79,9 @@ def _apply(job: Job, event: JobEvent) -> None:
         job.updated_at = ts
 
     fields = event.fields
-    for name in _COPIED:
-        value = fields.get(name)
+    # Most events carry two or three of these: look up what they carry, not all ten.
+    for name in _COPIED.intersection(fields):
+        value = fields[name]
         if value is not None:
             setattr(job, name, value)
     # Annotations (an operator's action, say) stay on the timeline: their extra

@@ -66,6 +66,11 @@ def dumps(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value).decode()
 
 
+def dumps_object(value: dict[str, Any]) -> str:
+    """:func:`dumps` for a JSON object column; most events' extra is empty."""
+    return orjson.dumps(value).decode() if value else "{}"
+
+
 def loads(text: str | bytes | None) -> Any:
     return None if text is None else orjson.loads(text)
 
@@ -104,7 +109,7 @@ def event_to_row(event: JobEvent) -> Row:
     return (
         event.id, event.job_id, event.framework, event.type,
         None if event.state is None else event.state.value, event.timestamp, event.worker,
-        dumps(event.fields), dumps(event.extra),
+        dumps_object(event.fields), dumps_object(event.extra),
     )
 
 
@@ -144,11 +149,14 @@ def worker_from_row(row: Row) -> Worker:
 class Transaction(Protocol):
     """A backend's side of one ingest transaction. Each method is one bulk step."""
 
+    def lock_jobs(self, ids: list[str]) -> dict[str, Job]:
+        """The stored rows of these jobs (sorted ids), locked until the transaction ends.
+
+        Called first, with every job of the batch.
+        """
+
     def insert_events(self, events: list[JobEvent]) -> set[str]:
         """Store events (unique ids, sorted by id) not stored yet; return the ids stored now."""
-
-    def lock_jobs(self, ids: list[str]) -> dict[str, Job]:
-        """The stored rows of these jobs (sorted ids), locked until the transaction ends."""
 
     def load_events(self, job_ids: list[str]) -> list[JobEvent]:
         """Every stored event of these jobs, including this transaction's."""
@@ -171,13 +179,13 @@ def ingest(
 ) -> IngestResult:
     """Fold a batch into storage inside ``tx``: only events never stored before count."""
     unique = {event.id: event for event in job_events}
+    stored = tx.lock_jobs(sorted({event.job_id for event in job_events}))
     stored_now = tx.insert_events([unique[i] for i in sorted(unique)])
     fresh: dict[str, list[JobEvent]] = defaultdict(list)
     for event_id in stored_now:
         event = unique[event_id]
         fresh[event.job_id].append(event)
 
-    stored = tx.lock_jobs(sorted(fresh))
     new: list[Job] = []
     changed: list[Job] = []
     out_of_order: list[str] = []
@@ -593,6 +601,7 @@ class SharedSql:
 
     _marker: str
     _duplicate_key: type[Exception]
+    _events_of_job: str  # the WHERE clause of a job's timeline, its id the parameter
 
     async def _read(self, fn: Callable[[Any], T]) -> T:
         raise NotImplementedError
@@ -611,7 +620,7 @@ class SharedSql:
     async def job_events(self, job_id: str) -> list[JobEvent]:
         rows = await self._read(
             lambda conn: conn.execute(
-                f"SELECT {cols(EVENT_COLUMNS)} FROM job_events WHERE job_id = {self._marker}"
+                f"SELECT {cols(EVENT_COLUMNS)} FROM job_events WHERE {self._events_of_job}"
                 " ORDER BY timestamp, id",
                 (job_id,),
             ).fetchall()

@@ -168,6 +168,7 @@ class _Transaction:
 class PostgresStorage(common.SharedSql):
     _marker = "%s"
     _duplicate_key = psycopg.errors.UniqueViolation
+    _events_of_job = "job_id = %s"
 
     def __init__(self, url: str, *, stuck_after: float = DEFAULT_STUCK_AFTER_S) -> None:
         self.url = redact_url(url)

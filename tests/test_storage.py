@@ -18,6 +18,7 @@ from sluice_core.config import Config, ConfigError
 from sluice_core.model import Job, JobEvent, JobState, QueueSample, WorkerEvent, event_id
 from sluice_core.plugins import PluginManager
 from sluice_core.storage import IngestResult, JobQuery, Storage
+from sluice_storage import common
 from sluice_storage.common import migrations
 from tests.fixtures.services import PG_URL
 from tests.fixtures.storage import (
@@ -361,6 +362,51 @@ async def test_open_migrates_once_and_data_persists(empty_db_url: str) -> None:
             await again.ping()
         finally:
             await again.aclose()
+
+
+async def test_sqlite_events_stored_before_0004_keep_their_timeline_and_dedupe(
+    sqlite_url: str,
+) -> None:
+    """Migration 0004 moves events from the id-keyed table into the job-clustered one."""
+    path = sqlite_url.removeprefix("sqlite:///")
+    events = lifecycle("old-job", T0, JobState.FAILED, exception="KeyError('k')")
+    job = rebuilt(events)
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)")
+        for version, sql in migrations("sqlite"):
+            if version < 4:
+                conn.executescript(sql)
+                conn.execute("INSERT INTO schema_migrations VALUES (?, 0)", (version,))
+        conn.execute(
+            f"INSERT INTO jobs ({common.cols(common.JOB_COLUMNS)})"
+            f" VALUES ({', '.join('?' * len(common.JOB_COLUMNS))})",
+            common.job_to_row(job),
+        )
+        conn.executemany(
+            f"INSERT INTO job_events ({common.cols(common.EVENT_COLUMNS)})"
+            f" VALUES ({', '.join('?' * len(common.EVENT_COLUMNS))})",
+            map(common.event_to_row, events),
+        )
+        # As ingest before 0004 indexed a job for search.
+        conn.execute("INSERT INTO job_search (rowid, text) SELECT seq, text FROM job_search_text")
+    storage = open_storage(sqlite_url)
+    with trio.fail_after(30):
+        assert 4 in await storage.open()
+        try:
+            assert await storage.job_events("old-job") == sorted(events, key=merge.sort_key)
+            assert (await ingest(storage, events)).events_stored == 0
+            late = attrs.evolve(events[-1], id=event_id("old-job", "late"), timestamp=T0 - 1)
+            assert (await ingest(storage, [late])).events_stored == 1
+            assert await storage.get_job("old-job") == rebuilt([*events, late])
+            new = lifecycle("new-job", T0 + 5)
+            await ingest(storage, new)
+            page = await storage.list_jobs(JobQuery())
+            assert [j.id for j in page.jobs] == ["new-job", "old-job"]
+            assert [j.id for j in (await storage.list_jobs(JobQuery(q="KeyError"))).jobs] == [
+                "old-job"
+            ]
+        finally:
+            await storage.aclose()
 
 
 async def test_postgresql_reconnects_after_its_connections_are_terminated(pg_url: str) -> None:
