@@ -1,4 +1,9 @@
-"""Ingest: Sluice and Flower subscribed at once, fed one stream, counted afterwards.
+"""Ingest: Sluice and Flower fed one stream, counted afterwards.
+
+Both subscribe at once (``together=True``: one publish, the same bytes), or
+each alone on an identical stream (same plan, same seed): on two cores a
+consumer that is flat out takes the core the other would use, so capacity is
+measured alone, as the issue measured Flower's.
 
 What each took in is read from its own counters: Sluice's
 ``sluice_events_ingested_total`` (events persisted to its database) and
@@ -77,18 +82,45 @@ def run(
     storage: str,
     run_dir: Path,
     flower: bool = True,
+    together: bool = True,
     stall_s: float = 5.0,
     max_wait_s: float = 600.0,
     sluice_extra: Sequence[str] = (),
 ) -> IngestRun:
-    """Start Sluice (and Flower), publish ``plan`` once, wait until both have settled."""
+    """Sluice (and Flower) fed ``plan``: at once, or each alone on the same stream."""
+    args = dict(storage=storage, run_dir=run_dir, stall_s=stall_s, max_wait_s=max_wait_s,
+                sluice_extra=sluice_extra)
+    if together or not flower:
+        return _run(plan, flower=flower, sluice=True, **args)
+    alone = _run(plan, flower=False, sluice=True, **args)
+    flower_run = _run(plan, flower=True, sluice=False, **args)
+    assert flower_run.published == alone.published, "the same plan published twice differs"
+    alone.outcomes.update(flower_run.outcomes)
+    return alone
+
+
+def _run(
+    plan: Plan,
+    *,
+    storage: str,
+    run_dir: Path,
+    flower: bool,
+    sluice: bool,
+    stall_s: float,
+    max_wait_s: float,
+    sluice_extra: Sequence[str],
+) -> IngestRun:
+    """Start the consumers, publish ``plan`` once, wait until all have settled."""
     keyprefix = unique("bench") + ":"
     plan = attrs.evolve(plan, keyprefix=keyprefix)
     services: list[Service] = []
     with database(storage, run_dir) as db:
         try:
-            sluice = Sluice(plan.broker, db, run_dir, keyprefix, list(sluice_extra))
-            services.append(sluice)
+            sluice_service = (
+                Sluice(plan.broker, db, run_dir, keyprefix, list(sluice_extra)) if sluice else None
+            )
+            if sluice_service is not None:
+                services.append(sluice_service)
             if flower:
                 services.append(Flower(plan.broker, run_dir, keyprefix))
             if plan.broker.startswith("redis"):
@@ -117,7 +149,9 @@ def run(
                     rate=taken / max(done_at - report.started, 1e-9),
                     peak_rss_mb=service.peak_rss_mb(),
                 )
-            counters = sluice.counters()
+            counters = (
+                sluice_service.counters() if sluice_service else {"messages": 0, "dropped": 0}
+            )
         finally:
             for service in services:
                 service.stop()

@@ -39,6 +39,7 @@ from sluice_core.pipeline import Pipeline
 from sluice_core.plugins import PluginManager
 from sluice_core.serialize import job_event_to_json, worker_event_to_json
 from sluice_core.sources import Source
+from sluice_core.spool import Spool
 from sluice_core.storage import IngestResult
 
 log = logging.getLogger(__name__)
@@ -280,6 +281,8 @@ class Agent:
             bus=Bus(),
             on_stored=lambda result: None,  # no one to tell: the server publishes
             buffer_messages=config.buffer_messages,
+            buffer_bytes=config.buffer_mb * 2**20,
+            spool=Spool(config.spool_mb * 2**20, config.spool_dir),
             batch_events=config.batch_events,
         )
         self.sources: list[Source] = pm.sources(config)

@@ -55,11 +55,15 @@ class Config:
     port: int = DEFAULT_PORT
     plugins: list[str] = attrs.field(factory=list)
     log_level: str = "INFO"
-    # Raw messages held between the sources and the normalizers. Past this,
-    # sources drop and count (sluice_events_dropped_total) rather than stall.
+    # Raw messages held in memory between the sources and the normalizers...
     buffer_messages: int = 1_000_000
-    # ...and at most this many MiB of them.
-    buffer_mb: int = 512
+    # ...and at most this many MiB of them. Past either, they are spooled to disk.
+    buffer_mb: int = 64
+    # MiB of raw messages spooled to disk (in spool_dir, default the system's
+    # temporary directory). Past this, sources drop and count
+    # (sluice_events_dropped_total) rather than stall.
+    spool_mb: int = 4096
+    spool_dir: str | None = None
     # Most events written to storage in one transaction.
     batch_events: int = 20_000
     # Where unknown options come from, in precedence order (flags first).
@@ -120,7 +124,8 @@ def build(args: argparse.Namespace) -> Config:
     try:
         port = int(pick("port", DEFAULT_PORT))
         buffer_messages = int(pick("buffer_messages", 1_000_000))
-        buffer_mb = int(pick("buffer_mb", 512))
+        buffer_mb = int(pick("buffer_mb", 64))
+        spool_mb = int(pick("spool_mb", 4096))
         batch_events = int(pick("batch_events", 20_000))
     except ValueError as exc:
         raise ConfigError(f"expected a number: {exc}") from None
@@ -135,6 +140,8 @@ def build(args: argparse.Namespace) -> Config:
         log_level=str(pick("log_level", "INFO")).upper(),
         buffer_messages=buffer_messages,
         buffer_mb=buffer_mb,
+        spool_mb=spool_mb,
+        spool_dir=pick("spool_dir", None),
         batch_events=batch_events,
         layers=layers,
     )
@@ -158,10 +165,19 @@ def add_core_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help=f"port to serve on (default {DEFAULT_PORT})")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     parser.add_argument(
-        "--buffer-messages", type=int, help="raw messages buffered before dropping"
+        "--buffer-messages", type=int, help="raw messages held in memory (default 1,000,000)"
     )
     parser.add_argument(
-        "--buffer-mb", type=int, help="MiB of raw messages buffered before dropping (default 512)"
+        "--buffer-mb", type=int, help="MiB of raw messages held in memory (default 64)"
+    )
+    parser.add_argument(
+        "--spool-mb",
+        type=int,
+        help="MiB of raw messages spooled to disk past --buffer-mb, before dropping"
+        " (default 4096; 0: drop instead)",
+    )
+    parser.add_argument(
+        "--spool-dir", help="where the spool file lives (default: the temporary directory)"
     )
     parser.add_argument("--batch-events", type=int, help="most events per storage transaction")
     parser.add_argument(

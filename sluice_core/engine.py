@@ -21,6 +21,7 @@ from sluice_core.monitors import WorkerMonitor
 from sluice_core.pipeline import Pipeline
 from sluice_core.plugins import PluginManager
 from sluice_core.probes import Probe, WorkerProbe
+from sluice_core.spool import Spool
 from sluice_core.serialize import job_to_dict, worker_to_dict
 from sluice_core.sources import Source
 from sluice_core.storage import IngestResult
@@ -61,6 +62,7 @@ class Engine:
             on_stored=self._publish,
             buffer_messages=config.buffer_messages,
             buffer_bytes=config.buffer_mb * 2**20,
+            spool=Spool(config.spool_mb * 2**20, config.spool_dir),
             batch_events=config.batch_events,
         )
         self.sources: list[Source] = pm.sources(config)

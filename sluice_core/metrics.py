@@ -61,7 +61,12 @@ class Metrics:
             registry=r,
         )
         self.buffered = Gauge(
-            "sluice_buffered_messages", "Raw messages waiting to be normalized", registry=r
+            "sluice_buffered_messages",
+            "Raw messages waiting to be normalized, in memory or spooled to disk",
+            registry=r,
+        )
+        self.spooled_bytes = Gauge(
+            "sluice_spooled_bytes", "Bytes of raw messages spooled to disk", registry=r
         )
         self.jobs = Gauge("sluice_jobs", "Stored jobs by state", ["state"], registry=r)
         self.workers_online = Gauge("sluice_workers_online", "Workers online", registry=r)

@@ -1,17 +1,21 @@
 """The ingest pipeline: raw batches -> normalizers -> batched storage writes -> live bus.
 
-    sources --put_raw--> [raw buffer, bounded in messages] --> normalize
+    sources --put_raw--> [raw buffer in memory] -(full)-> [spool on disk]
+                                 |                               |
+                                 +------------> normalize <------+
             --put_events---------------------------------------+
                                                                v
                           [normalized, a few batches] --> write (one transaction) --> bus
 
-Sources never wait: when the raw buffer is full they drop and the drop is
-counted (``sluice_events_dropped_total``). The normalizer waits for the
-writer, so storage that cannot keep up fills the raw buffer, not memory
+Sources never wait. The raw buffer in memory is small (``--buffer-mb``); past
+it, batches go to a spool file (``--spool-mb``), so a burst that storage
+cannot keep up with costs disk, not memory; past that too, sources drop and
+the drop is counted (``sluice_events_dropped_total``). The normalizer waits
+for the writer, so storage that cannot keep up fills the buffers, not memory
 without bound. The writer takes everything that is waiting (up to
 ``batch_events``) into one transaction, so a slow database gets bigger,
 cheaper batches. A failing database is retried with backoff, holding the batch:
-nothing read is lost while the buffer lasts.
+nothing read is lost while the buffers last.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import trio
 from sluice_core.bus import Bus
 from sluice_core.metrics import Metrics
 from sluice_core.model import JobEvent, Normalized, RawBatch, WorkerEvent
+from sluice_core.spool import Spool
 from sluice_core.storage import IngestResult
 
 log = logging.getLogger(__name__)
@@ -71,7 +76,8 @@ class Pipeline:
         bus: Bus,
         on_stored: Callable[[IngestResult], None],
         buffer_messages: int = 1_000_000,
-        buffer_bytes: int = 512 * 2**20,
+        buffer_bytes: int = 64 * 2**20,
+        spool: Spool | None = None,
         batch_events: int = 20_000,
     ) -> None:
         self._normalize = normalize
@@ -83,6 +89,7 @@ class Pipeline:
         # Messages range from a heartbeat to a task.multi of 24 events: a count
         # alone does not bound memory, so the raw bytes held are bounded too.
         self._bytes_limit = buffer_bytes
+        self._spool = spool if spool is not None else Spool(0)
         self._batch_events = batch_events
         self._buffered = 0
         self._buffered_bytes = 0
@@ -94,13 +101,14 @@ class Pipeline:
             math.inf
         )
         # The normalizer waits here for the writer. A source's batch is one socket
-        # read (a few hundred events): the writer's transaction takes all that
-        # waited, so this must hold a full transaction's worth, or every commit
-        # carries a few thousand events and commits dominate (measured: 4 batches
-        # gave 12k events/s, 64 several times that).
-        self._norm_send, self._norm_receive = trio.open_memory_channel[_Normalized](64)
+        # read (up to about a thousand events): the writer's transaction takes all
+        # that waited, so this holds a transaction's worth (measured: 4 batches
+        # gave 12k events/s, 64 several times that). No more: a normalized event
+        # takes 900 bytes of memory, half again its raw message.
+        self._norm_send, self._norm_receive = trio.open_memory_channel[_Normalized](24)
         self.sources: dict[str, SourceStatus] = {}
         self.stored_batches = 0
+        self._closed = False
 
     # -- Sink --------------------------------------------------------------
 
@@ -108,11 +116,19 @@ class Pipeline:
         n = len(batch.messages)
         nbytes = _size(batch)
         self._metrics.messages_received.labels(batch.source).inc(n)
-        if (
-            self._buffered + n > self._buffer_limit
+        # Spool only while memory holds something: the normalizer is then busy and
+        # comes back to the spool; an empty memory buffer may have it waiting on it.
+        if self._buffered and (
+            self._spool.batches  # first in, first out: once spooling, spool until drained
+            or self._buffered + n > self._buffer_limit
             or self._buffered_bytes + nbytes > self._bytes_limit
         ):
-            self._drop(batch.source, n)
+            if self._spool.has_room(nbytes) and not self._closed:
+                self._spool.put(batch)
+                self._metrics.spooled_bytes.set(self._spool.size)
+                self._metrics.buffered.set(self._buffered + self._spool.messages)
+            else:
+                self._drop(batch.source, n)
             return
         try:
             self._raw_send.send_nowait(batch)
@@ -121,7 +137,7 @@ class Pipeline:
             return
         self._buffered += n
         self._buffered_bytes += nbytes
-        self._metrics.buffered.set(self._buffered)
+        self._metrics.buffered.set(self._buffered + self._spool.messages)
 
     def put_events(self, job_events: list[JobEvent], worker_events: list[WorkerEvent]) -> None:
         self.offer(job_events, worker_events)
@@ -177,24 +193,47 @@ class Pipeline:
 
     def close(self) -> None:
         """No more input: the tasks drain what is buffered, write it, and return."""
+        self._closed = True
         self._raw_send.close()
 
     async def run(self) -> None:
         """Normalize and write until :meth:`close` and everything buffered is stored."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._normalize_loop)
-            nursery.start_soon(self._write_loop)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._normalize_loop)
+                nursery.start_soon(self._write_loop)
+        finally:
+            self._spool.close()
+
+    async def _next_raw(self) -> RawBatch | _Normalized | None:
+        """The oldest input: from memory, else from the spool; None once closed and drained."""
+        try:
+            item = self._raw_receive.receive_nowait()
+        except trio.WouldBlock:
+            spooled = self._spool.get()
+            if spooled is not None:
+                return spooled
+            try:
+                item = await self._raw_receive.receive()
+            except trio.EndOfChannel:
+                return self._spool.get()
+        except trio.EndOfChannel:
+            return self._spool.get()
+        if isinstance(item, _Normalized):
+            self._buffered -= len(item.job_events) + len(item.worker_events)
+        else:
+            self._buffered -= len(item.messages)
+            self._buffered_bytes -= _size(item)
+        return item
 
     async def _normalize_loop(self) -> None:
         async with self._norm_send:
-            async for item in self._raw_receive:
+            while (item := await self._next_raw()) is not None:
+                self._metrics.buffered.set(self._buffered + self._spool.messages)
+                self._metrics.spooled_bytes.set(self._spool.size)
                 if isinstance(item, _Normalized):
-                    self._buffered -= len(item.job_events) + len(item.worker_events)
                     await self._norm_send.send(item)
                     continue
-                self._buffered -= len(item.messages)
-                self._buffered_bytes -= _size(item)
-                self._metrics.buffered.set(self._buffered)
                 result = self._normalize(item)
                 if result is None:
                     self._metrics.events_malformed.labels(item.source).inc(len(item.messages))

@@ -17,6 +17,8 @@ from sluice_core.config import Config
 from sluice_core.engine import Engine
 from sluice_core.model import JobEvent, JobState, RawBatch
 from sluice_core.plugins import PluginManager
+from bench.generator import Plan, build_ticks, redis_channel, redis_envelope
+from sluice_celery.events import normalize_batch
 from tests.fixtures.services import free_port, wait_port
 from tests.fixtures.storage import pg_admin
 
@@ -62,7 +64,7 @@ async def test_stop_flushes_everything_already_read(tmp_path: Path) -> None:
 async def test_a_full_buffer_drops_and_counts_instead_of_blocking_the_source(
     tmp_path: Path,
 ) -> None:
-    engine = make_engine(tmp_path, buffer_messages=1_000)
+    engine = make_engine(tmp_path, buffer_messages=1_000, spool_mb=0)
     batch = RawBatch("celery/redis", "test-source", [("ch", b"{}")] * 600, time.time())
     # Not started: nothing drains the buffer, as when storage is stalled.
     engine.pipeline.put_raw(batch)
@@ -73,11 +75,51 @@ async def test_a_full_buffer_drops_and_counts_instead_of_blocking_the_source(
 
 
 async def test_the_buffer_is_bounded_in_bytes_too(tmp_path: Path) -> None:
-    engine = make_engine(tmp_path, buffer_mb=1)
+    engine = make_engine(tmp_path, buffer_mb=1, spool_mb=0)
     big = RawBatch("celery/redis", "test-source", [("ch", b"x" * 400_000)], time.time())
     for _ in range(3):  # 1.2 MB: the third does not fit in 1 MiB
         engine.pipeline.put_raw(big)
     assert engine.metrics.events_dropped.labels("test-source")._value.get() == 1
+
+
+async def test_past_the_memory_buffer_batches_are_spooled_to_disk_and_all_stored(
+    tmp_path: Path,
+) -> None:
+    plan = Plan(broker="redis://localhost:6379/0", events=20_000)
+    messages = [
+        (redis_channel("", 0, m.routing_key), redis_envelope(m))
+        for tick in build_ticks(plan, 0)
+        for m in tick
+    ]
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    engine = make_engine(
+        tmp_path, buffer_mb=1, spool_mb=64, spool_dir=str(spool_dir), batch_events=5_000
+    )
+    engine.pm.load(["celery"])
+    # Not started yet, as when storage is stalled: 1 MiB stays in memory, the rest spools.
+    for i in range(0, len(messages), 200):
+        engine.pipeline.put_raw(RawBatch("celery/redis", "test", messages[i : i + 200], 0.0))
+    raw_bytes = sum(len(body) for _, body in messages)
+    assert raw_bytes > 8 * 2**20
+    assert engine.metrics.spooled_bytes._value.get() > raw_bytes - 2 * 2**20
+    assert engine.metrics.events_dropped.labels("test")._value.get() == 0
+    assert engine.metrics.buffered._value.get() == len(messages)
+    assert list(spool_dir.iterdir()) == []  # unlinked at once: a crash leaves nothing behind
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(engine.run, web=False))
+            engine.stop()
+    expected = normalize_batch(RawBatch("celery/redis", "test", messages, 0.0))
+    assert engine.metrics.events_ingested._value.get() == len(expected.job_events)
+    assert engine.metrics.spooled_bytes._value.get() == 0
+    reopened = make_engine(tmp_path)
+    await reopened.storage.open()
+    try:
+        counts = await reopened.storage.count_jobs_by_state()
+        assert sum(counts.values()) == len({event.job_id for event in expected.job_events})
+    finally:
+        await reopened.storage.aclose()
 
 
 def test_sigterm_stops_sluice_run_cleanly(tmp_path: Path) -> None:
