@@ -189,6 +189,9 @@ class Bench:
             rows += self._ingest_rows(f"burst {n:,}", runs)
             self._ingest_headline(f"burst of {n:,}, lost ({storage})", "0%", runs,
                                   lambda o: f"{o.lost_pct:.1f}%", lambda o: o.lost == 0)
+            self._ingest_headline(f"burst of {n:,}, peak RSS ({storage})", "< 300 MB", runs,
+                                  lambda o: f"{o.peak_rss_mb:,.0f} MB",
+                                  lambda o: o.peak_rss_mb < 300)
         self.add(
             f"Burst: {n:,} events published as fast as possible (Redis)",
             f"Median of {self.sizes.repeats} run(s). Sluice and Flower subscribed at once to "
@@ -283,6 +286,8 @@ class Bench:
             worst = max(r.timings, key=lambda t: t.p95_ms)
             self.headline(f"job list queries, {jobs:,} jobs ({storage}): slowest p95",
                           "(none set)", f"{worst.p95_ms:,.0f} ms ({worst.query})", "n/a", None)
+            self.headline(f"RSS at rest, {jobs:,} jobs stored ({storage})", "< 150 MB",
+                          f"{r.rest_rss_mb:,.0f} MB", "n/a", r.rest_rss_mb < 150)
             target = FULL_HISTORY[storage]
             size_note = "" if jobs >= target else (
                 f" The target size is {target:,} jobs: run `python -m bench queries --full-size`."
@@ -292,7 +297,8 @@ class Bench:
                 f"`GET /api/jobs` over HTTP, {self.sizes.query_repeats} repeats each. The history "
                 f"({r.jobs:,} jobs, all their events, over {queries.SPAN_DAYS} days) was written "
                 f"through the storage backend's ingest in {r.fill_s:.0f}s ({r.fill_rate:,.0f} "
-                f"events/s); Sluice then started on it in {r.startup_s:.2f}s.{size_note}",
+                f"events/s); Sluice then started on it in {r.startup_s:.2f}s, and held "
+                f"{r.rest_rss_mb:,.0f} MB resident at rest after the queries.{size_note}",
                 report.table(("query", "parameters", "rows", "p50 (ms)", "p95 (ms)"), rows),
             )
 

@@ -22,7 +22,7 @@ import trio
 
 from bench.generator import EventStream, amqp_body
 from bench.latency import percentile
-from bench.services import Sluice, database, unique
+from bench.services import Sluice, database, proc_status_kb, unique
 
 SPAN_DAYS = 30
 JOBS_PER_BATCH = 5_000
@@ -45,6 +45,7 @@ class QueriesRun:
     fill_rate: float  # events/s written while filling
     startup_s: float  # sluice run on the filled database, to /healthz 200
     timings: list[QueryTiming]
+    rest_rss_mb: float  # idle on that history, once every query was served
 
 
 async def fill(db: str, jobs: int, progress: Callable[[int], None] | None = None) -> int:
@@ -161,6 +162,9 @@ def run(*, storage: str, jobs: int, repeats: int, broker: str, run_dir: Path,
         sluice = Sluice(broker, db, run_dir, unique("bench") + ":")
         try:
             timings = time_queries(sluice.base, repeats)
+            time.sleep(1.0)  # at rest: the last request and the gauges' refresh are done
+            rest_rss_mb = (proc_status_kb(sluice.proc.pid, "VmRSS") or 0) / 1024
         finally:
             sluice.stop()
-    return QueriesRun(storage, jobs, fill_s, events / fill_s, sluice.startup_s, timings)
+    return QueriesRun(storage, jobs, fill_s, events / fill_s, sluice.startup_s, timings,
+                      rest_rss_mb)

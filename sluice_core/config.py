@@ -58,7 +58,7 @@ class Config:
     # Raw messages held in memory between the sources and the normalizers...
     buffer_messages: int = 1_000_000
     # ...and at most this many MiB of them. Past either, they are spooled to disk.
-    buffer_mb: int = 64
+    buffer_mb: int = 32
     # MiB of raw messages spooled to disk (in spool_dir, default the system's
     # temporary directory). Past this, sources drop and count
     # (sluice_events_dropped_total) rather than stall.
@@ -124,7 +124,7 @@ def build(args: argparse.Namespace) -> Config:
     try:
         port = int(pick("port", DEFAULT_PORT))
         buffer_messages = int(pick("buffer_messages", 1_000_000))
-        buffer_mb = int(pick("buffer_mb", 64))
+        buffer_mb = int(pick("buffer_mb", 32))
         spool_mb = int(pick("spool_mb", 4096))
         batch_events = int(pick("batch_events", 20_000))
     except ValueError as exc:
@@ -168,7 +168,7 @@ def add_core_options(parser: argparse.ArgumentParser) -> None:
         "--buffer-messages", type=int, help="raw messages held in memory (default 1,000,000)"
     )
     parser.add_argument(
-        "--buffer-mb", type=int, help="MiB of raw messages held in memory (default 64)"
+        "--buffer-mb", type=int, help="MiB of raw messages held in memory (default 32)"
     )
     parser.add_argument(
         "--spool-mb",

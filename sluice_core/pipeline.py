@@ -76,7 +76,7 @@ class Pipeline:
         bus: Bus,
         on_stored: Callable[[IngestResult], None],
         buffer_messages: int = 1_000_000,
-        buffer_bytes: int = 64 * 2**20,
+        buffer_bytes: int = 32 * 2**20,
         spool: Spool | None = None,
         batch_events: int = 20_000,
     ) -> None:
