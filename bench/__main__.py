@@ -41,7 +41,8 @@ class Sizes:
     query_repeats: int
     startup_repeats: int
     repeats: int  # of the cheap ingest runs (bursts)
-    stall_s: float
+    stall_s: float  # a consumer whose count has not moved this long has stopped (a PostgreSQL
+    # transaction can take several seconds while the machine is loaded: 5 s once cut a run short)
 
 
 FULL = Sizes(
@@ -55,7 +56,7 @@ FULL = Sizes(
     query_repeats=20,
     startup_repeats=5,
     repeats=3,
-    stall_s=5.0,
+    stall_s=15.0,
 )
 QUICK = Sizes(
     burst_events=20_000,
