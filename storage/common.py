@@ -366,6 +366,45 @@ class Dialect(Protocol):
     def text_match(self, q: str) -> tuple[str, list[Any]]:
         """SQL for the free-text filter: id prefix, or substring of name/args/kwargs/exception."""
 
+    def text_match_row(self, q: str) -> tuple[str, list[Any]]:
+        """The same filter as :meth:`text_match`, tested on each row read (no text index)."""
+
+
+# A free-text search first reads this many of the newest jobs itself; see RecentRows.
+RECENT_ROWS = 10_000
+
+
+@attrs.frozen
+class RecentRows:
+    """A :class:`Dialect` whose free-text filter reads the newest ``rows`` jobs below ``cursor``.
+
+    A text index hands over every match before the newest can be picked: a
+    common term ("timed out" in 100,000 of a million jobs) took 280 ms that way
+    on SQLite. A page of such a term is among the newest jobs, found by reading
+    a few hundred rows. When these rows hold a full page it is the right page
+    (every other job is older); when not, the index answers.
+    """
+
+    base: Dialect
+    cursor: int | None
+    rows: int = RECENT_ROWS
+
+    @property
+    def marker(self) -> str:
+        return self.base.marker
+
+    def any_of(self, column: str, values: Collection[str]) -> tuple[str, list[Any]]:
+        return self.base.any_of(column, values)
+
+    def text_match(self, q: str) -> tuple[str, list[Any]]:
+        below, params = ("", []) if self.cursor is None else (f"WHERE seq < {self.marker}", [self.cursor])
+        newest = f"(SELECT coalesce(max(seq), 0) FROM jobs {below}) - {int(self.rows)}"
+        sql, values = self.base.text_match_row(q)
+        return f"seq > {newest} AND {sql}", [*params, *values]
+
+    def text_match_row(self, q: str) -> tuple[str, list[Any]]:
+        return self.base.text_match_row(q)
+
 
 def like_escape(text: str) -> str:
     """``text`` as a literal inside a LIKE pattern (escape character backslash)."""
@@ -605,6 +644,9 @@ class SharedSql:
     _marker: str
     _duplicate_key: type[Exception]
     _events_of_job: str  # the WHERE clause of a job's timeline, its id the parameter
+    _dialect: Dialect
+    stuck_after: float
+    recent_rows = RECENT_ROWS  # see RecentRows
 
     async def _read(self, fn: Callable[[Any], T]) -> T:
         raise NotImplementedError
@@ -629,6 +671,17 @@ class SharedSql:
             ).fetchall()
         )
         return [event_from_row(row) for row in rows]
+
+    async def list_jobs(self, query: JobQuery) -> Page:
+        if query.q:
+            recent = RecentRows(self._dialect, query.cursor, self.recent_rows)
+            sql, params = list_jobs_sql(query, recent, stuck_after=self.stuck_after)
+            rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
+            if len(rows) > query.limit:
+                return page(rows, query.limit)
+        sql, params = list_jobs_sql(query, self._dialect, stuck_after=self.stuck_after)
+        rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
+        return page(rows, query.limit)
 
     async def count_jobs_by_state(self) -> dict[str, int]:
         rows = await self._read(

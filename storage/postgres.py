@@ -28,8 +28,6 @@ from sluice_core.probes import WorkerQueues
 from sluice_core.storage import (
     DEFAULT_STUCK_AFTER_S,
     IngestResult,
-    JobQuery,
-    Page,
 )
 from sluice_storage import common
 from sluice_storage.common import EVENT_COLUMNS, JOB_COLUMNS, WORKER_COLUMNS, cols
@@ -71,6 +69,10 @@ class _Dialect:
         # The prefix match uses the text_pattern_ops index, the substring the trigram index.
         escaped = common.like_escape(q)
         return f"(id LIKE %s OR {TEXT_EXPR} ILIKE %s)", [escaped + "%", f"%{escaped}%"]
+
+    def text_match_row(self, q: str) -> tuple[str, list[Any]]:
+        # The same expression: PostgreSQL plans the index or a filter on the rows read.
+        return self.text_match(q)
 
 
 _DIALECT = _Dialect()
@@ -169,6 +171,7 @@ class PostgresStorage(common.SharedSql):
     _marker = "%s"
     _duplicate_key = psycopg.errors.UniqueViolation
     _events_of_job = "job_id = %s"
+    _dialect = _DIALECT
 
     def __init__(self, url: str, *, stuck_after: float = DEFAULT_STUCK_AFTER_S) -> None:
         self.url = redact_url(url)
@@ -282,11 +285,6 @@ class PostgresStorage(common.SharedSql):
             await self._write(write)
 
     # -- reads -----------------------------------------------------------------------
-
-    async def list_jobs(self, query: JobQuery) -> Page:
-        sql, params = common.list_jobs_sql(query, _DIALECT, stuck_after=self.stuck_after)
-        rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
-        return common.page(rows, query.limit)
 
     async def list_workers(self) -> list[Worker]:
         rows = await self._read(

@@ -16,7 +16,6 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
-import attrs
 import trio
 
 from sluice_core import hookimpl
@@ -26,8 +25,6 @@ from sluice_core.probes import WorkerQueues
 from sluice_core.storage import (
     DEFAULT_STUCK_AFTER_S,
     IngestResult,
-    JobQuery,
-    Page,
 )
 from sluice_storage import common
 from sluice_storage.common import EVENT_COLUMNS, JOB_COLUMNS, WORKER_COLUMNS, cols
@@ -81,11 +78,6 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     return conn
 
 
-# A free-text search first reads this many of the newest jobs (below the cursor)
-# itself; see _RecentRows.
-RECENT_ROWS = 10_000
-
-
 class _Dialect:
     marker = "?"
 
@@ -103,29 +95,9 @@ class _Dialect:
             [_id_prefix(q), pattern],
         )
 
-
-@attrs.frozen
-class _RecentRows(_Dialect):
-    """The free-text filter on the newest ``RECENT_ROWS`` jobs below ``cursor``, read row by row.
-
-    The trigram index hands over every match before the newest can be picked: a
-    common term ("timed out" in 100,000 of a million jobs) took 280 ms that way.
-    A page of such a term is among the newest jobs, found by reading a few
-    hundred rows. When these rows hold a full page it is the right page (every
-    other job is older); when not, the index answers.
-    """
-
-    cursor: int | None
-    rows: int = RECENT_ROWS
-
-    def text_match(self, q: str) -> tuple[str, list[Any]]:
+    def text_match_row(self, q: str) -> tuple[str, list[Any]]:
         like, pattern = _like(q)
-        below = "" if self.cursor is None else "WHERE seq < ?"
-        newest = f"(SELECT coalesce(max(seq), 0) FROM jobs {below}) - {int(self.rows)}"
-        return (
-            f"seq > {newest} AND (id GLOB ? OR {_SEARCH_TEXT} {like})",
-            [*([] if self.cursor is None else [self.cursor]), _id_prefix(q), pattern],
-        )
+        return f"(id GLOB ? OR {_SEARCH_TEXT} {like})", [_id_prefix(q), pattern]
 
 
 # What migration 0003's job_search_text view indexes, and _search_text writes.
@@ -300,7 +272,7 @@ class SQLiteStorage(common.SharedSql):
     _marker = "?"
     _duplicate_key = sqlite3.IntegrityError
     _events_of_job = "job_seq = (SELECT seq FROM jobs WHERE id = ?)"
-    recent_rows = RECENT_ROWS  # see _RecentRows
+    _dialect = _DIALECT
 
     def __init__(self, url: str, *, stuck_after: float = DEFAULT_STUCK_AFTER_S) -> None:
         self.url = redact_url(url)
@@ -406,18 +378,6 @@ class SQLiteStorage(common.SharedSql):
             await self._write(lambda conn: conn.executemany(sql, rows))
 
     # -- reads -----------------------------------------------------------------------
-
-    async def list_jobs(self, query: JobQuery) -> Page:
-        if query.q:
-            sql, params = common.list_jobs_sql(
-                query, _RecentRows(query.cursor, self.recent_rows), stuck_after=self.stuck_after
-            )
-            rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
-            if len(rows) > query.limit:
-                return common.page(rows, query.limit)
-        sql, params = common.list_jobs_sql(query, _DIALECT, stuck_after=self.stuck_after)
-        rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
-        return common.page(rows, query.limit)
 
     async def list_workers(self) -> list[Worker]:
         rows = await self._read(

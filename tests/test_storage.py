@@ -20,7 +20,7 @@ from sluice_core.plugins import PluginManager
 from sluice_core.storage import IngestResult, JobQuery, Storage
 from sluice_storage import common
 from sluice_storage.common import migrations
-from sluice_storage.sqlite import SQLiteStorage
+from sluice_storage.common import SharedSql
 from tests.fixtures.services import PG_URL
 from tests.fixtures.storage import (
     RETRIED,
@@ -365,35 +365,30 @@ async def test_open_migrates_once_and_data_persists(empty_db_url: str) -> None:
             await again.aclose()
 
 
-async def test_sqlite_text_search_pages_the_same_from_recent_rows_or_from_the_index(
-    sqlite_url: str,
+async def test_text_search_pages_the_same_from_recent_rows_or_from_the_index(
+    storage: Storage,
 ) -> None:
     """A term common among the newest jobs is found by reading them; a rare one by the index."""
-    storage = open_storage(sqlite_url)
-    assert isinstance(storage, SQLiteStorage)
+    assert isinstance(storage, SharedSql)
     storage.recent_rows = 4
     with trio.fail_after(30):
-        await storage.open()
-        try:
-            events = []
-            for i in range(30):
-                args = f"('Common-{i}',)" if i % 2 else "('other',)"
-                if i == 0:
-                    args = "('rare-term',)"
-                events += lifecycle(f"job-{i:02}", T0 + i, args=args)
-            await ingest(storage, events)
-            newest_first = [f"job-{i:02}" for i in reversed(range(30))]
-            for q, matches in (
-                ("common", [j for j in newest_first if int(j[4:]) % 2]),
-                ("rare-term", ["job-00"]),
-                ("job-0", [f"job-0{i}" for i in reversed(range(10))]),  # an id prefix
-                ("no-such", []),
-            ):
-                for limit in (1, 3, 50):
-                    found = await all_pages(storage, JobQuery(q=q, limit=limit))
-                    assert found == matches, (q, limit)
-        finally:
-            await storage.aclose()
+        events = []
+        for i in range(30):
+            args = f"('Common-{i}',)" if i % 2 else "('other',)"
+            if i == 0:
+                args = "('rare-term',)"
+            events += lifecycle(f"job-{i:02}", T0 + i, args=args)
+        await ingest(storage, events)
+        newest_first = [f"job-{i:02}" for i in reversed(range(30))]
+        for q, matches in (
+            ("common", [j for j in newest_first if int(j[4:]) % 2]),
+            ("rare-term", ["job-00"]),
+            ("job-0", [f"job-0{i}" for i in reversed(range(10))]),  # an id prefix
+            ("no-such", []),
+        ):
+            for limit in (1, 3, 50):
+                found = await all_pages(storage, JobQuery(q=q, limit=limit))
+                assert found == matches, (q, limit)
 
 
 async def test_sqlite_events_stored_before_0004_keep_their_timeline_and_dedupe(
