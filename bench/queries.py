@@ -209,12 +209,13 @@ def run(*, storage: str, jobs: int, repeats: int, broker: str, run_dir: Path,
         t0 = time.monotonic()
         last = [t0]
 
+        ingested = jobs if storage == "sqlite" else min(jobs, INGESTED_JOBS_MAX)
+
         def progress(done: int) -> None:
             if time.monotonic() - last[0] > 30:
                 last[0] = time.monotonic()
-                log(f"    filling {storage}: {done:,}/{jobs:,} jobs")
+                log(f"    filling {storage}: {done:,}/{ingested:,} jobs")
 
-        ingested = jobs if storage == "sqlite" else min(jobs, INGESTED_JOBS_MAX)
         events = trio.run(fill, db, ingested, progress)
         fill_s = time.monotonic() - t0
         if ingested < jobs:
