@@ -377,6 +377,8 @@ async def test_text_search_pages_the_same_from_recent_rows_or_from_the_index(
             args = f"('Common-{i}',)" if i % 2 else "('other',)"
             if i == 0:
                 args = "('rare-term',)"
+            if i in (2, 29):  # LIKE's wildcards are plain characters to a search
+                args = args[:-3] + " snake_case 100%',)"
             events += lifecycle(f"job-{i:02}", T0 + i, args=args)
         await ingest(storage, events)
         newest_first = [f"job-{i:02}" for i in reversed(range(30))]
@@ -385,6 +387,9 @@ async def test_text_search_pages_the_same_from_recent_rows_or_from_the_index(
             ("rare-term", ["job-00"]),
             ("job-0", [f"job-0{i}" for i in reversed(range(10))]),  # an id prefix
             ("no-such", []),
+            ("E_c", ["job-29", "job-02"]),
+            ("100%", ["job-29", "job-02"]),
+            ("e%c", []),
         ):
             for limit in (1, 3, 50):
                 found = await all_pages(storage, JobQuery(q=q, limit=limit))
