@@ -13,9 +13,12 @@ and cannot deadlock), and the changed rows are COPYed and written back once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import time
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, TypeVar
 
+import attrs
 import psycopg
 import trio
 from psycopg.types.string import TextLoader
@@ -28,6 +31,8 @@ from sluice_core.probes import WorkerQueues
 from sluice_core.storage import (
     DEFAULT_STUCK_AFTER_S,
     IngestResult,
+    JobQuery,
+    Page,
 )
 from sluice_storage import common
 from sluice_storage.common import EVENT_COLUMNS, JOB_COLUMNS, WORKER_COLUMNS, cols
@@ -59,7 +64,46 @@ def _configure(conn: psycopg.Connection[Any]) -> None:
     conn.execute("SET client_min_messages = warning")
 
 
+# The trigram index reads the whole posting list of every trigram of the searched
+# text: "user999750@example.com" took 0.9 s over ten million jobs, nearly all of it
+# in "use", "@ex", "com" and their like, which every job has. The index is asked
+# for the rarest INDEXED_CHARS of the text instead (16 ms), the rows it finds are
+# checked for the whole text, and what is rare is judged on a sample of jobs.
+INDEXED_CHARS = 6
+SAMPLE_JOBS = 2_000
+SAMPLE_TTL_S = 600.0
+
+
+def _trigrams(text: str) -> set[str]:
+    text = text.lower()
+    return {text[i : i + 3] for i in range(len(text) - 2)}
+
+
+@attrs.frozen
+class TrigramSample:
+    """How many of a sample of jobs' searched texts hold each trigram."""
+
+    counts: Counter[str]
+    taken_at: float
+
+    @classmethod
+    def of(cls, texts: Iterable[str], taken_at: float) -> TrigramSample:
+        counts: Counter[str] = Counter()
+        for text in texts:
+            counts.update(_trigrams(text))
+        return cls(counts, taken_at)
+
+    def rarest_part(self, q: str) -> str:
+        """The ``INDEXED_CHARS`` of ``q`` whose trigrams are least common."""
+        if len(q) <= INDEXED_CHARS:
+            return q
+        parts = (q[i : i + INDEXED_CHARS] for i in range(len(q) - INDEXED_CHARS + 1))
+        return min(parts, key=lambda part: sum(self.counts[t] for t in _trigrams(part)))
+
+
+@attrs.frozen
 class _Dialect:
+    sample: TrigramSample | None = None
     marker = "%s"
 
     def any_of(self, column: str, values: Collection[str]) -> tuple[str, list[Any]]:
@@ -68,19 +112,25 @@ class _Dialect:
     def text_match(self, q: str) -> tuple[str, list[Any]]:
         # The prefix match uses the text_pattern_ops index, the substring the trigram index.
         escaped = common.like_escape(q)
-        return f"(id LIKE %s OR {TEXT_EXPR} ILIKE %s)", [escaped + "%", f"%{escaped}%"]
+        part = q if self.sample is None else self.sample.rarest_part(q)
+        if part == q:
+            return f"(id LIKE %s OR {TEXT_EXPR} ILIKE %s)", [escaped + "%", f"%{escaped}%"]
+        contains, values = self._contains(q)
+        return (
+            f"(id LIKE %s OR ({TEXT_EXPR} ILIKE %s AND {contains}))",
+            [escaped + "%", f"%{common.like_escape(part)}%", *values],
+        )
 
     def text_match_row(self, q: str) -> tuple[str, list[Any]]:
         # What text_match means, in a form no index answers: the planner must read
         # the newest rows (given by seq) instead of asking the trigram index, which
-        # is what this filter is for. lower() folds case as ILIKE does.
-        return (
-            f"(starts_with(id, %s) OR strpos(lower({TEXT_EXPR}), lower(%s)) > 0)",
-            [q, q],
-        )
+        # is what this filter is for.
+        contains, values = self._contains(q)
+        return f"(starts_with(id, %s) OR {contains})", [q, *values]
 
-
-_DIALECT = _Dialect()
+    def _contains(self, q: str) -> tuple[str, list[Any]]:
+        # lower() folds case as ILIKE does.
+        return f"strpos(lower({TEXT_EXPR}), lower(%s)) > 0", [q]
 
 
 class _Transaction:
@@ -176,7 +226,6 @@ class PostgresStorage(common.SharedSql):
     _marker = "%s"
     _duplicate_key = psycopg.errors.UniqueViolation
     _events_of_job = "job_id = %s"
-    _dialect = _DIALECT
 
     def __init__(self, url: str, *, stuck_after: float = DEFAULT_STUCK_AFTER_S) -> None:
         self.url = redact_url(url)
@@ -185,6 +234,7 @@ class PostgresStorage(common.SharedSql):
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
         self._write_limiter = trio.CapacityLimiter(1)  # the pipeline writes one batch at a time
         self._read_limiter = trio.CapacityLimiter(READERS)
+        self._dialect = _Dialect()
 
     # -- threads ---------------------------------------------------------------
 
@@ -290,6 +340,17 @@ class PostgresStorage(common.SharedSql):
             await self._write(write)
 
     # -- reads -----------------------------------------------------------------------
+
+    async def list_jobs(self, query: JobQuery) -> Page:
+        sample = self._dialect.sample
+        if query.q and (sample is None or time.time() - sample.taken_at > SAMPLE_TTL_S):
+            texts = await self._read(
+                lambda conn: conn.execute(
+                    f"SELECT {TEXT_EXPR} FROM jobs ORDER BY seq DESC LIMIT {SAMPLE_JOBS}"
+                ).fetchall()
+            )
+            self._dialect = _Dialect(TrigramSample.of((t for (t,) in texts), time.time()))
+        return await super().list_jobs(query)
 
     async def list_workers(self) -> list[Worker]:
         rows = await self._read(

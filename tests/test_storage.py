@@ -503,3 +503,16 @@ async def test_two_agents_writing_the_same_jobs_at_once_agree(pg_url: str) -> No
         finally:
             for agent in agents:
                 await agent.aclose()
+
+
+def test_postgresql_asks_its_trigram_index_for_the_rarest_part_of_the_text() -> None:
+    from sluice_storage.postgres import INDEXED_CHARS, TrigramSample
+
+    texts = [f"tasks.send (user{n}@example.com,) {{}}" for n in range(1_000)]
+    sample = TrigramSample.of(texts, taken_at=0.0)
+    part = sample.rarest_part("user999750.c9@example.com")
+    assert len(part) == INDEXED_CHARS
+    assert part in "user999750.c9@example.com"
+    # Every sampled job has "user" and "@example.com": the part avoids both.
+    assert "use" not in part.lower() and "exa" not in part.lower()
+    assert sample.rarest_part("short") == "short"
