@@ -172,10 +172,12 @@ class Pipeline:
         # Overload lasts: one line per interval, not one per batch.
         if now - self._drop_logged_at >= DROP_LOG_INTERVAL_S:
             log.warning(
-                "ingest buffer full (%d messages or %d MiB): dropped %d since the last "
-                "report; storage is not keeping up (see sluice_events_dropped_total)",
+                "ingest buffers full (%d messages or %d MiB in memory, %d MiB spooled): "
+                "dropped %d since the last report; storage is not keeping up "
+                "(see sluice_events_dropped_total)",
                 self._buffer_limit,
                 self._bytes_limit >> 20,
+                self._spool.limit_bytes >> 20,
                 self._dropped_unlogged,
             )
             self._drop_logged_at, self._dropped_unlogged = now, 0
