@@ -125,8 +125,7 @@ class Pipeline:
         ):
             if self._spool.has_room(nbytes) and not self._closed:
                 self._spool.put(batch)
-                self._metrics.spooled_bytes.set(self._spool.size)
-                self._metrics.buffered.set(self._buffered + self._spool.messages)
+                self._report_buffered()
             else:
                 self._drop(batch.source, n)
             return
@@ -137,7 +136,7 @@ class Pipeline:
             return
         self._buffered += n
         self._buffered_bytes += nbytes
-        self._metrics.buffered.set(self._buffered + self._spool.messages)
+        self._report_buffered()
 
     def put_events(self, job_events: list[JobEvent], worker_events: list[WorkerEvent]) -> None:
         self.offer(job_events, worker_events)
@@ -164,6 +163,10 @@ class Pipeline:
             return False
         self._buffered += n
         return True
+
+    def _report_buffered(self) -> None:
+        self._metrics.buffered.set(self._buffered + self._spool.messages)
+        self._metrics.spooled_bytes.set(self._spool.size)
 
     def _drop(self, source: str, n: int) -> None:
         self._metrics.events_dropped.labels(source).inc(n)
@@ -231,8 +234,7 @@ class Pipeline:
     async def _normalize_loop(self) -> None:
         async with self._norm_send:
             while (item := await self._next_raw()) is not None:
-                self._metrics.buffered.set(self._buffered + self._spool.messages)
-                self._metrics.spooled_bytes.set(self._spool.size)
+                self._report_buffered()
                 if isinstance(item, _Normalized):
                     await self._norm_send.send(item)
                     continue
