@@ -51,9 +51,17 @@ def job_to_dict(job: Job) -> dict[str, Any]:
 def job_timing(job: Job) -> dict[str, float | None]:
     """Seconds spent waiting, running and in all, where the events tell."""
     start = job.sent_at if job.sent_at is not None else job.received_at
-    queued = job.started_at - start if job.started_at is not None and start is not None else None
-    total = job.finished_at - start if job.finished_at is not None and start is not None else None
-    return {"queued_s": queued, "runtime_s": job.runtime, "total_s": total}
+
+    def since_start(at: float | None) -> float | None:
+        # The producer stamps task-sent after it published, and a quick worker can
+        # stamp task-started before that (seen on real workers): never negative.
+        return None if at is None or start is None else max(0.0, at - start)
+
+    return {
+        "queued_s": since_start(job.started_at),
+        "runtime_s": job.runtime,
+        "total_s": since_start(job.finished_at),
+    }
 
 
 def event_to_dict(event: JobEvent) -> dict[str, Any]:

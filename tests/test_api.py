@@ -24,7 +24,7 @@ from sluice_core.config import Config
 from sluice_core.engine import Engine
 from sluice_core.model import Job, JobEvent, JobState, WorkerEvent, event_id
 from sluice_core.plugins import PluginManager
-from sluice_core.serialize import iso
+from sluice_core.serialize import iso, job_timing
 from sluice_core.sources import Sink
 
 # -- helpers shared with test_stream and test_auth ----------------------------
@@ -288,6 +288,14 @@ async def test_job_detail_has_its_timeline_and_timing(tmp_path: Path) -> None:
         assert body["events"][2]["worker"] == "w1" and body["events"][0]["timestamp"] == iso(T0)
         assert body["timing"] == {"queued_s": 2.0, "runtime_s": 3.0, "total_s": 5.0}
         assert_error(await client.get("/api/jobs/nope"), 404, "not_found")
+
+
+def test_timing_is_never_negative_when_the_worker_stamps_before_the_producer() -> None:
+    # Seen on a real worker: task-started stamped 0.4 ms before the producer's task-sent.
+    job = Job(id="j", framework="celery", sent_at=100.0004, started_at=100.0, finished_at=100.0005,
+              runtime=0.0005)
+    assert job_timing(job) == {"queued_s": 0.0, "runtime_s": 0.0005,
+                               "total_s": pytest.approx(0.0001)}
 
 
 async def test_queues_and_workers(tmp_path: Path) -> None:
