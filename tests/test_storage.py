@@ -144,6 +144,38 @@ async def test_late_events_take_the_slow_path_to_the_same_row(storage: Storage) 
         assert await storage.get_job(job_id) == rebuilt(events)
 
 
+async def test_jobs_finished_in_a_later_batch_are_updated_and_searchable(
+    storage: Storage,
+) -> None:
+    """Batches as live ingest makes them: each holds the ends of earlier jobs and new jobs.
+
+    A job changed by a later batch has only its changed columns rewritten, and its
+    search entry only when the searched text changed (a failure's exception).
+    """
+    events = {
+        f"job-{i:02}": lifecycle(
+            f"job-{i:02}", T0 + i, JobState.FAILED if i % 3 == 0 else JobState.COMPLETED,
+            name=f"tasks.n{i}", exception=f"KeyError('missing-{i}')",
+        )
+        for i in range(12)
+    }
+    for batch in range(4):  # batch k: jobs 3k..3k+2 are sent, the jobs of batch k-1 end
+        sent = [events[f"job-{i:02}"][0] for i in range(3 * batch, 3 * batch + 3)]
+        ended = [e for i in range(3 * batch - 3, 3 * batch) if i >= 0
+                 for e in events[f"job-{i:02}"][1:]]
+        await ingest(storage, ended + sent)
+    await ingest(storage, [e for i in range(9, 12) for e in events[f"job-{i:02}"][1:]])
+    for job_id, job_events in events.items():
+        assert await storage.get_job(job_id) == rebuilt(job_events)
+
+    async def found(q: str) -> list[str]:
+        return [job.id for job in (await storage.list_jobs(JobQuery(q=q))).jobs]
+
+    assert await found("missing-") == ["job-09", "job-06", "job-03", "job-00"]
+    assert await found("missing-6") == ["job-06"]
+    assert await found("tasks.n1") == ["job-11", "job-10", "job-01"]  # not re-indexed, kept
+
+
 async def test_a_terminal_state_is_not_overwritten_by_a_late_earlier_event(
     storage: Storage,
 ) -> None:
