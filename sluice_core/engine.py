@@ -15,7 +15,7 @@ import trio
 from sluice_core.actions import ActionHandler
 from sluice_core.bus import Bus
 from sluice_core.config import Config
-from sluice_core.metrics import Metrics
+from sluice_core.metrics import Metrics, StorageGauges
 from sluice_core.model import Job, QueueSample
 from sluice_core.monitors import WorkerMonitor
 from sluice_core.pipeline import Pipeline
@@ -54,6 +54,7 @@ class Engine:
         self.metrics = Metrics()
         self.bus = Bus()
         self.storage = pm.storage(config)
+        self.storage_gauges = StorageGauges(self.metrics, self.storage)
         self.pipeline = Pipeline(
             normalize=pm.normalize,
             storage=self.storage,
@@ -64,6 +65,7 @@ class Engine:
             buffer_bytes=config.buffer_mb * 2**20,
             spool=Spool(config.spool_mb * 2**20, config.spool_dir),
             batch_events=config.batch_events,
+            writers=self.storage.ingest_writers,
         )
         self.sources: list[Source] = pm.sources(config)
         self.actions: list[ActionHandler] = pm.actions(config)
@@ -135,6 +137,7 @@ class Engine:
                 for probe in self.probes:
                     nursery.start_soon(self._poll, probe)
                 nursery.start_soon(self.worker_monitor.run)
+                nursery.start_soon(self.storage_gauges.run)
 
     async def _poll(self, probe: Probe) -> None:
         while True:

@@ -6,6 +6,9 @@
             --put_events---------------------------------------+
                                                                v
                           [normalized, a few batches] --> write (one transaction) --> bus
+                                        |  or, for a backend that takes several transactions
+                                        +- at once (PostgreSQL): split by job id, one writer
+                                           per part, each with its own few batches
 
 Sources never wait. The raw buffer in memory is small (``--buffer-mb``); past
 it, batches go to a spool file (``--spool-mb``), so a burst that storage
@@ -16,6 +19,12 @@ without bound. The writer takes everything that is waiting (up to
 ``batch_events``) into one transaction, so a slow database gets bigger,
 cheaper batches. A failing database is retried with backoff, holding the batch:
 nothing read is lost while the buffers last.
+
+Several writers (``writers``, the backend's ``ingest_writers``) overlap one
+batch's round trips to the database with the next one's fold in Python. Each
+writer has its own share of the job ids, so no two transactions in flight
+hold the same job: neither waits on the other's locks, and each job's events
+are still written in the order they were read.
 """
 
 from __future__ import annotations
@@ -38,6 +47,22 @@ from sluice_core.storage import IngestResult
 log = logging.getLogger(__name__)
 
 DROP_LOG_INTERVAL_S = 10.0
+# Normalized batches waiting for a writer (see Pipeline.__init__).
+NORMALIZED_BATCHES = 24
+
+
+@attrs.define(eq=False)
+class _Stored:
+    """Set ``event`` once each of a batch's ``parts`` is written (the ingest endpoint
+    acks then); a batch is split into a part per writer."""
+
+    event: trio.Event
+    parts: int = 1
+
+    def part_written(self) -> None:
+        self.parts -= 1
+        if self.parts == 0:
+            self.event.set()
 
 
 @attrs.define
@@ -45,7 +70,7 @@ class _Normalized:
     job_events: list[JobEvent]
     worker_events: list[WorkerEvent]
     read_at: float  # when the oldest message of this batch was read
-    stored: trio.Event | None = None  # set once written (the ingest endpoint acks then)
+    stored: _Stored | None = None
 
 
 @attrs.define
@@ -79,6 +104,7 @@ class Pipeline:
         buffer_bytes: int = 32 * 2**20,
         spool: Spool | None = None,
         batch_events: int = 20_000,
+        writers: int = 1,
     ) -> None:
         self._normalize = normalize
         self._storage = storage
@@ -105,7 +131,8 @@ class Pipeline:
         # that waited, so this holds a transaction's worth (measured: 4 batches
         # gave 12k events/s, 64 several times that). No more: a normalized event
         # takes 900 bytes of memory, half again its raw message.
-        self._norm_send, self._norm_receive = trio.open_memory_channel[_Normalized](24)
+        self._norm_send, self._norm_receive = trio.open_memory_channel[_Normalized](NORMALIZED_BATCHES)
+        self._writers = writers
         self.sources: dict[str, SourceStatus] = {}
         self.stored_batches = 0
         self._closed = False
@@ -156,7 +183,10 @@ class Pipeline:
             return False
         try:
             self._raw_send.send_nowait(
-                _Normalized(job_events, worker_events, time.time(), stored)
+                _Normalized(
+                    job_events, worker_events, time.time(),
+                    None if stored is None else _Stored(stored),
+                )
             )
         except trio.ClosedResourceError:
             self._metrics.events_dropped.labels("ingest").inc(n)
@@ -206,7 +236,15 @@ class Pipeline:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._normalize_loop)
-                nursery.start_soon(self._write_loop)
+                if self._writers == 1:
+                    nursery.start_soon(self._write_loop, self._norm_receive)
+                    return
+                sends = []
+                for _ in range(self._writers):
+                    send, receive = trio.open_memory_channel[_Normalized](NORMALIZED_BATCHES)
+                    sends.append(send)
+                    nursery.start_soon(self._write_loop, receive)
+                nursery.start_soon(self._split_loop, sends)
         finally:
             self._spool.close()
 
@@ -250,14 +288,38 @@ class Pipeline:
                         _Normalized(result.job_events, result.worker_events, item.received_at)
                     )
 
-    async def _write_loop(self) -> None:
-        async for first in self._norm_receive:
+    async def _split_loop(self, sends: list[trio.MemorySendChannel[_Normalized]]) -> None:
+        """Hand each writer its share of every batch: the jobs whose id hashes to it."""
+        n = len(sends)
+        try:
+            async for item in self._norm_receive:
+                parts = [
+                    _Normalized([], [], item.read_at, item.stored) for _ in range(n)
+                ]
+                for event in item.job_events:
+                    parts[hash(event.job_id) % n].job_events.append(event)
+                parts[0].worker_events = item.worker_events
+                # An empty batch still goes to a writer: the ingest endpoint awaits its ack.
+                given = [
+                    (send, part) for send, part in zip(sends, parts, strict=True)
+                    if part.job_events or part.worker_events
+                ] or [(sends[0], parts[0])]
+                if item.stored is not None:
+                    item.stored.parts = len(given)
+                for send, part in given:
+                    await send.send(part)
+        finally:
+            for send in sends:
+                send.close()
+
+    async def _write_loop(self, receive: trio.MemoryReceiveChannel[_Normalized]) -> None:
+        async for first in receive:
             job_events, worker_events = list(first.job_events), list(first.worker_events)
             read_at = first.read_at
             waiting = [first.stored]
             while len(job_events) + len(worker_events) < self._batch_events:
                 try:
-                    more = self._norm_receive.receive_nowait()
+                    more = receive.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
                 job_events += more.job_events
@@ -267,7 +329,7 @@ class Pipeline:
             result = await self._store(job_events, worker_events)
             for stored in waiting:
                 if stored is not None:
-                    stored.set()
+                    stored.part_written()
             self.stored_batches += 1
             self._metrics.events_ingested.inc(result.events_stored)
             self._metrics.events_duplicate.inc(

@@ -91,6 +91,9 @@ class ApiKeyExists(ValueError):
 
 class Storage(Protocol):
     url: str  # without credentials: safe to show
+    # How many ingest transactions may run at once: the pipeline splits its batches
+    # by job id between this many writers (one job is never in two transactions).
+    ingest_writers: int
 
     async def open(self) -> list[int]:
         """Connect and apply pending migrations; return the versions applied."""

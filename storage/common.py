@@ -433,18 +433,18 @@ def stuck_after(config: Config) -> float:
     return value
 
 
-def stuck_sql(marker: str) -> str:
-    """Parameters: ``now - stuck_after``, ``now``, ``stuck_after`` (see :func:`list_jobs_sql`)."""
+def stuck_sql(marker: str) -> tuple[str, str]:
+    """The two kinds of stuck job: queued (parameter: ``now - stuck_after``) and active
+    (parameters: ``now``, ``stuck_after``). See :func:`list_jobs_sql`."""
     p = marker
     typical = f"avg(r.runtime) * {STUCK_RUNTIME_FACTOR}"
-    return f"""((state = 'queued' AND sent_at < {p})
- OR (state = 'active' AND started_at < {p} - (
+    return f"state = 'queued' AND sent_at < {p}", f"""state = 'active' AND started_at < {p} - (
     SELECT CASE WHEN count(r.runtime) = 0 THEN {p}
         WHEN {typical} > {STUCK_ACTIVE_FLOOR_S} THEN {typical}
         ELSE {STUCK_ACTIVE_FLOOR_S} END
     FROM (SELECT runtime FROM jobs r
         WHERE r.name = jobs.name AND r.state = 'completed' AND r.runtime IS NOT NULL
-        ORDER BY r.seq DESC LIMIT {TYPICAL_RUNS}) r)))"""
+        ORDER BY r.seq DESC LIMIT {TYPICAL_RUNS}) r)"""
 
 
 def list_jobs_sql(
@@ -487,20 +487,39 @@ def list_jobs_sql(
         add(f"created_at >= {p}", query.since)
     if query.until is not None:
         add(f"created_at <= {p}", query.until)
-    if query.stuck:
-        at = time.time() if now is None else now
-        add(stuck_sql(p), at - stuck_after, at, stuck_after)
     if query.cursor is not None:
         add(f"seq < {p}", query.cursor)
     # The page's seqs first, then their rows: a filter that matches many jobs (a
     # day of them, say) sorts their seqs, read from an index, not their whole rows.
-    seqs = "SELECT seq FROM jobs"
-    if where:
-        seqs += " WHERE " + " AND ".join(where)
-    seqs += f" ORDER BY seq DESC LIMIT {p}"
-    params.append(query.limit + 1)
-    sql = f"SELECT {cols(JOB_COLUMNS)}, seq FROM jobs WHERE seq IN ({seqs}) ORDER BY seq DESC"
-    return sql, params
+    limit = query.limit + 1
+    kinds: list[tuple[list[str], list[Any]]] = [(where, params)]
+    if query.stuck:
+        # Queued and active jobs are each read newest first from the (state, seq)
+        # index. One "queued OR active" filter was read as a bitmap of both
+        # states instead: on PostgreSQL that index holds an entry for every
+        # version of every job (each was queued once) until VACUUM, and under
+        # ingest the bitmap visited the whole table, 10 s a /metrics scrape.
+        at = time.time() if now is None else now
+        queued, active = stuck_sql(p)
+        kinds = [
+            ([*where, queued], [*params, at - stuck_after]),
+            ([*where, active], [*params, at, stuck_after]),
+        ]
+    selects, values = [], []
+    for conditions, kind_params in kinds:
+        select = "SELECT seq FROM jobs"
+        if conditions:
+            select += " WHERE " + " AND ".join(conditions)
+        selects.append(f"{select} ORDER BY seq DESC LIMIT {p}")
+        values += [*kind_params, limit]
+    seqs = selects[0] if len(selects) == 1 else " UNION ALL ".join(
+        f"SELECT seq FROM ({select}) AS kind_{i}" for i, select in enumerate(selects)
+    )
+    sql = (
+        f"SELECT {cols(JOB_COLUMNS)}, seq FROM jobs WHERE seq IN ({seqs})"
+        f" ORDER BY seq DESC LIMIT {p}"
+    )
+    return sql, [*values, limit]
 
 
 def page(rows: list[Row], limit: int) -> Page:

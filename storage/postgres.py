@@ -40,6 +40,9 @@ from sluice_storage.common import EVENT_COLUMNS, JOB_COLUMNS, WORKER_COLUMNS, co
 T = TypeVar("T")
 
 READERS = 4
+# Ingest transactions at once: while the server works on one batch, Sluice folds
+# the next (measured, storage alone: one 24,400 events/s, two 34,000, three no more).
+INGEST_WRITERS = 2
 CONNECT_TIMEOUT = 10.0  # seconds to get a connection before a call fails (and is retried)
 MIGRATION_LOCK = 5_811_500  # advisory lock: two processes starting together migrate in turn
 
@@ -182,20 +185,33 @@ class _Transaction:
         else:
             self._cur.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS _sluice_jobs ON COMMIT DELETE ROWS"
-                f" AS SELECT {c}, true AS is_new FROM jobs WITH NO DATA"
+                f" AS SELECT seq, {c}, true AS is_new FROM jobs WITH NO DATA"
             )
             self._jobs_staged = True
-        with self._cur.copy(f"COPY _sluice_jobs ({c}, is_new) FROM STDIN") as copy:
-            for job in new:
-                copy.write_row((*common.job_to_row(job), True))
+        # New jobs take seqs in the order they were first seen (``new`` is in that
+        # order), but are inserted in id order, as every row this transaction
+        # locks: two agents inserting the same new jobs then wait for each other
+        # in one order, never in a cycle. (In created_at order they deadlocked:
+        # two batches can see one job's first event at different times.)
+        seqs: list[int] = []
+        if new:
+            self._cur.execute(
+                "SELECT nextval(pg_get_serial_sequence('jobs', 'seq'))"
+                " FROM generate_series(1, %s)",
+                (len(new),),
+            )
+            seqs = sorted(row[0] for row in self._cur.fetchall())
+        with self._cur.copy(f"COPY _sluice_jobs (seq, {c}, is_new) FROM STDIN") as copy:
+            for seq, job in zip(seqs, new, strict=True):
+                copy.write_row((seq, *common.job_to_row(job), True))
             for job in changed:
-                copy.write_row((*common.job_to_row(job), False))
+                copy.write_row((None, *common.job_to_row(job), False))
         raced: set[str] = set()
         if new:
-            # seq is assigned here, in the order the jobs were first seen.
             self._cur.execute(
-                f"INSERT INTO jobs ({c}) SELECT {c} FROM _sluice_jobs WHERE is_new"
-                " ORDER BY created_at, id ON CONFLICT (id) DO NOTHING RETURNING id"
+                f"INSERT INTO jobs (seq, {c}) OVERRIDING SYSTEM VALUE"
+                f" SELECT seq, {c} FROM _sluice_jobs WHERE is_new"
+                " ORDER BY id ON CONFLICT (id) DO NOTHING RETURNING id"
             )
             inserted = {row[0] for row in self._cur.fetchall()}
             raced = {job.id for job in new} - inserted
@@ -223,6 +239,7 @@ class _Transaction:
 
 
 class PostgresStorage(common.SharedSql):
+    ingest_writers = INGEST_WRITERS
     _marker = "%s"
     _duplicate_key = psycopg.errors.UniqueViolation
     _events_of_job = "job_id = %s"
@@ -232,7 +249,7 @@ class PostgresStorage(common.SharedSql):
         self.stuck_after = stuck_after
         self._conninfo = url
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
-        self._write_limiter = trio.CapacityLimiter(1)  # the pipeline writes one batch at a time
+        self._write_limiter = trio.CapacityLimiter(INGEST_WRITERS)
         self._read_limiter = trio.CapacityLimiter(READERS)
         self._dialect = _Dialect()
 
@@ -260,7 +277,7 @@ class PostgresStorage(common.SharedSql):
         pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             self._conninfo,
             min_size=1,
-            max_size=READERS + 1,
+            max_size=READERS + INGEST_WRITERS,
             open=False,
             kwargs={"autocommit": True, "connect_timeout": int(CONNECT_TIMEOUT)},
             configure=_configure,

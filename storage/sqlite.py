@@ -287,6 +287,7 @@ class _Readers:
 
 
 class SQLiteStorage(common.SharedSql):
+    ingest_writers = 1  # SQLite has one writer at a time
     _marker = "?"
     _duplicate_key = sqlite3.IntegrityError
     _events_of_job = "job_seq = (SELECT seq FROM jobs WHERE id = ?)"

@@ -13,10 +13,13 @@ from pathlib import Path
 import httpx
 import trio
 
+from sluice_core import merge
 from sluice_core.config import Config
 from sluice_core.engine import Engine
+from sluice_core.metrics import StorageGauges
 from sluice_core.model import JobEvent, JobState, RawBatch
 from sluice_core.plugins import PluginManager
+from sluice_core.storage import Storage
 from bench.generator import Plan, build_ticks, redis_channel, redis_envelope
 from sluice_celery.events import normalize_batch
 from tests.fixtures.services import free_port, wait_port
@@ -166,3 +169,93 @@ async def test_a_database_outage_holds_the_events_until_it_is_back(pg_url: str) 
             counts = await engine.storage.count_jobs_by_state()
             engine.stop()
     assert counts == {"queued": 500}
+
+
+async def test_with_two_writers_every_job_is_folded_whole(
+    pg_url: str,
+) -> None:
+    """PostgreSQL takes two ingest transactions at once: the pipeline splits batches by
+    job id, so a job's events, spread over many batches, all reach one writer, in order."""
+    plan = Plan(broker="redis://localhost:6379/0", events=6_000)
+    batches = [
+        RawBatch("celery/redis", "test", [(redis_channel("", 0, m.routing_key), redis_envelope(m))
+                                          for m in tick], 0.0)
+        for tick in build_ticks(plan, 0)
+    ]
+    pm = PluginManager()
+    config = Config(db=pg_url, batch_events=300)  # many small transactions, in flight together
+    pm.configure(config)
+    pm.load(["celery"])
+    engine = Engine(config, pm)
+    assert engine.storage.ingest_writers == 2
+    expected = [normalize_batch(batch) for batch in batches]
+    events = [event for n in expected for event in n.job_events]
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(engine.run, web=False))
+            for batch in batches:
+                engine.pipeline.put_raw(batch)
+            while engine.metrics.events_ingested._value.get() < len(events):
+                await trio.sleep(0.05)
+            history: dict[str, list[JobEvent]] = {}
+            for event in events:
+                history.setdefault(event.job_id, []).append(event)
+            for job_id, job_events_ in history.items():
+                stored = await engine.storage.get_job(job_id)
+                assert stored == merge.rebuild(job_id, "celery", job_events_)
+            engine.stop()
+    assert engine.metrics.storage_errors._value.get() == 0
+
+
+class _SlowCounts:
+    """A real storage whose job count takes ``delay`` seconds, as under heavy ingest."""
+
+    def __init__(self, storage: Storage, delay: float) -> None:
+        self._storage = storage
+        self.delay = delay
+        self.counts = 0
+
+    async def count_jobs_by_state(self) -> dict[str, int]:
+        self.counts += 1
+        await trio.sleep(self.delay)
+        return await self._storage.count_jobs_by_state()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._storage, name)
+
+
+async def test_job_gauges_are_counted_in_the_background_while_scraped(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A slow count never holds up a scrape after the first, takes at most a fifth of
+    the time, and stops once nobody scrapes."""
+    autojump_clock.autojump_threshold = 0.05  # never jump while a storage call runs
+    engine = make_engine(tmp_path)
+    await engine.storage.open()
+    try:
+        await engine.storage.ingest(job_events(3, time.time()), [])
+        slow = _SlowCounts(engine.storage, delay=10.0)
+        gauges = StorageGauges(engine.metrics, slow, interval=5.0, duty=0.2, idle_after=120.0)  # type: ignore[arg-type]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gauges.run)
+            await trio.sleep(60)
+            assert slow.counts == 0  # nobody asked
+            gauges.want()
+            await gauges.refreshed.wait()
+            assert engine.metrics.jobs.labels("queued")._value.get() == 3
+            # 10 s a count, a fifth of the time at most: the next one starts 40 s later.
+            started = trio.current_time()
+            while slow.counts < 2:
+                await trio.sleep(1)
+            assert trio.current_time() - started >= 39
+            slow.delay = 0.0
+            await trio.sleep(600)  # no scrape since: counting stops after idle_after
+            idle = slow.counts
+            await trio.sleep(600)
+            assert slow.counts == idle <= 2 + 120 / 5 + 1
+            gauges.want()
+            await trio.sleep(1)
+            assert slow.counts == idle + 1
+            nursery.cancel_scope.cancel()
+    finally:
+        await engine.storage.aclose()

@@ -36,7 +36,7 @@ from sluice_web.auth import CSRF_FIELD, TOKEN_USER
 from sluice_web.errors import ApiError, BadRequest, NotFound, error_response
 from sluice_web.params import FILTERS, build_query, encode_cursor, query_from_args
 
-STORAGE_METRICS_TTL_S = 5.0
+FIRST_COUNT_WAIT_S = 10.0  # a first /metrics waits this long at most for the job counts
 
 log = logging.getLogger(__name__)
 
@@ -474,17 +474,11 @@ async def healthz() -> tuple[dict[str, Any], int]:
 async def metrics() -> Response:
     engine = _engine()
     m = engine.metrics
-    # Counting jobs scans the table: scrapers polling fast (a dashboard, a
-    # benchmark) share one count per interval instead of slowing ingestion.
-    now = trio.current_time()
-    if now - m.storage_refreshed_at >= STORAGE_METRICS_TTL_S:
-        m.storage_refreshed_at = now
-        counts = await engine.storage.count_jobs_by_state()
-        for state in JobState:
-            m.jobs.labels(state.value).set(counts.get(state.value, 0))
-        m.observe_workers(await engine.storage.list_workers())
-        stuck = await engine.storage.list_jobs(JobQuery(stuck=True, limit=MAX_PAGE))
-        m.jobs_stuck.set(len(stuck.jobs))
+    # The gauges read from the database are counted in the background (see
+    # StorageGauges); only a first scrape waits for a first count.
+    engine.storage_gauges.want()
+    with trio.move_on_after(FIRST_COUNT_WAIT_S):
+        await engine.storage_gauges.refreshed.wait()
     # A labelled counter has no sample until a label is used; a scraper should
     # see an explicit 0 for every source rather than a missing series.
     for name in [source.name for source in engine.sources] + ["ingest"]:
