@@ -512,14 +512,14 @@ def list_jobs_sql(
             select += " WHERE " + " AND ".join(conditions)
         selects.append(f"{select} ORDER BY seq DESC LIMIT {p}")
         values += [*kind_params, limit]
-    seqs = selects[0] if len(selects) == 1 else " UNION ALL ".join(
+    sql = f"SELECT {cols(JOB_COLUMNS)}, seq FROM jobs WHERE seq IN ({{}}) ORDER BY seq DESC"
+    if len(selects) == 1:
+        return sql.format(selects[0]), values
+    # Each kind gave a page: the newest of both make the page.
+    union = " UNION ALL ".join(
         f"SELECT seq FROM ({select}) AS kind_{i}" for i, select in enumerate(selects)
     )
-    sql = (
-        f"SELECT {cols(JOB_COLUMNS)}, seq FROM jobs WHERE seq IN ({seqs})"
-        f" ORDER BY seq DESC LIMIT {p}"
-    )
-    return sql, [*values, limit]
+    return f"{sql.format(union)} LIMIT {p}", [*values, limit]
 
 
 def page(rows: list[Row], limit: int) -> Page:

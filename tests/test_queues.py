@@ -270,6 +270,18 @@ async def test_stuck_jobs_are_queued_with_no_taker_or_running_far_beyond_their_u
     await storage.ingest(events, [])
     page = await storage.list_jobs(JobQuery(stuck=True))
     assert {job.id for job in page.jobs} == {"queued-long", "quick-slow", "new-11min"}
+    # Queued and active ones are read apart and merged: pages, newest first, are whole.
+    newest_first = [job.id for job in page.jobs]
+    assert newest_first == ["quick-slow", "new-11min", "queued-long"]  # by first event, newest first
+    for limit in (1, 2):
+        paged, cursor = [], None
+        while True:
+            part = await storage.list_jobs(JobQuery(stuck=True, limit=limit, cursor=cursor))
+            paged += [job.id for job in part.jobs]
+            if part.next_cursor is None:
+                break
+            cursor = part.next_cursor
+        assert paged == newest_first, limit
     # Combined with the other filters like any of them.
     page = await storage.list_jobs(JobQuery(stuck=True, name="t.quick"))
     assert [job.id for job in page.jobs] == ["quick-slow"]
