@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psycopg
 import trio
 
 from sluice_core import merge
@@ -259,3 +260,45 @@ async def test_job_gauges_are_counted_in_the_background_while_scraped(
             nursery.cancel_scope.cancel()
     finally:
         await engine.storage.aclose()
+
+
+async def test_with_two_writers_an_offered_batch_is_acked_once_all_its_parts_are_stored(
+    pg_url: str,
+) -> None:
+    """The ingest endpoint answers when ``stored`` is set: every part must be in by then.
+
+    Another session holds an uncommitted row of one job, so the part with that job
+    waits on it while the other part is written.
+    """
+    pm = PluginManager()
+    config = Config(db=pg_url)
+    pm.configure(config)
+    engine = Engine(config, pm)
+    events = job_events(200, time.time())
+    blocker = psycopg.connect(pg_url)
+    blocker.execute(
+        "INSERT INTO jobs (id, framework, state, fold_ts, fold_event, fold_attempt,"
+        " fold_rank_attempt, fold_rank_state) VALUES ('job-0', 'test', 'queued', 0, '', 0, 0, 0)"
+    )
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(functools.partial(engine.run, web=False))
+                stored = trio.Event()
+                assert engine.pipeline.offer(events, [], stored)
+                try:
+                    while engine.metrics.events_ingested._value.get() == 0:
+                        await trio.sleep(0.01)  # the part without job-0 is in
+                    await trio.sleep(0.3)
+                    assert not stored.is_set()
+                finally:  # the blocked writer's thread cannot be cancelled: free it first
+                    await trio.to_thread.run_sync(blocker.rollback)
+                await stored.wait()
+                counts = await engine.storage.count_jobs_by_state()
+                empty = trio.Event()
+                assert engine.pipeline.offer([], [], empty)  # nothing to write: still acked
+                await empty.wait()
+                engine.stop()
+    finally:
+        blocker.close()
+    assert counts == {"queued": 200}
