@@ -156,7 +156,7 @@ class Transaction(Protocol):
         """
 
     def insert_events(self, events: list[JobEvent]) -> set[str]:
-        """Store events (unique ids, sorted by id) not stored yet; return the ids stored now."""
+        """Store events (unique ids) not stored yet; return the ids stored now."""
 
     def load_events(self, job_ids: list[str]) -> list[JobEvent]:
         """Every stored event of these jobs, including this transaction's."""
@@ -180,7 +180,9 @@ def ingest(
     """Fold a batch into storage inside ``tx``: only events never stored before count."""
     unique = {event.id: event for event in job_events}
     stored = tx.lock_jobs(sorted({event.job_id for event in job_events}))
-    stored_now = tx.insert_events([unique[i] for i in sorted(unique)])
+    # In the order read, not sorted by id: a backend stores them in its own key's
+    # order (SQLite's job_seq, PostgreSQL's ORDER BY id for its locks).
+    stored_now = tx.insert_events(list(unique.values()))
     fresh: dict[str, list[JobEvent]] = defaultdict(list)
     for event_id in stored_now:
         event = unique[event_id]
@@ -214,7 +216,7 @@ def ingest(
         jobs=new + changed,
         workers=workers,
         events_stored=len(stored_now),
-        new_events=[unique[i] for i in sorted(stored_now)],
+        new_events=[unique[i] for i in stored_now],
     )
 
 
