@@ -133,9 +133,8 @@ class _Transaction:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
         self._seq: dict[str, int] = {}
-        # The rows of the jobs as stored before this batch, and their searched text.
+        # The rows of the jobs as stored before this batch.
         self._rows: dict[str, common.Row] = {}
-        self._text: dict[str, str] = {}
 
     def lock_jobs(self, ids: list[str]) -> dict[str, Job]:
         # BEGIN IMMEDIATE already holds the database's write lock.
@@ -149,7 +148,6 @@ class _Transaction:
             job = jobs[row[0]] = common.job_from_row(row)
             self._seq[job.id] = seq
             self._rows[job.id] = tuple(row)
-            self._text[job.id] = _search_text(job)
         return jobs
 
     def insert_events(self, events: list[JobEvent]) -> set[str]:
@@ -202,28 +200,26 @@ class _Transaction:
         # Only the columns that changed: SQLite rewrites an index only when the
         # UPDATE sets one of its columns, and most events change the state, the
         # worker and updated_at, not the name, the queue or created_at.
+        # Search entries are written with the rows, from text built here: joining
+        # it back from jobs in SQL took ten times as long. Most events change no
+        # searched column: only the jobs whose did are re-indexed.
         updates: dict[tuple[int, ...], list[common.Row]] = defaultdict(list)
+        reindex: list[tuple[int, str]] = []
         for job in changed:
             row, before = common.job_to_row(job), self._rows[job.id]
             columns = tuple(i for i in range(1, len(row)) if row[i] != before[i])
             if columns:
                 updates[columns].append((*(row[i] for i in columns), seq_of[job.id]))
+            if not _SEARCHED.isdisjoint(columns):
+                reindex.append((seq_of[job.id], _search_text(job)))
         for columns, params in updates.items():
             assignments = ", ".join(f"{JOB_COLUMNS[i]} = ?" for i in columns)
             self._conn.executemany(f"UPDATE jobs SET {assignments} WHERE seq = ?", params)
-        # Search entries are written with the rows, from text built here: joining
-        # it back from jobs in SQL took ten times as long. Most events change no
-        # searched field: only the jobs whose did are re-indexed.
-        reindex = sorted(
-            (seq_of[job.id], text)
-            for job in changed
-            if (text := _search_text(job)) != self._text[job.id]
-        )
         # In ascending rowids: FTS5 flushes what it holds in memory to a new
         # segment whenever a rowid comes lower than the last one written (a
         # delete and re-insert of one rowid does not count), and those flushes
         # cost 50 us a row where an insert costs 8.
-        for seq, text in reindex:
+        for seq, text in sorted(reindex):
             self._conn.execute("DELETE FROM job_search WHERE rowid = ?", (seq,))
             self._conn.execute("INSERT INTO job_search (rowid, text) VALUES (?, ?)", (seq, text))
         self._conn.executemany(
@@ -242,6 +238,10 @@ class _Transaction:
 
     def write_workers(self, workers: list[Worker]) -> None:
         self._conn.executemany(common.upsert_workers_sql("?"), map(common.worker_to_row, workers))
+
+
+# The columns _search_text reads, as positions in JOB_COLUMNS.
+_SEARCHED = frozenset(JOB_COLUMNS.index(c) for c in ("name", "args", "kwargs", "exception"))
 
 
 def _search_text(job: Job) -> str:
