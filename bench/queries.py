@@ -27,7 +27,7 @@ import trio
 
 from bench.generator import EventStream, amqp_body
 from bench.latency import percentile
-from bench.services import Sluice, database, proc_status_kb, unique
+from bench.services import Sluice, database, unique
 
 SPAN_DAYS = 30
 JOBS_PER_BATCH = 5_000
@@ -225,7 +225,7 @@ def run(*, storage: str, jobs: int, repeats: int, broker: str, run_dir: Path,
         try:
             timings = time_queries(sluice.base, repeats)
             time.sleep(1.0)  # at rest: the last request and the gauges' refresh are done
-            rest_rss_mb = (proc_status_kb(sluice.proc.pid, "VmRSS") or 0) / 1024
+            rest_rss_mb = sluice.rss_mb()
         finally:
             sluice.stop()
     return QueriesRun(storage, jobs, fill_s, events / fill_s, ingested, sluice.startup_s,

@@ -53,6 +53,23 @@ def unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (from /proc/<pid>/task/*/children)."""
+    found = [pid]
+    for each in found:
+        try:
+            tasks = os.listdir(f"/proc/{each}/task")
+        except FileNotFoundError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{each}/task/{task}/children") as f:
+                    found += [int(child) for child in f.read().split()]
+            except FileNotFoundError:
+                pass
+    return found
+
+
 def proc_status_kb(pid: int, field: str) -> int | None:
     """A ``/proc/<pid>/status`` field in kB (VmRSS, VmHWM), or None once the process is gone."""
     try:
@@ -81,6 +98,7 @@ class Service:
         )
         self.http = httpx.Client(base_url=self.base, timeout=10.0)
         self.peak_rss_kb = 0
+        self._hwm_kb: dict[int, int] = {}  # per process of the tree
 
     def wait_http(self, path: str, timeout: float = 60.0) -> float:
         """Seconds from process start until ``path`` answers 200."""
@@ -97,14 +115,25 @@ class Service:
         raise ServiceError(f"{self.name} did not answer {path} within {timeout}s; see {self.log}")
 
     def sample_rss(self) -> None:
-        rss = proc_status_kb(self.proc.pid, "VmRSS")
-        if rss is not None:
-            self.peak_rss_kb = max(self.peak_rss_kb, rss)
+        """Resident memory of the process and its children (Sluice's reader process)."""
+        total = 0
+        for pid in process_tree(self.proc.pid):
+            total += proc_status_kb(pid, "VmRSS") or 0
+            hwm = proc_status_kb(pid, "VmHWM")
+            if hwm is not None:
+                self._hwm_kb[pid] = max(self._hwm_kb.get(pid, 0), hwm)
+        self.peak_rss_kb = max(self.peak_rss_kb, total)
 
     def peak_rss_mb(self) -> float:
-        """The kernel's high-water mark of resident memory (VmHWM), or what sampling saw."""
-        hwm = proc_status_kb(self.proc.pid, "VmHWM")
-        return max(hwm or 0, self.peak_rss_kb) / 1024
+        """The peak resident memory of the process and its children: the sum of their
+        kernel high-water marks (VmHWM; an upper bound, their peaks need not meet), or
+        what sampling saw."""
+        self.sample_rss()
+        return max(sum(self._hwm_kb.values()), self.peak_rss_kb) / 1024
+
+    def rss_mb(self) -> float:
+        """Resident memory now, of the process and its children."""
+        return sum(proc_status_kb(pid, "VmRSS") or 0 for pid in process_tree(self.proc.pid)) / 1024
 
     def metrics(self) -> dict[str, float]:
         """``/metrics`` summed per metric name (labels added up)."""

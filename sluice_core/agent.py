@@ -32,13 +32,12 @@ from trio_websocket import (
 
 from sluice_core.bus import Bus
 from sluice_core.config import Config, ConfigError, redact_url
-from sluice_core.engine import supervise
 from sluice_core.metrics import Metrics
 from sluice_core.model import JobEvent, WorkerEvent
 from sluice_core.pipeline import Pipeline
 from sluice_core.plugins import PluginManager
 from sluice_core.serialize import job_event_to_json, worker_event_to_json
-from sluice_core.sources import Source
+from sluice_core.sources import Source, run_sources
 from sluice_core.spool import Spool
 from sluice_core.storage import IngestResult
 
@@ -331,6 +330,4 @@ class Agent:
 
     async def _run_sources(self, scope: trio.CancelScope) -> None:
         with scope:
-            async with trio.open_nursery() as nursery:
-                for source in self.sources:
-                    nursery.start_soon(supervise, source, self.pipeline)
+            await run_sources(self.sources, self.pipeline)

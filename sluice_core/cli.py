@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 
 from sluice_core import __version__
-from sluice_core.config import Config, ConfigError, add_core_options, build
+from sluice_core.config import LOG_FORMAT, Config, ConfigError, add_core_options, build
 from sluice_core.agent import Agent
 from sluice_core.engine import Engine
 from sluice_core.plugins import PluginManager
@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = build(args)
         logging.basicConfig(
             level=config.log_level,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            format=LOG_FORMAT,
             stream=sys.stderr,
         )
         pm.configure(config)

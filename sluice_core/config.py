@@ -47,6 +47,9 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 @attrs.define
 class Config:
     brokers: list[str] = attrs.field(factory=list)
@@ -66,6 +69,10 @@ class Config:
     spool_dir: str | None = None
     # Most events written to storage in one transaction.
     batch_events: int = 20_000
+    # Run the sources and normalizers in a child process (sluice_core/reader.py).
+    # ``sluice run`` turns it on; an engine built in code (the tests) runs its
+    # sources itself: the child loads plugins by name, from ``plugins``.
+    reader_process: bool = False
     # Where unknown options come from, in precedence order (flags first).
     layers: list[dict[str, Any]] = attrs.field(factory=list)
 
@@ -129,6 +136,9 @@ def build(args: argparse.Namespace) -> Config:
         batch_events = int(pick("batch_events", 20_000))
     except ValueError as exc:
         raise ConfigError(f"expected a number: {exc}") from None
+    reader_process = str(pick("reader_process", "on")).lower()
+    if reader_process not in ("on", "off"):
+        raise ConfigError(f"--reader-process is on or off, not {reader_process!r}")
     if not 0 <= port <= 65535:
         raise ConfigError(f"port {port} is out of range (0-65535)")
     return Config(
@@ -143,6 +153,7 @@ def build(args: argparse.Namespace) -> Config:
         spool_mb=spool_mb,
         spool_dir=pick("spool_dir", None),
         batch_events=batch_events,
+        reader_process=reader_process == "on",
         layers=layers,
     )
 
@@ -180,6 +191,11 @@ def add_core_options(parser: argparse.ArgumentParser) -> None:
         "--spool-dir", help="where the spool file lives (default: the temporary directory)"
     )
     parser.add_argument("--batch-events", type=int, help="most events per storage transaction")
+    parser.add_argument(
+        "--reader-process",
+        help="on: read and normalize broker events in a child process, off: in this one"
+        " (default on; env SLUICE_READER_PROCESS)",
+    )
     parser.add_argument(
         "--api-token",
         help="require 'Authorization: Bearer TOKEN' on the API (env SLUICE_API_TOKEN)",

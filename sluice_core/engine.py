@@ -23,28 +23,11 @@ from sluice_core.plugins import PluginManager
 from sluice_core.probes import Probe, WorkerProbe
 from sluice_core.spool import Spool
 from sluice_core.serialize import job_to_dict, worker_to_dict
-from sluice_core.sources import Source
+from sluice_core.reader import ReaderProcess
+from sluice_core.sources import Source, run_sources
 from sluice_core.storage import IngestResult
 
 log = logging.getLogger(__name__)
-
-SOURCE_RESTART_DELAY = 5.0  # after a source crashed (a bug, not a broker outage)
-
-
-async def supervise(source: Source, pipeline: Pipeline) -> None:
-    """Run a source; if it crashes (a bug: broker outages it handles itself), restart it."""
-    while True:
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(source.run, pipeline)
-                log.info("source %s is ready", source.name)
-        except Exception:
-            log.exception("source %s crashed; restarting", source.name)
-            pipeline.source_status(source.name, False, "crashed")
-        else:
-            return
-        await trio.sleep(SOURCE_RESTART_DELAY)
-
 
 class Engine:
     def __init__(self, config: Config, pm: PluginManager) -> None:
@@ -68,6 +51,11 @@ class Engine:
             writers=self.storage.ingest_writers,
         )
         self.sources: list[Source] = pm.sources(config)
+        self.reader = (
+            ReaderProcess(config, self.pipeline, self.metrics)
+            if config.reader_process and self.sources
+            else None
+        )
         self.actions: list[ActionHandler] = pm.actions(config)
         self.probes: list[Probe] = pm.probes(config)
         self.worker_monitor = WorkerMonitor(
@@ -95,6 +83,8 @@ class Engine:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._run_pipeline)
+                if self.reader is not None:
+                    nursery.start_soon(self.reader.run)
                 feeders = trio.CancelScope()
                 nursery.start_soon(self._run_feeders, feeders)
                 if web:
@@ -106,6 +96,8 @@ class Engine:
                 task_status.started()
                 await self._stop_requested.wait()
                 log.info("stopping: sources first, then flushing what was read")
+                if self.reader is not None:
+                    await self.reader.stop()
                 feeders.cancel()
                 self.pipeline.close()
                 await self._pipeline_done.wait()
@@ -132,8 +124,8 @@ class Engine:
     async def _run_feeders(self, scope: trio.CancelScope) -> None:
         with scope:
             async with trio.open_nursery() as nursery:
-                for source in self.sources:
-                    nursery.start_soon(supervise, source, self.pipeline)
+                if self.reader is None:
+                    nursery.start_soon(run_sources, self.sources, self.pipeline)
                 for probe in self.probes:
                     nursery.start_soon(self._poll, probe)
                 nursery.start_soon(self.worker_monitor.run)

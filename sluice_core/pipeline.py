@@ -80,6 +80,26 @@ class SourceStatus:
     since: float
 
 
+class Feed:
+    """Normalized batches from the reader process (see :mod:`sluice_core.reader`).
+
+    Unlike :meth:`Pipeline.offer`, :meth:`send` waits for the writers and never
+    drops: the reader holds the backlog in its own buffers and spool. The
+    pipeline's writers stop only once every feed is closed.
+    """
+
+    def __init__(self, send: trio.MemorySendChannel[_Normalized]) -> None:
+        self._send = send
+
+    async def send(
+        self, job_events: list[JobEvent], worker_events: list[WorkerEvent], read_at: float
+    ) -> None:
+        await self._send.send(_Normalized(job_events, worker_events, read_at))
+
+    async def aclose(self) -> None:
+        await self._send.aclose()
+
+
 class EventWriter(Protocol):
     """The pipeline's last stage: :class:`Storage` in the engine; in a remote agent
     (``sluice agent --server``), the uplink that forwards batches to the server."""
@@ -105,6 +125,7 @@ class Pipeline:
         spool: Spool | None = None,
         batch_events: int = 20_000,
         writers: int = 1,
+        normalized_batches: int = NORMALIZED_BATCHES,
     ) -> None:
         self._normalize = normalize
         self._storage = storage
@@ -132,9 +153,11 @@ class Pipeline:
         # gave 12k events/s, 64 several times that). No more: a normalized event
         # takes 900 bytes of memory, half again its raw message.
         self._norm_send, self._norm_receive = trio.open_memory_channel[_Normalized](
-            NORMALIZED_BATCHES
+            normalized_batches
         )
         self._writers = writers
+        # What the reader process holds in its buffers: messages, spooled bytes.
+        self._reader_held = (0, 0)
         self.sources: dict[str, SourceStatus] = {}
         self.stored_batches = 0
         self._closed = False
@@ -196,9 +219,29 @@ class Pipeline:
         self._buffered += n
         return True
 
+    def open_feed(self) -> Feed:
+        """A feed of normalized batches from the reader process; close it when done."""
+        return Feed(self._norm_send.clone())
+
+    def held(self) -> tuple[int, int]:
+        """Messages held in the buffers and the spool, and the spool's bytes."""
+        return self._buffered + self._spool.messages, self._spool.size
+
+    def reader_status(
+        self, sources: dict[str, SourceStatus], held: tuple[int, int]
+    ) -> None:
+        """Show the reader process's sources and buffers as this pipeline's own
+        (the reader logs the changes)."""
+        for name, status in sources.items():
+            self.sources[name] = status
+            self._metrics.source_up.labels(name).set(1 if status.up else 0)
+        self._reader_held = held
+        self._report_buffered()
+
     def _report_buffered(self) -> None:
-        self._metrics.buffered.set(self._buffered + self._spool.messages)
-        self._metrics.spooled_bytes.set(self._spool.size)
+        messages, spooled = self.held()
+        self._metrics.buffered.set(messages + self._reader_held[0])
+        self._metrics.spooled_bytes.set(spooled + self._reader_held[1])
 
     def _drop(self, source: str, n: int) -> None:
         self._metrics.events_dropped.labels(source).inc(n)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import trio
 
 from sluice_core.model import JobEvent, RawBatch, WorkerEvent
+
+log = logging.getLogger(__name__)
+
+SOURCE_RESTART_DELAY = 5.0  # after a source crashed (a bug, not a broker outage)
 
 
 class Sink(Protocol):
@@ -36,3 +41,25 @@ class Source(Protocol):
         Call ``task_status.started()`` once really receiving (subscribed), so
         that ``await nursery.start(source.run, sink)`` means "ready".
         """
+
+
+async def supervise(source: Source, sink: Sink) -> None:
+    """Run a source; if it crashes (a bug: broker outages it handles itself), restart it."""
+    while True:
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(source.run, sink)
+                log.info("source %s is ready", source.name)
+        except Exception:
+            log.exception("source %s crashed; restarting", source.name)
+            sink.source_status(source.name, False, "crashed")
+        else:
+            return
+        await trio.sleep(SOURCE_RESTART_DELAY)
+
+
+async def run_sources(sources: list[Source], sink: Sink) -> None:
+    """Run every source, each supervised, until cancelled."""
+    async with trio.open_nursery() as nursery:
+        for source in sources:
+            nursery.start_soon(supervise, source, sink)
