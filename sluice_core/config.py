@@ -24,6 +24,8 @@ import attrs
 DEFAULT_DB = "sqlite:///sluice.db"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5580
+DEFAULT_BUFFER_MB = 8
+DEFAULT_BATCH_EVENTS = 10_000
 
 _ENV_ALIASES = {"broker": "SLUICE_BROKER_URL", "db": "SLUICE_DATABASE_URL"}
 
@@ -60,15 +62,18 @@ class Config:
     log_level: str = "INFO"
     # Raw messages held in memory between the sources and the normalizers...
     buffer_messages: int = 1_000_000
-    # ...and at most this many MiB of them. Past either, they are spooled to disk.
-    buffer_mb: int = 32
+    # ...and at most this many MiB of them. Past either, they are spooled to disk
+    # (by the reader process, off the engine's core: a burst's peak memory is
+    # what this bounds).
+    buffer_mb: int = DEFAULT_BUFFER_MB
     # MiB of raw messages spooled to disk (in spool_dir, default the system's
     # temporary directory). Past this, sources drop and count
     # (sluice_events_dropped_total) rather than stall.
     spool_mb: int = 4096
     spool_dir: str | None = None
-    # Most events written to storage in one transaction.
-    batch_events: int = 20_000
+    # Most events written to storage in one transaction. A burst's batches are
+    # this big: 20,000 peaked at 330 MB with the reader process, 10,000 at 280.
+    batch_events: int = DEFAULT_BATCH_EVENTS
     # Run the sources and normalizers in a child process (sluice_core/reader.py).
     # ``sluice run`` turns it on; an engine built in code (the tests) runs its
     # sources itself: the child loads plugins by name, from ``plugins``.
@@ -131,9 +136,9 @@ def build(args: argparse.Namespace) -> Config:
     try:
         port = int(pick("port", DEFAULT_PORT))
         buffer_messages = int(pick("buffer_messages", 1_000_000))
-        buffer_mb = int(pick("buffer_mb", 32))
+        buffer_mb = int(pick("buffer_mb", DEFAULT_BUFFER_MB))
         spool_mb = int(pick("spool_mb", 4096))
-        batch_events = int(pick("batch_events", 20_000))
+        batch_events = int(pick("batch_events", DEFAULT_BATCH_EVENTS))
     except ValueError as exc:
         raise ConfigError(f"expected a number: {exc}") from None
     reader_process = str(pick("reader_process", "on")).lower()
@@ -179,7 +184,7 @@ def add_core_options(parser: argparse.ArgumentParser) -> None:
         "--buffer-messages", type=int, help="raw messages held in memory (default 1,000,000)"
     )
     parser.add_argument(
-        "--buffer-mb", type=int, help="MiB of raw messages held in memory (default 32)"
+        "--buffer-mb", type=int, help="MiB of raw messages held in memory (default 8)"
     )
     parser.add_argument(
         "--spool-mb",

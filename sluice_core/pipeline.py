@@ -4,6 +4,7 @@
                                  |                               |
                                  +------------> normalize <------+
             --put_events---------------------------------------+
+    the reader process's Feed (sluice_core/reader.py) ---------+
                                                                v
                           [normalized, a few batches] --> write (one transaction) --> bus
                                         |  or, for a backend that takes several transactions
@@ -121,9 +122,9 @@ class Pipeline:
         bus: Bus,
         on_stored: Callable[[IngestResult], None],
         buffer_messages: int = 1_000_000,
-        buffer_bytes: int = 32 * 2**20,
+        buffer_bytes: int = 8 * 2**20,
         spool: Spool | None = None,
-        batch_events: int = 20_000,
+        batch_events: int = 10_000,
         writers: int = 1,
         normalized_batches: int = NORMALIZED_BATCHES,
     ) -> None:

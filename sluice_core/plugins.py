@@ -25,10 +25,12 @@ ENTRY_POINT_GROUP = "sluice"
 
 
 class PluginManager:
-    def __init__(self) -> None:
+    def __init__(self, *, storage: bool = True) -> None:
+        """``storage=False``: without the built-in storage backends (the reader
+        process has no database, and their drivers cost it 10 MB)."""
         self._pm = pluggy.PluginManager("sluice")
         self._pm.add_hookspecs(hookspecs)
-        for name in DEFAULT_PLUGINS:
+        for name in DEFAULT_PLUGINS if storage else ():
             self._pm.register(importlib.import_module(name), name=name)
 
     # -- registration ----------------------------------------------------

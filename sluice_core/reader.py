@@ -17,7 +17,9 @@ them to the engine's pipeline, which folds, stores and publishes them::
 Backpressure runs back along the same path: a slow database holds up the feed,
 the pipe fills, the reader's writer waits, and the reader's buffers and spool
 take the backlog, as they would in one process. The reader reports its counters,
-buffers and sources twice a second; the engine shows them as its own.
+buffers and sources twice a second; the engine shows them as its own. (Its
+ingest lag counts from when a batch reached the engine: a backlog in the reader
+shows as ``sluice_buffered_messages``.)
 
 Stopping: the engine closes the control pipe; the reader stops its sources,
 sends what it holds and says so; then the engine writes it. A reader that
@@ -211,7 +213,7 @@ def reader_main(argv: list[str]) -> None:
     send = Connection(int(argv[0]), readable=False)
     control = Connection(int(argv[1]), writable=False)
     logging.basicConfig(level=config.log_level, format=LOG_FORMAT, stream=sys.stderr)
-    pm = PluginManager()
+    pm = PluginManager(storage=False)
     pm.load(config.plugins)
     pm.configure(config)
     trio.run(_Reader(config, pm, send).run, control)
