@@ -69,12 +69,14 @@ EXIT_WAIT_S = 5.0  # for a reader that said it is done, or closed its pipe, to e
 _COUNTERS = ("messages_received", "events_malformed", "events_dropped")
 
 # Messages on the pipe, each pickled: ("batch", job event tuples, worker events),
-# ("status", counters, sources, held), ("done",).
+# ("status", counters, sources, held), ("done",). A status comes before every
+# batch, so the engine never shows fewer messages read than it has stored.
 Message = tuple[Any, ...]
 
 
 def _event_row(event: JobEvent) -> tuple[Any, ...]:
-    # Plain tuples: a tenth of the pickling cost of the attrs instances.
+    # Plain tuples: pickled, unpickled and rebuilt in half the time the attrs
+    # instances take to pickle and unpickle (4.5 against 8.2 us an event).
     return (
         event.id, event.job_id, event.framework, event.type, event.state, event.timestamp,
         event.worker, event.fields, event.extra,
@@ -222,8 +224,9 @@ def reader_main(argv: list[str]) -> None:
 class PipeWriter:
     """The reader's pipeline's last stage: each batch, pickled, down the pipe."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, status: Callable[[], Message]) -> None:
         self._conn = conn
+        self._status = status
         self._lock = trio.Lock()  # one message at a time on the pipe
 
     async def send(self, message: Message) -> None:
@@ -241,6 +244,8 @@ class PipeWriter:
     async def ingest(
         self, job_events: list[JobEvent], worker_events: list[WorkerEvent]
     ) -> IngestResult:
+        # The counters first: they already count this batch's messages.
+        await self.send(self._status())
         await self.send(("batch", [_event_row(event) for event in job_events], worker_events))
         return IngestResult(jobs=[], workers=[], events_stored=len(job_events), new_events=[])
 
@@ -248,7 +253,7 @@ class PipeWriter:
 class _Reader:
     def __init__(self, config: Config, pm: PluginManager, send: Connection) -> None:
         self.metrics = Metrics()
-        self.writer = PipeWriter(send)
+        self.writer = PipeWriter(send, self._status)
         self.pipeline = Pipeline(
             normalize=pm.normalize,
             storage=self.writer,
