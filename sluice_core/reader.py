@@ -17,9 +17,9 @@ them to the engine's pipeline, which folds, stores and publishes them::
 Backpressure runs back along the same path: a slow database holds up the feed,
 the pipe fills, the reader's writer waits, and the reader's buffers and spool
 take the backlog, as they would in one process. The reader reports its counters,
-buffers and sources twice a second; the engine shows them as its own. (Its
-ingest lag counts from when a batch reached the engine: a backlog in the reader
-shows as ``sluice_buffered_messages``.)
+buffers and sources ten times a second and before each batch; the engine shows
+them as its own. (Its ingest lag counts from when a batch reached the engine: a
+backlog in the reader shows as ``sluice_buffered_messages``.)
 
 Stopping: the engine closes the control pipe; the reader stops its sources,
 sends what it holds and says so; then the engine writes it. A reader that
@@ -60,7 +60,9 @@ log = logging.getLogger("sluice_core.reader")  # also when run as __main__
 # Events per batch sent to the engine: about one source read, as the engine's
 # pipeline expects (its channel holds a few dozen batches).
 BATCH_EVENTS = 1_000
-STATUS_INTERVAL_S = 0.5
+# Often enough that /healthz sees a source up soon after it is (a status is a few
+# hundred bytes).
+STATUS_INTERVAL_S = 0.1
 RESTART_DELAY_S = 2.0
 STOP_TIMEOUT_S = 60.0  # for the reader to send what it holds
 EXIT_WAIT_S = 5.0  # for a reader that said it is done, or closed its pipe, to exit
