@@ -134,7 +134,7 @@ class Engine:
     async def _poll(self, probe: Probe) -> None:
         while True:
             try:
-                queues = {q.name for q in await self.storage.list_queues(time.time())}
+                queues = await self.storage.queue_names()
                 samples = await probe.probe(queues)
                 await self.storage.record_queue_samples(samples)
                 if isinstance(probe, WorkerProbe):

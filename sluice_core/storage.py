@@ -134,6 +134,10 @@ class Storage(Protocol):
 
     async def list_queues(self, now: float) -> list[QueueStats]: ...
 
+    async def queue_names(self) -> set[str]:
+        """The queues :meth:`list_queues` lists, without their rates (which read
+        every job of the window: what the probes ask every few seconds needs none)."""
+
     async def queue_depth_history(
         self, name: str, broker: str, since: float
     ) -> list[tuple[float, int]]:

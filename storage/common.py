@@ -720,6 +720,13 @@ class SharedSql:
 
         return await self._read(read)
 
+    async def queue_names(self) -> set[str]:
+        def read(conn: Any) -> set[str]:
+            sampled = conn.execute(LATEST_SAMPLES_SQL).fetchall()
+            return {row[0] for row in sampled + conn.execute(JOB_QUEUES_SQL).fetchall()}
+
+        return await self._read(read)
+
     async def queue_depth_history(
         self, name: str, broker: str, since: float
     ) -> list[tuple[float, int]]:

@@ -334,6 +334,7 @@ async def test_queues_from_samples_and_from_jobs_with_rates(storage: Storage) ->
 
     queues = {q.name: q for q in await storage.list_queues(now)}
     assert set(queues) == {"celery", "emails", "idle"}
+    assert await storage.queue_names() == set(queues)  # what the probes ask for
     celery, emails, idle = queues["celery"], queues["emails"], queues["idle"]
     assert (celery.depth, celery.reserved, celery.consumers, celery.broker) == (7, 2, 1, broker)
     assert celery.updated_at == now - 20
