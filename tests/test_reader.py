@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -125,15 +126,20 @@ def test_sigterm_stops_the_reader_too_after_it_has_sent_what_it_read(
     )
     try:
         wait_port(port)
-        children = []
+        deadline = time.monotonic() + 20
+        children: list[int] = []
         while not children:  # the reader is started with the engine
+            assert time.monotonic() < deadline, "no reader process"
+            time.sleep(0.05)
             children = [
                 int(pid)
                 for task in os.listdir(f"/proc/{proc.pid}/task")
                 for pid in Path(f"/proc/{proc.pid}/task/{task}/children").read_text().split()
             ]
+        # Healthy once the reader's source is subscribed.
         while httpx.get(f"http://127.0.0.1:{port}/healthz").status_code != 200:
-            pass  # healthy once the reader's source is subscribed
+            assert time.monotonic() < deadline, "never healthy"
+            time.sleep(0.05)
         trio.run(publish, REDIS_URL, task_events(keyprefix, 200))
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
