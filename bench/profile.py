@@ -2,7 +2,7 @@
 
 Opt-in (``python -m bench profile``): needs py-spy, which is no dependency of
 Sluice (``.venv/bin/pip install py-spy``). Sampling is non-blocking, so the
-profiled process runs at full speed.
+profiled processes (the engine and its reader process) run at full speed.
 """
 
 from __future__ import annotations
@@ -56,8 +56,14 @@ def summarize(raw: str, top: int) -> tuple[int, list[tuple[str, int]], list[tupl
         n = int(count)
         frames = stack.split(";")
         total += n
+        # With --subprocesses a stack starts with 'process 1234:"command line"', a
+        # child's with its parent's first: named after the last, the engine or its reader.
+        process = ""
+        while frames[0].startswith("process "):
+            process = "reader: " if "sluice_core.reader" in frames[0] else "engine: "
+            frames = frames[1:]
         # "thread (1234): name" -> the name (pids differ between runs)
-        threads[frames[0].split("): ", 1)[-1]] += n
+        threads[process + frames[0].split("): ", 1)[-1]] += n
         own = {f for f in frames[1:] if any(f"({p}" in f for p in OWN_CODE)}
         for frame in own:
             inclusive[frame] += n
@@ -79,7 +85,8 @@ def run(*, storage: str, events: int, broker: str, run_dir: Path, seconds: float
             before = quiesce(sluice)
             recorder = subprocess.Popen(
                 [str(spy), "record", "--pid", str(sluice.proc.pid), "--duration", str(int(seconds)),
-                 "--rate", "100", "--threads", "--nonblocking", "--format", "raw",
+                 "--rate", "100", "--threads", "--nonblocking", "--subprocesses",
+                 "--format", "raw",
                  "--output", str(out)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
