@@ -329,8 +329,8 @@ class Bench:
             r = profile.run(storage=storage, events=n, broker=REDIS_URL, run_dir=self.run_dir)
             self.add(
                 f"Profile: Sluice alone, burst of {n:,} events, {storage}",
-                f"py-spy (non-blocking, 100 Hz) on `sluice run` and its reader process while it took"
-                f" in, in {r.seconds:.0f}s, "
+                "py-spy (non-blocking, 100 Hz) on `sluice run` and its reader process while it"
+                f" took in, in {r.seconds:.0f}s, "
                 f"{r.taken:,} of {r.published:,} events. {r.samples:,} samples on CPU; per thread: "
                 + ", ".join(f"{name} {count:,}" for name, count in r.threads)
                 + ". Below, Sluice's own frames (call site) with the samples spent in them "
