@@ -4,11 +4,12 @@ psycopg 3 in worker threads, through a psycopg_pool connection pool: the pool
 checks a connection before lending it, so after the server restarts (or kills
 our sessions) the next call reconnects instead of failing forever.
 
-An ingest is one transaction of a few bulk statements: the batch's events are
-COPYed into a temporary table and moved into ``job_events`` with ``ON CONFLICT
-DO NOTHING RETURNING id`` (which tells which are new), the touched jobs are
+An ingest is one transaction of a few bulk statements: the touched jobs are
 read ``FOR UPDATE`` in id order (two agents folding the same job take turns,
-and cannot deadlock), and the changed rows are COPYed and written back once.
+and cannot deadlock), the batch's events are COPYed into ``job_events`` (or,
+when some were stored before, through a temporary table with ``ON CONFLICT DO
+NOTHING RETURNING id``, which tells which are new), and the changed rows are
+COPYed and written back once.
 """
 
 from __future__ import annotations
@@ -136,6 +137,10 @@ class _Dialect:
         return f"strpos(lower({TEXT_EXPR}), lower(%s)) > 0", [q]
 
 
+def _event_key(row: common.Row) -> tuple[str, str]:
+    return row[1], row[0]  # job_id, id
+
+
 class _Transaction:
     """:class:`sluice_storage.common.Transaction` on one pooled connection, in a transaction."""
 
@@ -146,17 +151,34 @@ class _Transaction:
     def insert_events(self, events: list[JobEvent]) -> set[str]:
         if not events:
             return set()
+        # In the unique index's order, (job_id, id): two agents inserting the same
+        # events lock them in one order, and a job's events share index pages.
+        rows = sorted(map(common.event_to_row, events), key=_event_key)
+        # Nearly every batch is new events only: COPY them straight in. A stored
+        # one (a redelivery, an HA pair's other agent) fails the COPY, undone to
+        # the savepoint, and the batch goes through the staging table. (Storage
+        # alone: a third less server CPU an event than staging every batch.)
+        try:
+            with self._cur.connection.transaction(), self._cur.copy(
+                f"COPY job_events ({cols(EVENT_COLUMNS)}) FROM STDIN"
+            ) as copy:
+                for row in rows:
+                    copy.write_row(row)
+            return {event.id for event in events}
+        except psycopg.errors.UniqueViolation:
+            return self._insert_new_events(rows)
+
+    def _insert_new_events(self, rows: list[common.Row]) -> set[str]:
         c = cols(EVENT_COLUMNS)
         self._cur.execute(
             "CREATE TEMP TABLE IF NOT EXISTS _sluice_events ON COMMIT DELETE ROWS"
             f" AS SELECT {c} FROM job_events WITH NO DATA"
         )
         with self._cur.copy(f"COPY _sluice_events ({c}) FROM STDIN") as copy:
-            for event in events:
-                copy.write_row(common.event_to_row(event))
-        # Sorted by id: two agents inserting the same events lock them in one order.
+            for row in rows:
+                copy.write_row(row)
         self._cur.execute(
-            f"INSERT INTO job_events ({c}) SELECT {c} FROM _sluice_events ORDER BY id"
+            f"INSERT INTO job_events ({c}) SELECT {c} FROM _sluice_events ORDER BY job_id, id"
             " ON CONFLICT DO NOTHING RETURNING id"
         )
         return {row[0] for row in self._cur.fetchall()}

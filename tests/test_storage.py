@@ -136,6 +136,17 @@ async def test_duplicate_ingest_stores_once_and_changes_nothing(storage: Storage
     assert sum((await storage.count_jobs_by_state()).values()) == len(JOBS)
 
 
+async def test_a_batch_of_new_and_stored_events_stores_the_new_ones(storage: Storage) -> None:
+    # A redelivery overlapping new traffic: the stored events must not cost the new ones.
+    await ingest(storage, EVENTS[::2])
+    again = await ingest(storage, EVENTS)
+    assert again.events_stored == len(EVENTS[1::2])
+    assert sorted(event.id for event in again.new_events) == sorted(e.id for e in EVENTS[1::2])
+    for job_id, events in JOBS.items():
+        assert await storage.get_job(job_id) == rebuilt(events)
+        assert len(await storage.job_events(job_id)) == len(events)
+
+
 async def test_late_events_take_the_slow_path_to_the_same_row(storage: Storage) -> None:
     # Newest first, one event per batch: every batch but the first is out of order.
     for event in sorted(EVENTS, key=merge.sort_key, reverse=True):
