@@ -157,8 +157,10 @@ def _sample_values(client: httpx.Client) -> dict[str, str]:
 
 
 def queries(values: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
-    # A day of history a day back: boundaries away from the newest job.
+    # A day of history a day back: boundaries away from the newest job. And a day a
+    # month back (the history spans SPAN_DAYS), behind a month of newer jobs.
     since, until = _days_before(values["newest"], 2), _days_before(values["newest"], 1)
+    old_since, old_until = _days_before(values["newest"], 29), _days_before(values["newest"], 28)
     return [
         ("list newest 50", {}),
         ("list 500", {"limit": "500"}),
@@ -170,6 +172,7 @@ def queries(values: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
         ("worker=", {"worker": values["worker"]}),
         ("name + state", {"name": "billing.charge_card", "state": "failed"}),
         ("since/until 1 day", {"since": since, "until": until}),
+        ("since/until, a month back", {"since": old_since, "until": old_until}),
         ("q=id prefix", {"q": values["id_prefix"]}),
         ("q=text in args", {"q": values["email"]}),
         ("q=text in exception", {"q": values["exception_word"]}),
@@ -182,25 +185,28 @@ def _days_before(iso: str, days: int) -> str:
 
 
 def time_queries(base: str, repeats: int) -> list[QueryTiming]:
-    out = []
+    """Each query ``repeats`` times, in rounds of every query: a moment the shared
+    machine is busy then falls on all the queries alike, not on a few samples of one."""
     with httpx.Client(base_url=base, timeout=120.0) as client:
         values = _sample_values(client)
         next_cursor = client.get("/api/jobs").json()["next_cursor"]
-        for label, params in queries(values):
-            if params.get("cursor") == "<next>":
-                params = {"cursor": next_cursor}
-            samples: list[float] = []
-            rows = 0
-            for _ in range(repeats):
+        planned = [
+            (label, {"cursor": next_cursor} if params.get("cursor") == "<next>" else params)
+            for label, params in queries(values)
+        ]
+        samples: list[list[float]] = [[] for _ in planned]
+        rows = [0] * len(planned)
+        for _ in range(repeats):
+            for i, (_, params) in enumerate(planned):
                 t0 = time.perf_counter()
                 response = client.get("/api/jobs", params=params)
-                samples.append((time.perf_counter() - t0) * 1000)
+                samples[i].append((time.perf_counter() - t0) * 1000)
                 response.raise_for_status()
-                rows = len(response.json()["jobs"])
-            out.append(
-                QueryTiming(label, params, rows, statistics.median(samples), percentile(samples, 95))
-            )
-    return out
+                rows[i] = len(response.json()["jobs"])
+    return [
+        QueryTiming(label, params, n, statistics.median(taken), percentile(taken, 95))
+        for (label, params), n, taken in zip(planned, rows, samples, strict=True)
+    ]
 
 
 def run(*, storage: str, jobs: int, repeats: int, broker: str, run_dir: Path,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import orjson
+
 from sluice_core.model import JOB_EVENT_FIELDS, Job, JobEvent, JobState, Worker, WorkerEvent
 from sluice_core.storage import QueueStats
 
@@ -17,7 +19,9 @@ _JOB_TIMES = ("sent_at", "received_at", "started_at", "finished_at", "updated_at
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
+    # The same text as .isoformat(), in half the time: a job has six times, and a
+    # page of 500 jobs spent more here than in its query.
+    return orjson.dumps(dt.datetime.fromtimestamp(ts, dt.UTC))[1:-1].decode()
 
 
 def job_to_dict(job: Job) -> dict[str, Any]:

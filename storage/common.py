@@ -455,10 +455,14 @@ def list_jobs_sql(
     *,
     now: float | None = None,
     stuck_after: float = DEFAULT_STUCK_AFTER_S,
+    window_first: bool = False,
 ) -> tuple[str, list[Any]]:
     """The page query: ``JOB_COLUMNS`` then ``seq``, newest first, one row past the page.
 
     ``now`` and ``stuck_after`` (seconds) judge ``query.stuck``; ``now`` defaults to the clock.
+    ``window_first`` (PostgreSQL): read every job matching the filters, then take the
+    newest, instead of walking the jobs newest first until a page matches; right for a
+    small time window in the past, which the walk reaches only after every newer job.
     """
     p = dialect.marker
     where: list[str] = []
@@ -512,6 +516,9 @@ def list_jobs_sql(
         select = "SELECT seq FROM jobs"
         if conditions:
             select += " WHERE " + " AND ".join(conditions)
+        if window_first:
+            # OFFSET 0 keeps the planner from merging the two levels back into the walk.
+            select = f"SELECT seq FROM ({select} OFFSET 0) AS window_"
         selects.append(f"{select} ORDER BY seq DESC LIMIT {p}")
         values += [*kind_params, limit]
     sql = f"SELECT {cols(JOB_COLUMNS)}, seq FROM jobs WHERE seq IN ({{}}) ORDER BY seq DESC"
@@ -700,9 +707,19 @@ class SharedSql:
             rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
             if len(rows) > query.limit:
                 return page(rows, query.limit)
-        sql, params = list_jobs_sql(query, self._dialect, stuck_after=self.stuck_after)
-        rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
-        return page(rows, query.limit)
+
+        def read(conn: Any) -> list[Row]:
+            sql, params = list_jobs_sql(
+                query, self._dialect, stuck_after=self.stuck_after,
+                window_first=self._window_first(conn, query),
+            )
+            return conn.execute(sql, params).fetchall()
+
+        return page(await self._read(read), query.limit)
+
+    def _window_first(self, conn: Any, query: JobQuery) -> bool:
+        """Whether to read the query's time window whole (see :func:`list_jobs_sql`)."""
+        return False
 
     async def count_jobs_by_state(self) -> dict[str, int]:
         rows = await self._read(

@@ -391,6 +391,31 @@ class PostgresStorage(common.SharedSql):
             self._dialect = _Dialect(TrigramSample.of((t for (t,) in texts), time.time()))
         return await super().list_jobs(query)
 
+    def _window_first(self, conn: psycopg.Connection[Any], query: JobQuery) -> bool:
+        # Newest first, the planner walks the seq index and expects the window's jobs
+        # spread along it, but they are together, behind every newer job: a day a month
+        # back took 0.5 s over ten million jobs, five months back 3.5 s. Reading the
+        # window whole from the (created_at, seq) index takes 8-12 ms for a day. The
+        # walk reads the jobs newer than the window, the other way the window's jobs,
+        # at half the cost each (from the index alone, where the walk reads the rows
+        # for created_at): their numbers are estimated from the planner's statistics.
+        if query.until is None:
+            return False  # the newest jobs are in the window: the walk finds them first
+        newer = self._estimate(conn, "created_at > %s", [query.until])
+        if query.since is None:
+            return self._estimate(conn, "created_at <= %s", [query.until]) < 2 * newer
+        return self._estimate(
+            conn, "created_at >= %s AND created_at <= %s", [query.since, query.until]
+        ) < 2 * newer
+
+    @staticmethod
+    def _estimate(conn: psycopg.Connection[Any], where: str, params: list[Any]) -> int:
+        """The planner's estimate of the jobs matching ``where``: no row is read."""
+        (plan,) = conn.execute(
+            f"EXPLAIN (FORMAT JSON) SELECT seq FROM jobs WHERE {where}", params
+        ).fetchone()
+        return int(plan[0]["Plan"]["Plan Rows"])
+
     async def list_workers(self) -> list[Worker]:
         rows = await self._read(
             lambda conn: conn.execute(

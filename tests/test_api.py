@@ -6,6 +6,7 @@ every test covers storage, serialization and the web layer together.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
@@ -16,6 +17,8 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from sluice_core import hookimpl
@@ -199,6 +202,11 @@ def dataset() -> list[JobEvent]:
             "r1", "sent", JobState.QUEUED, T0 + 30, framework="rq", name="jobs.email", queue="mail"
         ),
     ]
+
+
+@given(st.floats(min_value=0, max_value=4e9))
+def test_times_read_as_python_writes_iso_8601_in_utc(ts: float) -> None:
+    assert iso(ts) == dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
 
 
 async def test_each_filter_selects_exactly_its_jobs(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import uuid
 from collections.abc import Iterator
@@ -560,3 +561,32 @@ def test_postgresql_asks_its_trigram_index_for_the_rarest_part_of_the_text() -> 
     # Every sampled job has "user" and "@example.com": the part avoids both.
     assert "use" not in part.lower() and "exa" not in part.lower()
     assert sample.rarest_part("short") == "short"
+
+
+async def test_postgresql_reads_a_past_time_window_whole_instead_of_walking_to_it(
+    pg_url: str,
+) -> None:
+    from sluice_storage.postgres import PostgresStorage
+
+    storage = open_storage(pg_url)
+    assert isinstance(storage, PostgresStorage)
+    await storage.open()
+    try:
+        minutes = 2_000  # a job a minute
+        events = [e for i in range(minutes) for e in lifecycle(f"w-{i:04}", T0 + 60 * i)]
+        await ingest(storage, events)
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("ANALYZE jobs")  # what autovacuum does as a table grows
+            decide = functools.partial(storage._window_first, conn)
+            # Half an hour at the start: every newer job stands before it, newest first.
+            old = JobQuery(since=T0, until=T0 + 60 * 29.5)
+            assert decide(old)
+            # The last half hour, or everything since a moment: the walk starts in it.
+            assert not decide(JobQuery(since=T0 + 60 * (minutes - 30), until=T0 + 60 * minutes))
+            assert not decide(JobQuery(since=T0 + 60 * 100))
+        page = await storage.list_jobs(attrs.evolve(old, limit=10))
+        assert [job.id for job in page.jobs] == [f"w-{i:04}" for i in range(29, 19, -1)]
+        rest = await storage.list_jobs(attrs.evolve(old, limit=50, cursor=page.next_cursor))
+        assert [job.id for job in rest.jobs] == [f"w-{i:04}" for i in range(19, -1, -1)]
+    finally:
+        await storage.aclose()
