@@ -22,11 +22,12 @@ from pathlib import Path
 import attrs
 
 from bench import ingest, latency, profile, queries, report, startup
+from bench import storage as storage_alone
 from bench.generator import Plan
 from bench.services import BENCH, REDIS_URL, rabbitmq_vhost
 
 SCENARIOS = ("burst", "steady", "rabbitmq", "latency", "queries", "startup")
-OPT_IN = ("profile",)  # run only when named
+OPT_IN = ("profile", "storage")  # run only when named
 
 
 @attrs.frozen
@@ -343,6 +344,32 @@ class Bench:
                               for frame, count in r.functions]),
             )
 
+    def storage(self) -> None:
+        n = self.sizes.burst_events
+        runs = [
+            storage_alone.run(storage=s, shape=shape, events=n, run_dir=self.run_dir)
+            for s in self.storages
+            for shape in storage_alone.SHAPES
+        ]
+
+        def maybe(value: float | None) -> object:
+            return "" if value is None else value
+
+        self.add(
+            f"Storage alone: {n:,} events through the backend's ingest",
+            f"Pre-normalized events in batches of {storage_alone.BATCH_EVENTS:,}, written as the "
+            "pipeline writes them (the backend's writers, each its share of the job ids); no "
+            "broker, reader or web server. *Whole jobs*: most jobs have all their events in one "
+            "batch. *Updated once*: every job is inserted by one batch and updated by the next. "
+            "Server CPU is every PostgreSQL process's; buffers and WAL are the run database's.",
+            report.table(
+                ("storage", "stream", "events", "events/s", "Sluice CPU (µs/event)",
+                 "server CPU (µs/event)", "buffer accesses/event", "WAL bytes/event"),
+                [[r.storage, r.shape, r.events, r.rate, r.sluice_us, maybe(r.server_us),
+                  maybe(r.buffers), maybe(r.wal_bytes)] for r in runs],
+            ),
+        )
+
     # -- output ------------------------------------------------------------
 
     def write(self, path: Path, machine: dict[str, str], started: float, loads: list[str]) -> None:
@@ -363,7 +390,8 @@ class Bench:
             "",
             "Reproduce: `make bench` (all scenarios), `python -m bench SCENARIO ... [--quick] "
             "[--storage sqlite|postgresql] [--full-size] [--no-flower]`; "
-            "`python -m bench profile` adds a py-spy profile of Sluice (opt-in). Sluice runs "
+            "`python -m bench profile` adds a py-spy profile of Sluice, `python -m bench "
+            "storage` the storage backends alone (both opt-in). Sluice runs "
             "with `--heartbeat-missed 1000000`: the generator's workers heartbeat in stream "
             "time, and Sluice must not add `lost` events of its own to the count.",
             "",
@@ -380,8 +408,9 @@ class Bench:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                        help=f"which to run (default all): {', '.join(SCENARIOS)}; "
-                        f"also, only when named: {', '.join(OPT_IN)} (needs py-spy)")
+                        help=f"which to run (default all): {', '.join(SCENARIOS)}"
+                        "; also, only when named: profile (a py-spy profile; needs py-spy),"
+                        " storage (the storage backend alone)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--full-size", action="store_true",
                         help="query histories at the target sizes (1M jobs SQLite, 10M PostgreSQL)")
