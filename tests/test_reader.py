@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from sluice_core.config import Config
 from sluice_core.engine import Engine
@@ -54,6 +55,18 @@ def source_up(engine: Engine) -> bool:
 
 def received(engine: Engine) -> float:
     return engine.metrics.messages_received.labels(engine.sources[0].name)._value.get()
+
+
+def messages_read(port: int) -> float:
+    """``sluice_messages_received_total`` of a running ``sluice run``, every source summed."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "sluice_messages_received"
+        for sample in family.samples
+        if sample.name == "sluice_messages_received_total"
+    )
 
 
 async def test_the_reader_process_reads_and_the_engine_stores_and_counts(
@@ -140,7 +153,14 @@ def test_sigterm_stops_the_reader_too_after_it_has_sent_what_it_read(
         while httpx.get(f"http://127.0.0.1:{port}/healthz").status_code != 200:
             assert time.monotonic() < deadline, "never healthy"
             time.sleep(0.05)
-        trio.run(publish, REDIS_URL, task_events(keyprefix, 200))
+        messages = task_events(keyprefix, 200)
+        trio.run(publish, REDIS_URL, messages)
+        # Signalled once the reader has read them: what Redis has not sent yet is not
+        # Sluice's to flush.
+        deadline = time.monotonic() + 20
+        while messages_read(port) < len(messages):
+            assert time.monotonic() < deadline, "messages never read"
+            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:
