@@ -1,7 +1,7 @@
 """Celery event traffic as real producers and workers publish it, at a rate or flat out.
 
-The shapes follow CELERY_PROTOCOL.md sections 1-3 and the captures in
-``shared/fixtures/celery-5.7/redis-events.jsonl``, field for field and in the
+The shapes follow docs/celery-protocol.md sections 1-3 and the captures in
+``tests/fixtures/celery-5.7/redis-events.jsonl``, field for field and in the
 same key order (Celery serializes with the standard ``json`` module):
 
 - ``task-sent`` comes alone (routing key ``task.sent``) from ``gen<pid>@<host>``
@@ -361,7 +361,7 @@ class EventStream:
 
 
 def redis_channel(keyprefix: str, db: int, routing_key: str) -> str:
-    """Where kombu publishes a fanout event on Redis (CELERY_PROTOCOL.md section 1)."""
+    """Where kombu publishes a fanout event on Redis (docs/celery-protocol.md section 1)."""
     return f"{keyprefix}/{db}.celeryev/{routing_key}"
 
 
@@ -468,7 +468,7 @@ class _Publisher:
             )
             self._amqp.connect()
             self._channel = self._amqp.channel()
-            # As Celery declares it (CELERY_PROTOCOL.md section 2).
+            # As Celery declares it (docs/celery-protocol.md section 2).
             self._channel.exchange_declare("celeryev", "topic", durable=True, auto_delete=False)
             self.encode = self._encode_amqp
 

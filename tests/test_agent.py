@@ -28,7 +28,7 @@ from tests.test_redis_source import publish
 
 
 def envelope(payload: object, hostname: str) -> bytes:
-    """Celery events as kombu PUBLISHes them on Redis (CELERY_PROTOCOL.md section 1)."""
+    """Celery events as kombu PUBLISHes them on Redis (docs/celery-protocol.md section 1)."""
     return json.dumps(
         {
             "body": base64.b64encode(json.dumps(payload).encode()).decode(),

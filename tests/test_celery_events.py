@@ -1,6 +1,6 @@
 """Decoding and normalizing Celery events: real captured traffic, and what must not crash.
 
-The fixture files are real Celery 5.7 traffic (CELERY_PROTOCOL.md section 9);
+The fixture files are real Celery 5.7 traffic (docs/celery-protocol.md section 9);
 events Celery sends but the captures lack (rejected, cancelled) are built the
 way kombu builds them.
 """

@@ -1,6 +1,6 @@
 """The fold's merging rules (DESIGN.md section 3) over real captured Celery events.
 
-The events are the captured Redis traffic in /work/shared/fixtures/celery-5.7,
+The events are the captured Redis traffic in tests/fixtures/celery-5.7,
 decoded by the Celery plugin's own normalizer, so the sequences are what a real
 worker and producer send: a retry, a revoke, failures, jobs seen only as sent.
 """

@@ -295,7 +295,7 @@ async def test_control_request_with_no_worker_listening_raises_no_listener(amqp_
 async def test_republished_task_message_runs_on_a_real_worker(
     celery_worker: CeleryWorker, nursery: trio.Nursery
 ) -> None:
-    """A protocol-2 task message built without Celery (CELERY_PROTOCOL.md section 6)."""
+    """A protocol-2 task message built without Celery (docs/celery-protocol.md section 6)."""
     worker = celery_worker
     job_id = str(uuid.uuid4())
     headers = {

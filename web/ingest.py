@@ -1,7 +1,7 @@
 """The ingest endpoints: events pushed to Sluice by the SDK and by remote agents.
 
 - ``POST /api/ingest``: one batch, JSON. ``{"format": "celery", "events": [...]}``
-  carries Celery's own event dicts (CELERY_PROTOCOL.md section 3, what the SDK
+  carries Celery's own event dicts (docs/celery-protocol.md section 3, what the SDK
   sends); ``{"format": "sluice", "job_events": [...], "worker_events": [...]}``
   carries normalized events (:mod:`sluice_core.serialize`, what an agent sends).
   The answer, ``200 {"accepted": n}``, comes once the events are stored.

@@ -1,4 +1,4 @@
-"""Celery's remote control (the "mailbox") without Celery: CELERY_PROTOCOL.md section 5.
+"""Celery's remote control (the "mailbox") without Celery: docs/celery-protocol.md section 5.
 
 Workers listen on the fanout exchange ``celery.pidbox``. A *broadcast* is one
 control message every listening worker gets (``revoke``); a *request* also

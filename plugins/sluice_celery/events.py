@@ -1,4 +1,4 @@
-"""Celery events on the wire -> Sluice's normalized events (CELERY_PROTOCOL.md sections 1-3).
+"""Celery events on the wire -> Sluice's normalized events (docs/celery-protocol.md sections 1-3).
 
 Pure functions; Celery itself is never imported. Two wire formats come in as
 :class:`~sluice_core.model.RawBatch` kinds:

@@ -1,5 +1,5 @@
 """Re-running a job: Celery's protocol-2 task message, built without Celery
-(CELERY_PROTOCOL.md section 6).
+(docs/celery-protocol.md section 6).
 
 A re-run is only worth doing with the job's real arguments. They come from
 the SDK's capture of the message when there is one (``job.extra["message"]``:

@@ -1,4 +1,4 @@
-"""Celery events from Redis pub/sub (CELERY_PROTOCOL.md section 1).
+"""Celery events from Redis pub/sub (docs/celery-protocol.md section 1).
 
 RESP over a plain socket with hiredis's ``Reader``, in a thread of the
 source's own (see :class:`_Connection` for why). The read loop does nothing

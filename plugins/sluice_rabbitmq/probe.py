@@ -1,4 +1,4 @@
-"""Queue depth and consumers on RabbitMQ (CELERY_PROTOCOL.md section 4), and each
+"""Queue depth and consumers on RabbitMQ (docs/celery-protocol.md section 4), and each
 worker's queues and pool size.
 
 A passive ``queue.declare`` answers ``message_count`` (ready messages, not the

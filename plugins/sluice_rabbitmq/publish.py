@@ -2,7 +2,7 @@
 
 The caller builds the message (Celery's control body for a revoke on the
 ``celery.pidbox`` fanout exchange, a protocol-2 task message for a retry:
-CELERY_PROTOCOL.md sections 5 and 6); this module gets it to the broker and
+docs/celery-protocol.md sections 5 and 6); this module gets it to the broker and
 returns only once RabbitMQ has confirmed it.
 """
 

@@ -1,4 +1,4 @@
-"""Celery's events from RabbitMQ (CELERY_PROTOCOL.md section 2).
+"""Celery's events from RabbitMQ (docs/celery-protocol.md section 2).
 
 Celery publishes events to the ``celeryev`` topic exchange; Sluice binds a queue
 of its own to it with ``#`` and consumes with ``no_ack`` (faster than acks in

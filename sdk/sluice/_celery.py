@@ -38,7 +38,7 @@ log = logging.getLogger("sluice")
 
 REPR_MAX = 1024  # Celery's argsrepr / resultrepr size
 MESSAGE = "sluice_message"
-# Task message headers Celery itself sets (CELERY_PROTOCOL.md section 6); others are the caller's.
+# Task message headers Celery itself sets (docs/celery-protocol.md section 6); others are the caller's.
 STANDARD_HEADERS = frozenset(
     {
         "lang",
