@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -314,3 +315,27 @@ async def test_the_stream_refuses_a_wrong_key_at_the_handshake(tmp_path: Path) -
                 async with open_websocket_url(ws_url(client), extra_headers=headers):
                     pass
             assert rejected.value.status_code == 401
+
+
+async def test_a_sender_that_disconnects_is_one_info_line_not_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+
+    def disconnected() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "sender disconnected" in r.getMessage()]
+
+    with trio.fail_after(30):
+        async with serving(tmp_path, celery_plugin) as (engine, client):
+            key = await new_key(engine, "agent-1")
+            headers = [(b"Authorization", f"Bearer {key}".encode())]
+            async with open_websocket_url(ws_url(client), extra_headers=headers) as ws:
+                await ws.send_message(orjson.dumps({"seq": 1, "format": "sluice"}).decode())
+                assert orjson.loads(await ws.get_message()) == {"ack": 1}
+            # The server's handler logs the disconnect as it ends, then nothing more.
+            while not disconnected():
+                await trio.sleep(0.01)
+    [record] = disconnected()
+    assert record.levelno == logging.INFO and "'agent-1'" in record.getMessage()
+    assert record.exc_info is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

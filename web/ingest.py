@@ -30,6 +30,7 @@ import attrs
 import orjson
 import trio
 from quart import Blueprint, Response, current_app, request, websocket
+from quart.wrappers import ClientDisconnectedError
 from werkzeug.datastructures import Headers
 
 from sluice_core.config import ConfigError
@@ -292,6 +293,17 @@ async def ingest_stream() -> Response | None:
     if key is None:
         return _unauthorized()  # sent as the handshake's answer: the client sees a 401
     await websocket.accept()
+    try:
+        await _serve_stream(ingest, key)
+    except* ClientDisconnectedError:
+        # An agent that stops, restarts or loses its network: routine, and it resends
+        # whatever was not acked. Raised inside the nursery, it would reach the app's
+        # error handler as an exception group and be logged as a crash.
+        log.info("ingest stream from key %r: the sender disconnected", key.name)
+    return None
+
+
+async def _serve_stream(ingest: Ingest, key: ApiKey) -> None:
     checked = time.monotonic()
     async with trio.open_nursery() as nursery:
         while True:
@@ -309,7 +321,6 @@ async def ingest_stream() -> Response | None:
             reply = await _stream_message(ingest, key, data, nursery)
             if reply is not None:
                 await websocket.send(orjson.dumps(reply).decode())
-    return None
 
 
 async def _close(nursery: trio.Nursery, code: int, reason: str) -> None:
