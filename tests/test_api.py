@@ -67,7 +67,7 @@ async def serving(
     pm = PluginManager()
     for plugin in plugins:
         pm.register(plugin)
-    config = Config(db=f"sqlite:///{tmp_path}/s.db", host=host, port=0, layers=[options])
+    config = Config(db=f"sqlite:///{tmp_path}/s.db", host=host, port=0, **options)
     pm.configure(config)
     engine = Engine(config, pm)
     async with trio.open_nursery() as nursery:
@@ -489,6 +489,38 @@ async def test_retry_and_revoke_go_to_the_plugins_handler(tmp_path: Path) -> Non
         # A handler's own bug: logged, and a plain 500 without its traceback.
         message = assert_error(await client.post("/api/jobs/t3/retry"), 500, "internal")
         assert "broker exploded" not in message
+
+
+async def test_json_sent_as_curl_sends_it_is_read_whatever_its_content_type(
+    tmp_path: Path,
+) -> None:
+    # ``curl -d '{...}'`` labels its body application/x-www-form-urlencoded.
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    handler = RecordingHandler()
+    async with serving(tmp_path, ActionsPlugin(handler)) as (engine, client):
+        await ingest(engine, client, action_jobs())
+        response = await client.post(
+            "/api/jobs/t1/revoke", content=b'{"terminate": true}', headers=form
+        )
+        assert response.status_code == 202, response.text
+        response = await client.post(
+            "/api/jobs/bulk", content=b'{"action":"retry","ids":["t1"]}', headers=form
+        )
+        assert response.status_code == 200, response.text
+        assert [r["outcome"] for r in response.json()["results"]] == ["accepted"]
+        text = {"Content-Type": "text/plain"}
+        response = await client.post(
+            "/api/jobs/t1/revoke", content=b'{"signal": "KILL"}', headers=text
+        )
+        assert response.status_code == 202, response.text
+        assert handler.calls == [
+            ("revoke", "t1", True, "SIGTERM"), ("retry", "t1"), ("revoke", "t1", False, "SIGKILL")
+        ]
+        # Form fields (other than the dashboard's CSRF token) are neither: say to send JSON.
+        for content in (b"terminate=true", b"{not json"):
+            response = await client.post("/api/jobs/t1/revoke", content=content, headers=form)
+            assert "JSON" in assert_error(response, 400, "bad_request"), content
+        assert len(handler.calls) == 3
 
 
 async def test_bulk_reports_each_jobs_outcome_and_dry_run_touches_nothing(tmp_path: Path) -> None:

@@ -59,18 +59,21 @@ def _engine() -> Engine:
 
 async def _body() -> dict[str, Any]:
     """The JSON object sent, ``{}`` for none. A form body may only carry the CSRF token."""
-    if request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data"):
-        fields = set((await request.form).keys()) - {CSRF_FIELD}
-        if fields:
-            raise BadRequest(f"send options as a JSON body, not form fields ({sorted(fields)})")
-        return {}
     data = await request.get_data()
     if not data.strip():
         return {}
     try:
+        # Whatever the Content-Type: ``curl -d '{...}'`` labels JSON as a form.
         body = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"body: not valid JSON ({exc})") from None
+        if request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data"):
+            fields = set((await request.form).keys()) - {CSRF_FIELD}
+            if not fields:
+                return {}
+        raise BadRequest(
+            f"body: not valid JSON ({exc}); send the options as a JSON object"
+            " (Content-Type: application/json)"
+        ) from None
     if not isinstance(body, dict):
         raise BadRequest("body: expected a JSON object")
     return body
