@@ -9,106 +9,138 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 import trio
 
 from sluice_core import __version__
-from sluice_core.config import LOG_FORMAT, Config, ConfigError, add_core_options, build
+from sluice_core.config import (
+    API_KEY,
+    CONFIG,
+    LOG_FORMAT,
+    PLUGIN,
+    SERVER,
+    Config,
+    ConfigError,
+    build,
+    core_options,
+)
 from sluice_core.agent import Agent
 from sluice_core.engine import Engine
+from sluice_core.options import AGENT, KEYS, MIGRATE, PLUGINS, RUN, Option, OptionParser
 from sluice_core.plugins import PluginManager
 from sluice_core.storage import ApiKey, ApiKeyExists
 
 log = logging.getLogger("sluice")
 
 
-def _plugin_names(argv: Sequence[str]) -> list[str]:
+def _plugin_names(argv: Sequence[str], environ: Mapping[str, str] | None) -> list[str]:
     """The plugins to load, before the full command line can be parsed (they add options)."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--plugin", action="append")
-    pre.add_argument("--config")
+    for option in (PLUGIN, CONFIG):
+        pre.add_argument(option.flag_name or "", dest=option.name, action=_action(option))
     known, _ = pre.parse_known_args(argv)
-    config = build(argparse.Namespace(plugin=known.plugin, config=known.config))
-    return config.plugins
+    return build([PLUGIN, CONFIG], vars(known), environ=environ, known=None).plugins
 
 
-def make_parser(pm: PluginManager) -> argparse.ArgumentParser:
-    engine_options = argparse.ArgumentParser(add_help=False)
-    add_core_options(engine_options)
-    pm.add_options(engine_options)
+def _action(option: Option[Any]) -> str:
+    return "append" if option.kind.many else "store"
 
+
+def _add_options(parser: argparse.ArgumentParser, options: OptionParser, command: str) -> None:
+    for option in options.for_command(command):
+        flag = option.flag_name
+        if flag is None:
+            continue  # set in the environment or the file only
+        default = option.default
+        if isinstance(default, bool):
+            default = "on" if default else "off"
+        shown = "" if default in (None, "", [], {}) else f"; default {default}"
+        parser.add_argument(
+            flag,
+            dest=option.name,
+            action=_action(option),
+            metavar=option.metavar or option.kind.metavar,
+            help=f"{option.help} (env {option.env_name}{shown})",
+        )
+
+
+def make_parser(options: OptionParser) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sluice", description="Sluice: a monitor for job queues (Celery first)."
     )
     parser.add_argument("--version", action="version", version=f"sluice {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser(
-        "run",
-        parents=[engine_options],
-        help="watch the brokers, store every event, serve the dashboard and API",
-    )
-    commands.add_parser(
-        "migrate", parents=[engine_options], help="apply pending database migrations"
-    )
-    commands.add_parser(
-        "plugins", parents=[engine_options], help="list loaded plugins and their hooks"
-    )
-    agent = commands.add_parser(
-        "agent",
-        parents=[engine_options],
-        help="watch the brokers without serving: store into --db, or stream to --server",
-    )
-    agent.add_argument(
-        "--server",
-        help="stream normalized events to this Sluice (wss://host or ws://host:port)"
-        " instead of a database (env SLUICE_SERVER)",
-    )
-    agent.add_argument(
-        "--api-key", help="the server's API key, from `sluice keys create` (env SLUICE_API_KEY)"
+
+    def command(
+        sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, option_set: str
+    ) -> argparse.ArgumentParser:
+        made = sub.add_parser(name, help=help, description=help)
+        _add_options(made, options, option_set)
+        return made
+
+    command(commands, RUN, "watch the brokers, store every event, serve the dashboard and API", RUN)
+    command(commands, MIGRATE, "apply pending database migrations", MIGRATE)
+    command(commands, PLUGINS, "list loaded plugins and their hooks", PLUGINS)
+    command(
+        commands,
+        AGENT,
+        "watch the brokers without serving: store into --db, or stream to --server",
+        AGENT,
     )
     keys = commands.add_parser(
-        "keys", help="API keys for the ingest endpoints (the SDK, remote agents)"
+        KEYS, help="API keys for the ingest endpoints (the SDK, remote agents)"
     )
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    create = key_commands.add_parser(
-        "create", parents=[engine_options], help="create a key and print it (once)"
-    )
+    create = command(key_commands, "create", "create a key and print it (once)", KEYS)
     create.add_argument("name", help="what the key is for, e.g. billing-app or eu-agent")
-    key_commands.add_parser("list", parents=[engine_options], help="list keys (never the keys)")
-    revoke = key_commands.add_parser(
-        "revoke", parents=[engine_options], help="revoke the active key of this name"
-    )
+    command(key_commands, "list", "list keys (never the keys)", KEYS)
+    revoke = command(key_commands, "revoke", "revoke the active key of this name", KEYS)
     revoke.add_argument("name")
     return parser
 
 
+def parse(
+    argv: Sequence[str], environ: Mapping[str, str] | None = None
+) -> tuple[argparse.Namespace, Config, PluginManager]:
+    """A command line, with the environment and the TOML file: the command's
+    arguments, its configuration, and the plugins it loaded, configured."""
+    pm = PluginManager()
+    pm.load(_plugin_names(argv, environ))
+    options = core_options()
+    pm.add_options(options)
+    args = make_parser(options).parse_args(argv)
+    config = build(
+        options.for_command(args.command),
+        vars(args),
+        environ=environ,
+        known=[option.name for option in options],
+    )
+    if args.command in (RUN, AGENT):
+        pm.check_brokers(config)
+    pm.configure(config)
+    return args, config, pm
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    pm = PluginManager()
     try:
-        pm.load(_plugin_names(argv))
-        args = make_parser(pm).parse_args(argv)
-        config = build(args)
-        logging.basicConfig(
-            level=config.log_level,
-            format=LOG_FORMAT,
-            stream=sys.stderr,
-        )
-        pm.configure(config)
-        if args.command == "plugins":
+        args, config, pm = parse(argv)
+        logging.basicConfig(level=config.log_level, format=LOG_FORMAT, stream=sys.stderr)
+        if args.command == PLUGINS:
             for name, hooks in pm.describe():
                 print(name)
                 for hook in hooks:
                     print(f"    {hook}")
             return 0
-        if args.command == "migrate":
+        if args.command == MIGRATE:
             applied = trio.run(_migrate, config, pm)
             print(f"applied migrations: {applied}" if applied else "database is up to date")
             return 0
-        if args.command == "keys":
+        if args.command == KEYS:
             return trio.run(_keys, config, pm, args.keys_command, getattr(args, "name", None))
-        if args.command == "agent":
+        if args.command == AGENT:
             return trio.run(_agent, config, pm)
         return trio.run(_run, config, pm)
     except* ConfigError as group:
@@ -180,16 +212,16 @@ def _describe_key(key: ApiKey) -> str:
 
 
 async def _agent(config: Config, pm: PluginManager) -> int:
-    server = config.get("server")
+    server = config.get(SERVER)
     if server is None:
         return await _run(config, pm, web=False)  # a split deployment: store into --db
-    api_key = config.get("api_key")
+    api_key = config.get(API_KEY)
     if not api_key:
         raise ConfigError(
             "--server needs --api-key (env SLUICE_API_KEY): create one on the server with"
             " `sluice keys create NAME`"
         )
-    agent = Agent(config, pm, server=str(server), api_key=str(api_key))
+    agent = Agent(config, pm, server=server, api_key=api_key)
 
     def started() -> None:
         url, pid = agent.uplink.url, os.getpid()
@@ -234,3 +266,7 @@ async def _stop_on_signal(engine: Engine | Agent) -> None:
                 os._exit(1)
             log.info("%s received", signal.Signals(signum).name)
             engine.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,10 +1,9 @@
 """Configuration: flags, then environment, then an optional TOML file (DESIGN.md section 9).
 
-Every option has one name. On the command line it is ``--some-name``, in the
-environment ``SLUICE_SOME_NAME``, in the TOML file ``some_name`` (top level,
-or in a ``[sluice]`` table). Flags win over the environment, which wins over
-the file. Plugins add options with the ``sluice_addoption`` hook and read
-them with :meth:`Config.get`; the same precedence applies.
+The core's options are declared here, each once (:class:`sluice_core.options.Option`);
+plugins declare theirs in the ``sluice_addoption`` hook. :func:`build` merges the
+three sources for one command and parses every value once: a bad one is a
+:class:`ConfigError` of one line naming the option and what it accepts.
 
 Two environment names differ for familiarity: ``SLUICE_BROKER_URL`` and
 ``SLUICE_DATABASE_URL`` (``--broker``, ``--db``).
@@ -12,30 +11,202 @@ Two environment names differ for familiarity: ``SLUICE_BROKER_URL`` and
 
 from __future__ import annotations
 
-import argparse
+import difflib
 import os
 import tomllib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-import attrs
+from sluice_core.storage import DEFAULT_STUCK_AFTER_S
+from sluice_core.options import (
+    AGENT,
+    DATABASE,
+    EVERY,
+    RUN,
+    Option,
+    OptionParser,
+    choice,
+    integer,
+    many,
+    number,
+    seconds,
+    switch,
+    table,
+    text,
+)
 
-DEFAULT_DB = "sqlite:///sluice.db"
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 5580
-DEFAULT_BUFFER_MB = 8
-DEFAULT_BATCH_EVENTS = 10_000
+T = TypeVar("T")
 
-_ENV_ALIASES = {"broker": "SLUICE_BROKER_URL", "db": "SLUICE_DATABASE_URL"}
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+WEB = frozenset({RUN})
+# The shortest API token accepted: a guessable one would protect nothing.
+MIN_TOKEN_LENGTH = 16
+
+CONFIG = Option(
+    "config", text(), None, "TOML file with options", commands=EVERY, metavar="FILE"
+)
+PLUGIN = Option(
+    "plugin",
+    many(text()),
+    [],
+    "load a plugin by entry-point name (repeatable), e.g. celery",
+    commands=EVERY,
+    metavar="NAME",
+)
+LOG_LEVEL = Option(
+    "log_level",
+    choice("DEBUG", "INFO", "WARNING", "ERROR"),
+    "INFO",
+    "DEBUG, INFO, WARNING or ERROR",
+    commands=EVERY,
+)
+DB = Option(
+    "db",
+    text(),
+    "sqlite:///sluice.db",
+    "database URL: sqlite:///path.db or postgresql://user@host/db",
+    commands=DATABASE,
+    env="SLUICE_DATABASE_URL",
+    metavar="URL",
+)
+BROKER = Option(
+    "broker",
+    many(text()),
+    [],
+    "broker URL to watch, e.g. redis://localhost:6379/0 (repeatable)",
+    env="SLUICE_BROKER_URL",
+    metavar="URL",
+)
+HOST = Option("host", text(), "127.0.0.1", "address to serve on", commands=WEB)
+PORT = Option("port", integer(0, 65535), 5580, "port to serve on", commands=WEB)
+BUFFER_MESSAGES = Option(
+    "buffer_messages", integer(1), 1_000_000, "raw messages held in memory, then spooled"
+)
+# A burst's peak memory is what this bounds (the reader process spools past it).
+BUFFER_MB = Option("buffer_mb", integer(1), 8, "MiB of raw messages held in memory")
+SPOOL_MB = Option(
+    "spool_mb",
+    integer(0),
+    4096,
+    "MiB of raw messages spooled to disk past --buffer-mb, before dropping (0: drop instead)",
+)
+SPOOL_DIR = Option(
+    "spool_dir", text(), None, "where the spool file lives (default: the temporary directory)"
+)
+# 20,000 peaked at 330 MB with the reader process, 10,000 at 280.
+BATCH_EVENTS = Option("batch_events", integer(1), 10_000, "most events per storage transaction")
+READER_PROCESS = Option(
+    "reader_process",
+    switch(),
+    True,
+    "on: read and normalize broker events in a child process, off: in this one",
+)
+HEARTBEAT_MISSED = Option(
+    "heartbeat_missed",
+    number(above=0),
+    3.0,
+    "heartbeat intervals without news before a worker is offline",
+)
+STUCK_AFTER = Option(
+    "stuck_after",
+    seconds(),
+    DEFAULT_STUCK_AFTER_S,
+    "seconds a job may wait queued with no worker taking it before it is flagged stuck;"
+    " active jobs are stuck past 5x their task's mean runtime (at least 60 s)",
+)
+API_TOKEN = Option(
+    "api_token",
+    text(min_length=MIN_TOKEN_LENGTH),
+    None,
+    "require 'Authorization: Bearer TOKEN' on the API; also the dashboard password",
+    commands=WEB,
+    metavar="TOKEN",
+    secret=True,
+)
+SESSION_SECRET = Option(
+    "session_secret",
+    text(min_length=MIN_TOKEN_LENGTH),
+    None,
+    "key signing dashboard login cookies; share it between web replicas"
+    " (default: random at each start)",
+    commands=WEB,
+    secret=True,
+)
+USERS = Option(
+    "users",
+    table(),
+    {},
+    "dashboard users: name = argon2 hash (the TOML file's [users] table)",
+    commands=WEB,
+    flag=None,
+)
+SSE_HEARTBEAT = Option(
+    "sse_heartbeat", seconds(15), 15.0, "seconds between SSE heartbeat comments", commands=WEB
+)
+INGEST_RATE = Option(
+    "ingest_rate",
+    number(above=0),
+    20_000.0,
+    "events per second each API key may push to the ingest endpoints",
+    commands=WEB,
+)
+INGEST_BURST = Option(
+    "ingest_burst",
+    number(1),
+    100_000.0,
+    "events an API key may push at once above --ingest-rate",
+    commands=WEB,
+)
+SERVER = Option(
+    "server",
+    text(),
+    None,
+    "stream normalized events to this Sluice (wss://host or ws://host:port)"
+    " instead of a database",
+    commands=frozenset({AGENT}),
+    metavar="URL",
+)
+API_KEY = Option(
+    "api_key",
+    text(),
+    None,
+    "the server's API key, from `sluice keys create`",
+    commands=frozenset({AGENT}),
+    secret=True,
+)
+
+CORE_OPTIONS: tuple[Option[Any], ...] = (
+    CONFIG,
+    PLUGIN,
+    LOG_LEVEL,
+    DB,
+    BROKER,
+    HOST,
+    PORT,
+    BUFFER_MESSAGES,
+    BUFFER_MB,
+    SPOOL_MB,
+    SPOOL_DIR,
+    BATCH_EVENTS,
+    READER_PROCESS,
+    HEARTBEAT_MISSED,
+    STUCK_AFTER,
+    API_TOKEN,
+    SESSION_SECRET,
+    USERS,
+    SSE_HEARTBEAT,
+    INGEST_RATE,
+    INGEST_BURST,
+    SERVER,
+    API_KEY,
+)
 
 
 class ConfigError(Exception):
     """The configuration is invalid; the message says what to change."""
-
-
-def env_name(option: str) -> str:
-    return _ENV_ALIASES.get(option, "SLUICE_" + option.upper())
 
 
 def redact_url(url: str) -> str:
@@ -49,176 +220,145 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-@attrs.define
 class Config:
-    brokers: list[str] = attrs.field(factory=list)
-    db: str = DEFAULT_DB
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    plugins: list[str] = attrs.field(factory=list)
-    log_level: str = "INFO"
-    # Raw messages held in memory between the sources and the normalizers...
-    buffer_messages: int = 1_000_000
-    # ...and at most this many MiB of them. Past either, they are spooled to disk
-    # (by the reader process, off the engine's core: a burst's peak memory is
-    # what this bounds).
-    buffer_mb: int = DEFAULT_BUFFER_MB
-    # MiB of raw messages spooled to disk (in spool_dir, default the system's
-    # temporary directory). Past this, sources drop and count
-    # (sluice_events_dropped_total) rather than stall.
-    spool_mb: int = 4096
-    spool_dir: str | None = None
-    # Most events written to storage in one transaction. A burst's batches are
-    # this big: 20,000 peaked at 330 MB with the reader process, 10,000 at 280.
-    batch_events: int = DEFAULT_BATCH_EVENTS
-    # Run the sources and normalizers in a child process (sluice_core/reader.py).
-    # ``sluice run`` turns it on; an engine built in code (the tests) runs its
-    # sources itself: the child loads plugins by name, from ``plugins``.
-    reader_process: bool = False
-    # Where unknown options come from, in precedence order (flags first).
-    layers: list[dict[str, Any]] = attrs.field(factory=list)
+    """The typed value of every option; one not given has its declared default.
 
-    def get(self, option: str, default: Any = None) -> Any:
-        """A plugin option by its name (``dest`` of the argparse option)."""
-        for layer in self.layers:
-            value = layer.get(option)
-            if value is not None:
-                return value
-        return default
+    ``Config(db="sqlite:///x.db", redis_keyprefix="t:")`` builds one in code
+    (values already typed); :func:`build` builds one from a command line.
+    One built in code runs its sources in its own process unless told
+    otherwise: the reader process loads plugins by entry-point name, and code
+    may have registered its plugins some other way.
+    """
+
+    def __init__(self, values: Mapping[str, Any] | None = None, /, **more: Any) -> None:
+        self.values: dict[str, Any] = {READER_PROCESS.name: False, **(values or {}), **more}
+
+    def get(self, option: Option[T]) -> T:
+        value: T = self.values.get(option.name, option.default)
+        return value
+
+    def __repr__(self) -> str:
+        return f"Config({sorted(self.values)})"  # never the values: tokens are among them
+
+    # The core's options, by their usual names.
+
+    @property
+    def brokers(self) -> list[str]:
+        return self.get(BROKER)
+
+    @property
+    def db(self) -> str:
+        return self.get(DB)
+
+    @property
+    def host(self) -> str:
+        return self.get(HOST)
+
+    @property
+    def port(self) -> int:
+        return self.get(PORT)
+
+    @property
+    def plugins(self) -> list[str]:
+        return self.get(PLUGIN)
+
+    @property
+    def log_level(self) -> str:
+        return self.get(LOG_LEVEL)
+
+    @property
+    def buffer_messages(self) -> int:
+        return self.get(BUFFER_MESSAGES)
+
+    @property
+    def buffer_mb(self) -> int:
+        return self.get(BUFFER_MB)
+
+    @property
+    def spool_mb(self) -> int:
+        return self.get(SPOOL_MB)
+
+    @property
+    def spool_dir(self) -> str | None:
+        return self.get(SPOOL_DIR)
+
+    @property
+    def batch_events(self) -> int:
+        return self.get(BATCH_EVENTS)
+
+    @property
+    def reader_process(self) -> bool:
+        return self.get(READER_PROCESS)
 
 
-def _toml_layer(path: str | None) -> dict[str, Any]:
+def core_options() -> OptionParser:
+    parser = OptionParser()
+    parser.add(*CORE_OPTIONS)
+    return parser
+
+
+def read_toml(path: str | None) -> dict[str, Any]:
+    """The file's options (top level or a ``[sluice]`` table), keys with underscores."""
     if not path:
         return {}
     try:
         data = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    table = data.get("sluice", data)
-    return {key.replace("-", "_"): value for key, value in table.items()}
+    # Options at the top level or in a [sluice] table; other tables ([users]) beside it.
+    merged = {key: value for key, value in data.items() if key != "sluice"}
+    merged.update(data.get("sluice", {}))
+    return {key.replace("-", "_"): value for key, value in merged.items()}
 
 
-def _env_layer(options: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def build(
+    options: Iterable[Option[Any]],
+    flags: Mapping[str, Any],
+    *,
+    environ: Mapping[str, str] | None = None,
+    known: Iterable[str] | None = (),
+) -> Config:
+    """Parse ``options`` from the flags given, the environment and the TOML file.
+
+    ``flags`` holds the raw values argparse collected (absent or None: not
+    given). ``known``: names of options other commands declare, which the file
+    may hold without being wrong; None skips that check (a first look, before
+    the plugins that declare the rest are loaded).
+    """
+    environ = os.environ if environ is None else environ
+    options = list(options)
+    path = flags.get(CONFIG.name) or environ.get(CONFIG.env_name)
+    toml = read_toml(path)
+    names = {option.name for option in options} | set(known or ())
+    for key in toml:
+        if known is not None and key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"config file {path}: unknown option {key!r}{hint}")
+    values: dict[str, Any] = {}
     for option in options:
-        value = os.environ.get(env_name(option))
-        if value is not None and value != "":
-            out[option] = value
-    return out
+        for raw, origin in (
+            (flags.get(option.name), option.flag_name),
+            (environ.get(option.env_name) or None, f"{option.env_name} ({option.flag_name})"),
+            (toml.get(option.name), f"{option.name} in {path}"),
+        ):
+            if raw is None or raw == []:
+                continue
+            try:
+                values[option.name] = option.kind.parse(raw)
+            except (ValueError, TypeError, KeyError):
+                raise ConfigError(
+                    f"{origin}: expected {option.kind.accepts}, got {_shown(option, raw)}"
+                ) from None
+            break
+        else:
+            values[option.name] = option.default
+    return Config(values)
 
 
-def _as_list(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return [str(part) for part in value]
-
-
-def build(args: argparse.Namespace) -> Config:
-    """Merge the parsed flags with the environment and the TOML file."""
-    flags = {key: value for key, value in vars(args).items() if value not in (None, [])}
-    options = list(vars(args))
-    toml = _toml_layer(flags.get("config") or os.environ.get("SLUICE_CONFIG"))
-    layers = [flags, _env_layer(options), toml]
-
-    def pick(option: str, default: Any) -> Any:
-        for layer in layers:
-            if layer.get(option) not in (None, []):
-                return layer[option]
-        return default
-
-    try:
-        port = int(pick("port", DEFAULT_PORT))
-        buffer_messages = int(pick("buffer_messages", 1_000_000))
-        buffer_mb = int(pick("buffer_mb", DEFAULT_BUFFER_MB))
-        spool_mb = int(pick("spool_mb", 4096))
-        batch_events = int(pick("batch_events", DEFAULT_BATCH_EVENTS))
-    except ValueError as exc:
-        raise ConfigError(f"expected a number: {exc}") from None
-    reader_process = str(pick("reader_process", "on")).lower()
-    if reader_process not in ("on", "off"):
-        raise ConfigError(f"--reader-process is on or off, not {reader_process!r}")
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"port {port} is out of range (0-65535)")
-    return Config(
-        brokers=_as_list(pick("broker", [])),
-        db=str(pick("db", DEFAULT_DB)),
-        host=str(pick("host", DEFAULT_HOST)),
-        port=port,
-        plugins=_as_list(pick("plugin", [])),
-        log_level=str(pick("log_level", "INFO")).upper(),
-        buffer_messages=buffer_messages,
-        buffer_mb=buffer_mb,
-        spool_mb=spool_mb,
-        spool_dir=pick("spool_dir", None),
-        batch_events=batch_events,
-        reader_process=reader_process == "on",
-        layers=layers,
-    )
-
-
-def add_core_options(parser: argparse.ArgumentParser) -> None:
-    """Options of every engine command; defaults are applied by :func:`build`."""
-    parser.add_argument("--config", help="TOML file with options (env SLUICE_CONFIG)")
-    parser.add_argument(
-        "--plugin", action="append", help="load a plugin by entry-point name (repeatable)"
-    )
-    parser.add_argument(
-        "--broker",
-        action="append",
-        help="broker URL to watch, e.g. redis://localhost:6379/0 (repeatable; env SLUICE_BROKER_URL)",
-    )
-    parser.add_argument(
-        "--db", help=f"database URL (default {DEFAULT_DB}; env SLUICE_DATABASE_URL)"
-    )
-    parser.add_argument("--host", help=f"address to serve on (default {DEFAULT_HOST})")
-    parser.add_argument("--port", type=int, help=f"port to serve on (default {DEFAULT_PORT})")
-    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
-    parser.add_argument(
-        "--buffer-messages", type=int, help="raw messages held in memory (default 1,000,000)"
-    )
-    parser.add_argument(
-        "--buffer-mb", type=int, help="MiB of raw messages held in memory (default 8)"
-    )
-    parser.add_argument(
-        "--spool-mb",
-        type=int,
-        help="MiB of raw messages spooled to disk past --buffer-mb, before dropping"
-        " (default 4096; 0: drop instead)",
-    )
-    parser.add_argument(
-        "--spool-dir", help="where the spool file lives (default: the temporary directory)"
-    )
-    parser.add_argument("--batch-events", type=int, help="most events per storage transaction")
-    parser.add_argument(
-        "--reader-process",
-        help="on: read and normalize broker events in a child process, off: in this one"
-        " (default on; env SLUICE_READER_PROCESS)",
-    )
-    parser.add_argument(
-        "--api-token",
-        help="require 'Authorization: Bearer TOKEN' on the API (env SLUICE_API_TOKEN)",
-    )
-    parser.add_argument(
-        "--session-secret",
-        help="key signing dashboard login cookies; share it between web replicas "
-        "(env SLUICE_SESSION_SECRET; default: random at each start)",
-    )
-    parser.add_argument(
-        "--heartbeat-missed",
-        type=float,
-        help="heartbeat intervals without news before a worker is offline (default 3)",
-    )
-    parser.add_argument(
-        "--stuck-after",
-        type=float,
-        help="seconds a job may wait queued with no worker taking it before it is flagged"
-        " stuck (default 600; env SLUICE_STUCK_AFTER); active jobs are stuck past 5x"
-        " their task's mean runtime (at least 60 s)",
-    )
+def _shown(option: Option[Any], raw: object) -> str:
+    return "a value that is not accepted" if option.secret else repr(raw)

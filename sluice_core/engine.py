@@ -14,7 +14,7 @@ import trio
 
 from sluice_core.actions import ActionHandler
 from sluice_core.bus import Bus
-from sluice_core.config import Config
+from sluice_core.config import HEARTBEAT_MISSED, Config
 from sluice_core.metrics import Metrics, StorageGauges
 from sluice_core.model import Job, QueueSample
 from sluice_core.monitors import WorkerMonitor
@@ -59,7 +59,7 @@ class Engine:
         self.actions: list[ActionHandler] = pm.actions(config)
         self.probes: list[Probe] = pm.probes(config)
         self.worker_monitor = WorkerMonitor(
-            self.storage, self.pipeline, missed=float(config.get("heartbeat_missed", 3.0))
+            self.storage, self.pipeline, missed=config.get(HEARTBEAT_MISSED)
         )
         self.web_addresses: list[str] = []
         self._stop_requested = trio.Event()

@@ -12,7 +12,6 @@ so a plugin may register any number of things, and the core can check each.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -22,6 +21,7 @@ if TYPE_CHECKING:
     from sluice_core.actions import ActionHandler
     from sluice_core.config import Config
     from sluice_core.model import Normalized, RawBatch
+    from sluice_core.options import OptionParser
     from sluice_core.probes import Probe
     from sluice_core.sources import Source
     from sluice_core.storage import Storage
@@ -35,13 +35,26 @@ hookspec = pluggy.HookspecMarker("sluice")
 
 
 @hookspec(historic=True)
-def sluice_addoption(parser: argparse.ArgumentParser) -> None:
-    """Add command-line options for the ``run`` and ``agent`` commands.
+def sluice_addoption(parser: OptionParser) -> None:
+    """Declare your options: ``parser.add(Option(...))``, each once.
 
     Called once the plugins named with ``--plugin`` are loaded, before the
     command line is parsed in full. Historic: a plugin registered later is
-    still called. Options should also read an environment variable
-    (``SLUICE_<NAME>``) where that makes sense; see :mod:`sluice_core.config`.
+    still called. An option's name gives its flag (``--name``), environment
+    variable (``SLUICE_NAME``) and TOML key (``name``); its kind parses and
+    validates the value once. Read it typed with ``config.get(OPTION)``. See
+    :mod:`sluice_core.options`.
+    """
+
+
+@hookspec(firstresult=True)
+def sluice_claim_broker(url: str) -> bool | None:
+    """Return True if your sources watch the broker at ``url``, else None.
+
+    Called at start for each ``--broker`` URL of ``run`` and ``agent``, and
+    for installed plugins that are not loaded when no loaded one claims a URL
+    (to name the plugin to load). A URL no plugin claims stops the start with
+    exit status 2. Stops at the first non-None result.
     """
 
 

@@ -40,7 +40,7 @@ import attrs
 import trio
 
 from sluice_core.bus import Bus
-from sluice_core.config import DEFAULT_BATCH_EVENTS, DEFAULT_BUFFER_MB
+from sluice_core.config import BATCH_EVENTS, BUFFER_MB
 from sluice_core.metrics import Metrics
 from sluice_core.model import JobEvent, Normalized, RawBatch, WorkerEvent
 from sluice_core.spool import Spool
@@ -123,9 +123,9 @@ class Pipeline:
         bus: Bus,
         on_stored: Callable[[IngestResult], None],
         buffer_messages: int = 1_000_000,
-        buffer_bytes: int = DEFAULT_BUFFER_MB * 2**20,
+        buffer_bytes: int = BUFFER_MB.default * 2**20,
         spool: Spool | None = None,
-        batch_events: int = DEFAULT_BATCH_EVENTS,
+        batch_events: int = BATCH_EVENTS.default,
         writers: int = 1,
         normalized_batches: int = NORMALIZED_BATCHES,
     ) -> None:

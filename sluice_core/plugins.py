@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
+import logging
 from collections.abc import Iterable
 from importlib.metadata import entry_points
 from types import ModuleType
@@ -12,8 +12,9 @@ import pluggy
 
 from sluice_core import hookspecs
 from sluice_core.actions import ActionHandler
-from sluice_core.config import Config, ConfigError
+from sluice_core.config import Config, ConfigError, redact_url
 from sluice_core.model import Normalized, RawBatch
+from sluice_core.options import OptionParser
 from sluice_core.probes import Probe
 from sluice_core.sources import Source
 from sluice_core.storage import Storage
@@ -22,6 +23,25 @@ from sluice_core.storage import Storage
 DEFAULT_PLUGINS = ("sluice_storage.sqlite", "sluice_storage.postgres")
 
 ENTRY_POINT_GROUP = "sluice"
+
+log = logging.getLogger(__name__)
+
+
+def _installed_claimants(url: str, *, loaded: pluggy.PluginManager) -> list[str]:
+    """The installed plugins, not loaded, that would watch ``url`` (for the error's advice)."""
+    found = []
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        if loaded.has_plugin(entry.name):
+            continue
+        probe = PluginManager(storage=False)
+        try:
+            probe.load([entry.name])
+        except Exception as exc:  # a broken third-party plugin must not hide the advice
+            log.debug("plugin %s could not be loaded: %s", entry.name, exc)
+            continue
+        if probe.claims_broker(url):
+            found.append(entry.name)
+    return found
 
 
 class PluginManager:
@@ -66,8 +86,27 @@ class PluginManager:
 
     # -- hooks -----------------------------------------------------------
 
-    def add_options(self, parser: argparse.ArgumentParser) -> None:
+    def add_options(self, parser: OptionParser) -> None:
         self._pm.hook.sluice_addoption.call_historic(kwargs={"parser": parser})
+
+    def claims_broker(self, url: str) -> bool:
+        return bool(self._pm.hook.sluice_claim_broker(url=url))
+
+    def check_brokers(self, config: Config) -> None:
+        """Every broker asked for is watched by a loaded plugin, or start-up fails
+        naming the installed plugin that would watch it."""
+        for url in config.brokers:
+            if self.claims_broker(url):
+                continue
+            shown = redact_url(url)
+            would = _installed_claimants(url, loaded=self._pm)
+            if would:
+                flags = " ".join(f"--plugin {name}" for name in would)
+                raise ConfigError(f"no loaded plugin watches {shown}: add {flags}")
+            raise ConfigError(
+                f"no installed plugin watches {shown}: check the URL's scheme, or install"
+                " a plugin for that broker and load it with --plugin NAME"
+            )
 
     def configure(self, config: Config) -> None:
         self._pm.hook.sluice_configure.call_historic(kwargs={"config": config})

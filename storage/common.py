@@ -22,7 +22,7 @@ import attrs
 import orjson
 
 from sluice_core import merge
-from sluice_core.config import Config, ConfigError
+from sluice_core.config import STUCK_AFTER, Config
 from sluice_core.model import Job, JobEvent, JobState, QueueSample, Worker, WorkerEvent
 from sluice_core.probes import WorkerQueues
 from sluice_core.storage import (
@@ -425,14 +425,7 @@ STUCK_ACTIVE_FLOOR_S = 60
 
 def stuck_after(config: Config) -> float:
     """The ``--stuck-after`` option, in seconds."""
-    raw = config.get("stuck_after", DEFAULT_STUCK_AFTER_S)
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"--stuck-after: expected seconds, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(f"--stuck-after: must be more than 0, got {raw!r}")
-    return value
+    return config.get(STUCK_AFTER)
 
 
 def stuck_sql(marker: str) -> tuple[str, str]:

@@ -53,10 +53,10 @@ async def sluice(
     pm.load(["celery", "rabbitmq"])
     options = {"redis_keyprefix": keyprefix, **options}
     config = Config(
-        brokers=[broker_url, *more_brokers],
+        broker=[broker_url, *more_brokers],
         db=f"sqlite:///{tmp_path}/sluice.db",
         port=0,
-        layers=[options],
+        **options,
     )
     pm.configure(config)
     engine = Engine(config, pm)

@@ -122,7 +122,7 @@ async def test_the_agent_streams_through_a_server_restart_losing_and_doubling_no
     db, port = tmp_path / "central.db", free_port()
     pm = PluginManager()
     pm.load(["celery"])
-    config = Config(brokers=[REDIS_URL], layers=[{"redis_keyprefix": keyprefix}])
+    config = Config(broker=[REDIS_URL], redis_keyprefix=keyprefix)
     pm.configure(config)
     before, during, after = (task_events(keyprefix, n) for n in (200, 300, 100))
 
@@ -164,7 +164,7 @@ async def test_a_refused_key_stores_nothing_and_the_agent_keeps_the_events(
     db, port = tmp_path / "central.db", free_port()
     pm = PluginManager()
     pm.load(["celery"])
-    config = Config(brokers=[REDIS_URL], layers=[{"redis_keyprefix": keyprefix}])
+    config = Config(broker=[REDIS_URL], redis_keyprefix=keyprefix)
     pm.configure(config)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery, server(db, port) as central:

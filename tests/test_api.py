@@ -581,6 +581,15 @@ async def test_healthz_is_503_when_a_source_is_down(tmp_path: Path, down: bool) 
         assert body["sources"]["test/down"]["detail"] == ("broker unreachable" if down else "")
 
 
+async def test_healthz_is_503_when_brokers_are_asked_for_and_no_source_reads_them(
+    tmp_path: Path,
+) -> None:
+    async with serving(tmp_path, broker=["redis://localhost:6379/0"]) as (_, client):
+        response = await client.get("/healthz")
+        assert response.status_code == 503
+        assert response.json()["sources"]["brokers"]["up"] is False
+
+
 async def test_metrics_export_ingestion_jobs_by_state_and_workers(tmp_path: Path) -> None:
     worker = WorkerEvent("w1@host", "celery", "online", time.time(), freq=3600.0)
     async with serving(tmp_path) as (engine, client):

@@ -13,7 +13,8 @@ import httpx
 import pytest
 import trio
 
-from sluice_core.config import Config, ConfigError
+from sluice_core import config as options
+from sluice_core.config import Config, ConfigError, build
 from sluice_core.model import JobState
 from sluice_web.auth import is_loopback, load_auth
 from tests.test_api import T0, assert_error, job_event, serving
@@ -55,13 +56,16 @@ def test_the_cli_says_why_it_refuses_instead_of_a_traceback(tmp_path: Path) -> N
     assert "Traceback" not in proc.stderr
 
 
-def test_bad_authentication_settings_fail_at_start() -> None:
-    with pytest.raises(ConfigError, match="shorter than 16"):
-        load_auth(Config(layers=[{"api_token": "short"}]))
+def test_bad_authentication_settings_fail_at_start(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--api-token: expected text of at least 16") as caught:
+        build([options.API_TOKEN], {"api_token": "short-secret"}, environ={})
+    assert "short-secret" not in str(caught.value)  # a secret is never echoed
     with pytest.raises(ConfigError, match="user 'bob'.*not an argon2 hash"):
-        load_auth(Config(layers=[{"users": {"bob": "plaintext"}}]))
-    with pytest.raises(ConfigError, match=r"\[users\]"):
-        load_auth(Config(layers=[{"users": "bob"}]))
+        load_auth(Config(users={"bob": "plaintext"}))
+    toml = tmp_path / "sluice.toml"
+    toml.write_text('users = "bob"\n')
+    with pytest.raises(ConfigError, match=r"users in .*: expected a table"):
+        build([options.CONFIG, options.USERS], {"config": str(toml)}, environ={})
 
 
 async def test_the_api_token_is_required_and_probes_stay_open(tmp_path: Path) -> None:

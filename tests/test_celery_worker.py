@@ -27,7 +27,7 @@ async def watch(worker: CeleryWorker, nursery: trio.Nursery) -> CollectingSink:
     """Run the source Sluice's plugins choose for the worker's broker URL."""
     pm = PluginManager()
     pm.load(["celery", "rabbitmq"])
-    config = Config(brokers=[worker.broker_url], layers=[{"redis_keyprefix": worker.keyprefix}])
+    config = Config(broker=[worker.broker_url], redis_keyprefix=worker.keyprefix)
     [source] = pm.sources(config)
     sink = CollectingSink()
     await nursery.start(source.run, sink)

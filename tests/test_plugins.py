@@ -83,7 +83,7 @@ async def test_a_third_party_framework_needs_no_change_to_the_core(
     port = free_port()
     pm = PluginManager()
     pm.load(["toyqueue"])
-    config = Config(db=f"sqlite:///{tmp_path}/toy.db", layers=[{"toyqueue_port": port}])
+    config = Config(db=f"sqlite:///{tmp_path}/toy.db", toyqueue_port=port)
     pm.configure(config)
     engine = Engine(config, pm)
     assert [s.name for s in engine.sources] == [f"toyqueue/tcp:{port}"]

@@ -92,7 +92,7 @@ def broker_probe(worker: CeleryWorker) -> RedisQueueProbe | AmqpQueueProbe:
     """The probe Sluice's plugins run for the worker's broker."""
     pm = PluginManager()
     pm.load(["celery", "rabbitmq"])
-    config = Config(brokers=[worker.broker_url], layers=[{"redis_keyprefix": worker.keyprefix}])
+    config = Config(broker=[worker.broker_url], redis_keyprefix=worker.keyprefix)
     [probe] = pm.probes(config)
     assert isinstance(probe, RedisQueueProbe | AmqpQueueProbe)
     return probe
@@ -131,11 +131,13 @@ async def watching(
     pm = PluginManager()
     pm.load(["celery", "rabbitmq"])
     config = Config(
-        brokers=[worker.broker_url],
+        broker=[worker.broker_url],
         db=f"sqlite:///{tmp_path}/sluice.db",
         port=0,
-        layers=[{"redis_keyprefix": worker.keyprefix, "redis_probe_interval": 0.5,
-                 "rabbitmq_probe_interval": 0.5, "heartbeat_missed": 1.5}],
+        redis_keyprefix=worker.keyprefix,
+        redis_probe_interval=0.5,
+        rabbitmq_probe_interval=0.5,
+        heartbeat_missed=1.5,
     )
     pm.configure(config)
     engine = Engine(config, pm)

@@ -9,7 +9,6 @@ other users never see its events and it never sees theirs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import uuid
@@ -20,10 +19,9 @@ import pytest
 import trio
 
 from sluice_celery.control import AmqpMailbox, NoListener
-from sluice_core.config import ConfigError, build
+from sluice_core.cli import parse
+from sluice_core.config import ConfigError
 from sluice_core.model import JobState
-from sluice_core.plugins import PluginManager
-from sluice_rabbitmq import plugin
 from sluice_rabbitmq.connection import AmqpParams
 from sluice_rabbitmq.probe import AmqpQueueProbe
 from sluice_rabbitmq.publish import AmqpPublisher, PublishError
@@ -339,18 +337,17 @@ async def test_republished_task_message_runs_on_a_real_worker(
 
 
 def test_plugin_registers_a_source_and_a_probe_per_amqp_broker() -> None:
-    pm = PluginManager()
-    pm.load(["rabbitmq"])
-    parser = argparse.ArgumentParser()
-    pm.add_options(parser)
-    config = build(parser.parse_args(["--rabbitmq-probe-interval", "2.5"]))
-    config.brokers = [
+    brokers = [
         "redis://localhost:6379/0",  # the celery plugin's
         "amqp://u:secret@rabbit:5672/prod",
         "amqps://rabbit.example//",
     ]
-    sources = pm.sources(config)
-    probes = pm.probes(config)
+    argv = ["run", "--plugin", "celery", "--rabbitmq-probe-interval", "2.5"]
+    _, config, pm = parse(argv + [f"--broker={url}" for url in brokers], {})
+    # The celery plugin loads its RabbitMQ transport.
+    assert any(name.startswith("rabbitmq ") for name, _ in pm.describe())
+    sources = [source for source in pm.sources(config) if "amqp" in source.name]
+    probes = [probe for probe in pm.probes(config) if "amqp" in probe.name]
 
     assert [s.name for s in sources] == [
         "celery/amqp://u:***@rabbit:5672/prod", "celery/amqps://rabbit.example//",
@@ -366,10 +363,8 @@ def test_plugin_registers_a_source_and_a_probe_per_amqp_broker() -> None:
     ("option", "value"), [("--rabbitmq-probe-interval", "0"), ("--rabbitmq-queue-ttl", "-1")]
 )
 def test_bad_options_are_configuration_errors(option: str, value: str) -> None:
-    parser = argparse.ArgumentParser()
-    plugin.sluice_addoption(parser)
-    with pytest.raises(ConfigError, match=option):
-        plugin.sluice_configure(build(parser.parse_args([option, value])))
+    with pytest.raises(ConfigError, match=f"{option}: expected seconds above 0, got '{value}'"):
+        parse(["run", "--plugin", "celery", option, value], {})
 
 
 @pytest.mark.parametrize(

@@ -31,11 +31,11 @@ from tests.test_redis_source import publish
 @asynccontextmanager
 async def engine_with_reader(db: Path, keyprefix: str) -> AsyncIterator[Engine]:
     config = Config(
-        brokers=[REDIS_URL],
+        broker=[REDIS_URL],
         db=f"sqlite:///{db}",
-        plugins=["celery"],
+        plugin=["celery"],
         reader_process=True,
-        layers=[{"redis_keyprefix": keyprefix}],
+        redis_keyprefix=keyprefix,
     )
     pm = PluginManager()
     pm.load(config.plugins)

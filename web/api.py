@@ -467,6 +467,13 @@ async def healthz() -> tuple[dict[str, Any], int]:
         }
     for name, status in engine.pipeline.sources.items():
         sources[name] = {"up": status.up, "detail": status.detail, "since": iso(status.since)}
+    if engine.config.brokers and not engine.sources:
+        # Brokers were asked for and nothing reads them: never "ok".
+        sources["brokers"] = {
+            "up": False,
+            "detail": "no loaded plugin watches the configured brokers",
+            "since": iso(engine.started_at),
+        }
     healthy = storage["up"] and all(status["up"] for status in sources.values())
     return {"status": "ok" if healthy else "down", "storage": storage, "sources": sources}, (
         200 if healthy else 503

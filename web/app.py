@@ -8,7 +8,7 @@ import orjson
 from quart.json.provider import JSONProvider
 from quart_trio import QuartTrio
 
-from sluice_core.config import Config, ConfigError
+from sluice_core.config import SSE_HEARTBEAT
 from sluice_core.engine import Engine
 from sluice_web import api, dashboard, errors, ingest, stream
 from sluice_web.auth import Auth, install, load_auth
@@ -26,24 +26,12 @@ class _OrjsonProvider(JSONProvider):
         return orjson.loads(s)
 
 
-def _heartbeat(config: Config) -> float:
-    """Seconds between SSE heartbeats (option ``sse_heartbeat``; tests shorten it)."""
-    value = config.get("sse_heartbeat", stream.DEFAULT_HEARTBEAT)
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        seconds = 0.0
-    if not 0 < seconds <= stream.DEFAULT_HEARTBEAT:
-        raise ConfigError(f"sse_heartbeat: {value!r} is not a number of seconds in (0, 15]")
-    return seconds
-
-
 def create_app(engine: Engine, *, auth: Auth | None = None) -> QuartTrio:
     # Root path web/: /static serves web/static, which the dashboard's pages link to.
     app = QuartTrio("sluice_web")
     app.json = _OrjsonProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
-    app.config["SLUICE_SSE_HEARTBEAT"] = _heartbeat(engine.config)
+    app.config["SLUICE_SSE_HEARTBEAT"] = engine.config.get(SSE_HEARTBEAT)
     app.extensions["sluice_engine"] = engine
     app.extensions["sluice_streams"] = stream.Streams()
     errors.register(app)

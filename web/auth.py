@@ -37,22 +37,21 @@ from quart import (
     Response,
     current_app,
     redirect,
-    render_template_string,
+    render_template,
     request,
     session,
 )
 from quart.typing import ResponseReturnValue
 
-from sluice_core.config import Config, ConfigError
+from sluice_core.config import API_TOKEN, SESSION_SECRET, USERS, Config, ConfigError
 from sluice_web.errors import ApiError, error_response
 from sluice_web.ingest import INGEST_PATHS
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/healthz", "/metrics", "/login"})
+OPEN_PATHS = frozenset({"/healthz", "/metrics", "/login", "/favicon.ico"})
 OPEN_PREFIXES = ("/static/", "/assets/")  # the dashboard's scripts and styles: public code, no data
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-MIN_TOKEN_LENGTH = 16
 TOKEN_USER = "api-token"  # the session's user when someone logs in with the API token
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
@@ -76,27 +75,17 @@ class Auth:
 
 def load_auth(config: Config) -> Auth:
     """The authentication settings, checked: bad ones are a ConfigError at start."""
-    token = config.get("api_token")
-    if token is not None:
-        token = str(token)
-        if len(token) < MIN_TOKEN_LENGTH:
-            raise ConfigError(
-                f"the API token is shorter than {MIN_TOKEN_LENGTH} characters; "
-                "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
-            )
-    users = config.get("users") or {}
-    if not isinstance(users, dict):
-        raise ConfigError('[users] must be a table of name = "$argon2id$..." entries')
+    users = config.get(USERS)
     for name, hashed in users.items():
         try:
-            argon2.extract_parameters(str(hashed))
+            argon2.extract_parameters(hashed)
         except argon2.exceptions.InvalidHashError:
             raise ConfigError(
                 f"user {name!r}: the password is not an argon2 hash; make one with: "
                 "python -c 'import argon2; print(argon2.PasswordHasher().hash(input()))'"
             ) from None
-    secret = config.get("session_secret") or secrets.token_urlsafe(32)
-    return Auth(token, {str(k): str(v) for k, v in users.items()}, str(secret))
+    secret = config.get(SESSION_SECRET) or secrets.token_urlsafe(32)
+    return Auth(config.get(API_TOKEN), users, secret)
 
 
 def is_loopback(host: str) -> bool:
@@ -219,22 +208,6 @@ def _unauthorized(message: str) -> Response:
 
 blueprint = Blueprint("auth", __name__)
 
-_LOGIN_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Sluice: log in</title>
-<meta name="viewport" content="width=device-width, initial-scale=1"></head>
-<body style="font-family: system-ui, sans-serif; max-width: 22rem; margin: 4rem auto">
-<h1>Sluice</h1>
-{% if message %}<p role="alert" style="color: #b00020">{{ message }}</p>{% endif %}
-<form method="post" action="/login">
-  <input type="hidden" name="next" value="{{ next }}">
-  <p><label>User <input name="username" autocomplete="username" autofocus></label></p>
-  <p><label>Password <input name="password" type="password" autocomplete="current-password"
-     required></label></p>
-  <p><button type="submit">Log in</button></p>
-</form></body></html>
-"""
-
-
 def _safe_next(value: Any) -> str:
     # Only a path on this site: "//evil.example" or a full URL would be an open redirect.
     if isinstance(value, str) and value.startswith("/") and not value.startswith("//"):
@@ -242,11 +215,21 @@ def _safe_next(value: Any) -> str:
     return "/"
 
 
+async def _login_page(message: str, target: str) -> str:
+    # The page says what to type: a user's password, the API token, or either.
+    auth = _auth()
+    return await render_template(
+        "login.html",
+        message=message,
+        next=target,
+        users=bool(auth.users),
+        api_token=auth.api_token is not None,
+    )
+
+
 @blueprint.get("/login")
 async def login_form() -> str:
-    return await render_template_string(
-        _LOGIN_PAGE, message="", next=_safe_next(request.args.get("next"))
-    )
+    return await _login_page("", _safe_next(request.args.get("next")))
 
 
 @blueprint.post("/login")
@@ -259,9 +242,8 @@ async def login() -> ResponseReturnValue:
         user = TOKEN_USER
     elif not await verify_password(auth, user, password):
         log.warning("failed login for user %r from %s", user, request.remote_addr)
-        return await render_template_string(
-            _LOGIN_PAGE, message="Wrong user name or password.", next=target
-        )
+        wrong = "Wrong user name or password." if auth.users else "Wrong API token."
+        return await _login_page(wrong, target)
     # A fresh session at login: a cookie planted before cannot ride along (fixation).
     session.clear()
     session["user"] = user

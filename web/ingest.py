@@ -33,7 +33,7 @@ from quart import Blueprint, Response, current_app, request, websocket
 from quart.wrappers import ClientDisconnectedError
 from werkzeug.datastructures import Headers
 
-from sluice_core.config import ConfigError
+from sluice_core.config import INGEST_BURST, INGEST_RATE
 from sluice_core.engine import Engine
 from sluice_core.model import JobEvent, RawBatch, WorkerEvent
 from sluice_core.serialize import job_event_from_json, worker_event_from_json
@@ -49,8 +49,6 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_EVENTS = 10_000  # per request or message
 STORE_TIMEOUT = 30.0  # seconds to wait for storage before telling the sender to resend
 REVALIDATE_S = 10.0  # an open stream re-checks its key this often (a revoked key stops it)
-DEFAULT_RATE = 20_000.0  # events per second per key (option ingest_rate)
-DEFAULT_BURST = 100_000.0  # option ingest_burst
 
 # Wire formats of Celery events, by the name a sender gives: the SDK's batches are
 # JSON lists of Celery event dicts, exactly a RabbitMQ ``task.multi`` body, which
@@ -99,15 +97,8 @@ class Ingest:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        try:
-            self.rate = float(engine.config.get("ingest_rate", DEFAULT_RATE))
-            self.burst = float(engine.config.get("ingest_burst", DEFAULT_BURST))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"ingest_rate / ingest_burst: expected numbers ({exc})") from None
-        if not (self.rate > 0 and self.burst >= 1):
-            raise ConfigError(
-                f"ingest_rate must be > 0 and ingest_burst >= 1 (got {self.rate}, {self.burst})"
-            )
+        self.rate = engine.config.get(INGEST_RATE)
+        self.burst = engine.config.get(INGEST_BURST)
         self._buckets: dict[int, TokenBucket] = {}
 
     def wait_for(self, key: ApiKey, events: int) -> float:

@@ -32,7 +32,6 @@ from sluice_core.storage import JobQuery
 from sluice_web.errors import BadRequest
 from sluice_web.params import query_from_args
 
-DEFAULT_HEARTBEAT = 15.0
 RESYNC = "event: resync\ndata: {}\n\n"
 # Sent first: how long a browser waits before reconnecting, and a first chunk
 # that tells the client the subscription is in place.

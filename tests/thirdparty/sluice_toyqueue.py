@@ -16,6 +16,7 @@ import trio
 
 from sluice_core import hookimpl
 from sluice_core.config import Config
+from sluice_core.options import Option, OptionParser, integer
 from sluice_core.model import JobEvent, JobState, Normalized, RawBatch, event_id
 from sluice_core.sources import Sink
 
@@ -48,16 +49,19 @@ class ToyQueueSource:
         await trio.serve_listeners(handle, listeners)
 
 
+PORT = Option("toyqueue_port", integer(0, 65535), None, "port the toyqueue workers report to")
+
+
 @hookimpl
-def sluice_addoption(parser) -> None:  # type: ignore[no-untyped-def]
-    parser.add_argument("--toyqueue-port", type=int, help="port the toyqueue workers report to")
+def sluice_addoption(parser: OptionParser) -> None:
+    parser.add(PORT)
 
 
 @hookimpl
 def sluice_sources(config: Config, register) -> None:  # type: ignore[no-untyped-def]
-    port = config.get("toyqueue_port")
+    port = config.get(PORT)
     if port is not None:
-        register(ToyQueueSource(int(port)))
+        register(ToyQueueSource(port))
 
 
 @hookimpl
