@@ -8,13 +8,14 @@ SLUICE_BROKER_URL ?= redis://localhost:6379/0
 PYTHON313 := $(shell for p in python3.13 /usr/bin/python3.13 /usr/local/bin/python3.13 $$(ls -d $$(pyenv root 2>/dev/null)/versions/3.13.*/bin/python3 2>/dev/null | sort -V -r); do \
 	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 13)' >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 
-.PHONY: run test bench services venv clean
+.PHONY: run test test-fast bench services venv clean
 
 $(VENV)/.installed: pyproject.toml sdk/pyproject.toml
 	@if [ -z "$(PYTHON313)" ]; then echo "error: Python 3.13 not found (install it, or put python3.13 on PATH)" >&2; exit 1; fi
 	@[ -x $(PY) ] || $(PYTHON313) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]' -e ./sdk
+	@# setuptools warns at every editable install of a package-dir mapping; nothing to act on.
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e '.[test]' -e ./sdk
 	touch $@
 
 venv: $(VENV)/.installed
@@ -28,6 +29,10 @@ services:
 test: venv services
 	@bash .ci/browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# No Redis, RabbitMQ, PostgreSQL, Celery worker or Chromium: tests of the code alone.
+test-fast: venv
+	$(PY) -m pytest -m "not services" $(PYTEST_ARGS)
 
 bench: venv services
 	$(PY) -m bench
