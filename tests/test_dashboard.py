@@ -10,6 +10,7 @@ Each page's screenshot lands in docs/screenshots/.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import argon2
 from playwright.sync_api import Page, Route, expect, sync_playwright
 
 from sluice_core.config import Config
@@ -26,6 +28,7 @@ from sluice_core.model import JobEvent, JobState, QueueSample, WorkerEvent, even
 from sluice_core.plugins import PluginManager
 from sluice_core.storage import Storage
 from tests.fixtures.services import REPO
+from tests.test_api import serving
 
 
 CHROMIUM = "/usr/bin/chromium"
@@ -504,6 +507,77 @@ async def test_empty_pages_say_what_to_do(empty_engine: Engine) -> None:
         expect(page.locator(".empty-title")).to_have_text("No such job")
 
     await browse(scenario)
+
+
+@pytest.mark.browser
+async def test_pages_have_an_icon_and_a_404_page_like_the_rest(empty_engine: Engine) -> None:
+    def scenario(page: Page) -> None:
+        response = page.goto(url(empty_engine, "/no/such/page"))
+        assert response is not None and response.status == 404
+        assert response.headers["content-type"].startswith("text/html")
+        expect(page.locator(".empty-title")).to_have_text("Page not found")
+        expect(page.locator(".empty-state")).to_contain_text("/no/such/page")
+        expect(page.locator(".topbar nav a")).to_have_count(4)
+        # The icon is our own SVG, and it draws.
+        icon = page.locator("link[rel=icon]")
+        expect(icon).to_have_attribute("type", "image/svg+xml")
+        src = icon.evaluate("link => link.href")
+        width = page.evaluate(
+            "async src => { const img = new Image(); img.src = src; await img.decode();"
+            " return img.naturalWidth; }", src)
+        assert width > 0
+        served = page.request.get(url(empty_engine, "/favicon.ico"))  # redirected to it
+        assert served.ok and served.headers["content-type"].startswith("image/svg+xml")
+        # The API keeps its JSON errors, even for a browser.
+        response = page.goto(url(empty_engine, "/api/no/such/thing"))
+        assert response is not None and response.status == 404
+        assert json.loads(page.locator("body").inner_text())["error"]["code"] == "not_found"
+
+    await browse(scenario)
+
+
+TOKEN = "dashboard-token-0123456789"
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("with_users", [False, True])
+async def test_the_login_page_says_what_to_type(tmp_path: Path, with_users: bool) -> None:
+    users = {
+        "alice": argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1).hash(PASSWORD)
+    }
+    async with serving(tmp_path, api_token=TOKEN, **({"users": users} if with_users else {})) as (
+        engine, _
+    ):
+        def scenario(page: Page) -> None:
+            # (The strict-CSP route follows redirects itself: go to the login page straight.)
+            page.goto(url(engine, "/login?next=%2Fjobs"))
+            # Styled as the dashboard: its stylesheet, top bar and icon.
+            expect(page.locator(".topbar .brand")).to_be_visible()
+            expect(page.locator(".card.login h1")).to_have_text("Log in")
+            expect(page.locator(".card.login")).to_have_css("border-radius", "8px")
+            expect(page.locator("link[rel=icon]")).to_have_count(1)
+            hint = page.locator("#login-hint")
+            expect(hint).to_contain_text("API token")
+            expect(hint).to_contain_text("--api-token")
+            if with_users:
+                expect(page.get_by_label("User name")).to_be_visible()
+                expect(hint).to_contain_text("leave the user name blank")
+                page.get_by_label("Password").fill("not it")
+            else:
+                # Nothing to type in a user name field: there is none.
+                expect(page.locator("input[name=username]")).to_have_count(0)
+                page.get_by_label("API token").fill("not it")
+            page.click("button[type=submit]")
+            expect(page.locator(".alert.error")).to_have_text(
+                "Wrong user name or password." if with_users else "Wrong API token."
+            )
+            page.get_by_label("Password" if with_users else "API token").fill(TOKEN)
+            page.click("button[type=submit]")
+            expect(page.locator("h1")).to_have_text("Jobs")
+            expect(page.locator(".logout span")).to_have_text("api-token")
+
+        await browse(scenario)
 
 
 # -- the history behind the charts, on every backend ---------------------------------------

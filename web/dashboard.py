@@ -16,7 +16,8 @@ from typing import Any
 from urllib.parse import urlencode
 
 from markupsafe import Markup
-from quart import Blueprint, current_app, render_template, request
+from quart import Blueprint, current_app, redirect, render_template, request, url_for
+from quart.typing import ResponseReturnValue
 
 from sluice_core.engine import Engine
 from sluice_core.model import TERMINAL_STATES, Job, JobState
@@ -292,6 +293,12 @@ async def workers() -> str:
     ]
     rows.sort(key=lambda w: (w["status"] != "online", w["hostname"]))
     return await render_template("workers.html", workers=rows)
+
+
+@blueprint.get("/favicon.ico")
+async def favicon() -> ResponseReturnValue:
+    # Browsers ask for it where no page links an icon: the API's JSON, /metrics.
+    return redirect(url_for("static", filename="favicon.svg"))
 
 
 # -- helpers --------------------------------------------------------------------

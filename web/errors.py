@@ -2,7 +2,8 @@
 
 Bad input is the client's to fix, so its message says what was wrong; an
 unexpected failure is logged with its traceback here and answered with a
-plain 500 that shows none of it (DESIGN.md section 5).
+plain 500 that shows none of it (DESIGN.md section 5). The one exception: a
+browser asking for a page that does not exist gets the dashboard's 404 page.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 
-from quart import Quart, Response, jsonify
+from quart import Quart, Response, has_request_context, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,19 @@ async def _api_error(exc: ApiError) -> Response:
     return error_response(exc.status, exc.code, exc.message)
 
 
-async def _http_error(exc: HTTPException) -> Response:
+def _wants_page() -> bool:
+    """A browser navigating to a page: not the API, nor a script, image or client (curl,
+    httpx and fetch send ``*/*``, for which JSON is the better match)."""
+    if not has_request_context() or request.path == "/api" or request.path.startswith("/api/"):
+        return False
+    return request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
+
+
+async def _http_error(exc: HTTPException) -> Response | tuple[str, int]:
+    if exc.code == 404 and _wants_page():
+        message = f"Sluice has no page at {request.path}."
+        page = await render_template("not_found.html", title="Page not found", message=message)
+        return page, 404
     response = error_response(exc.code or 500, _code_of(exc), exc.description or exc.name)
     # Keep what the status needs to be useful, e.g. ``Allow`` on a 405.
     for name, value in exc.get_headers():
