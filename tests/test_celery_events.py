@@ -1,8 +1,9 @@
 """Decoding and normalizing Celery events: real captured traffic, and what must not crash.
 
-The fixture files are real Celery 5.7 traffic (docs/celery-protocol.md section 9);
-events Celery sends but the captures lack (rejected, cancelled) are built the
-way kombu builds them.
+The fixture files are real Celery 5.7 traffic (docs/celery-protocol.md section 9),
+made by tests/fixtures/capture.py, whose manifest names the notable jobs; the
+event Celery sends but the captures lack (task-cancelled, on a lost connection)
+is built the way kombu builds it.
 """
 
 from __future__ import annotations
@@ -19,15 +20,28 @@ from sluice_celery.events import KIND_AMQP, KIND_REDIS, normalize_batch
 from sluice_core.merge import rebuild
 from sluice_core.model import JobEvent, JobState, Normalized, RawBatch
 from sluice_core.plugins import PluginManager
-from tests.fixtures.services import FIXTURES
+from tests.fixtures.services import FIXTURES, capture_manifest
 
-ADD = "4aa9af1b-4bd4-4b63-a980-6b982bf297f6"  # tasks.add(2, 3) -> 5
-FLAKY = "6c266801-63d1-462d-974a-1d8a5b9613a5"  # failed once, retried with a countdown, succeeded
-FAIL = "5caf6222-ad10-47bb-83dd-12ae1b730a1d"  # KeyError('k')
-DIE = "4a16b6fe-03a2-4c6b-bd7e-f806cec5230a"  # its pool child was SIGKILLed
-UNREGISTERED = "ad03a294-306a-49f6-8bc3-875c131d3f96"  # tasks.does_not_exist
-TERMINATED = "60c85698-3b21-4fa0-83d4-a95445b90ca9"  # revoked with terminate=True
-EXPIRED = "a930978d-01ea-40ee-8e92-8e07c340a858"  # revoked: expired while held for its ETA
+REDIS = capture_manifest("redis")
+WORKER = REDIS["worker"]  # the Redis capture's worker
+ADD = REDIS["jobs"]["add"]  # tests.add(2, 3) -> 5
+FLAKY = REDIS["jobs"]["retried"]  # failed once, retried with a countdown, succeeded
+FAIL = REDIS["jobs"]["failed"]  # KeyError('k')
+DIE = REDIS["jobs"]["lost"]  # its pool child was SIGKILLed
+UNREGISTERED = REDIS["jobs"]["unregistered"]  # tests.does_not_exist
+TERMINATED = REDIS["jobs"]["terminated"]  # revoked with terminate=True while running
+EXPIRED = REDIS["jobs"]["expired"]  # revoked: expired while held for its ETA
+REVOKED = REDIS["jobs"]["revoked"]  # revoked while held for its ETA
+ON_ARRIVAL = REDIS["jobs"]["revoked_on_arrival"]  # revoked before the worker received it
+REJECTED = REDIS["jobs"]["rejected"]  # raised Reject(requeue=False), acks_late
+ETA = REDIS["jobs"]["eta"]  # held for its ETA (a countdown), then run
+NO_SENT_EVENT = REDIS["jobs"]["no_sent_event"]  # its producer sends no task-sent
+UNCONSUMED = REDIS["jobs"]["unconsumed"]  # on a queue no worker consumes
+# Every task event Celery sends, but task-cancelled (a worker's lost connection).
+CAPTURED_TASK_EVENTS = {
+    "task-sent", "task-received", "task-started", "task-succeeded", "task-failed",
+    "task-retried", "task-rejected", "task-revoked",
+}
 
 
 def load(name: str) -> list[dict[str, Any]]:
@@ -37,6 +51,12 @@ def load(name: str) -> list[dict[str, Any]]:
 
 REDIS_RECORDS = load("redis-events.jsonl")
 AMQP_RECORDS = load("amqp-events.jsonl")
+
+
+def captured(job_id: str, type_: str) -> dict[str, Any]:
+    """The one event of this type the Redis capture has for the job, as Celery sent it."""
+    (event,) = [e for e in decoded(REDIS_RECORDS) if e.get("uuid") == job_id and e["type"] == type_]
+    return event
 
 
 def redis_batch(messages: list[tuple[str, bytes]]) -> RawBatch:
@@ -102,8 +122,11 @@ def test_every_captured_redis_message_normalizes(redis_events: Normalized) -> No
         (e["uuid"], e["type"], e["timestamp"]) for e in tasks
     ]
     assert all(e.framework == "celery" for e in redis_events.job_events)
+    assert {e["type"] for e in tasks} == CAPTURED_TASK_EVENTS
     types = Counter(e.type for e in redis_events.worker_events)
-    assert types == {"heartbeat": 63, "online": 1, "offline": 1}
+    on_wire = Counter(e["type"] for e in expected if e["type"].startswith("worker-"))
+    assert types == {kind.removeprefix("worker-"): n for kind, n in on_wire.items()}
+    assert (types["online"], types["offline"]) == (1, 1) and types["heartbeat"] > 1
 
 
 def test_every_captured_amqp_event_normalizes() -> None:
@@ -117,13 +140,16 @@ def test_every_captured_amqp_event_normalizes() -> None:
         (e["uuid"], e["type"]) for e in expected if e["type"].startswith("task-")
     ]
     assert any(r["routing_key"] == "task.multi" for r in events)
+    assert {e["type"] for e in expected if e["type"].startswith("task-")} == CAPTURED_TASK_EVENTS
 
 
-def test_the_pidbox_command_in_the_amqp_capture_is_not_an_event() -> None:
-    (command,) = [r for r in AMQP_RECORDS if r["exchange"] == "celery.pidbox"]
-    batch = RawBatch(KIND_AMQP, "s", [(command["routing_key"], command["body"].encode())], 0.0)
-    normalized = normalize_batch(batch)
-    assert (normalized.malformed, normalized.job_events, normalized.worker_events) == (1, [], [])
+def test_the_pidbox_commands_in_the_amqp_capture_are_not_events() -> None:
+    commands = [r for r in AMQP_RECORDS if r["exchange"] == "celery.pidbox"]
+    assert {json.loads(c["body"])["method"] for c in commands} == {"revoke"}
+    messages = [(c["routing_key"], c["body"].encode()) for c in commands]
+    normalized = normalize_batch(RawBatch(KIND_AMQP, "s", messages, 0.0))
+    assert (normalized.malformed, normalized.job_events, normalized.worker_events) == (
+        len(commands), [], [])
 
 
 def test_states_follow_the_design_table(redis_events: Normalized) -> None:
@@ -134,6 +160,7 @@ def test_states_follow_the_design_table(redis_events: Normalized) -> None:
         "task-succeeded": {JobState.COMPLETED},
         "task-failed": {JobState.FAILED, JobState.LOST},
         "task-retried": {JobState.RETRYING},
+        "task-rejected": {JobState.REJECTED},
         "task-revoked": {JobState.REVOKED},
     }
     for event in redis_events.job_events:
@@ -142,14 +169,16 @@ def test_states_follow_the_design_table(redis_events: Normalized) -> None:
 
 def test_sent_event_fields(redis_events: Normalized) -> None:
     sent = next(e for e in by_job(redis_events)[ADD] if e.type == "task-sent")
-    assert sent.worker is None  # gen6799@vm is a producer, not a worker
+    raw = captured(ADD, "task-sent")
+    assert raw["hostname"].startswith("gen")
+    assert sent.worker is None  # gen<pid>@<host> is a producer, not a worker
     assert sent.fields == {
-        "name": "tasks.add", "args": "(2, 3)", "kwargs": "{}", "retries": 0,
+        "name": "tests.add", "args": "(2, 3)", "kwargs": "{}", "retries": 0,
         "root_id": ADD, "queue": "celery",
     }
     # The broker that carried it (the source's name): a retry publishes there.
     assert sent.extra == {"exchange": "", "routing_key": "celery", "broker": "redis://test"}
-    assert sent.timestamp == 1795483590.9419658  # raw epoch, utcoffset not applied
+    assert sent.timestamp == raw["timestamp"]  # raw epoch, utcoffset not applied
 
 
 def test_sent_event_without_queue_takes_the_routing_key() -> None:
@@ -162,9 +191,11 @@ def test_sent_event_without_queue_takes_the_routing_key() -> None:
 def test_received_is_scheduled_only_while_its_eta_is_ahead(redis_events: Normalized) -> None:
     received = [e for e in by_job(redis_events)[FLAKY] if e.type == "task-received"]
     first, retry = sorted(received, key=lambda e: e.fields["retries"])
-    assert (first.state, first.worker) == (JobState.RECEIVED, "w1@testhost")
+    assert (first.state, first.worker) == (JobState.RECEIVED, WORKER)
     assert (retry.state, retry.fields["retries"]) == (JobState.SCHEDULED, 1)
     assert retry.fields["parent_id"] == FLAKY
+    (held,) = [e for e in by_job(redis_events)[ETA] if e.type == "task-received"]
+    assert held.state is JobState.SCHEDULED
     past_eta = task_event("task-received", name="t", eta="2026-11-24T01:26:00+00:00",
                           timestamp=1795483600.5)  # 01:26:40 UTC
     assert normalize_one(past_eta).job_events[0].state is JobState.RECEIVED
@@ -174,13 +205,13 @@ def test_outcomes_keep_result_exception_and_traceback(redis_events: Normalized) 
     jobs = by_job(redis_events)
     succeeded = next(e for e in jobs[ADD] if e.state is JobState.COMPLETED)
     assert succeeded.fields["result"] == "5"
-    assert succeeded.fields["runtime"] == pytest.approx(0.00923, abs=1e-4)
+    assert succeeded.fields["runtime"] == captured(ADD, "task-succeeded")["runtime"] > 0
     failed = next(e for e in jobs[FAIL] if e.state is JobState.FAILED)
     assert failed.fields["exception"] == "KeyError('k')"
     assert "KeyError: 'k'" in failed.fields["traceback"]
     retried = next(e for e in jobs[FLAKY] if e.type == "task-retried")
     assert (retried.state, retried.fields["exception"]) == (JobState.RETRYING,
-                                                           "ValueError('boom 7')")
+                                                           "RuntimeError('attempt 1 failed')")
     assert "Traceback" in retried.fields["traceback"]
 
 
@@ -200,7 +231,7 @@ def test_unregistered_task_takes_its_name_from_the_exception(redis_events: Norma
     (failed,) = [e for e in by_job(redis_events)[UNREGISTERED] if e.type == "task-failed"]
     assert failed.state is JobState.FAILED
     assert failed.fields == {
-        "exception": "NotRegistered('tasks.does_not_exist')", "name": "tasks.does_not_exist",
+        "exception": "NotRegistered('tests.does_not_exist')", "name": "tests.does_not_exist",
     }
 
 
@@ -211,36 +242,52 @@ def test_revoked_rejected_and_cancelled(redis_events: Normalized) -> None:
         JobState.REVOKED, {"terminated": True, "signum": 15, "expired": False})
     (expired,) = [e for e in jobs[EXPIRED] if e.type == "task-revoked"]
     assert expired.extra == {"terminated": False, "expired": True}
+    for job_id in (REVOKED, ON_ARRIVAL):
+        (revoked,) = [e for e in jobs[job_id] if e.type == "task-revoked"]
+        assert (revoked.state, revoked.extra) == (
+            JobState.REVOKED, {"terminated": False, "expired": False})
+    # Revoked before it arrived: the worker drops it without a task-received.
+    assert [e.type for e in jobs[ON_ARRIVAL]] == ["task-sent", "task-revoked"]
 
-    (rejected,) = normalize_one(task_event("task-rejected", requeue=False)).job_events
-    assert (rejected.state, rejected.extra) == (JobState.REJECTED, {"requeue": False})
+    # Reject(requeue=False): Celery reports a failure, then the rejection.
+    rejected = [e for e in jobs[REJECTED] if e.type in ("task-failed", "task-rejected")]
+    assert [(e.type, e.state) for e in rejected] == [
+        ("task-failed", JobState.FAILED), ("task-rejected", JobState.REJECTED)]
+    assert rejected[1].extra == {"requeue": False}
     # Cancelled on a lost connection: redelivered later, so only the timeline notes it.
     (cancelled,) = normalize_one(task_event("task-cancelled")).job_events
     assert (cancelled.type, cancelled.state) == ("task-cancelled", None)
 
 
 def test_worker_events(redis_events: Normalized) -> None:
+    raw = {e["type"]: e for e in decoded(REDIS_RECORDS) if e["type"] != "worker-heartbeat"}
     online = next(e for e in redis_events.worker_events if e.type == "online")
     assert (online.hostname, online.framework, online.timestamp) == (
-        "w1@testhost", "celery", 1795483827.3336332)
+        WORKER, "celery", raw["worker-online"]["timestamp"])
     assert (online.freq, online.active, online.processed, online.pid, online.sw_ver) == (
-        2.0, 0, 0, 9332, "5.7.0")
-    assert online.loadavg == [0.25, 0.24, 0.12]
+        2.0, 0, 0, raw["worker-online"]["pid"], "5.7.0")
+    assert online.loadavg == raw["worker-online"]["loadavg"] and len(online.loadavg) == 3
     assert online.extra == {"sw_ident": "py-celery", "sw_sys": "Linux"}
     offline = next(e for e in redis_events.worker_events if e.type == "offline")
-    assert offline.processed == 14
+    # Every task run the worker started (both attempts of the retried one).
+    started = [e for e in redis_events.job_events if e.type == "task-started"]
+    assert offline.processed == raw["worker-offline"]["processed"] == len(started)
 
 
 def test_captured_jobs_fold_into_the_rows_a_user_expects(redis_events: Normalized) -> None:
     jobs = by_job(redis_events)
     rows = {job_id: rebuild(job_id, "celery", events) for job_id, events in jobs.items()}
     assert (rows[ADD].state, rows[ADD].name, rows[ADD].result, rows[ADD].worker) == (
-        JobState.COMPLETED, "tasks.add", "5", "w1@testhost")
+        JobState.COMPLETED, "tests.add", "5", WORKER)
     assert rows[FAIL].state is JobState.FAILED
     assert rows[DIE].state is JobState.LOST
     assert (rows[UNREGISTERED].state, rows[UNREGISTERED].name) == (
-        JobState.FAILED, "tasks.does_not_exist")
-    assert rows[TERMINATED].state is rows[EXPIRED].state is JobState.REVOKED
+        JobState.FAILED, "tests.does_not_exist")
+    for job_id in (TERMINATED, EXPIRED, REVOKED, ON_ARRIVAL):
+        assert rows[job_id].state is JobState.REVOKED
+    assert (rows[NO_SENT_EVENT].state, rows[NO_SENT_EVENT].name) == (
+        JobState.COMPLETED, "tests.add")
+    assert (rows[UNCONSUMED].state, rows[UNCONSUMED].queue) == (JobState.QUEUED, "nobody")
 
 
 def test_event_ids_are_deterministic_and_distinct(redis_events: Normalized) -> None:
