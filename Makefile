@@ -8,7 +8,7 @@ SLUICE_BROKER_URL ?= redis://localhost:6379/0
 PYTHON313 := $(shell for p in python3.13 /usr/bin/python3.13 /usr/local/bin/python3.13 $$(ls -d $$(pyenv root 2>/dev/null)/versions/3.13.*/bin/python3 2>/dev/null | sort -V -r); do \
 	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 13)' >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 
-.PHONY: run test test-fast bench services venv clean
+.PHONY: run test test-fast lint bench services venv clean
 
 $(VENV)/.installed: pyproject.toml sdk/pyproject.toml
 	@if [ -z "$(PYTHON313)" ]; then echo "error: Python 3.13 not found (install it, or put python3.13 on PATH)" >&2; exit 1; fi
@@ -33,6 +33,17 @@ test: venv services
 # No Redis, RabbitMQ, PostgreSQL, Celery worker or Chromium: tests of the code alone.
 test-fast: venv
 	$(PY) -m pytest -m "not services" $(PYTEST_ARGS)
+
+# mypy sees the packages under their installed names (sluice_storage is storage/, ...).
+TYPECHECK := build/typecheck
+lint: venv
+	$(VENV)/bin/ruff check .
+	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK) && cd $(TYPECHECK) && \
+	  ln -s ../../sluice_core sluice_core && ln -s ../../storage sluice_storage && \
+	  ln -s ../../web sluice_web && ln -s ../../plugins/sluice_celery sluice_celery && \
+	  ln -s ../../plugins/sluice_rabbitmq sluice_rabbitmq
+	MYPYPATH=$(TYPECHECK) $(VENV)/bin/mypy -p sluice_core -p sluice_storage -p sluice_web -p sluice_celery -p sluice_rabbitmq
+	cd sdk && ../$(VENV)/bin/mypy sluice
 
 bench: venv services
 	$(PY) -m bench

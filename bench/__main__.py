@@ -215,7 +215,8 @@ class Bench:
                 runs = self._ingest(plan, storage, 1, together=False)
                 rows += self._ingest_rows(f"{rate:,}/s for {self.sizes.steady_s:.0f}s", runs)
                 self._ingest_headline(
-                    f"{rate:,} events/s for {self.sizes.steady_s:.0f}s: ingest rate, lost ({storage})",
+                    f"{rate:,} events/s for {self.sizes.steady_s:.0f}s:"
+                    f" ingest rate, lost ({storage})",
                     f">= {rate:,}/s (keeps up), 0%", runs,
                     lambda o: f"{o.rate:,.0f}/s, {o.lost_pct:.1f}%",
                     # Keeping up: within 5% of the offered rate, over publish and catch-up.

@@ -272,7 +272,11 @@ class EventStream:
             id=job_id,
             name=name,
             queue=queue,
-            args=repr((now,)) if self._live else repr((rng.randrange(1, 10**6), f"user{n}@example.com")),
+            args=(
+                repr((now,))
+                if self._live
+                else repr((rng.randrange(1, 10**6), f"user{n}@example.com"))
+            ),
             kwargs="{}" if n % 3 else repr({"priority": "high", "attempt_id": n}),
             # A countdown that has passed by the time the worker runs the job.
             eta=_iso(now + TICK_S / 2) if n % 50 == 0 else None,
@@ -296,7 +300,9 @@ class EventStream:
         sent = self._sent(producer, call, retries=0, at=now)
         return [Message("task.sent", producer.hostname, sent)]
 
-    def _run(self, worker: _Worker, call: _Call, retries: int, succeeds: bool) -> list[dict[str, Any]]:
+    def _run(
+        self, worker: _Worker, call: _Call, retries: int, succeeds: bool
+    ) -> list[dict[str, Any]]:
         """received, started, then succeeded or failed (``retries`` counts earlier attempts)."""
         received = self._task(
             worker, call.id, "task-received", name=call.name, args=call.args,
@@ -431,7 +437,9 @@ def build_ticks(plan: Plan, part: int) -> Iterator[list[Message]]:
         per_tick = 2000.0  # flat out: big ticks, so batches are full
     else:
         per_tick = plan.rate / plan.publishers / EVENTS_PER_JOB * TICK_S
-    stream = EventStream(seed=plan.seed * 1000 + part, host_tag=f"{plan.seed}-{part}", live=plan.live)
+    stream = EventStream(
+        seed=plan.seed * 1000 + part, host_tag=f"{plan.seed}-{part}", live=plan.live
+    )
     yield stream.online()
     sent, owed = 0, 0.0
     while sent < jobs_total:
@@ -513,7 +521,9 @@ class _Publisher:
             self._amqp.close()
 
 
-def publish_part(plan: Plan, part: int, start_at: Callable[[], float] | None = None) -> PublishReport:
+def publish_part(
+    plan: Plan, part: int, start_at: Callable[[], float] | None = None
+) -> PublishReport:
     """Publish one publisher's share of ``plan``.
 
     A pre-built stream is encoded entirely before the first publish, so the

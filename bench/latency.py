@@ -54,18 +54,20 @@ class _Reader(threading.Thread):
         self._stop.set()
 
     def run(self) -> None:
-        with httpx.Client(timeout=httpx.Timeout(10.0, read=None)) as client:
-            with client.stream("GET", self._url) as response:
-                event = ""
-                for line in response.iter_lines():
-                    self.ready.set()  # the opening chunk: subscribed
-                    if self._stop.is_set():
-                        return
-                    if line.startswith("event: "):
-                        event = line[7:]
-                        self.resyncs += event == "resync"
-                    elif line.startswith("data: ") and event == "job":
-                        self._job(orjson.loads(line[6:]), time.time())
+        with (
+            httpx.Client(timeout=httpx.Timeout(10.0, read=None)) as client,
+            client.stream("GET", self._url) as response,
+        ):
+            event = ""
+            for line in response.iter_lines():
+                self.ready.set()  # the opening chunk: subscribed
+                if self._stop.is_set():
+                    return
+                if line.startswith("event: "):
+                    event = line[7:]
+                    self.resyncs += event == "resync"
+                elif line.startswith("data: ") and event == "job":
+                    self._job(orjson.loads(line[6:]), time.time())
 
     def _job(self, job: dict[str, object], now: float) -> None:
         job_id = str(job["id"])

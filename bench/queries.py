@@ -62,7 +62,6 @@ class QueriesRun:
 async def fill(db: str, jobs: int, progress: Callable[[int], None] | None = None) -> int:
     """Write ``jobs`` jobs (all their events) through the storage backend; return the events."""
     from sluice_celery.events import KIND_AMQP, normalize_batch
-
     from sluice_core.config import Config
     from sluice_core.model import RawBatch
     from sluice_core.plugins import PluginManager

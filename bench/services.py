@@ -105,7 +105,9 @@ class Service:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServiceError(f"{self.name} exited with {self.proc.returncode}; see {self.log}")
+                raise ServiceError(
+                    f"{self.name} exited with {self.proc.returncode}; see {self.log}"
+                )
             try:
                 if self.http.get(path, timeout=1.0).status_code == 200:
                     return time.monotonic() - self.started
@@ -272,7 +274,9 @@ def wait_bindings(broker: str, expected: int, timeout: float = 60.0) -> None:
         if rows.count("celeryev") >= expected:
             return
         time.sleep(0.5)
-    raise ServiceError(f"fewer than {expected} queues bound to celeryev on {vhost} after {timeout}s")
+    raise ServiceError(
+        f"fewer than {expected} queues bound to celeryev on {vhost} after {timeout}s"
+    )
 
 
 @contextlib.contextmanager

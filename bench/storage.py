@@ -22,10 +22,9 @@ import attrs
 import psycopg
 import trio
 
-from sluice_celery.events import KIND_AMQP, normalize_batch
-
 from bench.generator import EVENTS_PER_JOB, TICK_S, EventStream, amqp_body
 from bench.services import database
+from sluice_celery.events import KIND_AMQP, normalize_batch
 from sluice_core.config import Config
 from sluice_core.model import JobEvent, RawBatch
 from sluice_core.plugins import PluginManager

@@ -6,4 +6,4 @@ __version__ = "0.1.0"
 
 hookimpl = pluggy.HookimplMarker("sluice")
 
-__all__ = ["hookimpl", "__version__"]
+__all__ = ["__version__", "hookimpl"]

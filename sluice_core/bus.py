@@ -16,7 +16,6 @@ from typing import Any
 import attrs
 import trio
 
-
 # How long after the last client left the bus keeps building messages, so a
 # dashboard that reloads or reconnects resumes from Last-Event-ID.
 RESUME_GRACE_S = 120.0

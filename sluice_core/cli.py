@@ -15,6 +15,7 @@ from typing import Any
 import trio
 
 from sluice_core import __version__
+from sluice_core.agent import Agent
 from sluice_core.config import (
     API_KEY,
     CONFIG,
@@ -26,7 +27,6 @@ from sluice_core.config import (
     build,
     core_options,
 )
-from sluice_core.agent import Agent
 from sluice_core.engine import Engine
 from sluice_core.options import AGENT, KEYS, MIGRATE, PLUGINS, RUN, Option, OptionParser
 from sluice_core.plugins import PluginManager
@@ -74,7 +74,10 @@ def make_parser(options: OptionParser) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(
-        sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, option_set: str
+        sub: argparse._SubParsersAction[argparse.ArgumentParser],
+        name: str,
+        help: str,
+        option_set: str,
     ) -> argparse.ArgumentParser:
         made = sub.add_parser(name, help=help, description=help)
         _add_options(made, options, option_set)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from sluice_core.storage import DEFAULT_STUCK_AFTER_S
 from sluice_core.options import (
     AGENT,
     DATABASE,
@@ -36,6 +35,7 @@ from sluice_core.options import (
     table,
     text,
 )
+from sluice_core.storage import DEFAULT_STUCK_AFTER_S
 
 T = TypeVar("T")
 
@@ -45,7 +45,7 @@ WEB = frozenset({RUN})
 # The shortest API token accepted: a guessable one would protect nothing.
 MIN_TOKEN_LENGTH = 16
 
-CONFIG = Option(
+CONFIG: Option[str | None] = Option(
     "config", text(), None, "TOML file with options", commands=EVERY, metavar="FILE"
 )
 PLUGIN = Option(
@@ -93,7 +93,7 @@ SPOOL_MB = Option(
     4096,
     "MiB of raw messages spooled to disk past --buffer-mb, before dropping (0: drop instead)",
 )
-SPOOL_DIR = Option(
+SPOOL_DIR: Option[str | None] = Option(
     "spool_dir", text(), None, "where the spool file lives (default: the temporary directory)"
 )
 # 20,000 peaked at 330 MB with the reader process, 10,000 at 280.
@@ -117,7 +117,7 @@ STUCK_AFTER = Option(
     "seconds a job may wait queued with no worker taking it before it is flagged stuck;"
     " active jobs are stuck past 5x their task's mean runtime (at least 60 s)",
 )
-API_TOKEN = Option(
+API_TOKEN: Option[str | None] = Option(
     "api_token",
     text(min_length=MIN_TOKEN_LENGTH),
     None,
@@ -126,7 +126,7 @@ API_TOKEN = Option(
     metavar="TOKEN",
     secret=True,
 )
-SESSION_SECRET = Option(
+SESSION_SECRET: Option[str | None] = Option(
     "session_secret",
     text(min_length=MIN_TOKEN_LENGTH),
     None,
@@ -160,7 +160,7 @@ INGEST_BURST = Option(
     "events an API key may push at once above --ingest-rate",
     commands=WEB,
 )
-SERVER = Option(
+SERVER: Option[str | None] = Option(
     "server",
     text(),
     None,
@@ -169,7 +169,7 @@ SERVER = Option(
     commands=frozenset({AGENT}),
     metavar="URL",
 )
-API_KEY = Option(
+API_KEY: Option[str | None] = Option(
     "api_key",
     text(),
     None,

@@ -21,10 +21,10 @@ from sluice_core.monitors import WorkerMonitor
 from sluice_core.pipeline import Pipeline
 from sluice_core.plugins import PluginManager
 from sluice_core.probes import Probe, WorkerProbe
-from sluice_core.spool import Spool
-from sluice_core.serialize import job_to_dict, worker_to_dict
 from sluice_core.reader import ReaderProcess
+from sluice_core.serialize import job_to_dict, worker_to_dict
 from sluice_core.sources import Source, run_sources
+from sluice_core.spool import Spool
 from sluice_core.storage import IngestResult
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,8 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 
-T = TypeVar("T")
+# Covariant: an Option[str] may stand where an Option[str | None] is expected. PEP 695
+# syntax would infer these classes invariant (attrs' frozen fields look writable to mypy).
 T_co = TypeVar("T_co", covariant=True)
 
 # The commands an option belongs to; `sluice COMMAND --help` lists only its own.
@@ -37,7 +38,7 @@ EVERY = frozenset({RUN, AGENT, MIGRATE, PLUGINS, KEYS})
 
 
 @attrs.frozen
-class Kind(Generic[T_co]):
+class Kind(Generic[T_co]):  # noqa: UP046
     """How an option's raw value becomes a typed one."""
 
     accepts: str  # what a user may give, for errors and --help: "an integer from 0 to 65535"
@@ -47,10 +48,10 @@ class Kind(Generic[T_co]):
 
 
 @attrs.frozen
-class Option(Generic[T]):
+class Option(Generic[T_co]):  # noqa: UP046
     name: str
-    kind: Kind[T]
-    default: T
+    kind: Kind[T_co]
+    default: T_co
     help: str
     commands: frozenset[str] = ENGINE
     env: str = ""  # default SLUICE_<NAME>
@@ -127,7 +128,7 @@ def _number(raw: object) -> float:
 
 def integer(minimum: int | None = None, maximum: int | None = None) -> Kind[int]:
     def parse(raw: object) -> int:
-        if isinstance(raw, bool) or isinstance(raw, float):
+        if isinstance(raw, (bool, float)):
             raise TypeError
         value = raw if isinstance(raw, int) else int(_text(raw).strip().replace("_", ""))
         if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
@@ -160,7 +161,8 @@ def number(
 
 def seconds(maximum: float | None = None) -> Kind[float]:
     kind = number(maximum=maximum, above=0)
-    return attrs.evolve(kind, accepts=kind.accepts.replace("a number", "seconds"), metavar="SECONDS")
+    accepts = kind.accepts.replace("a number", "seconds")
+    return attrs.evolve(kind, accepts=accepts, metavar="SECONDS")
 
 
 def _range(what: str, minimum: float | None, maximum: float | None) -> str:

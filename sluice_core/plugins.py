@@ -112,7 +112,7 @@ class PluginManager:
         self._pm.hook.sluice_configure.call_historic(kwargs={"config": config})
 
     def storage(self, config: Config) -> Storage:
-        backend = self._pm.hook.sluice_storage(url=config.db, config=config)
+        backend: Storage | None = self._pm.hook.sluice_storage(url=config.db, config=config)
         if backend is None:
             raise ConfigError(
                 f"no storage backend for {config.db!r}: use sqlite:///path.db or postgresql://..."
@@ -128,7 +128,8 @@ class PluginManager:
         return found
 
     def normalize(self, batch: RawBatch) -> Normalized | None:
-        return self._pm.hook.sluice_normalize(batch=batch)
+        normalized: Normalized | None = self._pm.hook.sluice_normalize(batch=batch)
+        return normalized
 
     def actions(self, config: Config) -> list[ActionHandler]:
         found: list[ActionHandler] = []

@@ -138,7 +138,8 @@ class ReaderProcess:
         # multiprocessing's spawn: that starts a resource tracker process as well.
         data_read, data_write = os.pipe()
         control_read, control_write = os.pipe()
-        process = subprocess.Popen(
+        # Started once; Popen returns at once (trio's process API cannot pass these fds).
+        process = subprocess.Popen(  # noqa: ASYNC220
             [sys.executable, "-m", "sluice_core.reader", str(data_write), str(control_read)],
             stdin=subprocess.PIPE,
             pass_fds=(data_write, control_read),

@@ -42,7 +42,9 @@ class Spool:
         if self._file is None:
             # Blocking writes on the event loop's thread: they land in the page cache,
             # a few tens of microseconds for a source read of 256 KiB.
-            self._file = tempfile.TemporaryFile(prefix="sluice-spool-", dir=self._directory)
+            self._file = tempfile.TemporaryFile(  # noqa: SIM115 (closed by Spool.close)
+                prefix="sluice-spool-", dir=self._directory
+            )
         self._file.seek(self._write_at)
         pickle.dump(
             (batch.kind, batch.source, batch.messages, batch.received_at),

@@ -360,7 +360,9 @@ def migrations(dialect: str) -> list[tuple[int, str]]:
 
 
 class Dialect(Protocol):
-    marker: str  # the driver's positional parameter: "?" or "%s"
+    @property
+    def marker(self) -> str:
+        """The driver's positional parameter: "?" or "%s"."""
 
     def any_of(self, column: str, values: Collection[str]) -> tuple[str, list[Any]]:
         """SQL true when ``column`` is one of ``values``."""
@@ -399,13 +401,22 @@ class RecentRows:
         return self.base.any_of(column, values)
 
     def text_match(self, q: str) -> tuple[str, list[Any]]:
-        below, params = ("", []) if self.cursor is None else (f"WHERE seq < {self.marker}", [self.cursor])
+        below, params = (
+            ("", []) if self.cursor is None else (f"WHERE seq < {self.marker}", [self.cursor])
+        )
         newest = f"(SELECT coalesce(max(seq), 0) FROM jobs {below}) - {int(self.rows)}"
         sql, values = self.base.text_match_row(q)
         return f"seq > {newest} AND {sql}", [*params, *values]
 
     def text_match_row(self, q: str) -> tuple[str, list[Any]]:
         return self.base.text_match_row(q)
+
+
+def id_prefixes(q: str) -> list[str]:
+    """The id prefixes a free-text search tries. Ids match case-sensitively (so their
+    index answers), and uuids are stored lower case: one typed or copied in capitals
+    is tried lower-cased as well."""
+    return list(dict.fromkeys([q, q.lower()]))
 
 
 def like_escape(text: str) -> str:
@@ -442,20 +453,17 @@ def stuck_sql(marker: str) -> tuple[str, str]:
         ORDER BY r.seq DESC LIMIT {TYPICAL_RUNS}) r)"""
 
 
-def list_jobs_sql(
+def job_filters(
     query: JobQuery,
     dialect: Dialect,
     *,
     now: float | None = None,
     stuck_after: float = DEFAULT_STUCK_AFTER_S,
-    window_first: bool = False,
-) -> tuple[str, list[Any]]:
-    """The page query: ``JOB_COLUMNS`` then ``seq``, newest first, one row past the page.
+) -> list[tuple[list[str], list[Any]]]:
+    """The query's filters and cursor as SQL conditions and their parameters, one list
+    per kind of job it asks for (a stuck job is one of two kinds; see below).
 
     ``now`` and ``stuck_after`` (seconds) judge ``query.stuck``; ``now`` defaults to the clock.
-    ``window_first`` (PostgreSQL): read every job matching the filters, then take the
-    newest, instead of walking the jobs newest first until a page matches; right for a
-    small time window in the past, which the walk reaches only after every newer job.
     """
     p = dialect.marker
     where: list[str] = []
@@ -488,10 +496,6 @@ def list_jobs_sql(
         add(f"created_at <= {p}", query.until)
     if query.cursor is not None:
         add(f"seq < {p}", query.cursor)
-    # The page's seqs first, then their rows: a filter that matches many jobs (a
-    # day of them, say) sorts their seqs, read from an index, not their whole rows.
-    limit = query.limit + 1
-    kinds: list[tuple[list[str], list[Any]]] = [(where, params)]
     if query.stuck:
         # Queued and active jobs are each read newest first from the (state, seq)
         # index. One "queued OR active" filter was read as a bitmap of both
@@ -500,10 +504,33 @@ def list_jobs_sql(
         # ingest the bitmap visited the whole table, 10 s a /metrics scrape.
         at = time.time() if now is None else now
         queued, active = stuck_sql(p)
-        kinds = [
+        return [
             ([*where, queued], [*params, at - stuck_after]),
             ([*where, active], [*params, at, stuck_after]),
         ]
+    return [(where, params)]
+
+
+def list_jobs_sql(
+    query: JobQuery,
+    dialect: Dialect,
+    *,
+    now: float | None = None,
+    stuck_after: float = DEFAULT_STUCK_AFTER_S,
+    window_first: bool = False,
+) -> tuple[str, list[Any]]:
+    """The page query: ``JOB_COLUMNS`` then ``seq``, newest first, one row past the page.
+
+    ``now`` and ``stuck_after`` as for :func:`job_filters`.
+    ``window_first`` (PostgreSQL): read every job matching the filters, then take the
+    newest, instead of walking the jobs newest first until a page matches; right for a
+    small time window in the past, which the walk reaches only after every newer job.
+    """
+    p = dialect.marker
+    # The page's seqs first, then their rows: a filter that matches many jobs (a
+    # day of them, say) sorts their seqs, read from an index, not their whole rows.
+    limit = query.limit + 1
+    kinds = job_filters(query, dialect, now=now, stuck_after=stuck_after)
     selects, values = [], []
     for conditions, kind_params in kinds:
         select = "SELECT seq FROM jobs"
@@ -522,6 +549,30 @@ def list_jobs_sql(
         f"SELECT seq FROM ({select}) AS kind_{i}" for i, select in enumerate(selects)
     )
     return f"{sql.format(union)} LIMIT {p}", [*values, limit]
+
+
+def count_jobs_sql(
+    query: JobQuery,
+    dialect: Dialect,
+    at_most: int,
+    *,
+    now: float | None = None,
+    stuck_after: float = DEFAULT_STUCK_AFTER_S,
+) -> tuple[str, list[Any]]:
+    """How many jobs match the query's filters (its cursor aside), counting no more
+    than ``at_most`` of each kind: with no order to keep, the database reads them from
+    whichever index suits the filters and stops there, whatever the table's size."""
+    selects, values = [], []
+    for conditions, params in job_filters(
+        attrs.evolve(query, cursor=None), dialect, now=now, stuck_after=stuck_after
+    ):
+        where = " WHERE " + " AND ".join(conditions) if conditions else ""
+        selects.append(f"SELECT 1 AS one FROM jobs{where} LIMIT {dialect.marker}")
+        values += [*params, at_most]
+    union = " UNION ALL ".join(
+        f"SELECT one FROM ({select}) AS kind_{i}" for i, select in enumerate(selects)
+    )
+    return f"SELECT count(*) FROM ({union}) AS matched", values
 
 
 def page(rows: list[Row], limit: int) -> Page:
@@ -706,13 +757,29 @@ class SharedSql:
                 query, self._dialect, stuck_after=self.stuck_after,
                 window_first=self._window_first(conn, query),
             )
-            return conn.execute(sql, params).fetchall()
+            rows: list[Row] = conn.execute(sql, params).fetchall()
+            return rows
 
         return page(await self._read(read), query.limit)
 
     def _window_first(self, conn: Any, query: JobQuery) -> bool:
         """Whether to read the query's time window whole (see :func:`list_jobs_sql`)."""
         return False
+
+    async def count_jobs(self, query: JobQuery, at_most: int) -> int:
+        """The jobs matching the query's filters (not its cursor), counted up to ``at_most``."""
+
+        async def count(dialect: Dialect) -> int:
+            sql, params = count_jobs_sql(query, dialect, at_most, stuck_after=self.stuck_after)
+            row = await self._read(lambda conn: conn.execute(sql, params).fetchone())
+            return min(int(row[0]), at_most)
+
+        if query.q:
+            # As list_jobs: a common term has its matches among the newest jobs.
+            found = await count(RecentRows(self._dialect, None, self.recent_rows))
+            if found == at_most:
+                return found
+        return await count(self._dialect)
 
     async def count_jobs_by_state(self) -> dict[str, int]:
         rows = await self._read(

@@ -116,13 +116,15 @@ class _Dialect:
     def text_match(self, q: str) -> tuple[str, list[Any]]:
         # The prefix match uses the text_pattern_ops index, the substring the trigram index.
         escaped = common.like_escape(q)
+        prefixes = [common.like_escape(p) + "%" for p in common.id_prefixes(q)]
+        ids = " OR ".join(["id LIKE %s"] * len(prefixes))
         part = q if self.sample is None else self.sample.rarest_part(q)
         if part == q:
-            return f"(id LIKE %s OR {TEXT_EXPR} ILIKE %s)", [escaped + "%", f"%{escaped}%"]
+            return f"({ids} OR {TEXT_EXPR} ILIKE %s)", [*prefixes, f"%{escaped}%"]
         contains, values = self._contains(q)
         return (
-            f"(id LIKE %s OR ({TEXT_EXPR} ILIKE %s AND {contains}))",
-            [escaped + "%", f"%{common.like_escape(part)}%", *values],
+            f"({ids} OR ({TEXT_EXPR} ILIKE %s AND {contains}))",
+            [*prefixes, f"%{common.like_escape(part)}%", *values],
         )
 
     def text_match_row(self, q: str) -> tuple[str, list[Any]]:
@@ -130,7 +132,9 @@ class _Dialect:
         # the newest rows (given by seq) instead of asking the trigram index, which
         # is what this filter is for.
         contains, values = self._contains(q)
-        return f"(starts_with(id, %s) OR {contains})", [q, *values]
+        prefixes = common.id_prefixes(q)
+        ids = " OR ".join(["starts_with(id, %s)"] * len(prefixes))
+        return f"({ids} OR {contains})", [*prefixes, *values]
 
     def _contains(self, q: str) -> tuple[str, list[Any]]:
         # lower() folds case as ILIKE does.
@@ -273,7 +277,7 @@ class PostgresStorage(common.SharedSql):
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
         self._write_limiter = trio.CapacityLimiter(INGEST_WRITERS)
         self._read_limiter = trio.CapacityLimiter(READERS)
-        self._dialect = _Dialect()
+        self._dialect: _Dialect = _Dialect()
 
     # -- threads ---------------------------------------------------------------
 
@@ -410,10 +414,11 @@ class PostgresStorage(common.SharedSql):
     @staticmethod
     def _estimate(conn: psycopg.Connection[Any], where: str, params: list[Any]) -> int:
         """The planner's estimate of the jobs matching ``where``: no row is read."""
-        (plan,) = conn.execute(
+        row = conn.execute(
             f"EXPLAIN (FORMAT JSON) SELECT seq FROM jobs WHERE {where}", params
         ).fetchone()
-        return int(plan[0]["Plan"]["Plan Rows"])
+        assert row is not None  # EXPLAIN always answers one row
+        return int(row[0][0]["Plan"]["Plan Rows"])
 
     async def list_workers(self) -> list[Worker]:
         rows = await self._read(

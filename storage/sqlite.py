@@ -91,14 +91,16 @@ class _Dialect:
         # (migration 0003) answers LIKE, which ignores ASCII case. It is only used
         # for a LIKE without ESCAPE: text with % or _ is rare, and scans.
         like, pattern = _like(q)
+        ids, prefixes = _id_prefixes(q)
         return (
-            f"(id GLOB ? OR seq IN (SELECT rowid FROM job_search WHERE text {like}))",
-            [_id_prefix(q), pattern],
+            f"({ids} OR seq IN (SELECT rowid FROM job_search WHERE text {like}))",
+            [*prefixes, pattern],
         )
 
     def text_match_row(self, q: str) -> tuple[str, list[Any]]:
         like, pattern = _like(q)
-        return f"(id GLOB ? OR {_SEARCH_TEXT} {like})", [_id_prefix(q), pattern]
+        ids, prefixes = _id_prefixes(q)
+        return f"({ids} OR {_SEARCH_TEXT} {like})", [*prefixes, pattern]
 
 
 # What migration 0003's job_search_text view indexes, and _search_text writes.
@@ -106,6 +108,11 @@ _SEARCH_TEXT = (
     "(coalesce(name, '') || char(10) || coalesce(args, '') || char(10) ||"
     " coalesce(kwargs, '') || char(10) || coalesce(exception, ''))"
 )
+
+
+def _id_prefixes(q: str) -> tuple[str, list[str]]:
+    prefixes = common.id_prefixes(q)
+    return " OR ".join(["id GLOB ?"] * len(prefixes)), [_id_prefix(p) for p in prefixes]
 
 
 def _id_prefix(q: str) -> str:

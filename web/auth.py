@@ -43,7 +43,7 @@ from quart import (
 )
 from quart.typing import ResponseReturnValue
 
-from sluice_core.config import Config, ConfigError
+from sluice_core.config import API_TOKEN, SESSION_SECRET, USERS, Config, ConfigError
 from sluice_web.errors import ApiError, error_response
 from sluice_web.ingest import INGEST_PATHS
 
@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/healthz", "/metrics", "/login", "/favicon.ico"})
 OPEN_PREFIXES = ("/static/", "/assets/")  # the dashboard's scripts and styles: public code, no data
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-MIN_TOKEN_LENGTH = 16
 TOKEN_USER = "api-token"  # the session's user when someone logs in with the API token
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
@@ -76,27 +75,17 @@ class Auth:
 
 def load_auth(config: Config) -> Auth:
     """The authentication settings, checked: bad ones are a ConfigError at start."""
-    token = config.get("api_token")
-    if token is not None:
-        token = str(token)
-        if len(token) < MIN_TOKEN_LENGTH:
-            raise ConfigError(
-                f"the API token is shorter than {MIN_TOKEN_LENGTH} characters; "
-                "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
-            )
-    users = config.get("users") or {}
-    if not isinstance(users, dict):
-        raise ConfigError('[users] must be a table of name = "$argon2id$..." entries')
+    users = config.get(USERS)
     for name, hashed in users.items():
         try:
-            argon2.extract_parameters(str(hashed))
+            argon2.extract_parameters(hashed)
         except argon2.exceptions.InvalidHashError:
             raise ConfigError(
                 f"user {name!r}: the password is not an argon2 hash; make one with: "
                 "python -c 'import argon2; print(argon2.PasswordHasher().hash(input()))'"
             ) from None
-    secret = config.get("session_secret") or secrets.token_urlsafe(32)
-    return Auth(token, {str(k): str(v) for k, v in users.items()}, str(secret))
+    secret = config.get(SESSION_SECRET) or secrets.token_urlsafe(32)
+    return Auth(config.get(API_TOKEN), users, secret)
 
 
 def is_loopback(host: str) -> bool:
@@ -123,7 +112,8 @@ def check_exposure(host: str, auth: Auth) -> None:
 async def verify_password(auth: Auth, user: str, password: str) -> bool:
     hashed = auth.users.get(user)
     # An unknown user costs as much as a known one, so timing does not reveal names.
-    probe = hashed if hashed is not None else next(iter(auth.users.values()), None)
+    known: list[str | None] = [*auth.users.values(), None]
+    probe = hashed if hashed is not None else known[0]
     if probe is None:
         return False
     try:
@@ -157,7 +147,7 @@ async def _csrf_token_sent() -> str:
     if header is not None:
         return header
     if request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data"):
-        return (await request.form).get(CSRF_FIELD, "")
+        return str((await request.form).get(CSRF_FIELD, ""))
     return ""
 
 

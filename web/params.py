@@ -84,10 +84,7 @@ def parse_time(name: str, value: Any) -> float | None:
         text = value.strip()
         if not text:
             return None
-        if _EPOCH.fullmatch(text):
-            ts = float(text)
-        else:
-            ts = _iso_to_epoch(name, text)
+        ts = float(text) if _EPOCH.fullmatch(text) else _iso_to_epoch(name, text)
     else:
         ts = float(value)
     if not (math.isfinite(ts) and 0 <= ts <= MAX_EPOCH):
@@ -130,7 +127,8 @@ def _limit(value: Any) -> int:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PAGE:
         raise BadRequest(f"limit: expected a whole number from 1 to {MAX_PAGE}")
-    return value
+    limit: int = value
+    return limit
 
 
 def build_query(values: Mapping[str, Any], *, allowed: Collection[str]) -> JobQuery:

@@ -23,12 +23,11 @@ import base64
 import contextlib
 import itertools
 import logging
-import socket
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import attrs
 import orjson
@@ -390,7 +389,7 @@ class RedisMailbox:
                     popped = r.brpop([reply_list], timeout=left)
                     if popped is None:
                         break
-                    replies.append(popped[1])
+                    replies.append(cast(bytes, popped[1]))  # decode_responses is off
                 return heard, replies
             finally:
                 r.srem(binding_key, member)
@@ -488,7 +487,7 @@ def _ask_amqp(client: AmqpClient, request: Request, timeout: float) -> list[tupl
                 break
             try:
                 channel.connection.drain_events(timeout=left)
-            except socket.timeout:
+            except TimeoutError:
                 break
     finally:
         # The queue is auto-delete: it goes with its consumer. (RabbitMQ accepts the

@@ -283,6 +283,7 @@ def _normalize_event(event: Any, out: Normalized, broker: str | None) -> None:
     timestamp = event.get("timestamp")
     if type(timestamp) not in _NUM:
         raise MalformedEvent(f"{etype} without a numeric timestamp")
+    assert timestamp is not None  # for mypy: a number, checked above
     if spec is not None:
         _task_event(etype, spec, event, hostname, float(timestamp), out, broker)
     elif worker_kind is not None:

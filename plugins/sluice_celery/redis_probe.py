@@ -1,4 +1,6 @@
-"""Queue depth, reserved messages and consumers on a Redis broker (docs/celery-protocol.md sections 4-5).
+"""Queue depth, reserved messages and consumers on a Redis broker.
+
+See docs/celery-protocol.md sections 4-5.
 
 What kombu keeps in Redis for a queue ``Q`` (every key behind the app's
 ``global_keyprefix``):

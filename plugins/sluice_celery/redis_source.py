@@ -212,9 +212,10 @@ class _Connection:
             auth = ["AUTH", source.password]
             if source.username:
                 auth.insert(1, source.username)
-            sock.sendall(hiredis.pack_command(tuple(auth)))
+            # hiredis's stub types the command as a 1-tuple.
+            sock.sendall(hiredis.pack_command(tuple(auth)))  # type: ignore[arg-type]
             _reply(sock, reader)
-        sock.sendall(hiredis.pack_command(("PSUBSCRIBE", source.pattern)))
+        sock.sendall(hiredis.pack_command(("PSUBSCRIBE", source.pattern)))  # type: ignore[arg-type]
         reply = _reply(sock, reader)
         if not (isinstance(reply, list) and reply[:1] == [b"psubscribe"]):
             raise RedisError(f"unexpected reply to PSUBSCRIBE: {reply!r}")

@@ -18,7 +18,6 @@ from sluice_rabbitmq.connection import is_amqp_url
 from sluice_rabbitmq.probe import DEFAULT_INTERVAL, AmqpQueueProbe
 from sluice_rabbitmq.source import DEFAULT_QUEUE_TTL, AmqpEventSource
 
-
 PROBE_INTERVAL = Option(
     "rabbitmq_probe_interval",
     seconds(),

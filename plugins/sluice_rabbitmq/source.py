@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -186,7 +185,7 @@ class AmqpEventSource:
             timed_out = False
             try:
                 conn.drain_events(timeout=timeout)
-            except socket.timeout:
+            except TimeoutError:
                 timed_out = True
             now = time.monotonic()
             if batch:

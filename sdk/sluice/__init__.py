@@ -21,26 +21,26 @@ import atexit
 import logging
 import os
 import re
-from typing import Dict, Iterable, Optional, Pattern, Union
+from typing import Iterable, Pattern
 
 from sluice._celery import Hooks
 from sluice._redact import Redactor
 from sluice._transport import Transport
 
 __version__ = "0.1.0"
-__all__ = ["init", "shutdown", "stats", "flush", "__version__"]
+__all__ = ["__version__", "flush", "init", "shutdown", "stats"]
 
 log = logging.getLogger("sluice")
 
-_hooks: Optional[Hooks] = None
+_hooks: Hooks | None = None
 
 
 def init(
-    url: Optional[str] = None,
-    api_key: Optional[str] = None,
+    url: str | None = None,
+    api_key: str | None = None,
     *,
     redact_keys: Iterable[str] = (),
-    redact_patterns: Iterable[Union[str, Pattern[str]]] = (),
+    redact_patterns: Iterable[str | Pattern[str]] = (),
     send_args: bool = True,
     flush_interval: float = 1.0,
     max_buffer: int = 10_000,
@@ -98,7 +98,7 @@ def shutdown(timeout: float = 5.0) -> None:
         hooks.transport.close(timeout)
 
 
-def stats() -> Dict[str, int]:
+def stats() -> dict[str, int]:
     """This process's counts: events sent, dropped, still buffered; failed requests;
     errors inside the SDK's signal receivers (swallowed, never raised)."""
     if _hooks is None:

@@ -25,7 +25,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable
 
 from celery import signals
 from celery.utils.saferepr import saferepr
@@ -38,7 +38,8 @@ log = logging.getLogger("sluice")
 
 REPR_MAX = 1024  # Celery's argsrepr / resultrepr size
 MESSAGE = "sluice_message"
-# Task message headers Celery itself sets (docs/celery-protocol.md section 6); others are the caller's.
+# Task message headers Celery itself sets (docs/celery-protocol.md section 6); others are
+# the caller's.
 STANDARD_HEADERS = frozenset(
     {
         "lang",
@@ -64,13 +65,13 @@ STANDARD_HEADERS = frozenset(
 )
 
 
-def _iso(value: Any) -> Optional[str]:
+def _iso(value: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value
     return value.isoformat() if hasattr(value, "isoformat") else None
 
 
-def _name(exchange: Any) -> Optional[str]:
+def _name(exchange: Any) -> str | None:
     return (
         exchange
         if isinstance(exchange, str) or exchange is None
@@ -87,9 +88,9 @@ class Hooks:
         self._send_args = send_args
         self._clock = itertools.count(1)
         self._pending = threading.local()  # task-sent, built before publish, sent after it
-        self._started: Dict[str, float] = {}  # task id -> when it started (runtime)
+        self._started: dict[str, float] = {}  # task id -> when it started (runtime)
         self.errors = 0
-        self._receivers: list = []
+        self._receivers: list[tuple[Any, Callable[..., None]]] = []
 
     # -- wiring ------------------------------------------------------------------------
 
@@ -134,7 +135,7 @@ class Hooks:
 
     # -- building events -----------------------------------------------------------------
 
-    def _event(self, type_: str, hostname: Optional[str], **fields: Any) -> Dict[str, Any]:
+    def _event(self, type_: str, hostname: str | None, **fields: Any) -> dict[str, Any]:
         event = {
             "type": type_,
             "hostname": hostname or f"gen{os.getpid()}@{socket.gethostname()}",
@@ -147,8 +148,8 @@ class Hooks:
         return event
 
     def _arguments(
-        self, args: Any, kwargs: Any, argsrepr: Optional[str], kwargsrepr: Optional[str]
-    ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        self, args: Any, kwargs: Any, argsrepr: str | None, kwargsrepr: str | None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """The event's display reprs, and the message's real arguments."""
         if not self._send_args:
             return {}, {"redacted": True}
@@ -172,8 +173,8 @@ class Hooks:
         return reprs, {"args": list(args), "kwargs": dict(kwargs), "redacted": False}
 
     def _message(
-        self, args: Any, kwargs: Any, embed: Any, headers: Dict[str, Any], options: Dict[str, Any]
-    ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        self, args: Any, kwargs: Any, embed: Any, headers: dict[str, Any], options: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         fields, message = self._arguments(
             args, kwargs, headers.get("argsrepr"), headers.get("kwargsrepr")
         )
@@ -195,7 +196,7 @@ class Hooks:
         }
         return fields, message
 
-    def _emit(self, event: Dict[str, Any]) -> None:
+    def _emit(self, event: dict[str, Any]) -> None:
         self.transport.emit(event)
 
     # -- producers ---------------------------------------------------------------------------
@@ -205,9 +206,9 @@ class Hooks:
         sender: Any = None,
         body: Any = None,
         exchange: Any = None,
-        routing_key: Optional[str] = None,
-        headers: Optional[Dict[str, Any]] = None,
-        properties: Optional[Dict[str, Any]] = None,
+        routing_key: str | None = None,
+        headers: dict[str, Any] | None = None,
+        properties: dict[str, Any] | None = None,
         declare: Any = None,
         **_: Any,
     ) -> None:
@@ -249,7 +250,7 @@ class Hooks:
         event[MESSAGE] = message
         self._pending.sent = (task_id, event)
 
-    def _after_publish(self, headers: Optional[Dict[str, Any]] = None, **_: Any) -> None:
+    def _after_publish(self, headers: dict[str, Any] | None = None, **_: Any) -> None:
         pending, self._pending.sent = getattr(self._pending, "sent", None), None
         if pending is not None and headers and pending[0] == headers.get("id"):
             pending[1]["timestamp"] = time.time()  # published now, as Celery stamps it
@@ -318,7 +319,7 @@ class Hooks:
                 )
             )
 
-    def _worker_event(self, type_: str, hostname: Optional[str], freq: float) -> None:
+    def _worker_event(self, type_: str, hostname: str | None, freq: float) -> None:
         from celery.utils.sysinfo import load_average
         from celery.worker.state import SOFTWARE_INFO, active_requests, all_total_count
 
@@ -377,7 +378,7 @@ class Hooks:
     def _failure(
         self,
         sender: Any = None,
-        task_id: Optional[str] = None,
+        task_id: str | None = None,
         exception: Any = None,
         einfo: Any = None,
         **_: Any,
@@ -415,12 +416,12 @@ class Hooks:
         self.transport.flush(timeout=2.0)
 
 
-def _hostname(task: Any) -> Optional[str]:
+def _hostname(task: Any) -> str | None:
     """The worker's node name, from the task's current request."""
     return getattr(getattr(task, "request", None), "hostname", None)
 
 
-def _masked(value: Any, given: Optional[str]) -> bool:
+def _masked(value: Any, given: str | None) -> bool:
     """Whether a repr from the message differs from the value's own: the caller set it."""
     if given is None:
         return False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Pattern, Tuple, Union
+from typing import Any, Iterable, Pattern
 
 REDACTED = "[redacted]"
 
@@ -16,7 +16,7 @@ class Redactor:
     """
 
     def __init__(
-        self, keys: Iterable[str] = (), patterns: Iterable[Union[str, Pattern[str]]] = ()
+        self, keys: Iterable[str] = (), patterns: Iterable[str | Pattern[str]] = ()
     ) -> None:
         self._keys = frozenset(key.lower() for key in keys)
         self._patterns = [
@@ -32,7 +32,7 @@ class Redactor:
             return False
         return key.lower() in self._keys or any(p.search(key) for p in self._patterns)
 
-    def apply(self, value: Any) -> Tuple[Any, bool]:
+    def apply(self, value: Any) -> tuple[Any, bool]:
         """The value with secrets replaced, and whether anything was replaced."""
         if not self.active:
             return value, False

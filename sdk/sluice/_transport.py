@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Union
+from typing import Any
 
 log = logging.getLogger("sluice")
 
@@ -56,15 +56,15 @@ class Transport:
         (the parent sends that) but not the thread, and maybe a lock that a thread which
         no longer exists was holding."""
         self._lock = threading.Lock()
-        self._buffer: Deque[str] = deque()
+        self._buffer: deque[str] = deque()
         self._wake = threading.Event()
         self._closed = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._pid = os.getpid()
 
     # -- the application's side: never blocks, never raises -------------------------
 
-    def emit(self, event: Dict[str, Any]) -> None:
+    def emit(self, event: dict[str, Any]) -> None:
         text = _encode(event)
         if text is None:
             self._count_drop(1, "an event could not be encoded")
@@ -113,7 +113,7 @@ class Transport:
     # -- the background thread -----------------------------------------------------------
 
     def _run(self) -> None:
-        backoff: Optional[float] = None
+        backoff: float | None = None
         while not self._closed.is_set():
             if backoff is None:
                 self._wake.wait(self._flush_interval)
@@ -124,7 +124,7 @@ class Transport:
                 self._closed.wait(backoff)
             backoff = self._send_all(backoff)
 
-    def _send_all(self, backoff: Optional[float]) -> Optional[float]:
+    def _send_all(self, backoff: float | None) -> float | None:
         """Send batches until the buffer is empty (None) or the server is away (the next
         backoff)."""
         while True:
@@ -145,7 +145,7 @@ class Transport:
                 else:
                     self.dropped += len(batch)
 
-    def _post(self, batch: List[str]) -> Union[str, float]:
+    def _post(self, batch: list[str]) -> str | float:
         """``"sent"``, ``"refused"`` (the batch itself is wrong: resending cannot help),
         or the least seconds to wait before sending it again."""
         body = ('{"format":"celery","events":[' + ",".join(batch) + "]}").encode()
@@ -192,9 +192,9 @@ class Transport:
             return 0.0
 
 
-def _take(buffer: Deque[str]) -> List[str]:
+def _take(buffer: deque[str]) -> list[str]:
     """The oldest events, as many as fit in one request."""
-    batch: List[str] = []
+    batch: list[str] = []
     size = 0
     for text in buffer:
         if batch and (len(batch) >= BATCH_EVENTS or size + len(text) > BATCH_BYTES):
@@ -204,7 +204,7 @@ def _take(buffer: Deque[str]) -> List[str]:
     return batch
 
 
-def _encode(event: Dict[str, Any]) -> Optional[str]:
+def _encode(event: dict[str, Any]) -> str | None:
     """JSON text of an event; the full message is left out if it is not JSON or too big
     (the server then knows the arguments only as the display repr)."""
     for attempt in (event, {k: v for k, v in event.items() if k != "sluice_message"}):
