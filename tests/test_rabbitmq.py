@@ -186,6 +186,7 @@ async def test_a_lost_queue_is_recreated_and_the_gap_reported(
     assert "were missed" in detail and "lost Sluice's queue" in detail
 
 
+@pytest.mark.services  # the machine's RabbitMQ, on its plain port
 async def test_amqps_speaks_tls_and_reports_a_broker_that_does_not(
     nursery: trio.Nursery,
 ) -> None:
