@@ -24,7 +24,9 @@ from sluice_core.config import Config, ConfigError
 from sluice_core.engine import Engine
 from sluice_core.plugins import PluginManager
 from tests.fixtures.services import REDIS_URL, free_port
+from tests.metrics import metric
 from tests.test_redis_source import publish
+from tests.waiting import wait_until
 
 
 def envelope(payload: object, hostname: str) -> bytes:
@@ -111,11 +113,6 @@ async def server(db: Path, port: int, *plugins: object) -> AsyncIterator[Engine]
         await engine.stopped.wait()
 
 
-async def wait_until(predicate: object, interval: float = 0.05) -> None:
-    while not predicate():  # type: ignore[operator]
-        await trio.sleep(interval)
-
-
 async def test_the_agent_streams_through_a_server_restart_losing_and_doubling_nothing(
     tmp_path: Path, keyprefix: str
 ) -> None:
@@ -155,11 +152,11 @@ async def test_the_agent_streams_through_a_server_restart_losing_and_doubling_no
     rows, distinct, done = stored(db)
     assert done == 600
     assert rows == distinct == 600 * 3  # sent, received, succeeded: each stored once
-    assert agent.metrics.events_dropped.labels("uplink")._value.get() == 0
+    assert metric(agent.metrics, "sluice_events_dropped_total", source="uplink") == 0
 
 
 async def test_a_refused_key_stores_nothing_and_the_agent_keeps_the_events(
-    tmp_path: Path, keyprefix: str
+    tmp_path: Path, keyprefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     db, port = tmp_path / "central.db", free_port()
     pm = PluginManager()
@@ -175,10 +172,18 @@ async def test_a_refused_key_stores_nothing_and_the_agent_keeps_the_events(
             await wait_until(lambda: agent.pipeline.sources.get(source) is not None)
             await publish(REDIS_URL, task_events(keyprefix, 5))
             await wait_until(lambda: agent.uplink.unacked_events == 15)
-            await trio.sleep(0.5)
+            # Refused at the handshake, before a byte of events: then it waits 30 s.
+            await wait_until(lambda: refused(caplog), "the server to refuse the agent's key")
             assert not agent.uplink.connected
             assert stored(db) == (0, 0, 0)
             nursery.cancel_scope.cancel()
+
+
+def refused(caplog: pytest.LogCaptureFixture) -> bool:
+    return any(
+        record.name == "sluice_core.agent" and "refused the API key" in record.getMessage()
+        for record in caplog.records
+    )
 
 
 @pytest.mark.parametrize(

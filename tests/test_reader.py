@@ -9,9 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,9 +21,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from sluice_core.config import Config
 from sluice_core.engine import Engine
 from sluice_core.plugins import PluginManager
-from tests.fixtures.services import REDIS_URL, free_port, wait_port
-from tests.test_agent import stored, task_events, wait_until
+from tests.fixtures.services import REDIS_URL, free_port
+from tests.metrics import metric
+from tests.test_agent import stored, task_events
 from tests.test_redis_source import publish
+from tests.waiting import wait_until
 
 
 @asynccontextmanager
@@ -54,12 +54,16 @@ def source_up(engine: Engine) -> bool:
 
 
 def received(engine: Engine) -> float:
-    return engine.metrics.messages_received.labels(engine.sources[0].name)._value.get()
+    return metric(engine.metrics, "sluice_messages_received_total", source=engine.sources[0].name)
 
 
-def messages_read(port: int) -> float:
+def ingested(engine: Engine) -> float:
+    return metric(engine.metrics, "sluice_events_ingested_total")
+
+
+async def messages_read(client: httpx.AsyncClient) -> float:
     """``sluice_messages_received_total`` of a running ``sluice run``, every source summed."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    text = (await client.get("/metrics")).text
     return sum(
         sample.value
         for family in text_string_to_metric_families(text)
@@ -82,13 +86,14 @@ async def test_the_reader_process_reads_and_the_engine_stores_and_counts(
             reader_pid = engine.reader.pid
             assert reader_pid is not None and reader_pid != os.getpid()
             await publish(REDIS_URL, messages)
-            await wait_until(lambda: stored(db)[2] == 300)
+            # Counted once committed (the rows are in a moment before).
+            await wait_until(lambda: ingested(engine) >= 900)
+            assert ingested(engine) == 900
             # So do its counters (/metrics), ahead of what they count: every
             # message, each once, is counted by the time its events are stored.
             assert received(engine) == len(messages)
-            assert engine.metrics.events_ingested._value.get() == 900
         # Stopped: the reader has exited, and been waited for.
-        assert not Path(f"/proc/{reader_pid}").exists()
+        assert not running(reader_pid)
     rows, distinct, done = stored(db)
     assert (rows, distinct, done) == (900, 900, 300)
 
@@ -125,47 +130,66 @@ async def test_a_reader_that_dies_is_replaced(tmp_path: Path, keyprefix: str) ->
             await wait_until(lambda: stored(db)[2] == 100)
 
 
-def test_sigterm_stops_the_reader_too_after_it_has_sent_what_it_read(
+def running(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def child_processes(pid: int) -> list[int]:
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            children += Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    return [int(child) for child in children]
+
+
+async def healthy(client: httpx.AsyncClient) -> bool:
+    try:
+        return (await client.get("/healthz")).status_code == 200
+    except httpx.TransportError:  # not listening yet
+        return False
+
+
+async def test_sigterm_stops_the_reader_too_after_it_has_sent_what_it_read(
     tmp_path: Path, keyprefix: str
 ) -> None:
     port, db = free_port(), tmp_path / "run.db"
     env = {**os.environ, "SLUICE_DATABASE_URL": f"sqlite:///{db}", "SLUICE_PORT": str(port)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sluice_core", "run", "--plugin", "celery",
-         "--broker", REDIS_URL, "--redis-keyprefix", keyprefix],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    log = tmp_path / "stderr.log"
+    stderr = os.open(log, os.O_WRONLY | os.O_CREAT)
     try:
-        wait_port(port)
-        deadline = time.monotonic() + 20
-        children: list[int] = []
-        while not children:  # the reader is started with the engine
-            assert time.monotonic() < deadline, "no reader process"
-            time.sleep(0.05)
-            children = [
-                int(pid)
-                for task in os.listdir(f"/proc/{proc.pid}/task")
-                for pid in Path(f"/proc/{proc.pid}/task/{task}/children").read_text().split()
-            ]
-        # Healthy once the reader's source is subscribed.
-        while httpx.get(f"http://127.0.0.1:{port}/healthz").status_code != 200:
-            assert time.monotonic() < deadline, "never healthy"
-            time.sleep(0.05)
-        messages = task_events(keyprefix, 200)
-        trio.run(publish, REDIS_URL, messages)
-        # Signalled once the reader has read them: what Redis has not sent yet is not
-        # Sluice's to flush.
-        deadline = time.monotonic() + 20
-        while messages_read(port) < len(messages):
-            assert time.monotonic() < deadline, "messages never read"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "sluice_core", "run", "--plugin", "celery",
+             "--broker", REDIS_URL, "--redis-keyprefix", keyprefix],
+            env=env,
+            stderr=stderr,
+        )
     finally:
-        proc.kill()
+        os.close(stderr)
+    messages = task_events(keyprefix, 200)
+    try:
+        with trio.fail_after(60):
+            # The reader is started with the engine.
+            children = await wait_until(lambda: child_processes(proc.pid), "the reader process")
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                # Healthy once the reader's source is subscribed.
+                await wait_until(lambda: healthy(client), "/healthz to answer 200")
+                await publish(REDIS_URL, messages)
+
+                # Signalled once the reader has read them: what Redis has not sent yet is
+                # not Sluice's to flush.
+                async def all_read() -> bool:
+                    return await messages_read(client) >= len(messages)
+
+                await wait_until(all_read)
+            proc.send_signal(signal.SIGTERM)
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    err = log.read_text()
     assert proc.returncode == 0, err
     assert "reader: stopping the sources, then sending what was read" in err
-    assert not Path(f"/proc/{children[0]}").exists()
+    assert not running(children[0])
     assert stored(db)[2] == 200

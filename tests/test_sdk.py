@@ -16,15 +16,16 @@ from pathlib import Path
 
 import pytest
 import sluice
-import sluice_celery.plugin as celery_plugin
 import trio
 
+import sluice_celery.plugin as celery_plugin
 from sluice_core.engine import Engine
 from sluice_core.model import Job, JobState
 from tests.celery_app import ENV_SDK, SDK_REDACT_KEYS
 from tests.fixtures.celery_worker import CeleryWorker
 from tests.fixtures.services import REDIS_URL, free_port
-from tests.test_agent import server, wait_until
+from tests.test_agent import server
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -49,11 +50,13 @@ def sdk_worker(keyprefix: str, tmp_path: Path, url: str, key: str) -> CeleryWork
 async def job_in(engine: Engine, job_id: str, *states: JobState) -> Job:
     """The job once in one of ``states`` and once the producer's task-sent is in too: the
     producer and the worker each run an SDK, flushing on their own timers."""
-    while True:
+
+    async def found() -> Job | None:
         job = await engine.storage.get_job(job_id)
-        if job is not None and job.state in states and job.sent_at is not None:
-            return job
-        await trio.sleep(0.1)
+        return job if job is not None and job.state in states and job.sent_at is not None else None
+
+    wanted = " or ".join(str(state) for state in states)
+    return await wait_until(found, f"job {job_id} {wanted}, with its task-sent", poll=0.1)
 
 
 async def test_jobs_show_with_full_arguments_without_worker_flags(
@@ -130,7 +133,7 @@ async def test_the_app_is_unaffected_while_sluice_is_down_and_the_sdk_catches_up
                 lambda: all(
                     f"[{job_id}] succeeded" in worker.log_path.read_text() for job_id in ids
                 ),
-                interval=0.2,
+                poll=0.2,
             )
             # The SDK tried, failed, and holds the task-sent events (on a busy machine
             # the tasks can finish before its first attempt: wait for it).
