@@ -14,6 +14,8 @@ import httpx
 import psycopg
 import trio
 
+from bench.generator import Plan, build_ticks, redis_channel, redis_envelope
+from sluice_celery.events import normalize_batch
 from sluice_core import merge
 from sluice_core.config import Config
 from sluice_core.engine import Engine
@@ -21,10 +23,10 @@ from sluice_core.metrics import StorageGauges
 from sluice_core.model import JobEvent, JobState, RawBatch
 from sluice_core.plugins import PluginManager
 from sluice_core.storage import Storage
-from bench.generator import Plan, build_ticks, redis_channel, redis_envelope
-from sluice_celery.events import normalize_batch
-from tests.fixtures.services import free_port, wait_port
+from tests.fixtures.services import PG_URL, free_port, wait_port
 from tests.fixtures.storage import pg_admin
+from tests.metrics import metric
+from tests.waiting import wait_until
 
 
 def job_events(n: int, start: float) -> list[JobEvent]:
@@ -40,6 +42,10 @@ def job_events(n: int, start: float) -> list[JobEvent]:
         )
         for i in range(n)
     ]
+
+
+def ingested(engine: Engine) -> float:
+    return metric(engine.metrics, "sluice_events_ingested_total")
 
 
 def make_engine(tmp_path: Path, **config: object) -> Engine:
@@ -73,8 +79,8 @@ async def test_a_full_buffer_drops_and_counts_instead_of_blocking_the_source(
     # Not started: nothing drains the buffer, as when storage is stalled.
     engine.pipeline.put_raw(batch)
     engine.pipeline.put_raw(batch)  # 1,200 > 1,000: this one is dropped, not queued
-    dropped = engine.metrics.events_dropped.labels("test-source")._value.get()
-    received = engine.metrics.messages_received.labels("test-source")._value.get()
+    dropped = metric(engine.metrics, "sluice_events_dropped_total", source="test-source")
+    received = metric(engine.metrics, "sluice_messages_received_total", source="test-source")
     assert (dropped, received) == (600, 1_200)
 
 
@@ -83,7 +89,7 @@ async def test_the_buffer_is_bounded_in_bytes_too(tmp_path: Path) -> None:
     big = RawBatch("celery/redis", "test-source", [("ch", b"x" * 400_000)], time.time())
     for _ in range(3):  # 1.2 MB: the third does not fit in 1 MiB
         engine.pipeline.put_raw(big)
-    assert engine.metrics.events_dropped.labels("test-source")._value.get() == 1
+    assert metric(engine.metrics, "sluice_events_dropped_total", source="test-source") == 1
 
 
 async def test_past_the_memory_buffer_batches_are_spooled_to_disk_and_all_stored(
@@ -106,17 +112,17 @@ async def test_past_the_memory_buffer_batches_are_spooled_to_disk_and_all_stored
         engine.pipeline.put_raw(RawBatch("celery/redis", "test", messages[i : i + 200], 0.0))
     raw_bytes = sum(len(body) for _, body in messages)
     assert raw_bytes > 8 * 2**20
-    assert engine.metrics.spooled_bytes._value.get() > raw_bytes - 2 * 2**20
-    assert engine.metrics.events_dropped.labels("test")._value.get() == 0
-    assert engine.metrics.buffered._value.get() == len(messages)
+    assert metric(engine.metrics, "sluice_spooled_bytes") > raw_bytes - 2 * 2**20
+    assert metric(engine.metrics, "sluice_events_dropped_total", source="test") == 0
+    assert metric(engine.metrics, "sluice_buffered_messages") == len(messages)
     assert list(spool_dir.iterdir()) == []  # unlinked at once: a crash leaves nothing behind
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             await nursery.start(functools.partial(engine.run, web=False))
             engine.stop()
     expected = normalize_batch(RawBatch("celery/redis", "test", messages, 0.0))
-    assert engine.metrics.events_ingested._value.get() == len(expected.job_events)
-    assert engine.metrics.spooled_bytes._value.get() == 0
+    assert ingested(engine) == len(expected.job_events)
+    assert metric(engine.metrics, "sluice_spooled_bytes") == 0
     reopened = make_engine(tmp_path)
     await reopened.storage.open()
     try:
@@ -128,7 +134,8 @@ async def test_past_the_memory_buffer_batches_are_spooled_to_disk_and_all_stored
 
 def test_sigterm_stops_sluice_run_cleanly(tmp_path: Path) -> None:
     port = free_port()
-    env = {**os.environ, "SLUICE_DATABASE_URL": f"sqlite:///{tmp_path}/run.db", "SLUICE_PORT": str(port)}
+    db = f"sqlite:///{tmp_path}/run.db"
+    env = {**os.environ, "SLUICE_DATABASE_URL": db, "SLUICE_PORT": str(port)}
     env.pop("SLUICE_BROKER_URL", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "sluice_core", "run"],
@@ -159,14 +166,15 @@ async def test_a_database_outage_holds_the_events_until_it_is_back(pg_url: str) 
         async with trio.open_nursery() as nursery:
             await nursery.start(functools.partial(engine.run, web=False))
             pg_admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-            pg_admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+            pg_admin(
+                f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+            )
             engine.pipeline.put_events(job_events(500, time.time()), [])
-            while engine.metrics.storage_errors._value.get() < 1:
-                await trio.sleep(0.05)
-            assert engine.metrics.events_ingested._value.get() == 0
+            await wait_until(lambda: metric(engine.metrics, "sluice_storage_errors_total") >= 1)
+            assert ingested(engine) == 0
             pg_admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-            while engine.metrics.events_ingested._value.get() < 500:
-                await trio.sleep(0.1)
+            await wait_until(lambda: ingested(engine) >= 500)
+            assert ingested(engine) == 500
             counts = await engine.storage.count_jobs_by_state()
             engine.stop()
     assert counts == {"queued": 500}
@@ -196,8 +204,7 @@ async def test_with_two_writers_every_job_is_folded_whole(
             await nursery.start(functools.partial(engine.run, web=False))
             for batch in batches:
                 engine.pipeline.put_raw(batch)
-            while engine.metrics.events_ingested._value.get() < len(events):
-                await trio.sleep(0.05)
+            await wait_until(lambda: ingested(engine) >= len(events))
             history: dict[str, list[JobEvent]] = {}
             for event in events:
                 history.setdefault(event.job_id, []).append(event)
@@ -205,7 +212,7 @@ async def test_with_two_writers_every_job_is_folded_whole(
                 stored = await engine.storage.get_job(job_id)
                 assert stored == merge.rebuild(job_id, "celery", job_events_)
             engine.stop()
-    assert engine.metrics.storage_errors._value.get() == 0
+    assert metric(engine.metrics, "sluice_storage_errors_total") == 0
 
 
 class _SlowCounts:
@@ -243,11 +250,11 @@ async def test_job_gauges_are_counted_in_the_background_while_scraped(
             assert slow.counts == 0  # nobody asked
             gauges.want()
             await gauges.refreshed.wait()
-            assert engine.metrics.jobs.labels("queued")._value.get() == 3
+            assert metric(engine.metrics, "sluice_jobs", state="queued") == 3
             # 10 s a count, a fifth of the time at most: the next one starts 40 s later.
             started = trio.current_time()
-            while slow.counts < 2:
-                await trio.sleep(1)
+            # (Each poll waits for the clock to jump: poll seconds, not twentieths.)
+            await wait_until(lambda: slow.counts >= 2, timeout=120, poll=1)
             assert trio.current_time() - started >= 39
             slow.delay = 0.0
             await trio.sleep(600)  # no scrape since: counting stops after idle_after
@@ -260,6 +267,17 @@ async def test_job_gauges_are_counted_in_the_background_while_scraped(
             nursery.cancel_scope.cancel()
     finally:
         await engine.storage.aclose()
+
+
+def sessions_waiting_on_a_lock(url: str) -> int:
+    """How many sessions of ``url``'s database wait for a lock another one holds."""
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'",
+            (url.rsplit("/", 1)[1],),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 async def test_with_two_writers_an_offered_batch_is_acked_once_all_its_parts_are_stored(
@@ -287,9 +305,11 @@ async def test_with_two_writers_an_offered_batch_is_acked_once_all_its_parts_are
                 stored = trio.Event()
                 assert engine.pipeline.offer(events, [], stored)
                 try:
-                    while engine.metrics.events_ingested._value.get() == 0:
-                        await trio.sleep(0.01)  # the part without job-0 is in
-                    await trio.sleep(0.3)
+                    await wait_until(lambda: ingested(engine) > 0, "the part without job-0")
+                    await wait_until(
+                        lambda: trio.to_thread.run_sync(sessions_waiting_on_a_lock, pg_url),
+                        "the part with job-0 to wait for the blocker's row",
+                    )
                     assert not stored.is_set()
                 finally:  # the blocked writer's thread cannot be cancelled: free it first
                     await trio.to_thread.run_sync(blocker.rollback)
