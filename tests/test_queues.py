@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sluice_celery.redis_probe import RedisQueueProbe
 from sluice_core.config import Config
 from sluice_core.engine import Engine
-from sluice_core.model import JobState, WorkerEvent
+from sluice_core.model import JobState, QueueSample, WorkerEvent
 from sluice_core.plugins import PluginManager
 from sluice_core.probes import WorkerProbe, WorkerQueues
 from sluice_core.storage import JobQuery, Storage
@@ -32,6 +32,7 @@ from tests.celery_app import make_app
 from tests.fixtures.celery_worker import CeleryWorker
 from tests.fixtures.services import REDIS_URL
 from tests.test_api import ingest, job_event, serving
+from tests.waiting import wait_until
 
 BOTH = pytest.mark.parametrize("celery_worker", ["redis", "rabbitmq"], indirect=True)
 
@@ -75,11 +76,12 @@ async def test_reserved_counts_prefetched_jobs_and_consumers_come_from_the_worke
                 await celery_worker.send("tests.sleep", 5)
             for _ in range(4):
                 await celery_worker.send("tests.add", 1, 1)
-            while True:
+
+            async def prefetched() -> QueueSample | None:
                 sample = {s.name: s for s in await probe.probe(set())}[queue]
-                if (sample.depth, sample.reserved) == (0, 4):
-                    break
-                await trio.sleep(0.2)
+                return sample if (sample.depth, sample.reserved) == (0, 4) else None
+
+            sample = await wait_until(prefetched, "none waiting, four reserved", poll=0.2)
     finally:
         await probe.aclose()
     assert sample.consumers == 1
@@ -149,13 +151,6 @@ async def watching(
         engine.stop()
 
 
-async def until(check: Callable[[], Awaitable[Any]]) -> Any:
-    """Poll ``check`` until it returns something truthy (put a fail_after around it)."""
-    while not (found := await check()):
-        await trio.sleep(0.1)
-    return found
-
-
 @BOTH
 async def test_killed_worker_goes_offline_and_its_running_job_becomes_lost(
     celery_worker: CeleryWorker, tmp_path: Path
@@ -173,13 +168,13 @@ async def test_killed_worker_goes_offline_and_its_running_job_becomes_lost(
                 response = await client.get(f"/api/jobs/{job_id}")
                 return response.json() if response.json().get("state") == state else None
 
-            online = await until(worker)
+            online = await wait_until(worker, "the worker, known from its heartbeats")
             assert online["status"] == "online"
             job_id = await celery_worker.send("tests.sleep", 30)
-            await until(functools.partial(job, job_id, "active"))
+            await wait_until(functools.partial(job, job_id, "active"), "the job active")
             celery_worker.kill()
             killed_at = trio.current_time()
-            lost = await until(functools.partial(job, job_id, "lost"))
+            lost = await wait_until(functools.partial(job, job_id, "lost"), "the job lost")
             # Heartbeats every 2 s, offline after 1.5 missed: seconds, not minutes.
             assert trio.current_time() - killed_at < 10
             assert (await worker() or {})["status"] == "offline"
@@ -203,19 +198,19 @@ async def test_stopped_worker_goes_offline_cleanly_and_its_queue_then_fills_with
             async def workers() -> list[dict[str, Any]]:
                 return list((await client.get("/api/workers")).json())
 
-            served = await until(queue_row)
+            served = await wait_until(queue_row, "the queue in /api/queues")
             assert served["depth"] == 0
-            await until(lambda: _consumers(queue_row, 1))
-            [online] = await until(workers)
+            await wait_until(lambda: _consumers(queue_row, 1))
+            [online] = await wait_until(workers, "the worker in /api/workers")
             assert online["queues"] == [queue] and online["concurrency"] == 2
             await trio.to_thread.run_sync(celery_worker.stop)
-            [offline] = await until(
+            [offline] = await wait_until(
                 lambda: _matching(workers, lambda w: w["status"] == "offline")
             )
             assert offline["hostname"] == celery_worker.hostname
             for _ in range(3):
                 await celery_worker.send("tests.add", 1, 2)
-            filled = await until(
+            filled = await wait_until(
                 lambda: _matching_one(queue_row, lambda q: q["depth"] == 3 and q["consumers"] == 0)
             )
             # RabbitMQ's passive declare counts ready messages only: reserved is unknown.
