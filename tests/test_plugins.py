@@ -15,9 +15,11 @@ import trio
 from sluice_core import hookspecs
 from sluice_core.config import Config, ConfigError
 from sluice_core.engine import Engine
-from sluice_core.model import JobState
+from sluice_core.model import Job, JobState
 from sluice_core.plugins import PluginManager
 from sluice_core.storage import JobQuery
+from tests.metrics import metric
+from tests.waiting import wait_until
 
 THIRDPARTY = Path(__file__).parent / "thirdparty"
 
@@ -90,13 +92,15 @@ async def test_a_third_party_framework_needs_no_change_to_the_core(
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             await nursery.start(functools.partial(engine.run, web=False))
+
             # The source listens once the engine has started it; connect as a worker would.
-            while True:
+            async def connect() -> trio.SocketStream | None:
                 try:
-                    stream = await trio.open_tcp_stream("127.0.0.1", port)
-                    break
+                    return await trio.open_tcp_stream("127.0.0.1", port)
                 except OSError:
-                    await trio.sleep(0.05)
+                    return None
+
+            stream = await wait_until(connect, f"the toyqueue source to listen on {port}")
             now = time.time()
             await stream.send_all(
                 b'{"id": "j1", "name": "resize", "status": "waiting", "ts": %f}\n'
@@ -104,10 +108,15 @@ async def test_a_third_party_framework_needs_no_change_to_the_core(
                 b"not json\n"
                 b'{"id": "j1", "status": "done", "ts": %f}\n' % (now, now + 1, now + 2)
             )
-            while (job := await engine.storage.get_job("j1")) is None or job.state is not JobState.COMPLETED:
-                await trio.sleep(0.05)
+
+            async def completed() -> Job | None:
+                job = await engine.storage.get_job("j1")
+                return job if job is not None and job.state is JobState.COMPLETED else None
+
+            job = await wait_until(completed, "job j1 completed")
             page = await engine.storage.list_jobs(JobQuery(framework="toyqueue"))
             assert [j.id for j in page.jobs] == ["j1"]
             assert (job.name, job.worker, job.framework) == ("resize", "toy-1", "toyqueue")
-            assert engine.metrics.events_malformed.labels(f"toyqueue/tcp:{port}")._value.get() == 1
+            source = f"toyqueue/tcp:{port}"
+            assert metric(engine.metrics, "sluice_events_malformed_total", source=source) == 1
             engine.stop()
