@@ -1,4 +1,4 @@
-"""Configuration: flags, then environment, then an optional TOML file (DESIGN.md section 9).
+"""Configuration: flags, then environment, then an optional TOML file (README.md, Configuration).
 
 The core's options are declared here, each once (:class:`sluice_core.options.Option`);
 plugins declare theirs in the ``sluice_addoption`` hook. :func:`build` merges the

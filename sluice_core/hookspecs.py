@@ -1,4 +1,4 @@
-"""Every hook a Sluice plugin can implement (DESIGN.md section 4).
+"""Every hook a Sluice plugin can implement (docs/plugins.md).
 
 A plugin is a module or object with functions marked ``@sluice_core.hookimpl``
 and named like the specs below; it is found through the ``sluice`` entry-point

@@ -1,4 +1,4 @@
-"""Folding a job's events into its row (DESIGN.md section 3, merging rules).
+"""Folding a job's events into its row: the row is a pure function of its events.
 
 Events arrive late, twice and out of order, yet the row must be a pure
 function of the *set* of a job's events. The fold therefore never looks at

@@ -1,4 +1,4 @@
-"""The normalized model: jobs, their events, workers (DESIGN.md section 3).
+"""The normalized model: jobs, their events, workers (docs/plugins.md, the model).
 
 Nothing here is Celery-specific. A framework plugin turns its own wire format
 into :class:`JobEvent` and :class:`WorkerEvent`; storage folds job events into
@@ -59,7 +59,7 @@ def event_id(*parts: object) -> str:
     """A deterministic id for an event, from what identifies it on the wire.
 
     Two agents reading the same broker derive the same id for the same event,
-    which is what makes ingestion idempotent (DESIGN.md section 2).
+    which is what makes ingestion idempotent (docs/architecture.md).
     """
     digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=16)
     return digest.hexdigest()

@@ -1,4 +1,4 @@
-"""Monitors: conclusions Sluice draws from silence (DESIGN.md section 11).
+"""Monitors: conclusions Sluice draws from silence (docs/architecture.md).
 
 A killed worker sends nothing: its heartbeats just stop, and the jobs it was
 running stay ``active`` forever unless someone decides otherwise. The worker
@@ -28,7 +28,7 @@ HELD_STATES = frozenset({JobState.RECEIVED, JobState.ACTIVE, JobState.SCHEDULED}
 
 
 def sends_task_events(worker: Worker, named_by_jobs: bool) -> bool | None:
-    """Whether a worker's task events reach Sluice (DESIGN.md section 11).
+    """Whether a worker's task events reach Sluice (docs/architecture.md).
 
     True when some stored job names the worker. False when its heartbeats say it
     ran jobs (``processed``, ``active``) yet no job names it: it runs without

@@ -1,4 +1,4 @@
-"""The plugin manager: a typed facade over pluggy, one method per hook (STYLE.md)."""
+"""The plugin manager: a typed facade over pluggy, one method per hook."""
 
 from __future__ import annotations
 

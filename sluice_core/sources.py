@@ -1,4 +1,4 @@
-"""What an event source is, and the sink it feeds (DESIGN.md section 2)."""
+"""What an event source is, and the sink it feeds (docs/architecture.md)."""
 
 from __future__ import annotations
 

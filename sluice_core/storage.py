@@ -1,4 +1,4 @@
-"""The storage contract every backend implements (DESIGN.md section 7).
+"""The storage contract every backend implements (docs/architecture.md, Storage).
 
 Backends live in ``storage/`` (package ``sluice_storage``) and are plugins
 (hook ``sluice_storage``). All methods are async; a backend runs its blocking
@@ -24,7 +24,7 @@ DEFAULT_STUCK_AFTER_S = 600.0
 
 @attrs.frozen
 class JobQuery:
-    """Filters of ``GET /api/jobs`` (DESIGN.md section 5), already validated."""
+    """Filters of ``GET /api/jobs`` (the API in README.md), already validated."""
 
     q: str | None = None  # id prefix, or text in name, args, kwargs, exception
     name: str | None = None

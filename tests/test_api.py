@@ -1,4 +1,4 @@
-"""The REST API (DESIGN.md section 5), served by the real engine on a real port.
+"""The REST API (the API in README.md), served by the real engine on a real port.
 
 Jobs get in through the engine's own pipeline and come out through HTTP, so
 every test covers storage, serialization and the web layer together.

@@ -1,4 +1,4 @@
-"""The fold's merging rules (DESIGN.md section 3) over real captured Celery events.
+"""The fold's merging rules (docs/plugins.md, the model) over real captured Celery events.
 
 The events are the captured Redis traffic in tests/fixtures/celery-5.7,
 decoded by the Celery plugin's own normalizer, so the sequences are what a real

@@ -1,4 +1,4 @@
-"""The REST API (DESIGN.md section 5), ``/healthz`` and ``/metrics``.
+"""The REST API (the API in README.md), ``/healthz`` and ``/metrics``.
 
 Views validate, call storage or an action handler, and serialize with
 :mod:`sluice_core.serialize`; they hold no state of their own, so any number

@@ -1,4 +1,4 @@
-"""The HTML dashboard (DESIGN.md section 6): server-rendered pages, live over SSE.
+"""The HTML dashboard (README.md, The dashboard): server-rendered pages, live over SSE.
 
 Every page is complete and readable without JavaScript; sluice.js adds live
 rows, local times, bulk actions and chart refreshes. Data comes from the

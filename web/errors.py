@@ -2,7 +2,7 @@
 
 Bad input is the client's to fix, so its message says what was wrong; an
 unexpected failure is logged with its traceback here and answered with a
-plain 500 that shows none of it (DESIGN.md section 5). The one exception: a
+plain 500 that shows none of it (the API in README.md). The one exception: a
 browser asking for a page that does not exist gets the dashboard's 404 page.
 """
 

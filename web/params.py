@@ -1,4 +1,4 @@
-"""The job-list filters (DESIGN.md section 5), from a query string or a JSON body, validated.
+"""The job-list filters (the API in README.md), from a query string or a JSON body, validated.
 
 One parser serves ``GET /api/jobs``, the SSE stream and the ``filter`` of a bulk
 action, so the three accept exactly the same filters with the same meaning.
