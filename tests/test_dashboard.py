@@ -17,9 +17,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
+import argon2
 import pytest
 import trio
-import argon2
 from playwright.sync_api import Page, Route, expect, sync_playwright
 
 from sluice_core.config import Config
@@ -29,7 +29,6 @@ from sluice_core.plugins import PluginManager
 from sluice_core.storage import Storage
 from tests.fixtures.services import REPO
 from tests.test_api import serving
-
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -505,6 +504,51 @@ async def test_empty_pages_say_what_to_do(empty_engine: Engine) -> None:
         response = page.goto(url(empty_engine, "/jobs/no-such-job"))
         assert response is not None and response.status == 404
         expect(page.locator(".empty-title")).to_have_text("No such job")
+
+    await browse(scenario)
+
+
+@pytest.mark.browser
+async def test_the_job_list_counts_its_matches_says_its_order_and_takes_ids_in_capitals(
+    engine: Engine,
+) -> None:
+    now = time.time()
+    by_state = await engine.storage.count_jobs_by_state()
+    emails = len([j for j in range(240) if TASKS[j % len(TASKS)][0] == "emails.send_welcome"]) + 1
+    # Sent long ago, first seen now (a backlog after an outage): listed first, created earlier.
+    late_id = "1a7e0000-0000-4000-8000-000000000001"
+    await ingest(engine, celery_events(late_id, "emails.send_welcome", "emails", sent=now - 7200))
+    emails += 1
+    bulk = [e for i in range(1001)
+            for e in celery_events(f"bulk-{i:04}", "bulk.job", "bulk", sent=now - 60 + i / 100)]
+    await ingest(engine, bulk)
+    live_id = "2b7e0000-0000-4000-8000-000000000002"
+
+    def scenario(page: Page) -> None:
+        page.goto(url(engine, "/jobs?name=emails.send_welcome"))
+        expect(page.locator("#live-status")).to_have_text("Live")
+        expect(page.locator("#jobs-total")).to_have_text(str(emails))
+        expect(page.locator(".list-caption")).to_contain_text("in the order Sluice first saw them")
+        expect(page.locator("th", has_text="Created")).to_have_attribute(
+            "title", re.compile("order Sluice first saw each job"))
+        assert page.locator("#jobs-body tr").first.get_attribute("data-job-id") == late_id
+        # A job created while the page is open adds to the total.
+        trio.from_thread.run(ingest, engine, celery_events(
+            live_id, "emails.send_welcome", "emails", sent=time.time()))
+        expect(page.locator(f'#jobs-body tr[data-job-id="{live_id}"]')).to_have_count(1)
+        expect(page.locator("#jobs-total")).to_have_text(str(emails + 1))
+        # Past the cap the count stops: 1,001 jobs match.
+        page.goto(url(engine, "/jobs?name=bulk.job"))
+        expect(page.locator("#jobs-total")).to_have_text("1,000+")
+        page.goto(url(engine, "/jobs?state=failed"))
+        expect(page.locator("#jobs-total")).to_have_text(str(by_state["failed"]))
+        # An id prefix copied in capitals (uuids are stored lower case).
+        page.fill("#f-q", FAILED_ID[:8].upper())
+        page.press("#f-q", "Enter")
+        expect(page.locator("#jobs-body tr")).to_have_count(1)
+        expect(page.locator(f'#jobs-body tr[data-job-id="{FAILED_ID}"]')).to_be_visible()
+        expect(page.locator("#jobs-total")).to_have_text("1")
+        expect(page.locator("#jobs-total-noun")).to_have_text("job")
 
     await browse(scenario)
 

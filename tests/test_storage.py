@@ -262,6 +262,59 @@ async def test_every_list_filter(storage: Storage) -> None:
     assert last.next_cursor is None
 
 
+async def test_an_id_prefix_typed_in_capitals_finds_the_job(storage: Storage) -> None:
+    twins = ["6f1c2a9e-4b7d-4e0a-9c51-3d2f8a7b1e04", "6f1c2a9e-0000-4e0a-9c51-3d2f8a7b1e05"]
+    await ingest(
+        storage,
+        lifecycle(twins[0], T0) + lifecycle(twins[1], T0 + 1, name="emails.Send")
+        + lifecycle("Report-7", T0 + 2, args="('6F1C2A9E',)"),
+    )
+
+    async def found(q: str, limit: int = 50) -> list[str]:
+        return [job.id for job in (await storage.list_jobs(JobQuery(q=q, limit=limit))).jobs]
+
+    newest_first = ["Report-7", twins[1], twins[0]]  # Report-7: its arguments hold the text
+    assert await found("6F1C2A9E") == newest_first
+    assert await found("6F1C2A9E-4B7D") == [twins[0]]
+    assert await found(twins[0].upper()) == [twins[0]]
+    # The newest rows alone hold a full page: answered from them, not from the index.
+    assert await found("6F1C2A9E", limit=1) == ["Report-7"]
+    # Free text ignores case as before; an id in capitals still matches as written.
+    assert await found("SEND") == [twins[1]]
+    assert await found("Report") == ["Report-7"]
+    assert await found("0000-4E0A") == []  # a prefix, not a substring
+
+
+async def test_matching_jobs_are_counted_up_to_a_cap(storage: Storage) -> None:
+    assert isinstance(storage, SharedSql)
+    events = []
+    for i in range(30):
+        state = JobState.FAILED if i % 3 == 0 else JobState.COMPLETED
+        events += lifecycle(f"job-{i:02}", T0 + i, state, name=f"tasks.n{i % 2}",
+                            exception="KeyError('missing')", args=f"('arg-{i}',)")
+    await ingest(storage, events)
+
+    async def count(at_most: int = 100, **filters: Any) -> int:
+        return await storage.count_jobs(JobQuery(**filters), at_most)
+
+    assert await count() == 30
+    assert await count(at_most=11) == 11
+    assert await count(states=frozenset({JobState.FAILED})) == 10
+    assert await count(name="tasks.n1", states=frozenset({JobState.FAILED})) == 5
+    assert await count(since=T0 + 10, until=T0 + 19.5) == 10
+    assert await count(q="missing") == 10
+    assert await count(q="JOB-1") == 10  # an id prefix, in capitals
+    assert await count(q="arg-", at_most=7) == 7
+    assert await count(stuck=True) == 0
+    # The total of the filters, whichever page the cursor is at.
+    second = (await storage.list_jobs(JobQuery(limit=5))).next_cursor
+    assert await count(cursor=second) == 30
+    # A term common among the newest jobs is counted from them; a rarer one by the index.
+    storage.recent_rows = 4
+    assert await count(q="arg-", at_most=3) == 3
+    assert await count(q="missing") == 10
+
+
 async def test_cursor_pages_have_no_duplicates_or_gaps_while_jobs_stream_in(
     storage: Storage,
 ) -> None:

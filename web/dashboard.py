@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import time
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlencode
 
 from markupsafe import Markup
@@ -21,6 +21,7 @@ from quart.typing import ResponseReturnValue
 
 from sluice_core.engine import Engine
 from sluice_core.model import TERMINAL_STATES, Job, JobState
+from sluice_core.monitors import workers_task_events
 from sluice_core.serialize import (
     event_to_dict,
     iso,
@@ -29,7 +30,6 @@ from sluice_core.serialize import (
     queue_to_dict,
     worker_to_dict,
 )
-from sluice_core.monitors import workers_task_events
 from sluice_core.storage import MAX_PAGE, JobQuery
 from sluice_web import charts
 from sluice_web.errors import ApiError
@@ -52,6 +52,17 @@ RECENT_RUNS = 10
 TOP_FAILING = 8
 # Quick time ranges on the job list, as links that set ``since``.
 QUICK_RANGES = (("15 min", 900), ("1 h", 3600), ("24 h", 86400), ("7 d", 7 * 86400))
+# The job list counts its matches exactly up to this many, then says "1,000+": counting
+# stops one row past it, so a filter matching millions of jobs costs no more than that.
+COUNT_AT_MOST = 1_000
+
+
+@runtime_checkable
+class CountsJobs(Protocol):
+    """A storage backend that can count the jobs a list query matches (both built-in
+    ones can; another backend's list simply shows no total)."""
+
+    async def count_jobs(self, query: JobQuery, at_most: int) -> int: ...
 
 
 def _engine() -> Engine:
@@ -191,10 +202,15 @@ async def overview() -> str:
 async def jobs() -> tuple[str, int]:
     form = {name: request.args.get(name, "") for name in FILTERS}
     paged = "cursor" in request.args
+    storage = _engine().storage
     jobs: list[dict[str, Any]] = []
-    next_url = error = None
+    next_url = error = total = None
+    counted_at = time.time()
     try:
-        page = await _engine().storage.list_jobs(query_from_args(request.args))
+        query = query_from_args(request.args)
+        page = await storage.list_jobs(query)
+        if isinstance(storage, CountsJobs):
+            total = await storage.count_jobs(query, COUNT_AT_MOST + 1)
     except ApiError as exc:
         error = exc.message
     else:
@@ -211,6 +227,10 @@ async def jobs() -> tuple[str, int]:
         first_url="?" + urlencode({k: v for k, v in form.items() if v}),
         filtered=any(form.values()),
         paged=paged,
+        total=total,
+        total_text=None if total is None else _count_text(total),
+        count_at_most=COUNT_AT_MOST,
+        counted_at_ms=round(counted_at * 1000),
         quick_ranges=_quick_ranges(),
         # The row sluice.js clones for a job that arrives live.
         blank_job=job_to_dict(Job(id="", framework="")),
@@ -323,6 +343,10 @@ def _every_bucket(
         (n * bucket_s, *counts.get(n, (0, 0)))
         for n in range(math.floor(since / bucket_s), math.floor(until / bucket_s) + 1)
     ]
+
+
+def _count_text(total: int) -> str:
+    return f"{COUNT_AT_MOST:,}+" if total > COUNT_AT_MOST else f"{total:,}"
 
 
 def _quick_ranges() -> list[tuple[str, str]]:

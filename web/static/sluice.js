@@ -129,6 +129,18 @@
     row.dataset.jobId = job.id;
   }
 
+  // The list's total counts a job created since it was counted; an older one that
+  // arrives live (its row was on a later page) was counted already.
+  function countNew(job) {
+    const total = document.getElementById("jobs-total");
+    if (!total || !job.created_at || Date.parse(job.created_at) < Number(total.dataset.countedAt)) return;
+    const n = Number(total.dataset.total) + 1;
+    const atMost = Number(total.dataset.atMost);
+    total.dataset.total = String(n);
+    total.textContent = n > atMost ? `${atMost.toLocaleString("en-US")}+` : n.toLocaleString("en-US");
+    document.getElementById("jobs-total-noun").textContent = n === 1 ? "job" : "jobs";
+  }
+
   function liveJobs() {
     const tbody = document.getElementById("jobs-body");
     const template = document.getElementById("job-row-template");
@@ -137,6 +149,7 @@
       if (!row) {
         row = template.content.firstElementChild.cloneNode(true);
         tbody.prepend(row);
+        countNew(job);
         document.querySelector(".table-card .empty-state")?.remove();
         while (tbody.rows.length > MAX_LIVE_ROWS) tbody.lastElementChild.remove();
       }
