@@ -33,6 +33,7 @@ from tests.celery_app import ENV_SDK, make_app
 from tests.fixtures.celery_worker import CeleryWorker
 from tests.fixtures.services import AMQP_URL, REDIS_URL
 from tests.test_dashboard import browse
+from tests.waiting import wait_until
 
 TIMEOUT = 60  # absolute bound per test: worker start-up on a busy machine takes seconds
 BOTH = pytest.mark.parametrize("celery_worker", ["redis", "rabbitmq"], indirect=True)
@@ -65,9 +66,12 @@ async def sluice(
         await nursery.start(engine.run)
         base = engine.web_addresses[0].replace("0.0.0.0", "127.0.0.1")
         async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as client:
+
+            async def healthy() -> bool:
+                return (await client.get("/healthz")).status_code == 200
+
             # Ready once the event source is subscribed: nothing sent from here on is missed.
-            while (await client.get("/healthz")).status_code != 200:
-                await trio.sleep(0.05)
+            await wait_until(healthy, "/healthz to answer 200")
             yield engine, client
         for handler in engine.actions:
             if isinstance(handler, CeleryActions):
@@ -79,11 +83,12 @@ async def job_when(
     client: httpx.AsyncClient, job_id: str, ready: Callable[[dict[str, Any]], bool]
 ) -> dict[str, Any]:
     """The job as the API shows it, once ``ready(job)`` holds."""
-    while True:
+
+    async def shown() -> dict[str, Any] | None:
         response = await client.get(f"/api/jobs/{job_id}")
-        if response.status_code == 200 and ready(job := response.json()):
-            return job
-        await trio.sleep(0.05)
+        return job if response.status_code == 200 and ready(job := response.json()) else None
+
+    return await wait_until(shown, f"job {job_id} to pass {ready.__qualname__}")
 
 
 def in_state(*states: str) -> Callable[[dict[str, Any]], bool]:

@@ -7,6 +7,7 @@ every test covers storage, serialization and the web layer together.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
@@ -29,6 +30,7 @@ from sluice_core.model import Job, JobEvent, JobState, WorkerEvent, event_id
 from sluice_core.plugins import PluginManager
 from sluice_core.serialize import iso, job_timing
 from sluice_core.sources import Sink
+from tests.waiting import wait_until
 
 # -- helpers shared with test_stream and test_auth ----------------------------
 
@@ -88,16 +90,18 @@ async def ingest(
     """Feed events to the pipeline and wait until the API shows all of them."""
     job_events, worker_events = list(job_events), list(worker_events)
     engine.pipeline.put_events(job_events, worker_events)
-    with trio.fail_after(15):
-        for job_id, count in Counter(e.job_id for e in job_events).items():
-            while True:
-                response = await client.get(f"/api/jobs/{job_id}")
-                if response.status_code == 200 and len(response.json()["events"]) >= count:
-                    break
-                await trio.sleep(0.02)
-        hostnames = {w.hostname for w in worker_events}
-        while hostnames - {w["hostname"] for w in (await client.get("/api/workers")).json()}:
-            await trio.sleep(0.02)
+
+    async def shown(job_id: str, count: int) -> bool:
+        response = await client.get(f"/api/jobs/{job_id}")
+        return response.status_code == 200 and len(response.json()["events"]) >= count
+
+    async def workers_shown() -> bool:
+        listed = {w["hostname"] for w in (await client.get("/api/workers")).json()}
+        return not {w.hostname for w in worker_events} - listed
+
+    for job_id, count in Counter(e.job_id for e in job_events).items():
+        await wait_until(functools.partial(shown, job_id, count), f"{count} events of {job_id}")
+    await wait_until(workers_shown, "every worker in /api/workers")
 
 
 def assert_error(response: httpx.Response, status: int, code: str | None = None) -> str:
@@ -568,9 +572,7 @@ async def test_bulk_reports_each_jobs_outcome_and_dry_run_touches_nothing(tmp_pa
 async def test_healthz_is_503_when_a_source_is_down(tmp_path: Path, down: bool) -> None:
     sources = SourcesPlugin(StatusSource("test/up", True), StatusSource("test/down", not down))
     async with serving(tmp_path, sources) as (engine, client):
-        with trio.fail_after(10):
-            while len(engine.pipeline.sources) < 2:
-                await trio.sleep(0.01)
+        await wait_until(lambda: len(engine.pipeline.sources) == 2, "both sources' status")
         response = await client.get("/healthz")
         body = response.json()
         assert response.status_code == (503 if down else 200)

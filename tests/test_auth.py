@@ -18,6 +18,7 @@ from sluice_core.config import Config, ConfigError, build
 from sluice_core.model import JobState
 from sluice_web.auth import is_loopback, load_auth
 from tests.test_api import T0, assert_error, job_event, serving
+from tests.waiting import wait_until
 
 TOKEN = "test-token-0123456789abcdef"
 PASSWORD = "correct horse battery staple"
@@ -117,9 +118,11 @@ async def test_dashboard_users_log_in_and_posts_need_the_csrf_token(tmp_path: Pa
             assert_error(
                 await client.post("/api/jobs/j1/retry", headers={"X-CSRF-Token": "forged"}), 403
             )
-            with trio.fail_after(10):
-                while (await client.get("/api/jobs/j1")).status_code != 200:
-                    await trio.sleep(0.02)
+
+            async def stored() -> bool:
+                return (await client.get("/api/jobs/j1")).status_code == 200
+
+            await wait_until(stored, "job j1 in the API")
             # Past the guard: no action plugin is loaded, so the API says so.
             ok = await client.post("/api/jobs/j1/retry", headers={"X-CSRF-Token": csrf})
             assert_error(ok, 501, "not_implemented")

@@ -15,6 +15,7 @@ import trio
 from sluice_core.engine import Engine
 from sluice_core.model import JobState
 from tests.test_api import T0, assert_error, job_event, serving
+from tests.waiting import wait_until
 
 Event = dict[str, str]
 
@@ -88,8 +89,7 @@ async def test_last_event_id_resumes_where_the_client_left(tmp_path: Path) -> No
                 last_seen = (await next_of(events, "job"))["id"]
             # Missed while disconnected:
             engine.pipeline.put_events([job_event("r2", "e", JobState.QUEUED, T0)], [])
-            while engine.bus.last_id == int(last_seen):
-                await trio.sleep(0.01)
+            await wait_until(lambda: engine.bus.last_id > int(last_seen), "r2 on the bus")
             async with stream(client, engine, **{"Last-Event-ID": last_seen}) as events:
                 assert orjson.loads((await next_of(events, "job"))["data"])["id"] == "r2"
             async with stream(client, engine, {"last_event_id": last_seen}) as events:
@@ -127,8 +127,7 @@ async def test_a_disconnected_client_releases_its_subscription(tmp_path: Path) -
             async with stream(client, engine):
                 assert engine.bus.subscriber_count == 1
             # The client hung up; the server notices at the latest at its next heartbeat.
-            while engine.bus.subscriber_count:
-                await trio.sleep(0.02)
+            await wait_until(lambda: engine.bus.subscriber_count == 0, "no subscriber left")
 
 
 async def test_stopping_the_engine_ends_open_streams_at_once(tmp_path: Path) -> None:
