@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import time
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 from urllib.parse import urlencode
 
 from markupsafe import Markup
@@ -55,14 +55,6 @@ QUICK_RANGES = (("15 min", 900), ("1 h", 3600), ("24 h", 86400), ("7 d", 7 * 864
 # The job list counts its matches exactly up to this many, then says "1,000+": counting
 # stops one row past it, so a filter matching millions of jobs costs no more than that.
 COUNT_AT_MOST = 1_000
-
-
-@runtime_checkable
-class CountsJobs(Protocol):
-    """A storage backend that can count the jobs a list query matches (both built-in
-    ones can; another backend's list simply shows no total)."""
-
-    async def count_jobs(self, query: JobQuery, at_most: int) -> int: ...
 
 
 def _engine() -> Engine:
@@ -209,8 +201,7 @@ async def jobs() -> tuple[str, int]:
     try:
         query = query_from_args(request.args)
         page = await storage.list_jobs(query)
-        if isinstance(storage, CountsJobs):
-            total = await storage.count_jobs(query, COUNT_AT_MOST + 1)
+        total = await storage.count_jobs(query, COUNT_AT_MOST + 1)
     except ApiError as exc:
         error = exc.message
     else:
