@@ -29,6 +29,7 @@ from sluice_core.plugins import PluginManager
 from sluice_core.storage import Storage
 from tests.fixtures.services import REPO
 from tests.test_api import serving
+from tests.waiting import wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -196,9 +197,7 @@ async def ingest(
     """Feed events through the pipeline and wait until they are stored and published."""
     before = engine.pipeline.stored_batches
     engine.pipeline.put_events(list(job_events), list(worker_events))
-    with trio.fail_after(10):
-        while engine.pipeline.stored_batches == before:
-            await trio.sleep(0.01)
+    await wait_until(lambda: engine.pipeline.stored_batches > before, "the events stored")
 
 
 @pytest.fixture
