@@ -21,6 +21,7 @@ from sluice_core.model import JobState, WorkerEvent
 from sluice_core.serialize import job_event_to_json, worker_event_to_json
 from sluice_web.ingest import MAX_EVENTS, TokenBucket
 from tests.test_api import assert_error, job_event, serving
+from tests.waiting import wait_until
 
 
 def celery_events(job_id: str, *, args: str = "(2, 3)") -> list[dict[str, Any]]:
@@ -333,8 +334,7 @@ async def test_a_sender_that_disconnects_is_one_info_line_not_an_error(
                 await ws.send_message(orjson.dumps({"seq": 1, "format": "sluice"}).decode())
                 assert orjson.loads(await ws.get_message()) == {"ack": 1}
             # The server's handler logs the disconnect as it ends, then nothing more.
-            while not disconnected():
-                await trio.sleep(0.01)
+            await wait_until(disconnected, "the server to log the disconnect")
     [record] = disconnected()
     assert record.levelno == logging.INFO and "'agent-1'" in record.getMessage()
     assert record.exc_info is None
