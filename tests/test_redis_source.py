@@ -144,6 +144,35 @@ async def test_source_reconnects_when_redis_restarts(
     assert all(detail for _, up, detail in sink.statuses if not up)  # down says why
 
 
+async def test_source_is_back_within_a_fraction_of_a_second_of_redis_after_a_long_outage(
+    private_redis: PrivateRedis, nursery: trio.Nursery
+) -> None:
+    """Pub/sub keeps nothing for an absent subscriber: what is published before the
+    source subscribes again is lost. So however long Redis was away (here long enough
+    for an exponential backoff to reach seconds), the source must be reading again
+    within a fraction of a second of Redis listening."""
+    sink = CollectingSink()
+    channel = "/0.celeryev/worker.heartbeat"
+    with trio.fail_after(30):
+        await nursery.start(RedisEventSource(private_redis.url).run, sink)
+        await trio.to_thread.run_sync(private_redis.stop)
+        # Seven failed attempts: a backoff doubling from 0.1 s would now wait 5 s.
+        await sink.wait_for(lambda: sum(not up for _, up, _ in sink.statuses) >= 7)
+        await trio.to_thread.run_sync(private_redis.start)
+        back = trio.current_time()
+        # A heartbeat every 20 ms, as a busy deployment publishes; PUBLISH answers how
+        # many subscribers received it: the first one our source receives ends it.
+        sent = 0
+        while await publish(private_redis.url, [(channel, b"%d" % sent)]) != [1]:
+            sent += 1
+            await trio.sleep(0.02)
+        subscribed_after = trio.current_time() - back
+        await sink.wait_for(lambda: bool(sink.messages))
+
+    assert subscribed_after < 1.0, f"read again {subscribed_after:.2f}s after Redis was back"
+    assert sink.messages == [(channel, b"%d" % sent)]
+
+
 async def test_source_authenticates_with_the_url_credentials(
     private_redis: PrivateRedis, nursery: trio.Nursery
 ) -> None:

@@ -47,8 +47,14 @@ CONNECT_TIMEOUT = 10.0
 # answer by the next period it is taken for dead (a half-open TCP connection
 # would otherwise wait for the kernel's two-hour keepalive).
 IDLE_PING_INTERVAL = 15.0
+# Pub/sub keeps nothing for an absent subscriber: every second spent waiting to
+# reconnect once Redis is back loses that second's events. A refused connection
+# (Redis restarting, or not yet listening) costs a SYN and a RST, so the port is
+# polled at REFUSED_POLL; other failures (Redis dropped or refused us) back off,
+# but to no more than a second.
+REFUSED_POLL = 0.1
 BACKOFF_FIRST = 0.1
-BACKOFF_MAX = 5.0
+BACKOFF_MAX = 1.0
 
 _CERT_REQS = {
     "none": ssl.CERT_NONE,
@@ -97,12 +103,14 @@ class RedisEventSource:
     async def run(
         self, sink: Sink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Read until cancelled; reconnect with exponential backoff when Redis goes away."""
+        """Read until cancelled; reconnect when Redis goes away: at once when it listens
+        again (REFUSED_POLL), with a short backoff when it fails otherwise."""
         delay = BACKOFF_FIRST
         started = False
         last_reason = ""
         while True:
             connection = _Connection(self)
+            refused = False
             try:
                 async with trio.open_nursery() as nursery:
                     subscribed = trio.Event()
@@ -116,14 +124,19 @@ class RedisEventSource:
                         task_status.started()
             except* (OSError, RedisError, hiredis.HiredisError) as group:
                 reason = _describe(group)
+                refused = group.subgroup(ConnectionRefusedError) is not None
                 sink.source_status(self.name, False, reason)
                 # A long outage logs once per distinct reason, not once per attempt.
                 (log.warning if reason != last_reason else log.debug)(
-                    "%s: %s; reconnecting in %.1fs", self.name, reason, delay
+                    "%s: %s; reconnecting in %.1fs",
+                    self.name, reason, REFUSED_POLL if refused else delay,
                 )
                 last_reason = reason
-            await trio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX)
+            if refused:
+                await trio.sleep(REFUSED_POLL)
+            else:
+                await trio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
 
     async def _pump(
         self, connection: _Connection, sink: Sink, subscribed: trio.Event
