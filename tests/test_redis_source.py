@@ -14,8 +14,8 @@ import redis
 import trio
 
 from sluice_celery.events import KIND_REDIS
-from sluice_celery.redis_source import RedisEventSource
 from sluice_celery.plugin import REDIS_KEYPREFIX
+from sluice_celery.redis_source import RedisEventSource
 from sluice_core.cli import parse
 from sluice_core.config import ConfigError
 from tests.fixtures.celery_worker import CollectingSink
@@ -277,5 +277,7 @@ def test_plugin_registers_one_source_per_redis_broker_with_the_keyprefix(
         "app1:/2.celeryev/*",
     ]
     # The flag wins over the environment.
-    _, flagged, _ = parse([*argv, "--redis-keyprefix", "flag:"], {"SLUICE_REDIS_KEYPREFIX": "app1:"})
+    _, flagged, _ = parse(
+        [*argv, "--redis-keyprefix", "flag:"], {"SLUICE_REDIS_KEYPREFIX": "app1:"}
+    )
     assert flagged.get(REDIS_KEYPREFIX) == "flag:"
