@@ -33,6 +33,7 @@ from quart import Blueprint, Response, current_app, request, websocket
 from quart.wrappers import ClientDisconnectedError
 from werkzeug.datastructures import Headers
 
+from sluice_core.actions import mark_pushed
 from sluice_core.config import INGEST_BURST, INGEST_RATE
 from sluice_core.engine import Engine
 from sluice_core.model import JobEvent, RawBatch, WorkerEvent
@@ -129,12 +130,15 @@ class Ingest:
 
     def decode(self, key: ApiKey, body: Any) -> tuple[list[JobEvent], list[WorkerEvent]]:
         """The events of one batch (a parsed JSON body), all valid, or :class:`Malformed`
-        (counted in sluice_events_malformed_total): then none of them is taken."""
+        (counted in sluice_events_malformed_total): then none of them is taken.
+        Each job event is stamped with the key, over anything the sender claimed: an
+        action never takes a pushed event for a broker's word (sluice_core.actions)."""
         try:
-            return self._decode(key, body)
+            job_events, worker_events = self._decode(key, body)
         except Malformed as exc:
             self.engine.metrics.events_malformed.labels(_source(key)).inc(exc.count)
             raise
+        return mark_pushed(job_events, key.name), worker_events
 
     def _decode(self, key: ApiKey, body: Any) -> tuple[list[JobEvent], list[WorkerEvent]]:
         if type(body) is not dict:
