@@ -17,9 +17,12 @@ them to the engine's pipeline, which folds, stores and publishes them::
 Backpressure runs back along the same path: a slow database holds up the feed,
 the pipe fills, the reader's writer waits, and the reader's buffers and spool
 take the backlog, as they would in one process. The reader reports its counters,
-buffers and sources ten times a second and before each batch; the engine shows
-them as its own. (Its ingest lag counts from when a batch reached the engine: a
-backlog in the reader shows as ``sluice_buffered_messages``.)
+buffers and sources before each batch, and ten times a second on a pipe of their
+own, which the engine always reads: while the data pipe is full (a database
+outage) the reports still get through, so the backlog piling up in the reader
+shows in ``sluice_buffered_messages`` and a source going down in ``/healthz``.
+The engine shows them as its own. (Its ingest lag counts from when a batch
+reached the engine: a backlog in the reader shows as ``sluice_buffered_messages``.)
 
 Stopping: the engine closes the control pipe; the reader stops its sources,
 sends what it holds and says so; then the engine writes it. A reader that
@@ -70,9 +73,11 @@ EXIT_WAIT_S = 5.0  # for a reader that said it is done, or closed its pipe, to e
 # The reader's counters the engine adds to its own, by source.
 _COUNTERS = ("messages_received", "events_malformed", "events_dropped")
 
-# Messages on the pipe, each pickled: ("batch", job event tuples, worker events),
-# ("status", counters, sources, held), ("done",). A status comes before every
-# batch, so the engine never shows fewer messages read than it has stored.
+# Messages on the data pipe, each pickled: ("batch", job event tuples, worker
+# events), ("status", number, counters, sources, held), ("done",). A status comes
+# before every batch, so the engine never shows fewer messages read than it has
+# stored. The status pipe carries statuses only. Statuses are numbered: one that
+# waited in the full data pipe is older than those read since from the status pipe.
 Message = tuple[Any, ...]
 
 
@@ -99,6 +104,7 @@ class ReaderProcess:
         self._stopping = False
         self._stopped = trio.Event()
         self._seen: dict[tuple[str, str], float] = {}  # counter totals already added
+        self._status_number = -1  # of the newest status applied
 
     async def run(self) -> None:
         """Until :meth:`stop`: run the reader, and a new one whenever it exits."""
@@ -137,43 +143,38 @@ class ReaderProcess:
         # the two pipes' ends by number and the config on stdin. Not
         # multiprocessing's spawn: that starts a resource tracker process as well.
         data_read, data_write = os.pipe()
+        status_read, status_write = os.pipe()
         control_read, control_write = os.pipe()
+        ends = (data_write, status_write, control_read)
         # Started once; Popen returns at once (trio's process API cannot pass these fds).
         process = subprocess.Popen(  # noqa: ASYNC220
-            [sys.executable, "-m", "sluice_core.reader", str(data_write), str(control_read)],
+            [sys.executable, "-m", "sluice_core.reader", *map(str, ends)],
             stdin=subprocess.PIPE,
-            pass_fds=(data_write, control_read),
+            pass_fds=ends,
         )
         self._process = process
         # The reader's ends: closed here so that each side sees the other exit.
-        os.close(data_write)
-        os.close(control_read)
+        for fd in ends:
+            os.close(fd)
         receive = Connection(data_read, writable=False)
+        statuses = Connection(status_read, writable=False)
         control = self._control = Connection(control_write, readable=False)
         assert process.stdin is not None
         process.stdin.write(pickle.dumps(self._config))
         process.stdin.close()
         if self._stopping:
             control.close()
-        self._seen = {}
+        self._seen, self._status_number = {}, -1
         try:
-            while True:
-                try:
-                    message = await trio.to_thread.run_sync(
-                        _receive, receive, abandon_on_cancel=True
-                    )
-                except EOFError:
-                    return False
-                kind = message[0]
-                if kind == "batch":
-                    await self._feed.send(message[1], message[2], time.time())
-                elif kind == "status":
-                    self._apply_status(*message[1:])
-                elif kind == "done":
-                    return True
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._apply_statuses, statuses)
+                done = await self._receive_batches(receive)
+                nursery.cancel_scope.cancel()
+            return done
         finally:
             control.close()
             receive.close()
+            statuses.close()
             try:
                 await trio.to_thread.run_sync(process.wait, EXIT_WAIT_S, abandon_on_cancel=True)
             except subprocess.TimeoutExpired:
@@ -182,12 +183,38 @@ class ReaderProcess:
                 process.kill()
                 process.wait()
 
+    async def _receive_batches(self, receive: Connection) -> bool:
+        """Feed the batches on: True once the reader is done, False if it exited."""
+        while True:
+            try:
+                message = await trio.to_thread.run_sync(_receive, receive, abandon_on_cancel=True)
+            except EOFError:
+                return False
+            kind = message[0]
+            if kind == "batch":
+                await self._feed.send(message[1], message[2], time.time())
+            elif kind == "status":
+                self._apply_status(*message[1:])
+            elif kind == "done":
+                return True
+
+    async def _apply_statuses(self, statuses: Connection) -> None:
+        """Apply the status pipe's reports, however full the data pipe is."""
+        while True:
+            try:
+                message = await trio.to_thread.run_sync(_receive, statuses, abandon_on_cancel=True)
+            except EOFError:
+                return
+            self._apply_status(*message[1:])
+
     def _apply_status(
         self,
+        number: int,
         counters: dict[str, dict[str, float]],
         sources: dict[str, SourceStatus],
         held: tuple[int, int],
     ) -> None:
+        # Counters only grow: the larger total wins, whichever pipe brought it.
         for name, totals in counters.items():
             counter: Counter = getattr(self._metrics, name)
             for source, total in totals.items():
@@ -195,7 +222,9 @@ class ReaderProcess:
                 if total > added:
                     counter.labels(source).inc(total - added)
                     self._seen[(name, source)] = total
-        self._pipeline.reader_status(sources, held)
+        if number > self._status_number:
+            self._status_number = number
+            self._pipeline.reader_status(sources, held)
 
 
 def _receive(conn: Connection) -> Message:
@@ -210,26 +239,26 @@ def _receive(conn: Connection) -> Message:
 
 
 def reader_main(argv: list[str]) -> None:
-    """The reader process: ``python -m sluice_core.reader DATA_FD CONTROL_FD``, the config
-    pickled on stdin."""
+    """The reader process: ``python -m sluice_core.reader DATA_FD STATUS_FD CONTROL_FD``,
+    the config pickled on stdin."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config: Config = pickle.load(sys.stdin.buffer)
     send = Connection(int(argv[0]), readable=False)
-    control = Connection(int(argv[1]), writable=False)
+    statuses = Connection(int(argv[1]), readable=False)
+    control = Connection(int(argv[2]), writable=False)
     logging.basicConfig(level=config.log_level, format=LOG_FORMAT, stream=sys.stderr)
     pm = PluginManager(storage=False)
     pm.load(config.plugins)
     pm.configure(config)
-    trio.run(_Reader(config, pm, send).run, control)
+    trio.run(_Reader(config, pm, send, statuses).run, control)
 
 
-class PipeWriter:
-    """The reader's pipeline's last stage: each batch, pickled, down the pipe."""
+class PipeSender:
+    """Messages, pickled, down a pipe to the engine."""
 
-    def __init__(self, conn: Connection, status: Callable[[], Message]) -> None:
+    def __init__(self, conn: Connection) -> None:
         self._conn = conn
-        self._status = status
         self._lock = trio.Lock()  # one message at a time on the pipe
 
     async def send(self, message: Message) -> None:
@@ -244,6 +273,14 @@ class PipeWriter:
                 log.error("reader: the engine closed the pipe (%s); exiting", exc)
                 os._exit(1)
 
+
+class PipeWriter(PipeSender):
+    """The reader's pipeline's last stage: each batch, pickled, down the data pipe."""
+
+    def __init__(self, conn: Connection, status: Callable[[], Message]) -> None:
+        super().__init__(conn)
+        self._status = status
+
     async def ingest(
         self, job_events: list[JobEvent], worker_events: list[WorkerEvent]
     ) -> IngestResult:
@@ -254,9 +291,13 @@ class PipeWriter:
 
 
 class _Reader:
-    def __init__(self, config: Config, pm: PluginManager, send: Connection) -> None:
+    def __init__(
+        self, config: Config, pm: PluginManager, send: Connection, statuses: Connection
+    ) -> None:
         self.metrics = Metrics()
         self.writer = PipeWriter(send, self._status)
+        self.reports = PipeSender(statuses)
+        self._status_number = 0
         self.pipeline = Pipeline(
             normalize=pm.normalize,
             storage=self.writer,
@@ -296,12 +337,16 @@ class _Reader:
 
     async def _report(self) -> None:
         while True:
-            await self.writer.send(self._status())
+            await self.reports.send(self._status())
             await trio.sleep(STATUS_INTERVAL_S)
 
     def _status(self) -> Message:
+        self._status_number += 1
         counters = {name: _totals(getattr(self.metrics, name)) for name in _COUNTERS}
-        return ("status", counters, dict(self.pipeline.sources), self.pipeline.held())
+        return (
+            "status", self._status_number, counters, dict(self.pipeline.sources),
+            self.pipeline.held(),
+        )
 
 
 def _totals(counter: Counter) -> dict[str, float]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
@@ -29,13 +31,14 @@ from tests.waiting import wait_until
 
 
 @asynccontextmanager
-async def engine_with_reader(db: Path, keyprefix: str) -> AsyncIterator[Engine]:
+async def engine_with_reader(db: Path, keyprefix: str, **options: Any) -> AsyncIterator[Engine]:
     config = Config(
         broker=[REDIS_URL],
         db=f"sqlite:///{db}",
         plugin=["celery"],
         reader_process=True,
         redis_keyprefix=keyprefix,
+        **options,
     )
     pm = PluginManager()
     pm.load(config.plugins)
@@ -128,6 +131,68 @@ async def test_a_reader_that_dies_is_replaced(tmp_path: Path, keyprefix: str) ->
             await wait_until(lambda: source_up(engine) and engine.reader.pid not in (None, first))
             await publish(REDIS_URL, task_events(keyprefix, 100))
             await wait_until(lambda: stored(db)[2] == 100)
+
+
+async def test_the_backlog_gauges_count_what_the_reader_holds_while_storage_is_down(
+    tmp_path: Path, keyprefix: str
+) -> None:
+    """While the database takes no writes the engine holds a few batches, the pipe
+    fills, and the backlog piles up in the reader process: sluice_buffered_messages
+    and sluice_spooled_bytes must show it, and the counters must go on counting what
+    the reader reads, also after the pipe is full."""
+    db = tmp_path / "sluice.db"
+    before = task_events(keyprefix, 15_000)  # 30,000 messages, 45,000 events
+    during = task_events(keyprefix, 5_000)
+    with trio.fail_after(120):
+        async with engine_with_reader(db, keyprefix, buffer_mb=1) as engine:
+            assert engine.reader is not None
+            await wait_until(lambda: source_up(engine))
+            # Another writer holds SQLite's write lock: the engine's writes wait, then fail.
+            lock = sqlite3.connect(db, isolation_level=None)
+            lock.execute("BEGIN IMMEDIATE")
+            try:
+                await publish(REDIS_URL, before)
+                # More than the engine and the pipe take: the engine stops reading the
+                # pipe, and the reader ends up blocked writing a batch into it.
+                reader = engine.reader.pid
+                assert reader is not None
+                await wait_until(
+                    lambda: feed_blocked(engine) and writing_a_full_pipe(reader),
+                    "the pipe to fill",
+                )
+                await publish(REDIS_URL, during)
+                await wait_until(lambda: received(engine) == len(before) + len(during))
+                # The engine holds at most 26 batches of up to 1,000 events (its
+                # writers' channel, the writer's batch, the one being fed), the reader
+                # 5 more it normalized and one in the pipe: 32,000 events, 21,400
+                # messages. The rest (18,600 messages at least) waits in the reader's
+                # memory and, past its 1 MiB, in its spool.
+                await wait_until(
+                    lambda: metric(engine.metrics, "sluice_buffered_messages") >= 18_000
+                )
+                assert metric(engine.metrics, "sluice_spooled_bytes") > 0
+            finally:
+                lock.rollback()
+                lock.close()
+            # Once stored, the gauges come back to nothing.
+            await wait_until(lambda: ingested(engine) == 60_000)
+            await wait_until(lambda: metric(engine.metrics, "sluice_buffered_messages") == 0)
+            assert metric(engine.metrics, "sluice_spooled_bytes") == 0
+
+
+def feed_blocked(engine: Engine) -> bool:
+    """Whether the engine waits for its writers to take a batch from the reader: until
+    they do, it reads nothing more from the pipe."""
+    return engine.pipeline._norm_send.statistics().tasks_waiting_send > 0
+
+
+def writing_a_full_pipe(pid: int) -> bool:
+    """Whether a thread of process ``pid`` is blocked writing into a full pipe (while
+    nothing reads the pipe, it stays so)."""
+    return any(
+        "pipe_write" in Path(f"/proc/{pid}/task/{task}/wchan").read_text()
+        for task in os.listdir(f"/proc/{pid}/task")
+    )
 
 
 def running(pid: int) -> bool:
