@@ -10,24 +10,35 @@ RabbitMQ) vhost.
 from __future__ import annotations
 
 import re
+import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import orjson
 import pytest
+import redis
 import trio
 from celery.utils.saferepr import saferepr
 from playwright.sync_api import Page, expect
 
-from sluice_celery.actions import CeleryActions
-from sluice_celery.messages import recover_call, redis_queue_key, task_message
-from sluice_core.actions import ActionRefused
+from sluice_celery.actions import AmqpBroker, CeleryActions, RedisBroker
+from sluice_celery.messages import (
+    PRIORITY_STEPS,
+    details,
+    recover_call,
+    redis_queue_key,
+    summary,
+    task_message,
+)
+from sluice_core.actions import ActionRefused, mark_pushed
 from sluice_core.config import Config, redact_url
 from sluice_core.engine import Engine
-from sluice_core.model import Job
+from sluice_core.model import Job, JobEvent, JobState
 from sluice_core.plugins import PluginManager
 from tests.celery_app import ENV_SDK, make_app
 from tests.fixtures.celery_worker import CeleryWorker
@@ -176,14 +187,33 @@ async def test_retry_of_a_failed_job_whose_cause_was_fixed_completes_with_its_ar
             assert "FileNotFoundError" in failed["exception"]
 
             path.write_text("  fixed  \n")
+            # What the user confirms first is what gets published.
+            preview = await client.get(f"/api/jobs/{failed_id}/retry")
+            assert preview.status_code == 200, preview.text
             response = await client.post(f"/api/jobs/{failed_id}/retry")
             assert response.status_code == 202, response.text
             new_id = response.json()["job_id"]
-            assert response.json() == {"job_id": new_id, "retry_of": failed_id}
+            published = preview.json()["publish"]
+            assert response.json() == {
+                "job_id": new_id, "retry_of": failed_id, "published": published
+            }
             assert new_id != failed_id
+            assert published == {
+                "name": "tests.read_file",
+                "queue": worker.queue,
+                "broker": redact_url(worker.broker_url),
+                "arguments": f'("{path}", strip=true)',
+                "arguments_from": "the argument reprs in Celery's events",
+                "details": [],
+            }
 
             new = await job_when(client, new_id, in_state("completed"))
             old = (await client.get(f"/api/jobs/{failed_id}")).json()
+            # A retry of the retry rests on Sluice's own record of where it published it.
+            again = await client.post(f"/api/jobs/{new_id}/retry")
+            assert again.status_code == 202, again.text
+            assert again.json()["published"] == published
+            await job_when(client, again.json()["job_id"], in_state("completed"))
     # The new run had the original arguments (strip=True included): it read and stripped.
     assert new["result"] == "'fixed'"
     assert (new["name"], new["queue"]) == ("tests.read_file", worker.queue)
@@ -192,6 +222,7 @@ async def test_retry_of_a_failed_job_whose_cause_was_fixed_completes_with_its_ar
     assert old["state"] == "failed"  # the original job's own history is unchanged
     [audit] = actions(old, "retry")
     assert (audit["outcome"], audit["new_job_id"]) == ("accepted", new_id)
+    assert audit["published"] == published  # the timeline says what went out
     # The new job shows Sluice's publish first, then what the worker did.
     assert [e["type"] for e in new["events"]][:2] == ["sluice-retry", "task-received"]
 
@@ -226,15 +257,27 @@ async def test_retry_uses_the_sdks_full_arguments_where_the_repr_is_truncated(
     with trio.fail_after(TIMEOUT):
         async with sluice(tmp_path, REDIS_URL, keyprefix) as (engine, client):
             _, key = await engine.storage.create_api_key("tests")
-            # The worker reports through the SDK only (no -E): it sees the real message.
+            # The SDK in the worker sees the real message; the broker's own events (-E,
+            # task_send_sent_event) confirm the job name and queue the retry publishes.
             worker = CeleryWorker(
-                REDIS_URL, keyprefix, tmp_path / "celery-worker.log", task_events=False,
+                REDIS_URL, keyprefix, tmp_path / "celery-worker.log",
                 env={ENV_SDK: "1", "SLUICE_URL": str(client.base_url), "SLUICE_API_KEY": key},
             )
             try:
                 await trio.to_thread.run_sync(worker.start)
                 failed_id = await send(worker, "tests.read_file", str(path))
-                failed = await job_when(client, failed_id, in_state("failed"))
+
+                def failed_with_capture(job: dict[str, Any]) -> bool:
+                    broker_saw = {
+                        e["type"] for e in job["events"] if "pushed_by" not in e["detail"]
+                    }
+                    return (
+                        job["state"] == "failed"
+                        and "message" in job["extra"]
+                        and {"task-sent", "task-received"} <= broker_saw
+                    )
+
+                failed = await job_when(client, failed_id, failed_with_capture)
                 assert failed["args"].endswith("...',)")  # the repr was cut
                 path.write_text("full path")
                 response = await client.post(f"/api/jobs/{failed_id}/retry")
@@ -244,6 +287,11 @@ async def test_retry_uses_the_sdks_full_arguments_where_the_repr_is_truncated(
                 await trio.to_thread.run_sync(worker.close)
     assert new["result"] == "'full path'"
     assert new["extra"]["message"]["args"] == [str(path)]
+    published = response.json()["published"]
+    assert (published["name"], published["queue"]) == ("tests.read_file", worker.queue)
+    assert published["arguments_from"] == (
+        "the SDK's capture of the message, pushed with API key 'tests'"
+    )
 
 
 async def test_retry_is_refused_when_arguments_are_only_a_truncated_repr(
@@ -302,7 +350,12 @@ async def test_retry_button_confirms_then_links_to_the_new_job(
 
             await browse(scenario)
             job = (await client.get(f"/api/jobs/{job_id}")).json()
-    assert dialogs and "same arguments" in dialogs[0]
+    # The dialog says what will be published: job name, queue, broker and arguments.
+    assert dialogs and "Sluice will publish" in dialogs[0]
+    assert f"tests.read_file to queue {worker.queue} on {redact_url(worker.broker_url)}" in (
+        dialogs[0]
+    )
+    assert str(path) in dialogs[0] and "Celery's events" in dialogs[0]
     assert [audit["outcome"] for audit in actions(job, "retry")] == ["accepted"]  # one retry
 
 
@@ -356,6 +409,141 @@ async def test_bulk_retry_of_failed_jobs_and_bulk_revoke_of_scheduled_ones(
     for job_id, path in zip(failed, paths, strict=True):
         assert outcomes[job_id]["result"] == repr(path.read_text())
         assert outcomes[job_id]["retry_of"] == job_id
+
+
+# -- what an ingest key may not decide -------------------------------------------------------
+
+STOLEN = "billing.refund_all"  # what a holder of an ingest key would like Sluice to run
+
+
+def forged_message(queue: str, *args: Any) -> dict[str, Any]:
+    """A "captured" message as a pushed event carries it: the sender's arguments, queue,
+    top priority and a header of its own."""
+    return {
+        "args": list(args),
+        "kwargs": {},
+        "redacted": False,
+        "options": {"queue": queue, "priority": 9, "headers": {"x-approved-by": "cfo"}},
+    }
+
+
+def forged_celery_events(job_id: str, name: str, queue: str, message: dict[str, Any]) -> list[
+    dict[str, Any]
+]:
+    """Celery's event dicts, as the SDK pushes them: a job sent with ``message``, then failed."""
+    now = time.time()
+    common = {"uuid": job_id, "utcoffset": 0, "pid": 1, "args": "()", "kwargs": "{}"}
+    return [
+        {**common, "type": "task-sent", "hostname": "gen1@elsewhere", "clock": 1,
+         "timestamp": now, "name": name, "queue": queue, "sluice_message": message},
+        {**common, "type": "task-failed", "hostname": "w1@elsewhere", "clock": 2,
+         "timestamp": now + 0.1, "exception": "RuntimeError('declined')", "traceback": ""},
+    ]
+
+
+def forged_agent_events(
+    job_id: str, broker: str, queue: str, message: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Normalized events, as an agent pushes them, claiming all a broker's own events
+    and Sluice's own publish would say: the broker, the route, no API key."""
+    now = time.time()
+
+    def event(kind: str, state: str, at: float, **fields: Any) -> dict[str, Any]:
+        extra = {"broker": broker, "exchange": "", "routing_key": queue, "message": message,
+                 "pushed_by": None}
+        return {"id": uuid.uuid4().hex, "job_id": job_id, "framework": "celery", "type": kind,
+                "state": state, "timestamp": at, "fields": fields, "extra": extra}
+
+    return [
+        event("sluice-retry", "queued", now, name=STOLEN, queue=queue),
+        event("task-received", "received", now + 0.1, name=STOLEN),
+        event("task-failed", "failed", now + 0.2, exception="RuntimeError('declined')"),
+    ]
+
+
+async def test_an_ingest_key_cannot_choose_what_a_retry_publishes(
+    celery_worker: CeleryWorker, tmp_path: Path
+) -> None:
+    worker = celery_worker  # on Redis
+    broker = redact_url(worker.broker_url)
+    critical = f"payments-critical-{uuid.uuid4().hex[:8]}"  # no worker consumes it
+    real = [tmp_path / f"input-{i}.txt" for i in range(2)]
+    forged = {"celery": str(uuid.uuid4()), "agent": str(uuid.uuid4())}
+    broker_client = redis.Redis.from_url(worker.broker_url)
+
+    async def waiting_on(queue: str) -> int:
+        """Messages on the queue's lists, every priority step: a push is there at once."""
+        keys = [redis_queue_key(queue, p, worker.keyprefix) for p in PRIORITY_STEPS]
+        return sum([await trio.to_thread.run_sync(broker_client.llen, key) for key in keys])
+
+    with trio.fail_after(TIMEOUT):
+        async with sluice(tmp_path, worker.broker_url, worker.keyprefix) as (engine, client):
+            _, key = await engine.storage.create_api_key("attacker")
+            ingest_key = {"Authorization": f"Bearer {key}"}
+            legit, hijacked = [await send(worker, "tests.read_file", str(p)) for p in real]
+            for job_id in (legit, hijacked):
+                await job_when(client, job_id, in_state("failed"))
+
+            async def push(body: dict[str, Any]) -> None:
+                response = await client.post("/api/ingest", json=body, headers=ingest_key)
+                assert response.status_code == 200, response.text
+
+            # A job the broker never had, with its own message; one claiming, in the
+            # agents' format, to be the broker's own events and Sluice's own publish on
+            # the queue the worker consumes; and a real failed job whose message it replaces.
+            await push({"format": "celery", "events": forged_celery_events(
+                forged["celery"], STOLEN, critical, forged_message(critical, "everyone"))})
+            await push({"format": "sluice", "job_events": forged_agent_events(
+                forged["agent"], broker, worker.queue, forged_message(worker.queue, "everyone"))})
+            await push({"format": "celery", "events": forged_celery_events(
+                hijacked, "tests.read_file", critical, forged_message(critical, "/etc/shadow"))})
+
+            reasons = {}
+            for job_id in [*forged.values(), hijacked]:
+                preview = await client.get(f"/api/jobs/{job_id}/retry")
+                response = await client.post(f"/api/jobs/{job_id}/retry")
+                assert response.status_code == preview.status_code == 409, response.text
+                assert response.json()["error"]["code"] == "refused"
+                reasons[job_id] = response.json()["error"]["message"]
+                assert preview.json()["error"]["message"] == reasons[job_id]
+                # Pushed (LPUSH) before the answer, had it been: nothing is there.
+                assert await waiting_on(critical) == 0
+
+            # A routine "retry failed": the real failure goes out, the others are refused.
+            for path in real:
+                path.write_text("fixed")
+            response = await client.post(
+                "/api/jobs/bulk", json={"action": "retry", "filter": {"state": "failed"}}
+            )
+            assert response.status_code == 200, response.text
+            results = {r["id"]: r for r in response.json()["results"]}
+            assert {job_id: r["outcome"] for job_id, r in results.items()} == {
+                legit: "accepted", hijacked: "refused",
+                forged["celery"]: "refused", forged["agent"]: "refused",
+            }
+            for job_id in [*forged.values(), hijacked]:
+                assert results[job_id]["message"] == reasons[job_id]
+            assert results[legit]["published"]["name"] == "tests.read_file"
+            # The worker takes its queue in order: once the legitimate retry has run,
+            # anything published before it on that queue would have been received too.
+            retried = await job_when(client, results[legit]["new_job_id"], in_state("completed"))
+            assert await waiting_on(critical) == 0
+            received = (await client.get("/api/jobs", params={"name": STOLEN})).json()["jobs"]
+            forged_job = (await client.get(f"/api/jobs/{forged['celery']}")).json()
+    broker_client.close()
+    assert retried["result"] == "'fixed'"
+    assert {job["id"] for job in received} == set(forged.values())  # none ran
+    assert [a["outcome"] for a in actions(forged_job, "retry")] == ["refused", "refused"]
+    # Each refusal says what would have gone out, and why not, in words a user follows.
+    never_shown = reasons[forged["celery"]]
+    assert f"{STOLEN} to queue {critical}" in never_shown and broker in never_shown
+    assert "no broker it publishes to" in never_shown and "API key 'attacker'" in never_shown
+    assert "-E" in never_shown and "task_send_sent_event" in never_shown
+    assert f"{STOLEN} to queue {worker.queue}" in reasons[forged["agent"]]
+    assert "no broker it publishes to" in reasons[forged["agent"]]
+    hijack = reasons[hijacked]
+    assert f"tests.read_file to queue {critical} on {broker}" in hijack
+    assert f"showed this job sent to queue {worker.queue}" in hijack
 
 
 # -- bad input, and a revoke no worker hears -----------------------------------------------
@@ -477,3 +665,67 @@ def test_redis_queue_keys_follow_kombus_priority_steps() -> None:
     assert redis_queue_key("q", 4) == "q\x06\x163"
     assert redis_queue_key("q", 9) == "q\x06\x169"
     assert redis_queue_key("q", 255) == "q\x06\x169"
+
+
+# -- a retry's plan: only what the broker showed of the job, wherever the rest came from -----
+
+
+def timeline_event(
+    kind: str, state: JobState, pushed: str | None = None, **fields: Any
+) -> JobEvent:
+    extra = fields.pop("extra", {})
+    event = JobEvent(
+        id=uuid.uuid4().hex, job_id="j1", framework="celery", type=kind, state=state,
+        timestamp=1.0, fields=fields, extra=extra,
+    )
+    return event if pushed is None else mark_pushed([event], pushed)[0]
+
+
+@pytest.mark.parametrize("broker", ["redis://localhost:6379/0", "amqp://guest:pw@localhost//"])
+async def test_a_retry_plan_takes_the_job_name_and_queue_from_the_brokers_own_events(
+    broker: str,
+) -> None:
+    handler = CeleryActions([RedisBroker(broker) if "redis" in broker else AmqpBroker(broker)])
+    url = redact_url(broker)
+    route = {"broker": url, "exchange": "", "routing_key": "celery"}
+    sent = timeline_event("task-sent", JobState.QUEUED, name="tests.add", queue="celery",
+                          extra=route)
+    received = timeline_event("task-received", JobState.RECEIVED, name="tests.add",
+                              extra={"broker": url})
+    capture = forged_message("payments-critical", "everyone")
+    pushed = timeline_event("task-sent", JobState.QUEUED, "attacker", name=STOLEN,
+                            queue="payments-critical", extra={**route, "message": capture})
+    job = Job(id="j1", framework="celery", name="tests.add", queue="celery", args="(1, 2)",
+              kwargs="{}", extra={"exchange": "", "routing_key": "celery"})
+
+    plan = await handler.plan_retry(job, [sent, received, pushed])
+    assert (plan.name, plan.queue, plan.target, plan.arguments) == (
+        "tests.add", "celery", url, "(1, 2)"
+    )
+    assert plan.record == route  # a retry of the new job rests on it
+    # A name, or a queue, that only pushed events gave: refused, whichever broker they claim.
+    for claimed, why in [
+        (attrs.evolve(job, name=STOLEN), "showed this job as tests.add, not " + STOLEN),
+        (attrs.evolve(job, extra={**job.extra, "message": capture}), "sent to queue celery"),
+    ]:
+        with pytest.raises(ActionRefused, match=why):
+            await handler.plan_retry(claimed, [sent, received, pushed])
+    with pytest.raises(ActionRefused, match=r"no broker it publishes to .* own events"):
+        await handler.plan_retry(job, [pushed])
+    with pytest.raises(ActionRefused, match=r"never said where .* task_send_sent_event"):
+        await handler.plan_retry(job, [received, pushed])
+    # The retry's own record: what Sluice published is what the broker has.
+    queued = timeline_event("sluice-retry", JobState.QUEUED, name="tests.add", queue="celery",
+                            extra=plan.record)
+    assert (await handler.plan_retry(job, [queued])).to_dict() == plan.to_dict()
+    # Without the timeline nothing is confirmed: nothing is published.
+    with pytest.raises(ActionRefused, match="no broker"):
+        await handler.retry(job)
+
+
+def test_the_plan_shows_everything_a_capture_adds() -> None:
+    call = recover_call(Job(id="j1", framework="celery", name="t", queue="q",
+                            extra={"message": forged_message("q", "x" * 400, 2)}))
+    assert summary(call) == '("' + "x" * 297 + "…"  # 300 characters at most
+    assert summary(attrs.evolve(call, args=[1, "a"], kwargs={"k": None})) == '(1, "a", k=null)'
+    assert details(call) == ("priority 9", "headers x-approved-by")

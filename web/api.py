@@ -19,7 +19,14 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Blueprint, Response, current_app, request, session
 
-from sluice_core.actions import ActionHandler, ActionRefused, ActionResult, RevokesMany
+from sluice_core.actions import (
+    ActionHandler,
+    ActionRefused,
+    ActionResult,
+    PlansRetry,
+    RetryPlan,
+    RevokesMany,
+)
 from sluice_core.engine import Engine
 from sluice_core.model import Job, JobEvent, JobState, event_id
 from sluice_core.monitors import workers_task_events
@@ -162,13 +169,28 @@ def _handler(job: Job) -> ActionHandler:
     return handler
 
 
+@blueprint.get("/api/jobs/<job_id>/retry")
+async def retry_preview(job_id: str) -> dict[str, Any]:
+    """What a retry would publish (job name, queue, broker, arguments), for the user to
+    confirm, or 409 with the reason it would be refused. Publishes nothing. ``publish``
+    is null for a handler that cannot tell beforehand."""
+    job = await _job(job_id)
+    handler = _handler(job)
+    if not isinstance(handler, PlansRetry):
+        return {"job_id": job.id, "publish": None}
+    return {"job_id": job.id, "publish": (await _plan(handler, job)).to_dict()}
+
+
 @blueprint.post("/api/jobs/<job_id>/retry")
 async def retry(job_id: str) -> tuple[dict[str, Any], int]:
     _reject_unknown(await _body(), ())
     job = await _job(job_id)
     [outcome] = await _act("retry", [job], {})
     _raise_failure(outcome)
-    return {"job_id": outcome["new_job_id"], "retry_of": job.id}, 202
+    answer = {"job_id": outcome["new_job_id"], "retry_of": job.id}
+    if outcome["published"] is not None:  # the handler said what it published
+        answer["published"] = outcome["published"]
+    return answer, 202
 
 
 @blueprint.post("/api/jobs/<job_id>/revoke")
@@ -237,6 +259,7 @@ async def _act(action: str, jobs: list[Job], options: dict[str, Any]) -> list[di
     # Stamped before anything is published: the worker's events come after it.
     requested_at = time.time()
     outcomes: dict[str, dict[str, Any]] = {}
+    plans: dict[str, RetryPlan] = {}  # what each accepted retry published
     single: list[tuple[ActionHandler, Job]] = []
     by_handler: dict[int, tuple[RevokesMany, list[Job]]] = {}
     for job in jobs:
@@ -261,17 +284,26 @@ async def _act(action: str, jobs: list[Job], options: dict[str, Any]) -> list[di
             outcomes[job.id] = _failed(action, job, exc)
         else:
             outcomes[job.id] = _outcome_of(result)
+            if result.published is not None:
+                plans[job.id] = result.published
     ordered = [outcomes[job.id] for job in jobs]
-    await _audit(action, jobs, ordered, options, requested_at)
+    await _audit(action, jobs, ordered, options, requested_at, plans)
     return ordered
 
 
 async def _call(
     handler: ActionHandler, action: str, job: Job, options: dict[str, Any]
 ) -> ActionResult:
-    if action == "retry":
-        return await handler.retry(job)
-    return await handler.revoke(job, **options)
+    if action != "retry":
+        return await handler.revoke(job, **options)
+    if isinstance(handler, PlansRetry):
+        # Checked against the job's timeline, then published as planned.
+        return await handler.publish(await _plan(handler, job))
+    return await handler.retry(job)
+
+
+async def _plan(handler: PlansRetry, job: Job) -> RetryPlan:
+    return await handler.plan_retry(job, await _engine().storage.job_events(job.id))
 
 
 def _failed(action: str, job: Job, exc: Exception) -> dict[str, Any]:
@@ -286,7 +318,13 @@ def _failed(action: str, job: Job, exc: Exception) -> dict[str, Any]:
 def _outcome(
     job: Job, outcome: str, message: str = "", new_job_id: str | None = None
 ) -> dict[str, Any]:
-    return {"id": job.id, "outcome": outcome, "message": message, "new_job_id": new_job_id}
+    return {
+        "id": job.id,
+        "outcome": outcome,
+        "message": message,
+        "new_job_id": new_job_id,
+        "published": None,
+    }
 
 
 def _outcome_of(result: ActionResult) -> dict[str, Any]:
@@ -295,6 +333,8 @@ def _outcome_of(result: ActionResult) -> dict[str, Any]:
         "outcome": "accepted",
         "message": "",
         "new_job_id": result.new_job_id,
+        # What a retry published: the job name, queue, broker and arguments.
+        "published": None if result.published is None else result.published.to_dict(),
     }
 
 
@@ -318,10 +358,12 @@ async def _audit(
     outcomes: list[dict[str, Any]],
     options: dict[str, Any],
     now: float,
+    plans: dict[str, RetryPlan],
 ) -> None:
     """Record each action on its job's timeline (a ``sluice-<action>`` event that moves
-    no state), and a retry's new job as queued, linked both ways (retry_of / retried_as).
-    Returns once stored, so the job's page shows them at once."""
+    no state), and a retry's new job as queued, linked both ways (retry_of / retried_as),
+    with where it was published (``plans``). Returns once stored, so the job's page
+    shows them at once."""
     user = _user()
     events: list[JobEvent] = []
     for job, outcome in zip(jobs, outcomes, strict=True):
@@ -334,6 +376,7 @@ async def _audit(
             "user": user,
             "new_job_id": new_id,
             "reason": outcome["message"] or None,
+            "published": outcome["published"],
             **options,
         }
         events.append(
@@ -342,14 +385,22 @@ async def _audit(
             )
         )
         if new_id is not None:
+            plan = plans.get(job.id)
             copied = {
-                "name": job.name,
-                "queue": job.queue,
+                "name": job.name if plan is None else plan.name,
+                "queue": job.queue if plan is None else plan.queue,
                 "args": job.args,
                 "kwargs": job.kwargs,
                 "parent_id": job.parent_id,
             }
-            extra = {"action": action, "outcome": "accepted", "user": user}
+            # Where it went, as the handler records it: Sluice's own word that the
+            # broker has this job, which a retry of the new job rests on.
+            extra = {
+                **({} if plan is None else plan.record),
+                "action": action,
+                "outcome": "accepted",
+                "user": user,
+            }
             if "message" in job.extra:  # the SDK's capture: the new job ran with it too
                 extra["message"] = job.extra["message"]
             events.append(

@@ -28,13 +28,14 @@ import orjson
 
 from sluice_celery.control import RedisClient, redis_envelope
 from sluice_core.actions import ActionRefused
-from sluice_core.model import Job
+from sluice_core.model import Job, JobEvent
 from sluice_rabbitmq.publish import AmqpPublisher
 
 # kombu's Redis priority queues: steps 0, 3, 6, 9; step 0 is the plain key.
 PRIORITY_STEPS = (0, 3, 6, 9)
 PRIORITY_SEP = "\x06\x16"
 REPR_MAXSIZE = 1024  # Celery's argsrepr_maxsize
+SUMMARY_MAX = 300  # characters of arguments a retry's confirmation shows
 ORIGIN = f"sluice@{socket.gethostname()}"
 
 HOW_TO_FIX = (
@@ -76,6 +77,29 @@ class Call:
 
 
 @attrs.frozen
+class Route:
+    """Where a task message goes: a queue (a Redis list) and, on RabbitMQ, the exchange
+    and routing key that lead to it."""
+
+    queue: str | None  # None: only an AMQP routing key is known
+    exchange: str
+    routing_key: str
+
+
+def route(queue: str | None, exchange: str | None, routing_key: str | None) -> Route | None:
+    """The route of a message from what is known of it, with Celery's defaults: the
+    routing key is the queue's name, and the default exchange ("") routes by queue name.
+    None when neither the queue nor the routing key is known."""
+    exchange = exchange or ""
+    routing_key = routing_key or queue
+    if routing_key is None:
+        return None
+    if queue is None and exchange == "":
+        queue = routing_key
+    return Route(queue, exchange, routing_key)
+
+
+@attrs.frozen
 class TaskMessage:
     """A protocol-2 task message, ready for either broker."""
 
@@ -86,6 +110,10 @@ class TaskMessage:
     priority: int | None
     headers: dict[str, Any]
     body: bytes  # JSON [args, kwargs, embed]
+
+    @property
+    def route(self) -> Route:
+        return Route(self.queue, self.exchange, self.routing_key)
 
 
 # -- the arguments -------------------------------------------------------------------
@@ -200,6 +228,30 @@ def _unfaithful(job: Job, what: str, why: str) -> ActionRefused:
     )
 
 
+def summary(call: Call) -> str:
+    """The arguments as the worker gets them (JSON), cut to fit a confirmation."""
+    parts = [orjson.dumps(value).decode() for value in call.args]
+    parts += [f"{key}={orjson.dumps(value).decode()}" for key, value in call.kwargs.items()]
+    text = f"({', '.join(parts)})"
+    return text if len(text) <= SUMMARY_MAX else text[: SUMMARY_MAX - 1] + "…"
+
+
+def details(call: Call) -> tuple[str, ...]:
+    """What else shapes the run, beside the job name, queue and arguments: shown before
+    a retry so that nothing the capture carries is published unseen."""
+    out = []
+    if call.options.get("priority") is not None:
+        out.append(f"priority {call.options['priority']}")
+    if call.options.get("headers"):
+        out.append("headers " + ", ".join(sorted(call.options["headers"])))
+    if call.options.get("shadow"):
+        out.append(f"shown as {call.options['shadow']}")
+    then = [key for key in EMBED_KEYS if call.embed.get(key)]
+    if then:
+        out.append("then " + ", ".join(then))
+    return tuple(out)
+
+
 # -- the message ---------------------------------------------------------------------
 
 
@@ -209,17 +261,18 @@ def task_message(job: Job, call: Call, *, new_id: str) -> TaskMessage:
     if not job.name:
         raise ActionRefused(f"cannot retry job {job.id}: Sluice does not know its task name")
     options = call.options
-    exchange = _text(options.get("exchange", job.extra.get("exchange"))) or ""
-    queue = options.get("queue") or job.queue
-    routing_key = options.get("routing_key") or _text(job.extra.get("routing_key")) or queue
-    if routing_key is None:
+    # One source for the whole route: a capture's queue with the events' routing key
+    # would say one queue and, on RabbitMQ, publish to another.
+    found = (
+        route(options.get("queue"), options.get("exchange"), options.get("routing_key"))
+        if any(options.get(key) for key in ("queue", "exchange", "routing_key"))
+        else route(job.queue, _text(job.extra.get("exchange")), _text(job.extra.get("routing_key")))
+    )
+    if found is None:
         raise ActionRefused(
             f"cannot retry job {job.id}: Sluice does not know which queue it was sent to "
-            "(no task-sent event): set task_send_sent_event=True in the application, "
-            "or install the Sluice SDK"
+            "(no task-sent event): set task_send_sent_event=True in the application"
         )
-    if queue is None and exchange == "":
-        queue = routing_key  # the default exchange routes by queue name
     priority = options.get("priority")
     root_id = job.root_id if job.root_id not in (None, job.id) else new_id
     headers = {
@@ -251,12 +304,22 @@ def task_message(job: Job, call: Call, *, new_id: str) -> TaskMessage:
     }
     return TaskMessage(
         id=new_id,
-        queue=queue,
-        exchange=exchange,
-        routing_key=routing_key,
+        queue=found.queue,
+        exchange=found.exchange,
+        routing_key=found.routing_key,
         priority=priority,
         headers=headers,
         body=orjson.dumps([call.args, call.kwargs, call.embed]),
+    )
+
+
+def event_route(event: JobEvent) -> Route | None:
+    """The route an event records: a task-sent's (and a retry's) queue, exchange and
+    routing key, read as :func:`task_message` reads them from the job."""
+    return route(
+        _text(event.fields.get("queue")),
+        _text(event.extra.get("exchange")),
+        _text(event.extra.get("routing_key")),
     )
 
 

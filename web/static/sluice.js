@@ -190,13 +190,17 @@
 
   // -- actions ----------------------------------------------------------------------
 
-  async function post(url, payload) {
-    const response = await fetch(url, {
+  function post(url, payload) {
+    return api(url, {
       method: "POST",
       headers: { "Content-Type": "application/json", [CSRF_HEADER]: csrfToken },
       body: JSON.stringify(payload),
-      credentials: "same-origin",
     });
+  }
+
+  // The API's JSON answer, or an Error with the message of its error.
+  async function api(url, init = {}) {
+    const response = await fetch(url, { ...init, credentials: "same-origin" });
     let data = null;
     try {
       data = await response.json();
@@ -269,6 +273,20 @@
     updateBulk();
   }
 
+  // What the retry would publish, asked before it is: the user confirms the job name,
+  // queue, broker and arguments, not just "again". Throws the reason it would be refused.
+  async function retryQuestion(url) {
+    const plan = (await api(url))?.publish;
+    if (!plan) return "Run this job again, as a new job with the same arguments?";
+    return [
+      "Run this job again as a new job? Sluice will publish:",
+      `${plan.name} to queue ${plan.queue} on ${plan.broker}`,
+      `arguments ${plan.arguments}`,
+      `(from ${plan.arguments_from})`,
+      ...plan.details,
+    ].join("\n");
+  }
+
   function jobActions() {
     const result = document.getElementById("action-result");
     const terminate = document.getElementById("revoke-terminate");
@@ -276,9 +294,15 @@
     document.querySelectorAll("[data-action]").forEach((button) =>
       button.addEventListener("click", async () => {
         const action = button.dataset.action;
-        const question = action === "retry"
-          ? "Run this job again, as a new job with the same arguments?"
-          : terminate.checked ? "Revoke this job, and kill it if it is running?" : "Revoke this job?";
+        let question;
+        try {
+          question = action === "retry"
+            ? await retryQuestion(button.dataset.url)
+            : terminate.checked ? "Revoke this job, and kill it if it is running?" : "Revoke this job?";
+        } catch (error) {
+          showResult(result, false, error.message); // refused: nothing to confirm
+          return;
+        }
         if (!confirm(question)) return;
         button.disabled = true;
         try {
