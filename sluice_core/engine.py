@@ -22,7 +22,7 @@ from sluice_core.pipeline import Pipeline
 from sluice_core.plugins import PluginManager
 from sluice_core.probes import Probe, WorkerProbe
 from sluice_core.reader import ReaderProcess
-from sluice_core.serialize import job_to_dict, worker_to_dict
+from sluice_core.serialize import worker_to_dict
 from sluice_core.sources import Source, run_sources
 from sluice_core.spool import Spool
 from sluice_core.storage import IngestResult
@@ -159,16 +159,16 @@ class Engine:
                     "reserved": sample.reserved,
                     "consumers": sample.consumers,
                 },
+                key=f"{sample.broker}\0{sample.name}",
             )
 
     def _publish(self, result: IngestResult) -> None:
         self.metrics.observe_ingest(result)
         if not self.bus.wanted:
-            # Serializing every stored row costs a tenth of the ingest path:
-            # not worth it when no dashboard is open.
+            # Keeping every stored row for live clients costs memory and ingest
+            # time: not worth it when no dashboard is open.
             self.bus.skip(len(result.jobs) + len(result.workers))
             return
-        for job in result.jobs:
-            self.bus.publish("job", job_to_dict(job))
+        self.bus.publish_jobs(result.jobs, new=result.new_jobs)
         for worker in result.workers:
-            self.bus.publish("worker", worker_to_dict(worker))
+            self.bus.publish("worker", worker_to_dict(worker), key=worker.hostname)

@@ -55,6 +55,8 @@ class IngestResult:
     workers: list[Worker]
     events_stored: int  # new event rows (duplicates of stored events are not counted)
     new_events: list[JobEvent] = attrs.field(factory=list)  # those rows' events
+    # The first ``new_jobs`` of ``jobs`` were stored for the first time, in that order.
+    new_jobs: int = 0
 
 
 @attrs.frozen

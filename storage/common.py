@@ -217,6 +217,7 @@ def ingest(
         workers=workers,
         events_stored=len(stored_now),
         new_events=[unique[i] for i in stored_now],
+        new_jobs=len(new),
     )
 
 

@@ -381,7 +381,8 @@ async def test_every_kind_of_bad_input_is_a_json_4xx(tmp_path: Path) -> None:
         ("/api/jobs", {"q": "x" * 1001}, 400, "q"),
         ("/api/jobs/unknown-id", {}, 404, "unknown-id"),
         ("/no/such/page", {}, 404, ""),
-        ("/api/stream", {"limit": "5"}, 400, "'limit'"),
+        ("/api/stream", {"limit": "501"}, 400, "limit"),
+        ("/api/stream", {"cursor": "czE"}, 400, "cursor"),
         ("/api/stream", {"last_event_id": "abc"}, 400, "last_event_id"),
     ]
     bulk_bodies: list[tuple[bytes | dict[str, Any], int, str]] = [

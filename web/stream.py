@@ -4,12 +4,21 @@ Each message goes out as ``event: job|worker|queue``, ``id: <bus id>`` and one
 line of JSON (the shapes of :mod:`sluice_core.serialize`). Job events are
 filtered like the job list; worker and queue events always pass.
 
+The bus hands over a window at a time (a few a second), holding the latest
+state of each job that changed in it. A stream sends each matching job once
+per window; with ``limit`` (a page's size: the dashboard passes the rows it
+shows) only the newest ``limit`` of them, the rows of a list page, followed by
+``event: skipped`` with how many matching jobs it left out (``new``: how many
+of those were stored for the first time). So what a stream writes is bounded
+by what its page can show, not by the event rate, and one that keeps up with
+one window keeps up with all.
+
 A client that comes back with ``Last-Event-ID`` (or ``?last_event_id=``) gets
-what it missed from the bus's recent history first. When that history no
-longer reaches back far enough, when the client's id is from before a restart,
-or when the client read too slowly and its bounded queue overflowed, the
-stream sends ``event: resync`` and ends: the client reloads its view instead
-of silently missing jobs.
+what it missed from the bus's recent history first, coalesced the same way.
+When that history no longer reaches back far enough (the client read too
+slowly for too long) or the client's id is from before a restart, the stream
+sends ``event: resync`` and ends: the client reloads its view instead of
+silently missing jobs.
 
 hypercorn's trio worker may never tell the app that a client went away
 (hypercorn issue 210): the ``: ping`` comment written at least every
@@ -19,24 +28,26 @@ releasing the bus subscription.
 
 from __future__ import annotations
 
-import datetime as dt
-from collections.abc import AsyncIterator
-from typing import Any
+import heapq
+import operator
+from collections.abc import AsyncIterator, Callable
 
+import attrs
 import orjson
 import trio
 from quart import Blueprint, Response, current_app, request
 
-from sluice_core.bus import Bus, LiveMessage, Subscription
+from sluice_core.bus import Batch, Bus, Gap, LiveMessage
+from sluice_core.model import Job
 from sluice_core.storage import JobQuery
 from sluice_web.errors import BadRequest
 from sluice_web.params import query_from_args
 
-RESYNC = "event: resync\ndata: {}\n\n"
+RESYNC = b"event: resync\ndata: {}\n\n"
 # Sent first: how long a browser waits before reconnecting, and a first chunk
 # that tells the client the subscription is in place.
-OPENING = "retry: 3000\n\n"
-PING = ": ping\n\n"
+OPENING = b"retry: 3000\n\n"
+PING = b": ping\n\n"
 
 blueprint = Blueprint("stream", __name__)
 
@@ -57,56 +68,113 @@ class Streams:
         for scope in self._waits:
             scope.cancel()
 
-    async def receive(self, sub: Subscription, deadline: float) -> LiveMessage | None:
-        """The next message, or None at ``deadline`` or shutdown."""
+    async def next_batch(self, bus: Bus, after: int, deadline: float) -> Batch | None:
+        """The bus's next batch after id ``after``, or None at ``deadline`` or shutdown.
+        Raises :class:`~sluice_core.bus.Gap` as the bus does."""
         with trio.CancelScope(deadline=deadline) as scope:
             self._waits.add(scope)
             try:
-                return await sub.receive.receive()
+                return await bus.next_batch(after)
             finally:
                 self._waits.discard(scope)
         return None
 
 
-def matches(query: JobQuery, job: dict[str, Any]) -> bool:
-    """Whether a job (as serialized) passes the list's filters."""
+JobFilter = Callable[[Job], bool]
+_TEXT_FIELDS = ("name", "args", "kwargs", "exception")
+
+
+def job_filter(query: JobQuery) -> JobFilter | None:
+    """The list's filters as a test of a job row, made once per stream; None when
+    every job passes. It reads the row's attributes: no dict, no parsing."""
     if query.stuck:
-        return False  # a job that just moved is not stuck: stuck jobs are the silent ones
-    if query.states and job["state"] not in query.states:
-        return False
+        # A job that just moved is not stuck: stuck jobs are the silent ones.
+        return lambda job: False
+    tests: list[JobFilter] = []
+    if query.states:
+        states = query.states
+        tests.append(lambda job: job.state in states)
     for field in ("name", "queue", "worker", "framework"):
         wanted = getattr(query, field)
-        if wanted is not None and job.get(field) != wanted:
-            return False
+        if wanted is not None:
+            tests.append(_field_is(field, wanted))
     if query.q is not None:
+        # As the list searches: an id prefix (uuids are stored lower case: one typed
+        # in capitals is tried lower-cased too), or text in any case.
+        prefixes = (query.q, query.q.lower())
         needle = query.q.casefold()
-        in_text = any(
-            needle in (job.get(field) or "").casefold()
-            for field in ("name", "args", "kwargs", "exception")
+        tests.append(
+            lambda job: job.id.startswith(prefixes)
+            or any(needle in (getattr(job, f) or "").casefold() for f in _TEXT_FIELDS)
         )
-        if not (job["id"].startswith(query.q) or in_text):
-            return False
     if query.since is not None or query.until is not None:
-        created = job.get("created_at")
-        if created is None:
-            return False
-        ts = dt.datetime.fromisoformat(created).timestamp()
-        if query.since is not None and ts < query.since:
-            return False
-        if query.until is not None and ts > query.until:
-            return False
-    return True
+        since = query.since if query.since is not None else float("-inf")
+        until = query.until if query.until is not None else float("inf")
+        tests.append(lambda job: job.created_at is not None and since <= job.created_at <= until)
+    if not tests:
+        return None
+    if len(tests) == 1:
+        return tests[0]
+    return lambda job: all(test(job) for test in tests)
 
 
-def _format(message: LiveMessage) -> str:
+def _field_is(field: str, wanted: str) -> JobFilter:
+    get = operator.attrgetter(field)
+    return lambda job: bool(get(job) == wanted)
+
+
+@attrs.frozen
+class View:
+    """What a stream shows of each batch: the list's filters and, for a page, the
+    most job rows it can show (None: every job that changed).
+
+    Streams with equal views render a window once between them (``Batch.views``).
+    """
+
+    query: JobQuery
+    limit: int | None
+    passes: JobFilter | None = attrs.field(eq=False)
+
+    @classmethod
+    def of(cls, query: JobQuery, limit: int | None) -> View:
+        return cls(query, limit, job_filter(query))
+
+    def render(self, batch: Batch) -> bytes:
+        """The batch as this view sends it: every worker and queue message, the
+        matching jobs' latest rows (a page's newest ``limit`` of them), and when
+        some were left out ``event: skipped`` with their count."""
+        cached = batch.views.get(self)
+        if cached is None:
+            cached = batch.views[self] = self._render(batch)
+        return cached
+
+    def _render(self, batch: Batch) -> bytes:
+        others: list[LiveMessage] = []
+        matched: list[LiveMessage] = []
+        passes = self.passes
+        for message in batch.messages:
+            if message.job is None:
+                others.append(message)
+            elif passes is None or passes(message.job):
+                matched.append(message)
+        # Jobs come in the list's order, oldest first: a page's rows are the last ones.
+        cut = max(0, len(matched) - self.limit) if self.limit is not None else 0
+        frames = [_frame(m) for m in heapq.merge(others, matched[cut:], key=_message_id)]
+        if cut:
+            left_out = {"jobs": cut, "new": sum(m.new for m in matched[:cut])}
+            # Its id is the batch's last: a client that reconnects resumes after all of it.
+            frames.append(b"event: skipped\nid: %d\ndata: %s\n\n"
+                          % (batch.last_id, orjson.dumps(left_out)))
+        return b"".join(frames)
+
+
+def _message_id(message: LiveMessage) -> int:
+    return message.id
+
+
+def _frame(message: LiveMessage) -> bytes:
     # orjson escapes newlines inside strings: the data is always one SSE line.
-    return (
-        f"event: {message.kind}\nid: {message.id}\ndata: {orjson.dumps(message.data).decode()}\n\n"
-    )
-
-
-def _passes(query: JobQuery, message: LiveMessage) -> bool:
-    return message.kind != "job" or matches(query, message.data)
+    return b"event: %s\nid: %d\ndata: %s\n\n" % (message.kind.encode(), message.id, message.json)
 
 
 def _last_event_id() -> int | None:
@@ -119,49 +187,49 @@ def _last_event_id() -> int | None:
 
 
 async def _events(
-    bus: Bus, streams: Streams, query: JobQuery, last_id: int | None, heartbeat: float
-) -> AsyncIterator[str]:
+    bus: Bus, streams: Streams, view: View, last_id: int | None, heartbeat: float
+) -> AsyncIterator[bytes]:
     # Runs after the view returned, outside the request and app contexts: it gets
     # everything it needs as arguments.
-    with bus.subscribe() as sub:
-        # Subscribed first, then the backlog, with no await between: nothing
-        # published in between can fall into a gap (or arrive twice).
-        if last_id is None:
-            backlog: list[LiveMessage] | None = []
-        elif last_id > bus.last_id:
-            backlog = None  # an id from before a restart: everything since is unknown
-        else:
-            backlog = bus.since(last_id)
+    with bus.subscribe():
+        # Where the stream starts, before the opening tells the client it is
+        # subscribed: what was missed since ``last_id`` comes as the first batch.
+        position = bus.last_id if last_id is None else last_id
         yield OPENING
-        if backlog is None:
-            yield RESYNC
+        if position > bus.last_id:
+            yield RESYNC  # an id from before a restart: everything since is unknown
             return
-        for message in backlog:
-            if _passes(query, message):
-                yield _format(message)
         next_ping = trio.current_time() + heartbeat
         while not streams.stopping:
-            if sub.overflowed:
+            try:
+                batch = await streams.next_batch(bus, position, next_ping)
+            except Gap:
                 yield RESYNC
                 return
-            received = await streams.receive(sub, next_ping)
-            if received is None:
+            if batch is None:
                 if trio.current_time() >= next_ping:
                     yield PING
                     next_ping = trio.current_time() + heartbeat
-            elif _passes(query, received):
-                yield _format(received)
+                continue
+            position = batch.last_id
+            chunk = view.render(batch)
+            if chunk:
+                yield chunk  # one write per window, whatever it holds
                 next_ping = trio.current_time() + heartbeat
 
 
 @blueprint.get("/api/stream")
 async def stream() -> Response:
-    query = query_from_args(request.args, paging=False, extra=("last_event_id",))
+    if "cursor" in request.args:
+        raise BadRequest("cursor: a stream follows the newest jobs; it takes no cursor")
+    query = query_from_args(request.args, extra=("last_event_id",))
+    # A page's size: at most this many job rows a window. Without it, every job that changed.
+    limit = query.limit if "limit" in request.args else None
     last_id = _last_event_id()
     body = _events(
         current_app.extensions["sluice_engine"].bus,
         current_app.extensions["sluice_streams"],
-        query,
+        View.of(query, limit),
         last_id,
         current_app.config["SLUICE_SSE_HEARTBEAT"],
     )
