@@ -227,6 +227,8 @@ async def jobs() -> tuple[str, int]:
         blank_job=job_to_dict(Job(id="", framework="")),
         # Live rows only on the first page: later pages are a fixed slice of history.
         live=not paged and error is None,
+        # The rows a live page keeps, and so the most a window of its stream sends.
+        page_size=query.limit if error is None else None,
     )
     return html, 400 if error else 200
 

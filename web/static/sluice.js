@@ -8,7 +8,6 @@
   const body = document.body;
   const csrfToken = document.querySelector('meta[name="csrf-token"]')?.content || "";
   const CSRF_HEADER = "X-CSRF-Token";
-  const MAX_LIVE_ROWS = 500;
 
   // -- times in the viewer's timezone ----------------------------------------
 
@@ -68,8 +67,11 @@
 
   const status = document.getElementById("live-status");
 
-  function connect(kinds, onMessage) {
+  // limit: the most job rows the page shows. The stream sends at most that many a
+  // window (a few a second), the newest, each job in its latest state.
+  function connect(kinds, onMessage, limit) {
     const params = new URLSearchParams(body.dataset.streamQuery || "");
+    params.set("limit", String(limit));
     if (body.dataset.page === "jobs") {
       // The stream takes the list's filters: live rows match what the page shows.
       new URLSearchParams(location.search).forEach((value, key) => {
@@ -134,7 +136,11 @@
   function countNew(job) {
     const total = document.getElementById("jobs-total");
     if (!total || !job.created_at || Date.parse(job.created_at) < Number(total.dataset.countedAt)) return;
-    const n = Number(total.dataset.total) + 1;
+    addToTotal(total, 1);
+  }
+
+  function addToTotal(total, count) {
+    const n = Number(total.dataset.total) + count;
     const atMost = Number(total.dataset.atMost);
     total.dataset.total = String(n);
     total.textContent = n > atMost ? `${atMost.toLocaleString("en-US")}+` : n.toLocaleString("en-US");
@@ -144,20 +150,28 @@
   function liveJobs() {
     const tbody = document.getElementById("jobs-body");
     const template = document.getElementById("job-row-template");
-    connect(["job"], (_kind, job) => {
+    // The page keeps as many rows as it was rendered for: the stream keeps those up to date.
+    const pageSize = Number(body.dataset.liveJobs);
+    const source = connect(["job"], (_kind, job) => {
       let row = tbody.querySelector(`tr[data-job-id="${CSS.escape(job.id)}"]`);
       if (!row) {
         row = template.content.firstElementChild.cloneNode(true);
         tbody.prepend(row);
         countNew(job);
         document.querySelector(".table-card .empty-state")?.remove();
-        while (tbody.rows.length > MAX_LIVE_ROWS) tbody.lastElementChild.remove();
+        while (tbody.rows.length > pageSize) tbody.lastElementChild.remove();
       }
       fillRow(row, job);
       row.classList.remove("flash");
       void row.offsetWidth; // restart the highlight animation
       row.classList.add("flash");
       updateBulk();
+    }, pageSize);
+    // Jobs the stream left out, beyond the page: those stored for the first time still count.
+    source.addEventListener("skipped", (event) => {
+      const total = document.getElementById("jobs-total");
+      const skipped = JSON.parse(event.data);
+      if (total && skipped.new) addToTotal(total, skipped.new);
     });
   }
 
@@ -184,7 +198,8 @@
       if (timer) return;
       timer = setTimeout(refresh, Math.max(500, 3000 - (Date.now() - last)));
     }
-    connect(kinds, schedule);
+    // One job row a window is enough to know that the page changed.
+    connect(kinds, schedule, 1);
     setInterval(schedule, 30000);
   }
 
