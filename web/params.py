@@ -10,7 +10,6 @@ silently listing every job.
 from __future__ import annotations
 
 import base64
-import binascii
 import datetime as dt
 import math
 import re
@@ -43,7 +42,7 @@ def decode_cursor(value: str) -> int:
     padded = value + "=" * (-len(value) % 4)
     try:
         raw = base64.b64decode(padded, altchars=b"-_", validate=True).decode("ascii")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), not ASCII before or after decoding
         raw = ""
     match = _CURSOR.fullmatch(raw)
     if match is None:
