@@ -7,16 +7,22 @@ name), a real headless Chromium does it.
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
+import orjson
 import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
+from trio_websocket import ConnectionClosed, open_websocket_url
 
+import sluice_celery.plugin as celery_plugin
 from sluice_web.errors import BadRequest
+from sluice_web.ingest import REVALIDATE_S
 from sluice_web.params import decode_cursor, encode_cursor
 from tests.test_api import assert_error, serving
+from tests.test_ingest import celery_events, new_key, ws_url
 
 # -- 6. malformed cursors ------------------------------------------------------------
 
@@ -45,5 +51,29 @@ def test_any_text_is_a_cursor_or_a_bad_request(text: str) -> None:
 @given(st.integers(0, 10**18 - 1))
 def test_a_cursor_decodes_to_what_was_encoded(seq: int) -> None:
     assert decode_cursor(encode_cursor(seq)) == seq
+
+
+# -- 10. ingest stream revocation ----------------------------------------------------
+
+async def test_a_revoked_key_stops_an_open_stream_within_a_second(tmp_path: Path) -> None:
+    assert REVALIDATE_S <= 1.0
+    with trio.fail_after(30):
+        async with serving(tmp_path, celery_plugin) as (engine, client):
+            key = await new_key(engine)
+            headers = [(b"Authorization", f"Bearer {key}".encode())]
+            batch = {"seq": 1, "format": "celery", "events": celery_events(str(uuid.uuid4()))}
+            async with open_websocket_url(ws_url(client), extra_headers=headers) as ws:
+                await ws.send_message(orjson.dumps(batch).decode())
+                assert orjson.loads(await ws.get_message()) == {"ack": 1}
+                await engine.storage.revoke_api_key("app")
+                # Closed by the server, idle as the stream is, one check period later
+                # (plus a margin for a loaded machine).
+                with trio.fail_after(REVALIDATE_S + 1.0), pytest.raises(ConnectionClosed) as closed:
+                    await ws.get_message()
+                assert closed.value.reason is not None
+                assert (closed.value.reason.code, closed.value.reason.reason) == (
+                    1008,
+                    "API key revoked",
+                )
 
 
