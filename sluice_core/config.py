@@ -12,7 +12,9 @@ Two environment names differ for familiarity: ``SLUICE_BROKER_URL`` and
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -24,6 +26,7 @@ from sluice_core.options import (
     DATABASE,
     EVERY,
     RUN,
+    Kind,
     Option,
     OptionParser,
     choice,
@@ -143,6 +146,48 @@ USERS = Option(
     commands=WEB,
     flag=None,
 )
+_HOST_NAME = re.compile(r"\.?[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+
+
+def _host_pattern(raw: object) -> str:
+    """A name the ``Host`` header may give, lower-cased; ``.example.com`` also covers its
+    subdomains, ``*`` any name. A URL or ``host:port`` is refused: any port is allowed."""
+    value = text().parse(raw).strip().lower()
+    if value == "*" or _HOST_NAME.fullmatch(value):
+        return value
+    return ipaddress.ip_address(value.removeprefix("[").removesuffix("]")).compressed
+
+
+def _proxy_addresses(raw: object) -> str:
+    value = text().parse(raw).strip()
+    if value != "*":
+        ipaddress.ip_network(value, strict=False)
+    return value
+
+
+ALLOWED_HOSTS = Option(
+    "allowed_hosts",
+    many(
+        Kind(
+            "host names (sluice.example.com; .example.com: it and its subdomains; *: any)",
+            _host_pattern,
+            metavar="HOST",
+        )
+    ),
+    [],
+    "host names clients may reach this server by, beside localhost, 127.0.0.1, [::1] and"
+    " --host (other Host headers get 400: DNS rebinding)",
+    commands=WEB,
+)
+FORWARDED_ALLOW_IPS = Option(
+    "forwarded_allow_ips",
+    many(
+        Kind("IP addresses or networks (10.0.0.1, 10.0.0.0/8) or *", _proxy_addresses, metavar="IP")
+    ),
+    [],
+    "reverse proxies whose X-Forwarded-For and X-Forwarded-Proto are believed (default: none)",
+    commands=WEB,
+)
 SSE_HEARTBEAT = Option(
     "sse_heartbeat", seconds(15), 15.0, "seconds between SSE heartbeat comments", commands=WEB
 )
@@ -197,6 +242,8 @@ CORE_OPTIONS: tuple[Option[Any], ...] = (
     API_TOKEN,
     SESSION_SECRET,
     USERS,
+    ALLOWED_HOSTS,
+    FORWARDED_ALLOW_IPS,
     SSE_HEARTBEAT,
     INGEST_RATE,
     INGEST_BURST,

@@ -9,6 +9,7 @@ browser asking for a page that does not exist gets the dashboard's 404 page.
 from __future__ import annotations
 
 import logging
+import math
 import re
 
 from quart import Quart, Response, has_request_context, jsonify, render_template, request
@@ -45,6 +46,14 @@ class NotFound(ApiError):
 def error_response(status: int, code: str, message: str) -> Response:
     response: Response = jsonify({"error": {"code": code, "message": message}})
     response.status_code = status
+    return response
+
+
+def rate_limited(what: str, wait: float) -> Response:
+    """429 saying ``what`` was too much, and when to retry (also in Retry-After)."""
+    seconds = math.ceil(wait)
+    response = error_response(429, "rate_limited", f"{what}: retry in {seconds}s")
+    response.headers["Retry-After"] = str(seconds)
     return response
 
 

@@ -39,7 +39,7 @@ from sluice_core.engine import Engine
 from sluice_core.model import JobEvent, RawBatch, WorkerEvent
 from sluice_core.serialize import job_event_from_json, worker_event_from_json
 from sluice_core.storage import ApiKey
-from sluice_web.errors import ApiError, BadRequest, error_response
+from sluice_web.errors import ApiError, BadRequest, error_response, rate_limited
 
 log = logging.getLogger(__name__)
 
@@ -266,12 +266,7 @@ async def ingest_batch() -> Response | tuple[dict[str, Any], int]:
     job_events, worker_events = ingest.decode(key, ingest.parse(key, await request.get_data()))
     wait = ingest.wait_for(key, len(job_events) + len(worker_events))
     if wait:
-        seconds = math.ceil(wait)
-        response = error_response(
-            429, "rate_limited", f"too many events for this API key: retry in {seconds}s"
-        )
-        response.headers["Retry-After"] = str(seconds)
-        return response
+        return rate_limited("too many events for this API key", wait)
     await ingest.store(key, job_events, worker_events)
     return {"accepted": len(job_events) + len(worker_events)}, 200
 

@@ -15,7 +15,9 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from sluice_core.engine import Engine
 from sluice_web.app import create_app
-from sluice_web.auth import check_exposure, load_auth
+from sluice_web.auth import WILDCARD_ADDRESSES, check_exposure, is_loopback, load_auth
+
+log = logging.getLogger(__name__)
 
 
 def _bind(host: str, port: int) -> str:
@@ -34,6 +36,19 @@ async def serve(
     config = engine.config
     auth = load_auth(config)
     check_exposure(config.host, auth)
+    if not is_loopback(config.host) and not auth.allowed_hosts:
+        # Not an error: the address itself may be all clients use. But a name is the
+        # usual way in, and its requests would each get a 400 that says why.
+        bound = config.host.strip("[]")
+        names = "localhost, a loopback address"
+        if bound not in WILDCARD_ADDRESSES:
+            names += f", {bound}"
+        log.warning(
+            "serving on %s, to requests naming %s only: give the host names clients and"
+            " load balancers' probes use with --allowed-hosts (SLUICE_ALLOWED_HOSTS)",
+            config.host,
+            names,
+        )
     app = create_app(engine, auth=auth)
     streams = app.extensions["sluice_streams"]
 
