@@ -338,10 +338,12 @@ async def test_retry_button_confirms_then_links_to_the_new_job(
             def scenario(page: Page) -> None:
                 page.goto(f"{base}/jobs/{job_id}")
                 page.once("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-                page.click("button[data-action=retry]")
+                with page.expect_event("dialog"):  # asked once the preview answered
+                    page.click("button[data-action=retry]")
                 expect(page.locator("#action-result")).to_have_text("")  # dismissed: nothing sent
                 page.once("dialog", lambda dialog: dialog.accept())
-                page.click("button[data-action=retry]")
+                with page.expect_event("dialog"):
+                    page.click("button[data-action=retry]")
                 link = page.locator("#action-result a")
                 expect(link).to_have_text(re.compile(r"^[0-9a-f-]{36}$"))
                 link.click()
@@ -357,6 +359,46 @@ async def test_retry_button_confirms_then_links_to_the_new_job(
     )
     assert str(path) in dialogs[0] and "Celery's events" in dialogs[0]
     assert [audit["outcome"] for audit in actions(job, "retry")] == ["accepted"]  # one retry
+
+
+@pytest.mark.browser
+async def test_a_refused_retry_says_why_and_asks_nothing(tmp_path: Path, keyprefix: str) -> None:
+    forged_id = str(uuid.uuid4())
+    with trio.fail_after(TIMEOUT):
+        async with sluice(tmp_path, REDIS_URL, keyprefix) as (engine, client):
+            _, key = await engine.storage.create_api_key("attacker")
+            events = forged_celery_events(
+                forged_id, STOLEN, "payments-critical", forged_message("payments-critical", 1)
+            )
+            response = await client.post(
+                "/api/ingest", json={"format": "celery", "events": events},
+                headers={"Authorization": f"Bearer {key}"},
+            )
+            assert response.status_code == 200, response.text
+            base = str(client.base_url)
+            dialogs: list[str] = []
+
+            def scenario(page: Page) -> None:
+                page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+                page.goto(f"{base}/jobs/{forged_id}")
+                page.click("button[data-action=retry]")
+                # The reason, on the page; no question, since there is nothing to confirm.
+                expect(page.locator("#action-result")).to_contain_text(
+                    "no broker it publishes to"
+                )
+                page.goto(f"{base}/jobs?state=failed")
+                page.check(f".job-select[value='{forged_id}']")
+                with page.expect_event("dialog"):  # asked once the dry run answered
+                    page.click("button[data-bulk=retry]")
+                expect(page.locator("#bulk-result")).to_have_text("")  # dismissed: nothing sent
+
+            await browse(scenario)
+            job = (await client.get(f"/api/jobs/{forged_id}")).json()
+    # Only the bulk retry asked, and its question says what would happen before anything did.
+    [question] = dialogs
+    assert "Retry 1 job(s)?" in question and "Refused, not published: 1" in question
+    assert STOLEN in question and "API key 'attacker'" in question
+    assert actions(job, "retry") == []  # a preview publishes nothing, records nothing
 
 
 # -- bulk --------------------------------------------------------------------------------
@@ -512,9 +554,15 @@ async def test_an_ingest_key_cannot_choose_what_a_retry_publishes(
             # A routine "retry failed": the real failure goes out, the others are refused.
             for path in real:
                 path.write_text("fixed")
-            response = await client.post(
-                "/api/jobs/bulk", json={"action": "retry", "filter": {"state": "failed"}}
-            )
+            retry_failed = {"action": "retry", "filter": {"state": "failed"}}
+            dry = await client.post("/api/jobs/bulk", json={**retry_failed, "dry_run": True})
+            assert dry.status_code == 200, dry.text
+            previews = {p["id"]: p for p in dry.json()["retries"]}
+            assert previews[legit]["publish"]["queue"] == worker.queue
+            assert {job_id: p["refused"] for job_id, p in previews.items() if p["refused"]} == {
+                job_id: reasons[job_id] for job_id in [*forged.values(), hijacked]
+            }
+            response = await client.post("/api/jobs/bulk", json=retry_failed)
             assert response.status_code == 200, response.text
             results = {r["id"]: r for r in response.json()["results"]}
             assert {job_id: r["outcome"] for job_id, r in results.items()} == {

@@ -306,6 +306,19 @@ async def _plan(handler: PlansRetry, job: Job) -> RetryPlan:
     return await handler.plan_retry(job, await _engine().storage.job_events(job.id))
 
 
+async def _preview(job: Job) -> dict[str, Any]:
+    """A bulk dry run's answer for one retry: what it would publish (null when the
+    handler cannot tell beforehand), or the reason it would be refused."""
+    handler = _engine().action_handler(job)
+    try:
+        if handler is None:
+            raise _not_implemented(job)
+        plan = await _plan(handler, job) if isinstance(handler, PlansRetry) else None
+    except (ActionRefused, ApiError) as exc:
+        return {"id": job.id, "publish": None, "refused": _failed("retry", job, exc)["message"]}
+    return {"id": job.id, "publish": None if plan is None else plan.to_dict(), "refused": None}
+
+
 def _failed(action: str, job: Job, exc: Exception) -> dict[str, Any]:
     if isinstance(exc, ActionRefused):
         return _outcome(job, "refused", str(exc))
@@ -466,12 +479,15 @@ async def bulk() -> dict[str, Any]:
     else:
         jobs = await _matching(_bulk_filter(body["filter"]))
     if dry_run:
-        return {
+        answer = {
             "action": action,
             "dry_run": True,
             "count": len(jobs),
             "jobs": [job_to_dict(job) for job in jobs],
         }
+        if not revoking:  # what each retry would publish, or why it would be refused
+            answer["retries"] = [await _preview(job) for job in jobs]
+        return answer
     # Nothing at all can be done: say so once, as for a single job.
     if jobs and all(_engine().action_handler(job) is None for job in jobs):
         raise _not_implemented(jobs[0])

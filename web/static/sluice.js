@@ -259,6 +259,22 @@
     return `${action}: ${parts.join(", ") || "nothing to do"}${detail}`;
   }
 
+  // A bulk retry's dry run as a question: what goes where, and what would be refused.
+  function bulkRetryQuestion(retries) {
+    const going = {};
+    retries.filter((r) => r.publish).forEach(({ publish: p }) => {
+      const line = `${p.name} to queue ${p.queue} on ${p.broker}`;
+      going[line] = (going[line] || 0) + 1;
+    });
+    const refused = retries.filter((r) => r.refused);
+    const lines = [`Retry ${retries.length} job(s)? Sluice will publish:`];
+    Object.entries(going).forEach(([line, n]) => lines.push(`${n} × ${line}`));
+    const unplanned = retries.length - refused.length - Object.values(going).reduce((a, b) => a + b, 0);
+    if (unplanned) lines.push(`${unplanned} × as the framework's plugin decides`);
+    if (refused.length) lines.push(`Refused, not published: ${refused.length}, e.g. ${refused[0].refused}`);
+    return lines.join("\n");
+  }
+
   function bulkSelection() {
     const bar = document.getElementById("bulk-bar");
     const result = document.getElementById("bulk-result");
@@ -272,7 +288,17 @@
       button.addEventListener("click", async () => {
         const action = button.dataset.bulk;
         const ids = selectedIds();
-        if (!confirm(`${action === "revoke" ? "Revoke" : "Retry"} ${ids.length} job(s)?`)) return;
+        let question = `Revoke ${ids.length} job(s)?`;
+        if (action === "retry") {
+          try {
+            const dry = await post("/api/jobs/bulk", { action, ids, dry_run: true });
+            question = bulkRetryQuestion(dry.retries || []);
+          } catch (error) {
+            showResult(result, false, error.message);
+            return;
+          }
+        }
+        if (!confirm(question)) return;
         button.disabled = true;
         try {
           const data = await post("/api/jobs/bulk", { action, ids });
