@@ -81,7 +81,22 @@ def _describe(check: Callable[[], object]) -> str:
     if code is None:
         return repr(check)
     line = linecache.getline(code.co_filename, code.co_firstlineno).strip()
-    source = line[line.index("lambda") :] if "lambda" in line else line
+    source = _lambda_text(line) if "lambda" in line else line
     path = code.co_filename
     shown = path[path.rfind("/tests/") + 1 :] if "/tests/" in path else path
     return f"{shown}:{code.co_firstlineno}: {source}"
+
+
+def _lambda_text(line: str) -> str:
+    """``lambda: f(x) == 2`` out of ``await wait_until(lambda: f(x) == 2, timeout=5)``: up to
+    the comma or parenthesis that ends it in the call."""
+    start = line.index("lambda")
+    depth = 0
+    for i in range(line.index(":", start) + 1, len(line)):
+        if line[i] in "([{":
+            depth += 1
+        elif line[i] in ")]}" or (line[i] == "," and depth == 0):
+            if depth == 0:
+                return line[start:i].strip()
+            depth -= 1
+    return line[start:].strip()
