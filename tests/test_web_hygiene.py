@@ -384,7 +384,8 @@ async def test_a_copied_session_cookie_is_dead_after_logout(tmp_path: Path) -> N
             assert (await client.get("/api/jobs")).status_code == 200
 
 
-# -- 10. ingest stream revocation ----------------------------------------------------
+# -- 10. ingest stream revocation, bodies, OPTIONS ------------------------------------
+
 
 async def test_a_revoked_key_stops_an_open_stream_within_a_second(tmp_path: Path) -> None:
     assert REVALIDATE_S <= 1.0
@@ -408,3 +409,62 @@ async def test_a_revoked_key_stops_an_open_stream_within_a_second(tmp_path: Path
                 )
 
 
+MULTIPART = "multipart/form-data; boundary=b"
+
+
+def multipart(*fields: tuple[str, str]) -> bytes:
+    parts = [
+        f'--b\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+        for name, value in fields
+    ]
+    return ("".join(parts) + "--b--\r\n").encode()
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status"),
+    [
+        ("multipart/form-data", multipart(("terminate", "true")), 400),  # no boundary
+        (MULTIPART, multipart(("terminate", "true")), 400),  # a form is not the options
+        (MULTIPART, b"--b\r\nnot a form", 400),
+        ("application/x-www-form-urlencoded", b"terminate=true", 400),
+        ("application/xml", b"<revoke terminate='true'/>", 415),
+        ("text/plain", b"terminate", 400),  # fetch's label for a string body
+    ],
+)
+async def test_a_body_that_is_not_json_options_is_refused_in_the_error_shape(
+    tmp_path: Path, content_type: str, body: bytes, status: int
+) -> None:
+    with trio.fail_after(20):
+        async with serving(tmp_path) as (_, client):
+            response = await client.post(
+                "/api/jobs/x/revoke", content=body, headers={"Content-Type": content_type}
+            )
+            assert "JSON" in assert_error(response, status)
+
+
+async def test_a_form_carrying_only_the_csrf_token_is_no_options(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with serving(tmp_path) as (_, client):
+            for content_type, body in (
+                (MULTIPART, multipart(("csrf_token", "t"))),
+                ("application/x-www-form-urlencoded", b"csrf_token=t"),
+            ):
+                response = await client.post(
+                    "/api/jobs/x/revoke", content=body, headers={"Content-Type": content_type}
+                )
+                assert_error(response, 404, "not_found")  # past the body: job x is unknown
+
+
+async def test_options_says_which_methods_a_path_takes(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with serving(tmp_path) as (_, client):
+            for path, methods in (("/api/jobs", {"GET", "HEAD"}), ("/api/jobs/x/retry", {"POST"})):
+                response = await client.options(path)
+                assert response.status_code == 204, response.text
+                assert response.content == b""
+                assert "content-type" not in response.headers
+                assert {m.strip() for m in response.headers["Allow"].split(",")} >= methods
+            assert_error(await client.options("/api/nowhere"), 404, "not_found")
+        async with serving(tmp_path, api_token=TOKEN) as (_, client):
+            # Authentication first, as for a GET.
+            assert_error(await client.options("/api/jobs"), 401, "unauthorized")

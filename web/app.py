@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from quart import Response
+from quart.ctx import AppContext
 from quart.json.provider import JSONProvider
 from quart_trio import QuartTrio
 
@@ -26,9 +28,18 @@ class _OrjsonProvider(JSONProvider):
         return orjson.loads(s)
 
 
+class _App(QuartTrio):
+    async def make_default_options_response(self, ctx: AppContext) -> Response:
+        # What the path takes, in Allow, and no body: not an empty HTML page.
+        response = await super().make_default_options_response(ctx)
+        response.status_code = 204
+        del response.headers["Content-Type"]
+        return response
+
+
 def create_app(engine: Engine, *, auth: Auth | None = None) -> QuartTrio:
     # Root path web/: /static serves web/static, which the dashboard's pages link to.
-    app = QuartTrio("sluice_web")
+    app = _App("sluice_web")
     app.json = _OrjsonProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.config["SLUICE_SSE_HEARTBEAT"] = engine.config.get(SSE_HEARTBEAT)
