@@ -39,7 +39,7 @@ from sluice_core.serialize import (
     worker_to_dict,
 )
 from sluice_core.storage import MAX_PAGE, JobQuery
-from sluice_web.auth import CSRF_FIELD, TOKEN_USER
+from sluice_web.auth import CSRF_FIELD, FORM_TYPES, TOKEN_USER, posted_form
 from sluice_web.errors import ApiError, BadRequest, NotFound, error_response
 from sluice_web.params import FILTERS, build_query, encode_cursor, query_from_args
 
@@ -63,6 +63,9 @@ def _engine() -> Engine:
 
 # -- request bodies ----------------------------------------------------------
 
+# What JSON may come labelled as, beside forms: nothing (curl), text/plain (fetch with a string).
+JSON_LABELS = ("", "application/json", "text/plain")
+
 
 async def _body() -> dict[str, Any]:
     """The JSON object sent, ``{}`` for none. A form body may only carry the CSRF token."""
@@ -73,10 +76,16 @@ async def _body() -> dict[str, Any]:
         # Whatever the Content-Type: ``curl -d '{...}'`` labels JSON as a form.
         body = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        if request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data"):
-            fields = set((await request.form).keys()) - {CSRF_FIELD}
-            if not fields:
+        if request.mimetype in FORM_TYPES:
+            if not set((await posted_form()).keys()) - {CSRF_FIELD}:
                 return {}
+        elif request.mimetype not in JSON_LABELS and not request.mimetype.endswith("+json"):
+            raise ApiError(
+                f"body: {request.mimetype} is not accepted; send the options as a JSON object"
+                " (Content-Type: application/json)",
+                status=415,
+                code="unsupported_media_type",
+            ) from None
         raise BadRequest(
             f"body: not valid JSON ({exc}); send the options as a JSON object"
             " (Content-Type: application/json)"
