@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
@@ -80,6 +81,40 @@ class SourceStatus:
     up: bool
     detail: str
     since: float
+
+
+@attrs.define
+class WriteHealth:
+    """How the writers fare, for ``/healthz``: when a write last succeeded, since when
+    writes have failed (None once one succeeds), and when the events of each batch a
+    writer holds were read. The channels before the writers are first in, first out,
+    so the oldest of those is the oldest event read and not yet stored."""
+
+    last_ok: float | None = None
+    failing_since: float | None = None
+    error: str = ""  # the last failure's type (its message may name hosts or paths)
+    _writing: Counter[float] = attrs.field(factory=Counter)
+
+    def writing(self, read_at: float) -> None:
+        self._writing[read_at] += 1
+
+    def written(self, read_at: float) -> None:
+        self._writing[read_at] -= 1
+        if self._writing[read_at] <= 0:
+            del self._writing[read_at]
+
+    def succeeded(self, now: float) -> None:
+        self.last_ok, self.failing_since, self.error = now, None, ""
+
+    def failed(self, exc: Exception, now: float) -> None:
+        if self.failing_since is None:
+            self.failing_since = now
+        self.error = type(exc).__name__
+
+    @property
+    def oldest_unstored(self) -> float | None:
+        """When the oldest event a writer holds was read; None when they hold none."""
+        return min(self._writing, default=None)
 
 
 class Feed:
@@ -162,6 +197,7 @@ class Pipeline:
         self._reader_held = (0, 0)
         self.sources: dict[str, SourceStatus] = {}
         self.stored_batches = 0
+        self.writes = WriteHealth()
         self._closed = False
 
     # -- Sink --------------------------------------------------------------
@@ -240,10 +276,15 @@ class Pipeline:
         self._reader_held = held
         self._report_buffered()
 
-    def _report_buffered(self) -> None:
+    def backlog(self) -> tuple[int, int]:
+        """What :meth:`held` says, plus what the reader process holds: the backlog gauges."""
         messages, spooled = self.held()
-        self._metrics.buffered.set(messages + self._reader_held[0])
-        self._metrics.spooled_bytes.set(spooled + self._reader_held[1])
+        return messages + self._reader_held[0], spooled + self._reader_held[1]
+
+    def _report_buffered(self) -> None:
+        messages, spooled = self.backlog()
+        self._metrics.buffered.set(messages)
+        self._metrics.spooled_bytes.set(spooled)
 
     def _drop(self, source: str, n: int) -> None:
         self._metrics.events_dropped.labels(source).inc(n)
@@ -378,7 +419,9 @@ class Pipeline:
                 worker_events += more.worker_events
                 read_at = min(read_at, more.read_at)
                 waiting.append(more.stored)
+            self.writes.writing(read_at)
             result = await self._store(job_events, worker_events)
+            self.writes.written(read_at)
             for stored in waiting:
                 if stored is not None:
                     stored.part_written()
@@ -396,9 +439,12 @@ class Pipeline:
         delay = 0.5
         while True:
             try:
-                return await self._storage.ingest(job_events, worker_events)
+                result = await self._storage.ingest(job_events, worker_events)
+                self.writes.succeeded(time.time())
+                return result
             except Exception as exc:  # any driver error: keep the batch, retry
                 self._metrics.storage_errors.inc()
+                self.writes.failed(exc, time.time())
                 log.error(
                     "storage write of %d events failed (%s); retrying in %.1fs",
                     len(job_events) + len(worker_events),

@@ -22,6 +22,14 @@ DEFAULT_PAGE = 50
 DEFAULT_STUCK_AFTER_S = 600.0
 
 
+class StorageUnavailable(Exception):
+    """The database cannot answer now (down, refusing connections, locked, failing its
+    disk), as opposed to a wrong query: the same read may succeed later. Raised by the
+    backends' reads; the web answers 503 with ``Retry-After: retry_after``."""
+
+    retry_after = 5  # seconds: about how long a pool takes to reconnect
+
+
 @attrs.frozen
 class JobQuery:
     """Filters of ``GET /api/jobs`` (the API in README.md), already validated."""

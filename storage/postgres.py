@@ -34,6 +34,7 @@ from sluice_core.storage import (
     IngestResult,
     JobQuery,
     Page,
+    StorageUnavailable,
 )
 from sluice_storage import common
 from sluice_storage.common import EVENT_COLUMNS, JOB_COLUMNS, WORKER_COLUMNS, cols
@@ -277,6 +278,7 @@ class PostgresStorage(common.SharedSql):
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
         self._write_limiter = trio.CapacityLimiter(INGEST_WRITERS)
         self._read_limiter = trio.CapacityLimiter(READERS)
+        self._ping_limiter = trio.CapacityLimiter(1)  # see ping
         self._dialect: _Dialect = _Dialect()
 
     # -- threads ---------------------------------------------------------------
@@ -295,7 +297,10 @@ class PostgresStorage(common.SharedSql):
         return await trio.to_thread.run_sync(self._run, fn, True, limiter=self._write_limiter)
 
     async def _read(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
-        return await trio.to_thread.run_sync(self._run, fn, False, limiter=self._read_limiter)
+        try:
+            return await trio.to_thread.run_sync(self._run, fn, False, limiter=self._read_limiter)
+        except psycopg.OperationalError as exc:  # no connection (PoolTimeout), or it broke
+            raise StorageUnavailable(f"PostgreSQL at {self.url}: {exc}") from exc
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -350,7 +355,16 @@ class PostgresStorage(common.SharedSql):
         return await self._write(apply)
 
     async def ping(self) -> None:
-        await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
+        # Abandoned when the caller stops waiting (/healthz has a deadline; a connection
+        # attempt may hang for CONNECT_TIMEOUT, a query on a hung server for ever), and
+        # one at a time, so that stuck pings cannot take every pooled connection.
+        await trio.to_thread.run_sync(
+            self._run,
+            lambda conn: conn.execute("SELECT 1").fetchone(),
+            False,
+            limiter=self._ping_limiter,
+            abandon_on_cancel=True,
+        )
 
     # -- writes ----------------------------------------------------------------------
 

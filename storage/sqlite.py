@@ -26,6 +26,7 @@ from sluice_core.probes import WorkerQueues
 from sluice_core.storage import (
     DEFAULT_STUCK_AFTER_S,
     IngestResult,
+    StorageUnavailable,
 )
 from sluice_storage import common
 from sluice_storage.common import EVENT_COLUMNS, JOB_COLUMNS, WORKER_COLUMNS, cols
@@ -34,6 +35,15 @@ T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 10_000
 READERS = 4
+# SQLite's primary result codes that say the database cannot be read now, not that the
+# query is wrong: busy or locked past the busy timeout, a file that cannot be opened, I/O.
+UNAVAILABLE = frozenset(
+    {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_IOERR}
+)
+# ... and those that say a path cannot hold a database (at start: give another).
+UNWRITABLE = frozenset(
+    {sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR}
+)
 
 
 @hookimpl
@@ -309,6 +319,7 @@ class SQLiteStorage(common.SharedSql):
         self._writer: sqlite3.Connection | None = None
         self._write_limiter = trio.CapacityLimiter(1)  # one writer connection, one thread
         self._read_limiter = trio.CapacityLimiter(READERS)
+        self._ping_limiter = trio.CapacityLimiter(1)  # see ping
         self._readers = _Readers(self._path)
 
     # -- threads ---------------------------------------------------------------
@@ -337,13 +348,35 @@ class SQLiteStorage(common.SharedSql):
         return result
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await trio.to_thread.run_sync(self._readers.run, fn, limiter=self._read_limiter)
+        try:
+            return await trio.to_thread.run_sync(self._readers.run, fn, limiter=self._read_limiter)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF not in UNAVAILABLE:
+                raise
+            raise StorageUnavailable(f"cannot read the database at {self._path}: {exc}") from exc
 
     # -- lifecycle -----------------------------------------------------------------
 
     async def open(self) -> list[int]:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        return await self.migrate()
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            # Opening for appending creates the file (SQLite takes an empty one for an
+            # empty database) and the OS says why a path cannot be written ("read-only
+            # file system"), where SQLite would only say "unable to open database file".
+            with self._path.open("ab"):
+                pass
+            return await self.migrate()
+        except OSError as exc:
+            raise self._unwritable((exc.strerror or str(exc)).lower()) from None
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF not in UNWRITABLE:
+                raise
+            raise self._unwritable(str(exc)) from None
+
+    def _unwritable(self, reason: str) -> ConfigError:
+        return ConfigError(
+            f"cannot write the database at {self._path}: {reason}; give --db a writable path"
+        )
 
     async def aclose(self) -> None:
         def close() -> None:
@@ -378,7 +411,14 @@ class SQLiteStorage(common.SharedSql):
         return await self._write(apply)
 
     async def ping(self) -> None:
-        await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
+        # Abandoned when the caller stops waiting (/healthz has a deadline), and one at a
+        # time, so that pings stuck on a hung disk cannot take every reader.
+        await trio.to_thread.run_sync(
+            self._readers.run,
+            lambda conn: conn.execute("SELECT 1").fetchone(),
+            limiter=self._ping_limiter,
+            abandon_on_cancel=True,
+        )
 
     # -- writes ----------------------------------------------------------------------
 

@@ -65,11 +65,13 @@ async def serving(
     headers: dict[str, str] | None = None,
     **options: Any,
 ) -> AsyncIterator[tuple[Engine, httpx.AsyncClient]]:
-    """A real engine with its web server on a free port, and a client for it."""
+    """A real engine with its web server on a free port, and a client for it (on SQLite
+    in ``tmp_path`` unless ``db`` is given)."""
     pm = PluginManager()
     for plugin in plugins:
         pm.register(plugin)
-    config = Config(db=f"sqlite:///{tmp_path}/s.db", host=host, port=0, **options)
+    options.setdefault("db", f"sqlite:///{tmp_path}/s.db")
+    config = Config(host=host, port=0, **options)
     pm.configure(config)
     engine = Engine(config, pm)
     async with trio.open_nursery() as nursery:

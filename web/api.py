@@ -30,6 +30,7 @@ from sluice_core.actions import (
 from sluice_core.engine import Engine
 from sluice_core.model import Job, JobEvent, JobState, event_id
 from sluice_core.monitors import workers_task_events
+from sluice_core.pipeline import WriteHealth
 from sluice_core.serialize import (
     event_to_dict,
     iso,
@@ -38,7 +39,7 @@ from sluice_core.serialize import (
     queue_to_dict,
     worker_to_dict,
 )
-from sluice_core.storage import MAX_PAGE, JobQuery
+from sluice_core.storage import MAX_PAGE, JobQuery, StorageUnavailable
 from sluice_web.auth import CSRF_FIELD, FORM_TYPES, TOKEN_USER, posted_form
 from sluice_web.errors import ApiError, BadRequest, NotFound, error_response
 from sluice_web.params import FILTERS, build_query, encode_cursor, query_from_args
@@ -48,7 +49,19 @@ FIRST_COUNT_WAIT_S = 10.0  # a first /metrics waits this long at most for the jo
 log = logging.getLogger(__name__)
 
 MAX_BULK = 1_000  # jobs one bulk request may touch: past it, narrow the filter
-HEALTH_TIMEOUT = 5.0  # seconds a storage ping may take before /healthz calls it down
+# /healthz answers within HEALTH_TIMEOUT seconds (what probes commonly allow), whatever
+# the database does: its questions to it share one deadline, HEALTH_CHECK_S, and the
+# rest is a margin for the answer itself.
+HEALTH_TIMEOUT = 5.0
+HEALTH_CHECK_S = HEALTH_TIMEOUT - 0.5
+# /healthz is 503 once writes have failed this long with none succeeding: a write that
+# fails once (a deadlock, a failover) is retried within a second or two, and should not
+# flap the status.
+WRITES_FAILING_S = 10.0
+# ... or once an event read this long ago is still not stored: writes that neither fail
+# nor finish (a database that hangs), or writers far behind. The dashboard is then that
+# far in the past.
+UNSTORED_AGE_S = 60.0
 AUDIT_TIMEOUT = 10.0  # seconds an action's answer waits for its audit events to be stored
 ACTIONS = ("retry", "revoke")
 REVOKE_OPTIONS = ("terminate", "signal")
@@ -130,6 +143,16 @@ def _signal(body: dict[str, Any]) -> str:
 @blueprint.errorhandler(ActionRefused)
 async def _refused(exc: ActionRefused) -> Response:
     return error_response(409, "refused", str(exc))
+
+
+@blueprint.app_errorhandler(StorageUnavailable)
+async def _unavailable(exc: StorageUnavailable) -> Response:
+    # For every view, not just this blueprint's: the database being away is no bug (500),
+    # and the client should come back.
+    log.warning("%s %s: the database is unavailable: %s", request.method, request.path, exc)
+    response = error_response(503, "unavailable", "the database is unavailable; retry later")
+    response.headers["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 # -- jobs --------------------------------------------------------------------
@@ -525,15 +548,32 @@ async def workers() -> list[dict[str, Any]]:
 
 @blueprint.get("/healthz")
 async def healthz() -> tuple[dict[str, Any], int]:
+    """200 when the database answers, writes succeed and every source is up; else 503.
+
+    Answers within HEALTH_TIMEOUT, whatever the database does: one deadline for all
+    its questions to it (HEALTH_CHECK_S). ``writes`` (:func:`writes_health`) is down
+    once writes have failed for WRITES_FAILING_S, or an event read UNSTORED_AGE_S ago
+    is not stored. ``sources`` has each configured source; with no broker at all,
+    ``ingest`` (the SDK, remote agents), up while an API key exists: the ingest endpoint
+    takes nothing else, so without one nothing can send events. The body is public (no
+    auth on /healthz): error messages go to the log only.
+    """
     engine = _engine()
     storage: dict[str, Any] = {"up": True, "url": engine.storage.url, "detail": ""}
-    try:
-        with trio.fail_after(HEALTH_TIMEOUT):
+    ingest_only = not engine.sources and not engine.config.brokers
+    keys: bool | None = None  # whether an active API key exists; None: not known
+    with trio.move_on_after(HEALTH_CHECK_S) as deadline:
+        try:
             await engine.storage.ping()
-    except (Exception, trio.TooSlowError) as exc:
-        # The body is public (no auth on /healthz): the details go to the log only.
-        log.warning("health check: storage ping failed: %s", exc)
-        storage.update(up=False, detail=f"unreachable ({type(exc).__name__})")
+            if ingest_only:
+                listed = await engine.storage.list_api_keys()
+                keys = any(key.revoked_at is None for key in listed)
+        except Exception as exc:
+            log.warning("health check: storage ping failed: %s", exc)
+            storage.update(up=False, detail=f"unreachable ({type(exc).__name__})")
+    if deadline.cancelled_caught:
+        log.warning("health check: the database did not answer within %gs", HEALTH_CHECK_S)
+        storage.update(up=False, detail=f"no answer within {HEALTH_CHECK_S:g}s")
     sources: dict[str, dict[str, Any]] = {}
     for source in engine.sources:
         sources[source.name] = {
@@ -550,9 +590,54 @@ async def healthz() -> tuple[dict[str, Any], int]:
             "detail": "no loaded plugin watches the configured brokers",
             "since": iso(engine.started_at),
         }
-    healthy = storage["up"] and all(status["up"] for status in sources.values())
-    return {"status": "ok" if healthy else "down", "storage": storage, "sources": sources}, (
-        200 if healthy else 503
+    if ingest_only:
+        sources["ingest"] = {"up": bool(keys), "detail": _ingest_detail(keys)}
+    writes = writes_health(engine.pipeline.writes, time.time())
+    messages, spooled = engine.pipeline.backlog()
+    healthy = (
+        storage["up"] and writes["up"] and all(status["up"] for status in sources.values())
+    )
+    body = {
+        "status": "ok" if healthy else "down",
+        "storage": storage,
+        "writes": writes,
+        "backlog": {"messages": messages, "spooled_bytes": spooled},
+        "sources": sources,
+    }
+    return body, 200 if healthy else 503
+
+
+def writes_health(writes: WriteHealth, now: float) -> dict[str, Any]:
+    """The writers as /healthz shows them at ``now``: down once writes have failed for
+    more than WRITES_FAILING_S, or an event a writer holds was read more than
+    UNSTORED_AGE_S ago. (Behind the reader process, an event counts as read when it
+    reaches the engine: its backlog is ``backlog``, and sluice_buffered_messages.)"""
+    oldest = writes.oldest_unstored
+    age = None if oldest is None else max(0.0, now - oldest)
+    failing = None if writes.failing_since is None else now - writes.failing_since
+    detail = ""
+    if failing is not None and failing > WRITES_FAILING_S:
+        detail = f"writes have failed for {failing:.0f}s"
+    elif age is not None and age > UNSTORED_AGE_S:
+        detail = f"an event read {age:.0f}s ago is not stored yet"
+    return {
+        "up": not detail,
+        "detail": detail,
+        "last_ok": iso(writes.last_ok),
+        "failing_since": iso(writes.failing_since),
+        "error": writes.error,
+        "oldest_unstored_s": None if age is None else round(age, 3),
+    }
+
+
+def _ingest_detail(keys: bool | None) -> str:
+    if keys:
+        return "no broker configured: events come through the ingest endpoint (the SDK, agents)"
+    if keys is None:
+        return "no broker configured; whether an API key exists is unknown (database away)"
+    return (
+        "no broker configured and no API key for the ingest endpoint: nothing can send"
+        " events (give --broker, or create a key: sluice keys create NAME)"
     )
 
 
