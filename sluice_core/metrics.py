@@ -19,7 +19,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from sluice_core.model import JobState, QueueSample, Worker
+from sluice_core import validate
+from sluice_core.model import JobState, Normalized, QueueSample, Worker
 from sluice_core.storage import MAX_PAGE, IngestResult, JobQuery, Storage
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,16 @@ class Metrics:
             registry=r,
         )
         self.events_malformed = Counter(
-            "sluice_events_malformed", "Messages that could not be decoded", ["source"], registry=r
+            "sluice_events_malformed",
+            "Messages that could not be decoded, and events from outside refused or stored"
+            " with values corrected, by reason (sluice_core.validate)",
+            ["source", "reason"],
+            registry=r,
+        )
+        self.events_dead_lettered = Counter(
+            "sluice_events_dead_lettered",
+            "Events storage refused, set aside in the dead-letter table (the diagnostics page)",
+            registry=r,
         )
         self.storage_errors = Counter(
             "sluice_storage_errors", "Failed storage writes (retried)", registry=r
@@ -140,6 +150,11 @@ class Metrics:
                     self.job_runtime.labels(name, queue).observe(runtime)
         for labels, n in counts.items():
             self.job_events.labels(*labels).inc(n)
+
+    def observe_normalized(self, source: str, normalized: Normalized) -> None:
+        """Count what a batch's normalizing and checking refused or corrected, by reason."""
+        for reason, n in validate.count(normalized).items():
+            self.events_malformed.labels(source, reason).inc(n)
 
     def observe_queue_samples(self, samples: list[QueueSample]) -> None:
         for sample in samples:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections import Counter
 from typing import Any
 
 import attrs
@@ -187,6 +188,11 @@ class Normalized:
     worker_events: list[WorkerEvent] = attrs.field(factory=list)
     malformed: int = 0  # messages that could not be decoded (logged, counted, skipped)
     ignored: int = 0  # well-formed messages that carry nothing for Sluice
+    # Set by the core's check of values from outside (sluice_core.validate), by reason:
+    # events left out, events stored with values corrected; and why each was left out.
+    rejected: Counter[str] = attrs.field(factory=Counter)
+    corrected: Counter[str] = attrs.field(factory=Counter)
+    problems: list[str] = attrs.field(factory=list)
 
 
 @attrs.define(slots=True)

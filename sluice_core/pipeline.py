@@ -46,6 +46,7 @@ from sluice_core.metrics import Metrics
 from sluice_core.model import JobEvent, Normalized, RawBatch, WorkerEvent
 from sluice_core.spool import Spool
 from sluice_core.storage import IngestResult
+from sluice_core.validate import UNCLAIMED
 
 log = logging.getLogger(__name__)
 
@@ -371,11 +372,12 @@ class Pipeline:
                     continue
                 result = self._normalize(item)
                 if result is None:
-                    self._metrics.events_malformed.labels(item.source).inc(len(item.messages))
+                    self._metrics.events_malformed.labels(item.source, UNCLAIMED).inc(
+                        len(item.messages)
+                    )
                     log.warning("no normalizer claims %r messages from %s", item.kind, item.source)
                     continue
-                if result.malformed:
-                    self._metrics.events_malformed.labels(item.source).inc(result.malformed)
+                self._metrics.observe_normalized(item.source, result)
                 if result.job_events or result.worker_events:
                     await self._norm_send.send(
                         _Normalized(result.job_events, result.worker_events, item.received_at)

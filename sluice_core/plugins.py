@@ -10,7 +10,7 @@ from types import ModuleType
 
 import pluggy
 
-from sluice_core import hookspecs
+from sluice_core import hookspecs, validate
 from sluice_core.actions import ActionHandler
 from sluice_core.config import Config, ConfigError, redact_url
 from sluice_core.model import Normalized, RawBatch
@@ -25,6 +25,7 @@ DEFAULT_PLUGINS = ("sluice_storage.sqlite", "sluice_storage.postgres")
 ENTRY_POINT_GROUP = "sluice"
 
 log = logging.getLogger(__name__)
+_normalizer_failures = validate.Throttle(10.0)
 
 
 def _installed_claimants(url: str, *, loaded: pluggy.PluginManager) -> list[str]:
@@ -128,8 +129,20 @@ class PluginManager:
         return found
 
     def normalize(self, batch: RawBatch) -> Normalized | None:
-        normalized: Normalized | None = self._pm.hook.sluice_normalize(batch=batch)
-        return normalized
+        """The first plugin's reading of ``batch`` (None: no plugin reads its kind), its
+        values checked (:func:`sluice_core.validate.check`): every event a source reads
+        passes here, whichever plugin made it."""
+        try:
+            normalized: Normalized | None = self._pm.hook.sluice_normalize(batch=batch)
+        except Exception:
+            # The hook must not raise, but a bug in one plugin must not stop all ingest.
+            if _normalizer_failures.allow():
+                log.exception(
+                    "a normalizer failed on %d %r messages from %s: they are skipped",
+                    len(batch.messages), batch.kind, batch.source,
+                )
+            return Normalized(malformed=len(batch.messages))
+        return None if normalized is None else validate.check(normalized)
 
     def actions(self, config: Config) -> list[ActionHandler]:
         found: list[ActionHandler] = []

@@ -103,7 +103,8 @@ class ReaderProcess:
         self._process: subprocess.Popen[bytes] | None = None
         self._stopping = False
         self._stopped = trio.Event()
-        self._seen: dict[tuple[str, str], float] = {}  # counter totals already added
+        # Counter totals already added: (counter, its label values) -> total.
+        self._seen: dict[tuple[str, tuple[str, ...]], float] = {}
         self._status_number = -1  # of the newest status applied
 
     async def run(self) -> None:
@@ -210,18 +211,18 @@ class ReaderProcess:
     def _apply_status(
         self,
         number: int,
-        counters: dict[str, dict[str, float]],
+        counters: dict[str, dict[tuple[str, ...], float]],
         sources: dict[str, SourceStatus],
         held: tuple[int, int],
     ) -> None:
         # Counters only grow: the larger total wins, whichever pipe brought it.
         for name, totals in counters.items():
             counter: Counter = getattr(self._metrics, name)
-            for source, total in totals.items():
-                added = self._seen.get((name, source), 0.0)
+            for labels, total in totals.items():
+                added = self._seen.get((name, labels), 0.0)
                 if total > added:
-                    counter.labels(source).inc(total - added)
-                    self._seen[(name, source)] = total
+                    counter.labels(*labels).inc(total - added)
+                    self._seen[(name, labels)] = total
         if number > self._status_number:
             self._status_number = number
             self._pipeline.reader_status(sources, held)
@@ -349,10 +350,11 @@ class _Reader:
         )
 
 
-def _totals(counter: Counter) -> dict[str, float]:
-    """A counter's value per source label."""
+def _totals(counter: Counter) -> dict[tuple[str, ...], float]:
+    """A counter's value per combination of its label values (source, and reason)."""
+    names = counter._labelnames
     return {
-        sample.labels["source"]: sample.value
+        tuple(sample.labels[name] for name in names): sample.value
         for family in counter.collect()
         for sample in family.samples
         if sample.name.endswith("_total")

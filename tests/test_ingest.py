@@ -259,10 +259,10 @@ async def test_normalized_events_from_an_agent_are_stored(tmp_path: Path) -> Non
     with trio.fail_after(30):
         async with serving(tmp_path, celery_plugin) as (engine, client):
             key = bearer(await new_key(engine))
-            job_id = str(uuid.uuid4())
+            job_id, now = str(uuid.uuid4()), time.time()
             events = [
-                job_event(job_id, "task-received", JobState.RECEIVED, 10.0, name="n", args="(1,)"),
-                job_event(job_id, "task-started", JobState.ACTIVE, 11.0, worker="w1"),
+                job_event(job_id, "task-received", JobState.RECEIVED, now, name="n", args="(1,)"),
+                job_event(job_id, "task-started", JobState.ACTIVE, now + 1, worker="w1"),
             ]
             worker = WorkerEvent("w1", "celery", "heartbeat", time.time(), freq=2.0, active=1)
             body = {
@@ -287,7 +287,7 @@ async def test_the_stream_acks_each_batch_once_stored_and_answers_errors_by_seq(
         async with serving(tmp_path, celery_plugin) as (engine, client):
             key = await new_key(engine)
             job_id = str(uuid.uuid4())
-            events = [job_event(job_id, "task-sent", JobState.QUEUED, 10.0, name="n")]
+            events = [job_event(job_id, "task-sent", JobState.QUEUED, time.time(), name="n")]
             batch = {"format": "sluice", "job_events": [job_event_to_json(e) for e in events]}
             headers = [(b"Authorization", f"Bearer {key}".encode())]
             async with open_websocket_url(ws_url(client), extra_headers=headers) as ws:

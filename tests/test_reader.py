@@ -31,10 +31,13 @@ from tests.waiting import wait_until
 
 
 @asynccontextmanager
-async def engine_with_reader(db: Path, keyprefix: str, **options: Any) -> AsyncIterator[Engine]:
+async def engine_with_reader(
+    db: Path | str, keyprefix: str, **options: Any
+) -> AsyncIterator[Engine]:
+    """An engine reading the test's Redis channels; ``db`` a SQLite file or a database URL."""
     config = Config(
         broker=[REDIS_URL],
-        db=f"sqlite:///{db}",
+        db=db if isinstance(db, str) else f"sqlite:///{db}",
         plugin=["celery"],
         reader_process=True,
         redis_keyprefix=keyprefix,

@@ -68,13 +68,10 @@ def _engine() -> Engine:
 @blueprint.app_template_filter("utc")
 def utc_time(value: str | float | None) -> Markup:
     """A ``<time>`` element in UTC; sluice.js shows it in the viewer's timezone."""
-    if value is None or value == "":
+    text = iso(value) if isinstance(value, int | float) else value
+    if text is None or text == "":
         return Markup('<span class="muted">—</span>')
-    when = (
-        dt.datetime.fromtimestamp(value, dt.UTC)
-        if isinstance(value, int | float)
-        else dt.datetime.fromisoformat(value)
-    )
+    when = dt.datetime.fromisoformat(text)
     return Markup('<time datetime="{}">{}</time>').format(
         when.isoformat(), when.strftime("%Y-%m-%d %H:%M:%S UTC")
     )

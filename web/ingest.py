@@ -33,12 +33,14 @@ from quart import Blueprint, Response, current_app, request, websocket
 from quart.wrappers import ClientDisconnectedError
 from werkzeug.datastructures import Headers
 
+from sluice_core import validate
 from sluice_core.actions import mark_pushed
 from sluice_core.config import INGEST_BURST, INGEST_RATE
 from sluice_core.engine import Engine
-from sluice_core.model import JobEvent, RawBatch, WorkerEvent
+from sluice_core.model import JobEvent, Normalized, RawBatch, WorkerEvent
 from sluice_core.serialize import job_event_from_json, worker_event_from_json
 from sluice_core.storage import ApiKey
+from sluice_core.validate import MALFORMED
 from sluice_web.errors import ApiError, BadRequest, error_response, rate_limited
 
 log = logging.getLogger(__name__)
@@ -88,7 +90,8 @@ class TokenBucket:
 
 
 class Malformed(BadRequest):
-    """A batch Sluice cannot read; ``count`` is what it adds to sluice_events_malformed_total."""
+    """A batch Sluice cannot read or refuses; ``count`` is what it adds to
+    sluice_events_malformed_total when raised before the batch's events were counted."""
 
     def __init__(self, message: str, *, count: int = 1) -> None:
         super().__init__(message)
@@ -127,22 +130,38 @@ class Ingest:
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError as exc:
-            self.engine.metrics.events_malformed.labels(_source(key)).inc()
+            self.engine.metrics.events_malformed.labels(_source(key), MALFORMED).inc()
             raise Malformed(f"not valid JSON ({exc})") from None
 
     def decode(self, key: ApiKey, body: Any) -> tuple[list[JobEvent], list[WorkerEvent]]:
-        """The events of one batch (a parsed JSON body), all valid, or :class:`Malformed`
-        (counted in sluice_events_malformed_total): then none of them is taken.
+        """The events of one batch (a parsed JSON body), their values checked
+        (:mod:`sluice_core.validate`: some may be corrected), or :class:`Malformed` if any
+        is not an event or is refused: then none of them is taken. Either way what was
+        wrong is counted in sluice_events_malformed_total, by reason.
         Each job event is stamped with the key, over anything the sender claimed: an
         action never takes a pushed event for a broker's word (sluice_core.actions)."""
         try:
-            job_events, worker_events = self._decode(key, body)
+            normalized, sent = self._decode(key, body)
         except Malformed as exc:
-            self.engine.metrics.events_malformed.labels(_source(key)).inc(exc.count)
+            self.engine.metrics.events_malformed.labels(_source(key), MALFORMED).inc(exc.count)
             raise
-        return mark_pushed(job_events, key.name), worker_events
+        self.engine.metrics.observe_normalized(_source(key), normalized)
+        if normalized.malformed:
+            # The normalizer logged why (rate-limited); the sender's bug is in the count.
+            raise Malformed(
+                f"{normalized.malformed} of {sent} events are malformed (not Celery events:"
+                " each needs a type, a hostname, a numeric timestamp and, for tasks, a uuid);"
+                " nothing was stored"
+            )
+        if normalized.rejected:
+            raise Malformed(
+                f"{sum(normalized.rejected.values())} of {sent} events refused"
+                f" ({'; '.join(normalized.problems[:3])}); nothing was stored"
+            )
+        return mark_pushed(normalized.job_events, key.name), normalized.worker_events
 
-    def _decode(self, key: ApiKey, body: Any) -> tuple[list[JobEvent], list[WorkerEvent]]:
+    def _decode(self, key: ApiKey, body: Any) -> tuple[Normalized, int]:
+        """The batch's events, checked, and how many the sender sent."""
         if type(body) is not dict:
             raise Malformed("expected a JSON object with a format and its events")
         fmt = body.get("format")
@@ -151,16 +170,20 @@ class Ingest:
             if type(events) is not list:
                 raise Malformed(f'format {fmt!r}: "events" must be a list of event objects')
             self._check_count(len(events))
-            return self._normalize(key, RAW_FORMATS[fmt], events)
+            return self._normalize(key, RAW_FORMATS[fmt], events), len(events)
         if fmt == NORMALIZED_FORMAT:
             job_events, worker_events = body.get("job_events", []), body.get("worker_events", [])
             if type(job_events) is not list or type(worker_events) is not list:
                 raise Malformed('"job_events" and "worker_events" must be lists')
             self._check_count(len(job_events) + len(worker_events))
-            return (
-                self._parse("job_events", job_events, job_event_from_json),
-                self._parse("worker_events", worker_events, worker_event_from_json),
+            # The door Celery's events pass in the normalizer (PluginManager.normalize).
+            normalized = validate.check(
+                Normalized(
+                    self._parse("job_events", job_events, job_event_from_json),
+                    self._parse("worker_events", worker_events, worker_event_from_json),
+                )
             )
+            return normalized, len(job_events) + len(worker_events)
         known = ", ".join(repr(f) for f in [*RAW_FORMATS, NORMALIZED_FORMAT])
         raise Malformed(f"unknown format {fmt!r} (accepted: {known})")
 
@@ -172,9 +195,7 @@ class Ingest:
                 code="too_many_events",
             )
 
-    def _normalize(
-        self, key: ApiKey, kind: str, events: list[Any]
-    ) -> tuple[list[JobEvent], list[WorkerEvent]]:
+    def _normalize(self, key: ApiKey, kind: str, events: list[Any]) -> Normalized:
         batch = RawBatch(kind, _source(key), [("ingest", orjson.dumps(events))], time.time())
         result = self.engine.pm.normalize(batch)
         if result is None:
@@ -182,15 +203,7 @@ class Ingest:
                 f"this Sluice reads no {kind!r} events: start it with the plugin for them"
                 " (sluice run --plugin celery)"
             )
-        if result.malformed:
-            # The normalizer logged why (rate-limited); the sender's bug is in the count.
-            raise Malformed(
-                f"{result.malformed} of {len(events)} events are malformed (not Celery events:"
-                " each needs a type, a hostname, a numeric timestamp and, for tasks, a uuid);"
-                " nothing was stored",
-                count=result.malformed,
-            )
-        return result.job_events, result.worker_events
+        return result
 
     def _parse[T](self, what: str, items: list[Any], parse: Callable[[Any], T]) -> list[T]:
         out = []

@@ -11,6 +11,9 @@ Pure functions; Celery itself is never imported. Two wire formats come in as
 Either body is one event (a JSON object) or, for ``task.multi``, a list of them.
 This is the hot path (a burst runs at the machine's limit), so the loop does
 plain ``type()`` checks and dict look-ups, no validators and no per-event logging.
+It checks shapes and types; the values themselves (a timestamp in year 33658, an
+integer no column holds, a NUL in a name) are checked by the core for every
+plugin alike, on what this returns (:mod:`sluice_core.validate`).
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ import binascii
 import datetime as dt
 import logging
 import re
-import time
 from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
 
 from sluice_core.model import JobEvent, JobState, Normalized, RawBatch, WorkerEvent, event_id
+from sluice_core.validate import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -318,25 +321,7 @@ def normalize_batch(batch: RawBatch) -> Normalized:
 # -- logging malformed input -------------------------------------------------------
 
 
-class _Throttle:
-    """Lets one call through per ``interval`` seconds and counts the others, so that a
-    burst of bad messages costs one log line, not one per message."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._next = float("-inf")
-        self.suppressed = 0
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        if now < self._next:
-            self.suppressed += 1
-            return False
-        self._next = now + self.interval
-        return True
-
-
-_malformed_throttle = _Throttle(10.0)
+_malformed_throttle = Throttle(10.0)
 
 
 def _report_malformed(source: str, channel: str, data: bytes, exc: Exception) -> None:
