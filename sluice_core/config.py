@@ -107,6 +107,13 @@ READER_PROCESS = Option(
     True,
     "on: read and normalize broker events in a child process, off: in this one",
 )
+STOP_TIMEOUT = Option(
+    "stop_timeout",
+    seconds(),
+    10.0,
+    "seconds a stop may wait for the database to store what was read; what is left then is"
+    " logged, counted and lost (a write in progress still ends first)",
+)
 HEARTBEAT_MISSED = Option(
     "heartbeat_missed",
     number(above=0),
@@ -237,6 +244,7 @@ CORE_OPTIONS: tuple[Option[Any], ...] = (
     SPOOL_DIR,
     BATCH_EVENTS,
     READER_PROCESS,
+    STOP_TIMEOUT,
     HEARTBEAT_MISSED,
     STUCK_AFTER,
     API_TOKEN,

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from sluice_core.actions import ActionHandler
 from sluice_core.bus import Bus
-from sluice_core.config import HEARTBEAT_MISSED, Config
+from sluice_core.config import HEARTBEAT_MISSED, STOP_TIMEOUT, Config
 from sluice_core.metrics import Metrics, StorageGauges
 from sluice_core.model import Job, QueueSample
 from sluice_core.monitors import WorkerMonitor
@@ -49,6 +50,7 @@ class Engine:
             spool=Spool(config.spool_mb * 2**20, config.spool_dir),
             batch_events=config.batch_events,
             writers=self.storage.ingest_writers,
+            dead_letters=self.storage,
         )
         self.sources: list[Source] = pm.sources(config)
         self.reader = (
@@ -83,8 +85,9 @@ class Engine:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._run_pipeline)
+                reader = trio.CancelScope()
                 if self.reader is not None:
-                    nursery.start_soon(self.reader.run)
+                    nursery.start_soon(_run_in, reader, self.reader.run)
                 feeders = trio.CancelScope()
                 nursery.start_soon(self._run_feeders, feeders)
                 if web:
@@ -96,11 +99,24 @@ class Engine:
                 task_status.started()
                 await self._stop_requested.wait()
                 log.info("stopping: sources first, then flushing what was read")
+                # One deadline for the whole flush: with the database away, the reader
+                # cannot hand its batches over and the writers cannot store them.
+                deadline = trio.current_time() + self.config.get(STOP_TIMEOUT)
                 if self.reader is not None:
-                    await self.reader.stop()
+                    with trio.move_on_at(deadline):
+                        await self.reader.stop()
                 feeders.cancel()
                 self.pipeline.close()
-                await self._pipeline_done.wait()
+                with trio.move_on_at(deadline):
+                    await self._pipeline_done.wait()
+                if not self._pipeline_done.is_set():
+                    log.error(
+                        "stopping: what was read is not stored after %gs; giving up on it",
+                        self.config.get(STOP_TIMEOUT),
+                    )
+                    reader.cancel()
+                    self.pipeline.abandon()  # it logs how much is lost
+                    await self._pipeline_done.wait()
         finally:
             with trio.CancelScope(shield=True):
                 # Handlers and probes may hold broker connections of their own.
@@ -172,3 +188,8 @@ class Engine:
         self.bus.publish_jobs(result.jobs, new=result.new_jobs)
         for worker in result.workers:
             self.bus.publish("worker", worker_to_dict(worker), key=worker.hostname)
+
+
+async def _run_in(scope: trio.CancelScope, fn: Callable[[], Awaitable[None]]) -> None:
+    with scope:
+        await fn()

@@ -19,7 +19,12 @@ for the writer, so storage that cannot keep up fills the buffers, not memory
 without bound. The writer takes everything that is waiting (up to
 ``batch_events``) into one transaction, so a slow database gets bigger,
 cheaper batches. A failing database is retried with backoff, holding the batch:
-nothing read is lost while the buffers last.
+nothing read is lost while the buffers last. A batch the database refuses for its
+own values (:class:`~sluice_core.storage.RejectedData`: an integer past a column, a
+character it does not keep) is split instead, until the events at fault are alone:
+they go to the dead-letter table, the rest is stored. Stopping waits for the
+buffers to be written, but no longer than the engine allows (:meth:`Pipeline.abandon`):
+what is left then is counted in the log.
 
 Several writers (``writers``, the backend's ``ingest_writers``) overlap one
 batch's round trips to the database with the next one's fold in Python. Each
@@ -30,11 +35,14 @@ are still written in the order they were read.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import attrs
@@ -43,14 +51,16 @@ import trio
 from sluice_core.bus import Bus
 from sluice_core.config import BATCH_EVENTS, BUFFER_MB
 from sluice_core.metrics import Metrics
-from sluice_core.model import JobEvent, Normalized, RawBatch, WorkerEvent
+from sluice_core.model import Job, JobEvent, Normalized, RawBatch, WorkerEvent
+from sluice_core.serialize import job_event_to_json, worker_event_to_json
 from sluice_core.spool import Spool
-from sluice_core.storage import IngestResult
-from sluice_core.validate import UNCLAIMED
+from sluice_core.storage import DeadLetter, IngestResult, RejectedData
+from sluice_core.validate import UNCLAIMED, cut
 
 log = logging.getLogger(__name__)
 
 DROP_LOG_INTERVAL_S = 10.0
+DEAD_LETTER_MAX = 1024 * 1024  # characters of an event's JSON kept in the dead-letter table
 # Normalized batches waiting for a writer (see Pipeline.__init__).
 NORMALIZED_BATCHES = 24
 
@@ -147,6 +157,12 @@ class EventWriter(Protocol):
     ) -> IngestResult: ...
 
 
+class DeadLetters(Protocol):
+    """Where events the writer refused (:class:`RejectedData`) are kept: :class:`Storage`."""
+
+    async def dead_letter(self, letters: list[DeadLetter]) -> None: ...
+
+
 class Pipeline:
     """The engine's :class:`~sluice_core.sources.Sink`, and the tasks behind it."""
 
@@ -164,9 +180,11 @@ class Pipeline:
         batch_events: int = BATCH_EVENTS.default,
         writers: int = 1,
         normalized_batches: int = NORMALIZED_BATCHES,
+        dead_letters: DeadLetters | None = None,
     ) -> None:
         self._normalize = normalize
         self._storage = storage
+        self._dead_letters = dead_letters
         self._metrics = metrics
         self._bus = bus
         self._on_stored = on_stored
@@ -200,6 +218,8 @@ class Pipeline:
         self.stored_batches = 0
         self.writes = WriteHealth()
         self._closed = False
+        self._abandon = trio.CancelScope()  # see abandon()
+        self._unwritten = 0  # events an abandoned writer held
 
     # -- Sink --------------------------------------------------------------
 
@@ -320,27 +340,58 @@ class Pipeline:
         self._closed = True
         self._raw_send.close()
 
+    def abandon(self) -> None:
+        """Stop writing now, whatever is left (a stop that may not wait any longer, the
+        database away): :meth:`run` returns once a write in progress has ended, and logs
+        how much it could not store."""
+        self._abandon.cancel()
+
     async def run(self) -> None:
         """Normalize and write until :meth:`close` and everything buffered is stored."""
+        parts: list[trio.MemoryReceiveChannel[_Normalized]] = []
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._normalize_loop)
-                if self._writers == 1:
-                    nursery.start_soon(self._write_loop, self._norm_receive)
-                    return
-                sends = []
-                for _ in range(self._writers):
-                    # Parts of batches: as many as make one writer's transaction as
-                    # large as a lone writer's (measured on PostgreSQL, 50,000 events/s
-                    # offered: 18,000-20,000 stored/s with half that, 21,600 with it).
-                    send, receive = trio.open_memory_channel[_Normalized](
-                        NORMALIZED_BATCHES * self._writers
-                    )
-                    sends.append(send)
-                    nursery.start_soon(self._write_loop, receive)
-                nursery.start_soon(self._split_loop, sends)
+            with self._abandon:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._normalize_loop)
+                    if self._writers == 1:
+                        nursery.start_soon(self._write_loop, self._norm_receive)
+                        return
+                    sends = []
+                    for _ in range(self._writers):
+                        # Parts of batches: as many as make one writer's transaction as
+                        # large as a lone writer's (measured on PostgreSQL, 50,000 events/s
+                        # offered: 18,000-20,000 stored/s with half that, 21,600 with it).
+                        send, receive = trio.open_memory_channel[_Normalized](
+                            NORMALIZED_BATCHES * self._writers
+                        )
+                        sends.append(send)
+                        parts.append(receive)
+                        nursery.start_soon(self._write_loop, receive)
+                    nursery.start_soon(self._split_loop, sends)
         finally:
+            if self._abandon.cancelled_caught:
+                self._log_unstored([self._norm_receive, *parts])
             self._spool.close()
+
+    def _log_unstored(self, channels: list[trio.MemoryReceiveChannel[_Normalized]]) -> None:
+        """What an abandoned run leaves: the writers' batches, those waiting for them,
+        and the messages not normalized yet."""
+        events, messages = self._unwritten, self._spool.messages
+        for channel in [*channels, self._raw_receive]:
+            with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                while True:
+                    item = channel.receive_nowait()
+                    if isinstance(item, _Normalized):
+                        events += len(item.job_events) + len(item.worker_events)
+                    else:
+                        messages += len(item.messages)
+        if events or messages:
+            log.error(
+                "stopped before storage took everything: could not store %d events%s;"
+                " they are lost (is the database away? see the errors above)",
+                events,
+                f" nor {messages} messages read but not yet normalized" if messages else "",
+            )
 
     async def _next_raw(self) -> RawBatch | _Normalized | None:
         """The oldest input: from memory, else from the spool; None once closed and drained."""
@@ -422,7 +473,11 @@ class Pipeline:
                 read_at = min(read_at, more.read_at)
                 waiting.append(more.stored)
             self.writes.writing(read_at)
-            result = await self._store(job_events, worker_events)
+            try:
+                result, refused = await self._store(job_events, worker_events)
+            except trio.Cancelled:  # abandoned: these are not known to be stored
+                self._unwritten += len(job_events) + len(worker_events)
+                raise
             self.writes.written(read_at)
             for stored in waiting:
                 if stored is not None:
@@ -430,31 +485,129 @@ class Pipeline:
             self.stored_batches += 1
             self._metrics.events_ingested.inc(result.events_stored)
             self._metrics.events_duplicate.inc(
-                max(0, len(job_events) - result.events_stored)
+                max(0, len(job_events) - result.events_stored - refused)
             )
             self._metrics.ingest_lag.set(max(0.0, time.time() - read_at))
             self._on_stored(result)
 
     async def _store(
         self, job_events: list[JobEvent], worker_events: list[WorkerEvent]
-    ) -> IngestResult:
+    ) -> tuple[IngestResult, int]:
+        """Store a batch: what was stored, and how many of its job events storage refused.
+
+        A batch refused for its values is split in halves, each stored on its own, until
+        the events at fault are alone: a batch of n events with one bad event takes
+        about 2 log2(n) transactions. The others are stored in the order read.
+        """
+        parts = [(job_events, worker_events)]
+        results: list[IngestResult] = []
+        refused: list[tuple[JobEvent | WorkerEvent, str]] = []
+        while parts:
+            jobs, workers = parts.pop()
+            try:
+                results.append(
+                    await self._retrying(
+                        functools.partial(self._storage.ingest, jobs, workers),
+                        f"storage write of {len(jobs) + len(workers)} events",
+                    )
+                )
+            except RejectedData as exc:
+                if len(jobs) + len(workers) == 1:
+                    refused.append(((jobs or workers)[0], str(exc)))
+                    continue
+                if len(jobs) + len(workers) == len(job_events) + len(worker_events):
+                    log.warning(
+                        "storage refused a batch of %d events for its values (%s):"
+                        " storing it in parts to find the events at fault",
+                        len(jobs) + len(workers), exc,
+                    )
+                first, second = _halves(jobs, workers)
+                parts += [second, first]  # the first half next
+        if refused:
+            await self._dead_letter(refused)
+        return _combined(results), sum(isinstance(event, JobEvent) for event, _ in refused)
+
+    async def _retrying[T](self, write: Callable[[], Awaitable[T]], what: str) -> T:
+        """``write()``'s result, however long the database is away: any error but
+        :class:`RejectedData` (raised at once: retrying cannot help) is retried with
+        backoff, holding what was to be written."""
         delay = 0.5
         while True:
             try:
-                result = await self._storage.ingest(job_events, worker_events)
+                result = await write()
                 self.writes.succeeded(time.time())
                 return result
-            except Exception as exc:  # any driver error: keep the batch, retry
+            except RejectedData:
+                raise
+            except Exception as exc:  # any other driver error: keep the batch, retry
                 self._metrics.storage_errors.inc()
                 self.writes.failed(exc, time.time())
-                log.error(
-                    "storage write of %d events failed (%s); retrying in %.1fs",
-                    len(job_events) + len(worker_events),
-                    exc,
-                    delay,
-                )
+                log.error("%s failed (%s); retrying in %.1fs", what, exc, delay)
                 await trio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+    async def _dead_letter(self, refused: list[tuple[JobEvent | WorkerEvent, str]]) -> None:
+        now = time.time()
+        letters = [_letter(event, reason, now) for event, reason in refused]
+        self._metrics.events_dead_lettered.inc(len(letters))
+        log.error(
+            "storage refused %d events (%s): kept in the dead-letter table (the dashboard's"
+            " diagnostics page); the rest of their batch is stored",
+            len(letters), letters[0].reason,
+        )
+        if self._dead_letters is not None:
+            await self._retrying(
+                functools.partial(self._dead_letters.dead_letter, letters),
+                f"keeping {len(letters)} dead letters",
+            )
+
+
+def _halves(
+    jobs: list[JobEvent], workers: list[WorkerEvent]
+) -> tuple[tuple[list[JobEvent], list[WorkerEvent]], tuple[list[JobEvent], list[WorkerEvent]]]:
+    """A batch in two, job events first (the order the writer had them in)."""
+    middle = (len(jobs) + len(workers)) // 2
+    if middle <= len(jobs):
+        return (jobs[:middle], []), (jobs[middle:], workers)
+    middle -= len(jobs)
+    return (jobs, workers[:middle]), ([], workers[middle:])
+
+
+def _combined(results: list[IngestResult]) -> IngestResult:
+    """One batch's result from its parts' (stored one after the other)."""
+    if len(results) == 1:
+        return results[0]
+    jobs: dict[str, Job] = {}
+    new: list[str] = []
+    for result in results:
+        for i, job in enumerate(result.jobs):
+            if i < result.new_jobs and job.id not in jobs:
+                new.append(job.id)
+            jobs[job.id] = job  # a later part's version is the newer
+    fresh = set(new)
+    return IngestResult(
+        jobs=[jobs[job_id] for job_id in new] + [j for i, j in jobs.items() if i not in fresh],
+        workers=list({w.hostname: w for r in results for w in r.workers}.values()),
+        events_stored=sum(result.events_stored for result in results),
+        new_events=[event for result in results for event in result.new_events],
+        new_jobs=len(new),
+    )
+
+
+def _letter(event: JobEvent | WorkerEvent, reason: str, now: float) -> DeadLetter:
+    if isinstance(event, JobEvent):
+        kind, data = "job", job_event_to_json(event)
+    else:
+        kind, data = "worker", worker_event_to_json(event)
+    # The standard library's json, not orjson: it writes any integer, escapes to ASCII
+    # (a NUL, a lone surrogate), and makes text of what is not JSON. The row always stores.
+    text = json.dumps(data, ensure_ascii=True, default=repr, skipkeys=True)
+    return DeadLetter(
+        kind=kind,
+        event=cut(text, DEAD_LETTER_MAX),
+        reason=cut(json.dumps(reason, ensure_ascii=True)[1:-1], 1_000),
+        created_at=now,
+    )
 
 
 def _size(batch: RawBatch) -> int:

@@ -180,9 +180,11 @@ class ReaderProcess:
                 await trio.to_thread.run_sync(process.wait, EXIT_WAIT_S, abandon_on_cancel=True)
             except subprocess.TimeoutExpired:
                 pass
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+            finally:
+                # Also when cancelled (a stop out of time): never leave a reader behind.
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
 
     async def _receive_batches(self, receive: Connection) -> bool:
         """Feed the batches on: True once the reader is done, False if it exited."""

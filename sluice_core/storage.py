@@ -99,6 +99,28 @@ class ApiKeyExists(ValueError):
     """An active API key already has this name (revoke it first, or pick another)."""
 
 
+class RejectedData(Exception):
+    """:meth:`Storage.ingest` cannot store a batch because of what it holds (a value beyond
+    a column, a character the database does not keep): sent again, it fails again. The
+    pipeline then splits the batch to find the events at fault and dead-letters them. Any
+    other error is the database's (away, full, locked): the batch is held and retried."""
+
+
+# Dead letters kept; past this the oldest go (a flood of bad events must not fill the disk).
+DEAD_LETTERS_KEPT = 10_000
+
+
+@attrs.frozen
+class DeadLetter:
+    """An event storage refused, kept aside with why, for an operator to see."""
+
+    kind: str  # "job" or "worker"
+    event: str  # the event as JSON text (sluice_core.serialize's wire form), escaped to ASCII
+    reason: str  # what the database said
+    created_at: float  # when it was refused
+    id: int | None = None  # once stored
+
+
 class Storage(Protocol):
     url: str  # without credentials: safe to show
     # How many ingest transactions may run at once: the pipeline splits its batches
@@ -118,7 +140,8 @@ class Storage(Protocol):
     ) -> IngestResult:
         """Store a batch in one transaction: every new event, and the rows it changes.
 
-        Idempotent: an event already stored (same id) changes nothing.
+        Idempotent: an event already stored (same id) changes nothing. Raises
+        :class:`RejectedData` when the batch's own values are what the database refused.
         """
 
     async def get_job(self, job_id: str) -> Job | None: ...
@@ -191,3 +214,10 @@ class Storage(Protocol):
         Records the use in ``last_used_at``, at most once a minute per key (a
         write per request would compete with the pipeline's writes).
         """
+
+    async def dead_letter(self, letters: list[DeadLetter]) -> None:
+        """Keep events :meth:`ingest` refused (:class:`RejectedData`); only the newest
+        ``DEAD_LETTERS_KEPT`` stay."""
+
+    async def list_dead_letters(self, limit: int) -> list[DeadLetter]:
+        """The newest ``limit`` dead letters, newest first."""

@@ -26,13 +26,16 @@ from sluice_core.config import STUCK_AFTER, Config
 from sluice_core.model import Job, JobEvent, JobState, QueueSample, Worker, WorkerEvent
 from sluice_core.probes import WorkerQueues
 from sluice_core.storage import (
+    DEAD_LETTERS_KEPT,
     DEFAULT_STUCK_AFTER_S,
     ApiKey,
     ApiKeyExists,
+    DeadLetter,
     IngestResult,
     JobQuery,
     Page,
     QueueStats,
+    RejectedData,
 )
 
 # -- rows -------------------------------------------------------------------
@@ -711,11 +714,20 @@ class SharedSql:
     """The Storage methods whose SQL is the same on both backends.
 
     A backend provides ``_read`` / ``_write`` (run a function on a connection in
-    a worker thread), its driver's placeholder and its unique-violation error.
+    a worker thread), its driver's placeholder and its unique-violation error, its
+    side of an ingest transaction, and which of its driver's errors a batch's own
+    values cause.
     """
 
     _marker: str
     _duplicate_key: type[Exception]
+    _transaction: Callable[[Any], Transaction]
+
+    @staticmethod
+    def _refused_data(exc: Exception) -> bool:
+        """Whether ``exc`` is the database refusing a value of the batch (it would fail
+        again), not the database being away, full or locked (worth retrying)."""
+        raise NotImplementedError
     _events_of_job: str  # the WHERE clause of a job's timeline, its id the parameter
     _dialect: Dialect
     stuck_after: float
@@ -726,6 +738,47 @@ class SharedSql:
 
     async def _write(self, fn: Callable[[Any], T]) -> T:
         raise NotImplementedError
+
+    async def ingest(
+        self, job_events: list[JobEvent], worker_events: list[WorkerEvent]
+    ) -> IngestResult:
+        try:
+            return await self._write(
+                lambda conn: ingest(self._transaction(conn), job_events, worker_events)
+            )
+        except Exception as exc:
+            if self._refused_data(exc):
+                raise RejectedData(f"{type(exc).__name__}: {exc}") from exc
+            raise
+
+    async def dead_letter(self, letters: list[DeadLetter]) -> None:
+        p = self._marker
+        rows = [(letter.kind, letter.event, letter.reason, letter.created_at) for letter in letters]
+
+        def write(conn: Any) -> None:
+            cur = conn.cursor()
+            cur.executemany(
+                f"INSERT INTO dead_letters (kind, event, reason, created_at)"
+                f" VALUES ({p}, {p}, {p}, {p})",
+                rows,
+            )
+            cur.execute(
+                f"DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - {p}",
+                (DEAD_LETTERS_KEPT,),
+            )
+
+        if rows:
+            await self._write(write)
+
+    async def list_dead_letters(self, limit: int) -> list[DeadLetter]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT kind, event, reason, created_at, id FROM dead_letters"
+                f" ORDER BY id DESC LIMIT {self._marker}",
+                (limit,),
+            ).fetchall()
+        )
+        return [DeadLetter(*row) for row in rows]
 
     async def get_job(self, job_id: str) -> Job | None:
         row = await self._read(

@@ -27,11 +27,10 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from sluice_core import hookimpl
 from sluice_core.config import Config, redact_url
-from sluice_core.model import Job, JobEvent, QueueSample, Worker, WorkerEvent
+from sluice_core.model import Job, JobEvent, QueueSample, Worker
 from sluice_core.probes import WorkerQueues
 from sluice_core.storage import (
     DEFAULT_STUCK_AFTER_S,
-    IngestResult,
     JobQuery,
     Page,
     StorageUnavailable,
@@ -269,6 +268,21 @@ class PostgresStorage(common.SharedSql):
     ingest_writers = INGEST_WRITERS
     _marker = "%s"
     _duplicate_key = psycopg.errors.UniqueViolation
+    _transaction = _Transaction
+
+    @staticmethod
+    def _refused_data(exc: Exception) -> bool:
+        # The server's data errors (an integer past its column, a NUL in jsonb) and
+        # constraint violations, a key too long for an index, and psycopg's own refusals
+        # before sending (a NUL in text, a value it cannot adapt: no SQLSTATE). Every other
+        # error (the server away, out of disk, a deadlock) is worth retrying.
+        return isinstance(
+            exc,
+            (
+                psycopg.DataError, psycopg.IntegrityError, psycopg.errors.ProgramLimitExceeded,
+                ValueError, TypeError, OverflowError,
+            ),
+        ) or (isinstance(exc, psycopg.ProgrammingError) and exc.sqlstate is None)
     _events_of_job = "job_id = %s"
 
     def __init__(self, url: str, *, stuck_after: float = DEFAULT_STUCK_AFTER_S) -> None:
@@ -367,13 +381,6 @@ class PostgresStorage(common.SharedSql):
         )
 
     # -- writes ----------------------------------------------------------------------
-
-    async def ingest(
-        self, job_events: list[JobEvent], worker_events: list[WorkerEvent]
-    ) -> IngestResult:
-        return await self._write(
-            lambda conn: common.ingest(_Transaction(conn), job_events, worker_events)
-        )
 
     async def record_queue_samples(self, samples: list[QueueSample]) -> None:
         rows = [common.sample_to_row(sample) for sample in samples]

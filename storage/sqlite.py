@@ -21,11 +21,10 @@ import trio
 
 from sluice_core import hookimpl
 from sluice_core.config import Config, ConfigError, redact_url
-from sluice_core.model import Job, JobEvent, QueueSample, Worker, WorkerEvent
+from sluice_core.model import Job, JobEvent, QueueSample, Worker
 from sluice_core.probes import WorkerQueues
 from sluice_core.storage import (
     DEFAULT_STUCK_AFTER_S,
-    IngestResult,
     StorageUnavailable,
 )
 from sluice_storage import common
@@ -309,6 +308,16 @@ class SQLiteStorage(common.SharedSql):
     ingest_writers = 1  # SQLite has one writer at a time
     _marker = "?"
     _duplicate_key = sqlite3.IntegrityError
+    _transaction = _Transaction
+
+    @staticmethod
+    def _refused_data(exc: Exception) -> bool:
+        # An integer past 64 bits (OverflowError), a NULL where none goes, a lone
+        # surrogate (UnicodeEncodeError), a value of a type SQLite does not bind; every
+        # other error (locked, disk full, I/O) is the database's.
+        return isinstance(
+            exc, (OverflowError, ValueError, TypeError, sqlite3.IntegrityError, sqlite3.DataError)
+        ) or (isinstance(exc, sqlite3.ProgrammingError) and str(exc).startswith("Error binding"))
     _events_of_job = "job_seq = (SELECT seq FROM jobs WHERE id = ?)"
     _dialect = _DIALECT
 
@@ -421,13 +430,6 @@ class SQLiteStorage(common.SharedSql):
         )
 
     # -- writes ----------------------------------------------------------------------
-
-    async def ingest(
-        self, job_events: list[JobEvent], worker_events: list[WorkerEvent]
-    ) -> IngestResult:
-        return await self._write(
-            lambda conn: common.ingest(_Transaction(conn), job_events, worker_events)
-        )
 
     async def record_queue_samples(self, samples: list[QueueSample]) -> None:
         rows = [common.sample_to_row(sample) for sample in samples]

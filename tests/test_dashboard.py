@@ -16,6 +16,7 @@ import random
 import re
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
@@ -26,11 +27,20 @@ from playwright.sync_api import Page, Route, expect, sync_playwright
 
 from sluice_core.config import Config
 from sluice_core.engine import Engine
-from sluice_core.model import JobEvent, JobState, QueueSample, WorkerEvent, event_id
+from sluice_core.model import (
+    JobEvent,
+    JobState,
+    Normalized,
+    QueueSample,
+    WorkerEvent,
+    event_id,
+)
 from sluice_core.plugins import PluginManager
 from sluice_core.storage import Storage
 from tests.fixtures.services import REPO
+from tests.metrics import metric
 from tests.test_api import serving
+from tests.test_hostile_events import refused_by_storage
 from tests.waiting import wait_until
 
 CHROMIUM = "/usr/bin/chromium"
@@ -561,6 +571,33 @@ async def test_the_job_list_counts_its_matches_says_its_order_and_takes_ids_in_c
 
 
 @pytest.mark.browser
+async def test_the_diagnostics_page_shows_what_was_refused_and_dead_lettered(
+    empty_engine: Engine,
+) -> None:
+    empty_engine.pipeline.put_events(refused_by_storage("refused"), [])
+    empty_engine.metrics.observe_normalized(
+        "celery/redis://localhost:6379/0", Normalized(rejected=Counter(timestamp=2))
+    )
+    await wait_until(
+        lambda: metric(empty_engine.metrics, "sluice_events_dead_lettered_total") >= 1,
+        "the refused event dead-lettered",
+    )
+
+    def scenario(page: Page) -> None:
+        page.goto(url(empty_engine, "/"))
+        page.click(".topbar nav >> text=Diagnostics")
+        letters = page.locator("table.dead-letters tbody tr")
+        expect(letters).to_have_count(1)
+        expect(letters).to_contain_text("refused-2")
+        expect(letters).to_contain_text("too large")
+        expect(page.locator("table.malformed")).to_contain_text("timestamp")
+        expect(page.locator("table.malformed")).to_contain_text("2000")  # what it means
+        screenshot(page, "diagnostics.png")
+
+    await browse(scenario)
+
+
+@pytest.mark.browser
 async def test_pages_have_an_icon_and_a_404_page_like_the_rest(empty_engine: Engine) -> None:
     def scenario(page: Page) -> None:
         response = page.goto(url(empty_engine, "/no/such/page"))
@@ -568,7 +605,7 @@ async def test_pages_have_an_icon_and_a_404_page_like_the_rest(empty_engine: Eng
         assert response.headers["content-type"].startswith("text/html")
         expect(page.locator(".empty-title")).to_have_text("Page not found")
         expect(page.locator(".empty-state")).to_contain_text("/no/such/page")
-        expect(page.locator(".topbar nav a")).to_have_count(4)
+        expect(page.locator(".topbar nav a")).to_have_count(5)
         # The icon is our own SVG, and it draws.
         icon = page.locator("link[rel=icon]")
         expect(icon).to_have_attribute("type", "image/svg+xml")

@@ -5,6 +5,9 @@ stopping never hangs. Real Redis, real databases, the real engine.
 
 from __future__ import annotations
 
+import functools
+import os
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -12,20 +15,23 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import trio
 
 import sluice_celery.plugin as celery_plugin
+from sluice_core.config import Config
 from sluice_core.engine import Engine
-from sluice_core.model import JobState, WorkerEvent
-from tests.fixtures.services import REDIS_URL
-from tests.fixtures.storage import open_storage
+from sluice_core.model import JobEvent, JobState, WorkerEvent
+from sluice_core.plugins import PluginManager
+from tests.fixtures.services import REDIS_URL, free_port
+from tests.fixtures.storage import open_storage, pg_admin
 from tests.metrics import metric
 from tests.test_agent import envelope
 from tests.test_api import job_event, serving
 from tests.test_ingest import bearer, celery_events, new_key
-from tests.test_reader import engine_with_reader, source_up
+from tests.test_reader import engine_with_reader, healthy, sluice_run, source_up
 from tests.test_redis_source import publish
 from tests.test_stream import next_of, stream
 from tests.waiting import wait_until
@@ -205,3 +211,111 @@ async def test_the_ingest_endpoint_corrects_and_refuses_like_the_broker_path(
             assert response.status_code == 400 and "timestamp" in response.text
             assert malformed(engine, "timestamp") == 1
             assert await engine.storage.get_job(late) is None
+
+
+# -- a batch storage refuses is split, not retried for ever -----------------------------
+
+
+def refused_by_storage(job_id: str) -> list[JobEvent]:
+    """Events no door let through (another plugin's, or a value no check foresaw)."""
+    return [
+        job_event(job_id, "task-sent", JobState.QUEUED, time.time(), name="a\x00b"),
+        job_event(job_id + "-2", "task-sent", JobState.QUEUED, time.time(), retries=2**63),
+    ]
+
+
+async def test_events_storage_refuses_are_dead_lettered_and_the_rest_of_the_batch_stored(
+    db_url: str,
+) -> None:
+    config = Config(db=db_url)
+    pm = PluginManager()
+    pm.configure(config)
+    engine = Engine(config, pm)
+    good = [
+        job_event(f"good-{i}", "task-sent", JobState.QUEUED, time.time(), name="tasks.add")
+        for i in range(50)
+    ]
+    bad_worker = WorkerEvent("celery@w", "celery", "heartbeat", time.time(), processed=2**63)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(engine.run, web=False))
+            engine.pipeline.put_events(
+                [*good[:25], *refused_by_storage("bad"), *good[25:]], [bad_worker]
+            )
+            await wait_until(
+                lambda: metric(engine.metrics, "sluice_events_dead_lettered_total") >= 2
+                and metric(engine.metrics, "sluice_events_ingested_total") >= 50,
+                "the refused events dead-lettered, the 50 others stored",
+            )
+            letters = await engine.storage.list_dead_letters(10)
+            kinds = sorted((letter.kind, orjson.loads(letter.event).get("job_id"))
+                           for letter in letters)
+            # PostgreSQL refuses the NUL, SQLite does not: what each one refused.
+            assert ("job", "bad-2") in kinds
+            assert all(letter.reason for letter in letters)
+            counts = await engine.storage.count_jobs_by_state()
+            assert counts["queued"] >= 50
+            # The next batch is stored at once: nothing is held.
+            engine.pipeline.put_events(
+                [job_event("after", "task-sent", JobState.QUEUED, time.time())], []
+            )
+            await wait_until(lambda: engine.storage.get_job("after"), "the next batch")
+            engine.stop()
+
+
+async def test_the_diagnostics_page_shows_dead_letters_and_malformed_counts(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(30):
+        async with serving(tmp_path) as (engine, client):
+            engine.pipeline.put_events(refused_by_storage("bad"), [])
+            await wait_until(
+                lambda: metric(engine.metrics, "sluice_events_dead_lettered_total") >= 1,
+                "the refused event in the dead-letter table",
+            )
+            page = await client.get("/diagnostics")
+            assert page.status_code == 200
+            assert "bad-2" in page.text and "too large" in page.text.lower()
+            assert 'href="/diagnostics"' in (await client.get("/")).text
+
+
+# -- stopping is bounded ----------------------------------------------------------------
+
+
+async def test_sigterm_with_the_database_away_stops_in_bounded_time_saying_what_it_lost(
+    pg_url: str, keyprefix: str, tmp_path: Path
+) -> None:
+    name = pg_url.rsplit("/", 1)[1]
+    port = free_port()
+    env = {
+        **os.environ, "SLUICE_DATABASE_URL": pg_url, "SLUICE_PORT": str(port),
+        "SLUICE_STOP_TIMEOUT": "2",
+    }
+    log = tmp_path / "stderr.log"
+    proc = await sluice_run(log, env, keyprefix)
+    try:
+        with trio.fail_after(90):
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                await wait_until(lambda: healthy(client), "/healthz to answer 200")
+            pg_admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            pg_admin(
+                f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+            )
+            jobs = [str(uuid.uuid4()) for _ in range(20)]
+            await publish(REDIS_URL, [task_multi(keyprefix, [started(j) for j in jobs])])
+            await wait_until(lambda: "storage write of" in log.read_text(), "a failed write")
+            signalled = trio.current_time()
+            proc.send_signal(signal.SIGTERM)
+            await proc.wait()
+            took = trio.current_time() - signalled
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        pg_admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    err = log.read_text()
+    assert proc.returncode == 0, err
+    assert "could not store 20 events" in err, err
+    # The stop timeout (2 s), then the write in progress (a connection attempt of at most
+    # 10 s), then closing the pool.
+    print(f"SIGTERM to exit, the database away: {took:.1f} s")
+    assert took < 20, err

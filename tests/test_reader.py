@@ -219,15 +219,12 @@ async def healthy(client: httpx.AsyncClient) -> bool:
         return False
 
 
-async def test_sigterm_stops_the_reader_too_after_it_has_sent_what_it_read(
-    tmp_path: Path, keyprefix: str
-) -> None:
-    port, db = free_port(), tmp_path / "run.db"
-    env = {**os.environ, "SLUICE_DATABASE_URL": f"sqlite:///{db}", "SLUICE_PORT": str(port)}
-    log = tmp_path / "stderr.log"
+async def sluice_run(log: Path, env: dict[str, str], keyprefix: str) -> trio.Process:
+    """``sluice run --plugin celery`` on the test's Redis channels, in a process of its
+    own, its stderr written to ``log``."""
     stderr = os.open(log, os.O_WRONLY | os.O_CREAT)
     try:
-        proc = await trio.lowlevel.open_process(
+        return await trio.lowlevel.open_process(
             [sys.executable, "-m", "sluice_core", "run", "--plugin", "celery",
              "--broker", REDIS_URL, "--redis-keyprefix", keyprefix],
             env=env,
@@ -235,6 +232,15 @@ async def test_sigterm_stops_the_reader_too_after_it_has_sent_what_it_read(
         )
     finally:
         os.close(stderr)
+
+
+async def test_sigterm_stops_the_reader_too_after_it_has_sent_what_it_read(
+    tmp_path: Path, keyprefix: str
+) -> None:
+    port, db = free_port(), tmp_path / "run.db"
+    env = {**os.environ, "SLUICE_DATABASE_URL": f"sqlite:///{db}", "SLUICE_PORT": str(port)}
+    log = tmp_path / "stderr.log"
+    proc = await sluice_run(log, env, keyprefix)
     messages = task_events(keyprefix, 200)
     try:
         with trio.fail_after(60):

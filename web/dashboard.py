@@ -19,6 +19,7 @@ from markupsafe import Markup
 from quart import Blueprint, current_app, redirect, render_template, request, url_for
 from quart.typing import ResponseReturnValue
 
+from sluice_core import validate
 from sluice_core.engine import Engine
 from sluice_core.model import TERMINAL_STATES, Job, JobState
 from sluice_core.monitors import workers_task_events
@@ -30,7 +31,7 @@ from sluice_core.serialize import (
     queue_to_dict,
     worker_to_dict,
 )
-from sluice_core.storage import MAX_PAGE, JobQuery
+from sluice_core.storage import DEAD_LETTERS_KEPT, MAX_PAGE, JobQuery
 from sluice_web import charts
 from sluice_web.errors import ApiError
 from sluice_web.params import FILTERS, encode_cursor, query_from_args
@@ -55,6 +56,7 @@ QUICK_RANGES = (("15 min", 900), ("1 h", 3600), ("24 h", 86400), ("7 d", 7 * 864
 # The job list counts its matches exactly up to this many, then says "1,000+": counting
 # stops one row past it, so a filter matching millions of jobs costs no more than that.
 COUNT_AT_MOST = 1_000
+DEAD_LETTERS_SHOWN = 200  # the newest; every one is also in the database's dead_letters table
 
 
 def _engine() -> Engine:
@@ -124,6 +126,7 @@ async def _globals() -> dict[str, Any]:
             ("dashboard.jobs", "Jobs"),
             ("dashboard.queues", "Queues"),
             ("dashboard.workers", "Workers"),
+            ("dashboard.diagnostics", "Diagnostics"),
         ),
     }
 
@@ -303,6 +306,28 @@ async def workers() -> str:
     ]
     rows.sort(key=lambda w: (w["status"] != "online", w["hostname"]))
     return await render_template("workers.html", workers=rows)
+
+
+@blueprint.get("/diagnostics")
+async def diagnostics() -> str:
+    """What Sluice refused or corrected of what it was sent, and what storage refused."""
+    engine = _engine()
+    malformed = sorted(
+        (sample.labels["source"], sample.labels["reason"], sample.value,
+         validate.MEANINGS.get(sample.labels["reason"], ""))
+        for family in engine.metrics.events_malformed.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.value
+    )
+    return await render_template(
+        "diagnostics.html",
+        malformed=malformed,
+        letters=await engine.storage.list_dead_letters(DEAD_LETTERS_SHOWN),
+        kept=DEAD_LETTERS_KEPT,
+        dead_lettered=engine.metrics.registry.get_sample_value(
+            "sluice_events_dead_lettered_total"
+        ) or 0,
+    )
 
 
 @blueprint.get("/favicon.ico")
