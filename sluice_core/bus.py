@@ -145,7 +145,8 @@ class Bus:
 
     def publish(self, kind: str, data: dict[str, Any], *, key: str | None = None) -> None:
         """A worker's or a queue's new state (``data`` as the API shows it)."""
-        self._add(kind, key, None, data, (_OTHER, next(self._unkeyed)), new=False)
+        # Equal ranks keep the order published: the sort is stable.
+        self._add(kind, key, None, data, (_OTHER, 0.0), new=False)
         self._close_if_due()
 
     def publish_jobs(self, jobs: Sequence[Job], *, new: int = 0) -> None:
