@@ -21,13 +21,13 @@ from pathlib import Path
 
 import attrs
 
-from bench import ingest, latency, profile, queries, report, startup
+from bench import ingest, latency, profile, queries, report, sse, startup
 from bench import storage as storage_alone
 from bench.generator import Plan
 from bench.services import BENCH, REDIS_URL, rabbitmq_vhost
 
 SCENARIOS = ("burst", "steady", "rabbitmq", "latency", "queries", "startup")
-OPT_IN = ("profile", "storage")  # run only when named
+OPT_IN = ("profile", "storage", "sse-viewers")  # run only when named
 
 
 @attrs.frozen
@@ -37,6 +37,7 @@ class Sizes:
     steady_s: float
     latency_rate: int
     latency_s: float
+    viewers: int  # live dashboards at the latency rate (sse-viewers)
     rabbitmq_events: int
     history_jobs: dict[str, int]  # per storage
     query_repeats: int
@@ -52,6 +53,7 @@ FULL = Sizes(
     steady_s=20.0,
     latency_rate=5_000,
     latency_s=20.0,
+    viewers=50,
     rabbitmq_events=100_000,
     history_jobs={"sqlite": 100_000, "postgresql": 100_000},
     # A nearest-rank p95 of 20 samples is their maximum: one slow moment of the
@@ -67,6 +69,7 @@ QUICK = Sizes(
     steady_s=3.0,
     latency_rate=2_000,
     latency_s=3.0,
+    viewers=10,
     rabbitmq_events=5_000,
     history_jobs={"sqlite": 5_000},
     query_repeats=5,
@@ -278,6 +281,52 @@ class Bench:
             ),
         )
 
+    def sse_viewers(self) -> None:
+        s = self.sizes
+        runs = [
+            sse.run(viewers=s.viewers, rate=s.latency_rate, duration_s=s.latency_s,
+                    broker=REDIS_URL, run_dir=self.run_dir)
+            for _ in range(s.repeats)
+        ]
+        for r in runs:
+            self.log(f"    {r.viewers} viewers: {r.resyncs} resyncs, p50 {r.p50_ms:.0f} ms, "
+                     f"p99 {r.p99_ms:.0f} ms over {r.samples:,} samples, Sluice CPU "
+                     f"{r.cpu_pct:.0f}%, API client saw {r.api_jobs_seen:,}/{r.jobs:,} jobs")
+        med = statistics.median
+        resyncs = sum(r.resyncs for r in runs)
+        p99 = med(r.p99_ms for r in runs)
+        self.headline(f"{s.viewers} live viewers at {s.latency_rate:,} events/s: resyncs, p99",
+                      "0, < 500 ms", f"{resyncs}, {p99:,.0f} ms", "no SSE",
+                      resyncs == 0 and p99 < 500)
+
+        def row(label: object, rs: list[sse.ViewersRun]) -> list[object]:
+            return [label, rs[0].viewers, rs[0].rate, med(r.published_rate for r in rs),
+                    sum(r.resyncs for r in rs), med(r.rows_per_viewer_s for r in rs),
+                    int(med(r.samples for r in rs)), med(r.p50_ms for r in rs),
+                    med(r.p99_ms for r in rs), med(r.max_ms for r in rs),
+                    f"{med(r.cpu_pct for r in rs):.0f}%",
+                    f"{med(r.api_jobs_seen for r in rs):,.0f} / {med(r.jobs for r in rs):,.0f}",
+                    f"{med(r.api_jobs_finished for r in rs):,.0f}"]
+
+        self.add(
+            f"Live viewers: {s.viewers} dashboards at {s.latency_rate:,} events/s",
+            f"{len(runs)} run(s) of {s.latency_s:.0f}s, SQLite, Redis, the generator live. Each "
+            f"viewer reads `GET /api/stream?limit={sse.PAGE_ROWS}` as a job list page does; one "
+            "API client reads it without a limit. A delay sample is a row's first delivery to "
+            "a viewer (from its task-sent's publish) or its completion (from its task.multi "
+            "batch's publish), by nearest rank. *Resyncs*: streams told to reload (viewers and "
+            "the API client), summed. *Sluice CPU*: the engine and its reader process while "
+            "publishing, of one core. *API client*: jobs it saw of those published, and how "
+            "many of them it saw finished. The last row is the median of the runs "
+            "(resyncs: their sum).",
+            report.table(
+                ("run", "viewers", "offered (ev/s)", "published (ev/s)", "resyncs",
+                 "rows/s per viewer", "samples", "p50 (ms)", "p99 (ms)", "max (ms)",
+                 "Sluice CPU", "API client: jobs seen", "API client: seen finished"),
+                [*(row(i + 1, [r]) for i, r in enumerate(runs)), row("median", runs)],
+            ),
+        )
+
     def queries(self) -> None:
         for storage in self.storages:
             jobs = self.sizes.history_jobs.get(storage)
@@ -392,7 +441,8 @@ class Bench:
             "Reproduce: `make bench` (all scenarios), `python -m bench SCENARIO ... [--quick] "
             "[--storage sqlite|postgresql] [--full-size] [--no-flower]`; "
             "`python -m bench profile` adds a py-spy profile of Sluice, `python -m bench "
-            "storage` the storage backends alone (both opt-in). Sluice runs "
+            "storage` the storage backends alone, `python -m bench sse-viewers` live "
+            "dashboards on one Sluice (all three opt-in). Sluice runs "
             "with `--heartbeat-missed 1000000`: the generator's workers heartbeat in stream "
             "time, and Sluice must not add `lost` events of its own to the count.",
             "",
@@ -411,7 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
                         help=f"which to run (default all): {', '.join(SCENARIOS)}"
                         "; also, only when named: profile (a py-spy profile; needs py-spy),"
-                        " storage (the storage backend alone)")
+                        " storage (the storage backend alone), sse-viewers (50 live"
+                        " dashboards at 5,000 events/s)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--full-size", action="store_true",
                         help="query histories at the target sizes (1M jobs SQLite, 10M PostgreSQL)")
@@ -441,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in chosen:
         loads.append(f"{name} {report.load()}")
         bench.log(f"\n# {name} (load {report.load()})")
-        scenario: Callable[[], None] = getattr(bench, name)
+        scenario: Callable[[], None] = getattr(bench, name.replace("-", "_"))
         try:
             scenario()
         except Exception as exc:

@@ -40,7 +40,15 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[rank]
 
 
-class _Reader(threading.Thread):
+class StreamReader(threading.Thread):
+    """A client of ``GET /api/stream``: the delay of each job's first update and of its
+    completion (see the module's docstring), and how often it was told to resync.
+
+    While it runs it only keeps what arrives with the moment it arrived; :meth:`parse`
+    reads it afterwards. Parsing as it reads would count the parsing, and with many
+    readers in one process their wait for the GIL, as the server's delay.
+    """
+
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
         self._url = url
@@ -49,6 +57,7 @@ class _Reader(threading.Thread):
         self.ready = threading.Event()
         self._seen: set[str] = set()
         self._stop = threading.Event()
+        self._chunks: list[tuple[float, bytes]] = []
 
     def stop(self) -> None:
         self._stop.set()
@@ -58,16 +67,24 @@ class _Reader(threading.Thread):
             httpx.Client(timeout=httpx.Timeout(10.0, read=None)) as client,
             client.stream("GET", self._url) as response,
         ):
-            event = ""
-            for line in response.iter_lines():
+            for chunk in response.iter_raw():
                 self.ready.set()  # the opening chunk: subscribed
                 if self._stop.is_set():
                     return
-                if line.startswith("event: "):
+                self._chunks.append((time.time(), chunk))
+
+    def parse(self) -> None:
+        """Fill ``delays`` and ``resyncs`` from what was read (once, after the thread ended)."""
+        event, rest = b"", b""
+        for now, chunk in self._chunks:
+            *lines, rest = (rest + chunk).split(b"\n")
+            for line in lines:
+                if line.startswith(b"event: "):
                     event = line[7:]
-                    self.resyncs += event == "resync"
-                elif line.startswith("data: ") and event == "job":
-                    self._job(orjson.loads(line[6:]), time.time())
+                    self.resyncs += event == b"resync"
+                elif line.startswith(b"data: ") and event == b"job":
+                    self._job(orjson.loads(line[6:]), now)
+        self._chunks.clear()
 
     def _job(self, job: dict[str, object], now: float) -> None:
         job_id = str(job["id"])
@@ -84,7 +101,7 @@ def run(*, rate: float, duration_s: float, broker: str, run_dir: Path) -> Latenc
     with database("sqlite", run_dir) as db:
         sluice = Sluice(broker, db, run_dir, keyprefix)
         try:
-            reader = _Reader(f"{sluice.base}/api/stream")
+            reader = StreamReader(f"{sluice.base}/api/stream")
             reader.start()
             if not reader.ready.wait(10):
                 raise RuntimeError(f"no answer from {sluice.base}/api/stream")
@@ -95,6 +112,7 @@ def run(*, rate: float, duration_s: float, broker: str, run_dir: Path) -> Latenc
         finally:
             sluice.stop()
     reader.join(5)
+    reader.parse()
     delays_ms = [d * 1000 for d in reader.delays]
     if not delays_ms:
         raise RuntimeError("the stream delivered no job: see the Sluice log in the run directory")
