@@ -120,12 +120,14 @@ async def test_a_client_that_falls_behind_is_told_to_resync(tmp_path: Path) -> N
 
 async def test_heartbeat_comments_keep_an_idle_stream_alive(tmp_path: Path) -> None:
     with trio.fail_after(20):
-        async with serving(tmp_path, sse_heartbeat=0.1) as (engine, client):
-            async with stream(client, engine) as events:
-                started = time.monotonic()
-                assert await anext(events) == {"comment": "ping"}
-                assert await anext(events) == {"comment": "ping"}
-                assert time.monotonic() - started < 5
+        async with (
+            serving(tmp_path, sse_heartbeat=0.1) as (engine, client),
+            stream(client, engine) as events,
+        ):
+            started = time.monotonic()
+            assert await anext(events) == {"comment": "ping"}
+            assert await anext(events) == {"comment": "ping"}
+            assert time.monotonic() - started < 5
 
 
 async def test_a_disconnected_client_releases_its_subscription(tmp_path: Path) -> None:
@@ -234,8 +236,8 @@ class Viewer:
 
 
 async def test_fifty_viewers_of_a_fast_stream_keep_up_and_see_their_pages_fresh() -> None:
-    # Bursts of 5,000 rows (a pipeline batch), 500,000 a second: more in one burst than
-    # any window used to queue for a subscriber (2,000), far more than a page shows.
+    # Bursts of 5,000 rows (what a pipeline batch stores) 10 ms apart: one burst is more
+    # than a stream's queue used to hold (2,000 messages), and far more than a page shows.
     bus, streams = Bus(), Streams()
     views = [View.of(JobQuery(), 50)] * 40 + [View.of(JobQuery(queue="q1"), 20)] * 10
     viewers = [Viewer(view.limit or 0) for view in views]
