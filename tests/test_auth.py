@@ -61,7 +61,7 @@ def test_bad_authentication_settings_fail_at_start(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--api-token: expected text of at least 16") as caught:
         build([options.API_TOKEN], {"api_token": "short-secret"}, environ={})
     assert "short-secret" not in str(caught.value)  # a secret is never echoed
-    with pytest.raises(ConfigError, match="user 'bob'.*not an argon2 hash"):
+    with pytest.raises(ConfigError, match=r"user 'bob'.*not an argon2 hash"):
         load_auth(Config(users={"bob": "plaintext"}))
     toml = tmp_path / "sluice.toml"
     toml.write_text('users = "bob"\n')
@@ -137,7 +137,7 @@ async def test_dashboard_users_log_in_and_posts_need_the_csrf_token(tmp_path: Pa
 
 async def test_the_api_token_also_logs_a_browser_in(tmp_path: Path) -> None:
     with trio.fail_after(20):
-        async with serving(tmp_path, api_token=TOKEN) as (engine, client):
+        async with serving(tmp_path, api_token=TOKEN) as (_, client):
             response = await client.post(
                 "/login", data={"password": TOKEN, "next": "//evil.example"}
             )
@@ -148,7 +148,7 @@ async def test_the_api_token_also_logs_a_browser_in(tmp_path: Path) -> None:
 
 async def test_cross_origin_posts_are_refused_even_without_authentication(tmp_path: Path) -> None:
     with trio.fail_after(20):
-        async with serving(tmp_path) as (engine, client):
+        async with serving(tmp_path) as (_, client):
             body = {"action": "retry", "ids": ["x"]}
             assert_error(
                 await client.post("/api/jobs/bulk", json=body, headers=CROSS_SITE),

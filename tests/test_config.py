@@ -103,12 +103,14 @@ def test_bad_files_say_what_is_wrong(tmp_path: Path) -> None:
         parse(["run", "--config", str(typo)], {})
     wrong_type = tmp_path / "type.toml"
     wrong_type.write_text('port = "high"\n')
-    with pytest.raises(ConfigError, match="port in .*type.toml: expected an integer"):
+    with pytest.raises(ConfigError, match=r"port in .*type.toml: expected an integer"):
         parse(["run", "--config", str(wrong_type)], {})
 
 
 def test_a_broker_no_loaded_plugin_watches_names_the_plugin_to_load() -> None:
-    with pytest.raises(ConfigError, match="no loaded plugin watches redis://r:6379/0: add --plugin celery"):
+    with pytest.raises(
+        ConfigError, match="no loaded plugin watches redis://r:6379/0: add --plugin celery"
+    ):
         parse(["run", "--broker", "redis://r:6379/0"], {})
     with pytest.raises(ConfigError, match="no loaded plugin watches amqp://u:\\*\\*\\*@r//"):
         parse(["agent", "--broker", "amqp://u:secret@r//"], {})
@@ -126,7 +128,9 @@ def test_a_broker_no_loaded_plugin_watches_names_the_plugin_to_load() -> None:
         ([], {"SLUICE_INGEST_RATE": "abc"}, "SLUICE_INGEST_RATE (--ingest-rate): expected"),
     ],
 )
-def test_the_command_exits_2_with_one_line(argv: list[str], env: dict[str, str], message: str) -> None:
+def test_the_command_exits_2_with_one_line(
+    argv: list[str], env: dict[str, str], message: str
+) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "sluice_core.cli", "run", *argv],
         capture_output=True,

@@ -16,8 +16,8 @@ import trio
 
 from sluice_core import hookimpl
 from sluice_core.config import Config
-from sluice_core.options import Option, OptionParser, integer
 from sluice_core.model import JobEvent, JobState, Normalized, RawBatch, event_id
+from sluice_core.options import Option, OptionParser, integer
 from sluice_core.sources import Sink
 
 STATES = {
@@ -33,7 +33,9 @@ class ToyQueueSource:
         self.name = f"toyqueue/tcp:{port}"
         self.port = port
 
-    async def run(self, sink: Sink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, sink: Sink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
         sink.source_status(self.name, True)
         task_status.started()
@@ -44,7 +46,8 @@ class ToyQueueSource:
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 if lines:
-                    sink.put_raw(RawBatch("toyqueue/json", self.name, [("", line) for line in lines], time.time()))
+                    messages = [("", line) for line in lines]
+                    sink.put_raw(RawBatch("toyqueue/json", self.name, messages, time.time()))
 
         await trio.serve_listeners(handle, listeners)
 
