@@ -105,7 +105,9 @@ def sluice_normalize(batch: RawBatch) -> Normalized | None:
     Called for every batch a source hands over; claim batches whose
     ``batch.kind`` is yours and return None for the others. Stops at the first
     non-None result. Never raise for bad input: count undecodable messages in
-    ``Normalized.malformed`` (the engine logs and exports them).
+    ``Normalized.malformed`` (the engine logs and exports them). The values of the
+    events returned are checked by the core, for every plugin alike
+    (:func:`sluice_core.validate.check`).
     """
 
 
