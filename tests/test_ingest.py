@@ -11,11 +11,11 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import sluice_celery.plugin as celery_plugin
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionRejected, open_websocket_url
 
+import sluice_celery.plugin as celery_plugin
 from sluice_core.engine import Engine
 from sluice_core.model import JobState, WorkerEvent
 from sluice_core.serialize import job_event_to_json, worker_event_to_json
