@@ -153,6 +153,8 @@ USERS = Option(
     commands=WEB,
     flag=None,
 )
+
+
 _HOST_NAME = re.compile(r"\.?[a-z0-9_-]+(\.[a-z0-9_-]+)*")
 
 

@@ -16,9 +16,9 @@ from collections import defaultdict
 from typing import Any
 
 import redis
-from sluice_celery.events import KIND_REDIS, normalize_batch
 
 from bench.generator import Plan, publish_part, redis_channel
+from sluice_celery.events import KIND_REDIS, normalize_batch
 from sluice_core.model import RawBatch
 from tests.fixtures.services import FIXTURES, REDIS_URL
 

@@ -7,6 +7,7 @@ worker and producer send: a retry, a revoke, failures, jobs seen only as sent.
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Sequence
 
@@ -44,7 +45,7 @@ def deliveries(draw: st.DrawFn, events: list[JobEvent]) -> list[list[JobEvent]]:
         stream.insert(draw(st.integers(0, len(stream))), again)
     cuts = sorted(draw(st.lists(st.integers(0, len(stream)), max_size=10)))
     bounds = [0, *cuts, len(stream)]
-    return [stream[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    return [stream[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def fold_incrementally(batches: list[list[JobEvent]]) -> tuple[dict[str, Job], set[str]]:

@@ -156,7 +156,7 @@ async def test_killed_worker_goes_offline_and_its_running_job_becomes_lost(
     celery_worker: CeleryWorker, tmp_path: Path
 ) -> None:
     with trio.fail_after(60):
-        async with watching(tmp_path, celery_worker) as (engine, client):
+        async with watching(tmp_path, celery_worker) as (_, client):
 
             async def worker() -> dict[str, Any] | None:
                 # Known from its heartbeats (not only from its answer to active_queues).
@@ -189,7 +189,7 @@ async def test_stopped_worker_goes_offline_cleanly_and_its_queue_then_fills_with
 ) -> None:
     queue = celery_worker.queue
     with trio.fail_after(60):
-        async with watching(tmp_path, celery_worker) as (engine, client):
+        async with watching(tmp_path, celery_worker) as (_, client):
 
             async def queue_row() -> dict[str, Any] | None:
                 rows = [q for q in (await client.get("/api/queues")).json() if q["name"] == queue]

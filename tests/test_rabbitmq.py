@@ -218,7 +218,7 @@ async def test_probe_reports_depth_and_consumers_and_survives_a_missing_queue(
     publisher = AmqpPublisher(url)
     probe = AmqpQueueProbe(url, interval=2)
     with trio.fail_after(20):
-        for n in range(3):
+        for _ in range(3):
             await publisher.publish("", waiting, b"{}", mandatory=True)
         # "absent" sorts first: the probe must go on after its 404.
         samples = {s.name: s for s in await probe.probe({waiting, "absent"})}

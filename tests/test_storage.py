@@ -20,8 +20,7 @@ from sluice_core.model import Job, JobEvent, JobState, QueueSample, WorkerEvent,
 from sluice_core.plugins import PluginManager
 from sluice_core.storage import IngestResult, JobQuery, Storage
 from sluice_storage import common
-from sluice_storage.common import migrations
-from sluice_storage.common import SharedSql
+from sluice_storage.common import SharedSql, migrations
 from tests.fixtures.services import PG_URL
 from tests.fixtures.storage import (
     RETRIED,
@@ -594,7 +593,7 @@ async def test_two_agents_writing_the_same_jobs_at_once_agree(pg_url: str) -> No
                     halves[0] += evs[:2]
                     halves[1] += evs[2:]
                 async with trio.open_nursery() as nursery:
-                    for agent, half in zip(agents, halves):
+                    for agent, half in zip(agents, halves, strict=True):
                         nursery.start_soon(agent.ingest, half, [])
                 for job_id, evs in jobs.items():
                     assert await agents[round_ % 2].get_job(job_id) == rebuilt(evs)
