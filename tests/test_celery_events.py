@@ -218,7 +218,13 @@ def test_outcomes_keep_result_exception_and_traceback(redis_events: Normalized) 
 def test_a_killed_pool_child_is_lost_not_failed(redis_events: Normalized) -> None:
     (outcome,) = [e for e in by_job(redis_events)[DIE] if e.type == "task-failed"]
     assert outcome.state is JobState.LOST
-    assert outcome.fields["exception"] == "ExceptionWithTraceback()"
+    # Celery sends "ExceptionWithTraceback()": the headline names what it wraps.
+    assert outcome.fields["exception"].startswith(
+        "WorkerLostError('Worker exited prematurely: signal 9 (SIGKILL) Job: "
+    )
+    bare = task_event("task-failed", exception="ExceptionWithTraceback()",
+                      traceback="Traceback:\nbilliard.exceptions.WorkerLostError\n")
+    assert normalize_one(bare).job_events[0].fields["exception"] == "WorkerLostError()"
     # Older Celery put the class in the exception itself.
     old = task_event("task-failed", exception="WorkerLostError('Worker exited prematurely')")
     assert normalize_one(old).job_events[0].state is JobState.LOST

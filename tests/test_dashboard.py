@@ -373,6 +373,10 @@ async def test_job_detail_shows_traceback_timeline_links_and_action_errors(
         first = page.locator(".timeline time").first
         expect(first).to_have_text(re.compile(r"GMT\+1$"))
         expect(first).to_have_attribute("title", re.compile(r"UTC$"))
+        # Steps a few ms apart are told apart: the timeline and the timing show milliseconds.
+        expect(first).to_have_text(re.compile(r" \d\d:\d\d:\d\d\.\d{3} GMT\+1$"))
+        expect(first).to_have_attribute("title", re.compile(r":\d\d\.\d{3} UTC$"))
+        expect(page.locator("dd time").first).to_have_text(re.compile(r"\.\d{3} GMT\+1$"))
         expect(page.locator(".timing dd").nth(1)).to_have_text("1.90 s")
         expect(page.locator("pre.code").first).to_have_text("('cus_Q81x', 4599)")
         expect(page.locator("section", has_text="Recent runs").locator("tbody tr")).to_have_count(10)

@@ -68,14 +68,19 @@ def _engine() -> Engine:
 
 
 @blueprint.app_template_filter("utc")
-def utc_time(value: str | float | None) -> Markup:
-    """A ``<time>`` element in UTC; sluice.js shows it in the viewer's timezone."""
+def utc_time(value: str | float | None, precise: bool = False) -> Markup:
+    """A ``<time>`` element in UTC; sluice.js shows it in the viewer's timezone.
+    ``precise``: with milliseconds, where steps a few ms apart must be told apart (a
+    job's timeline and timing)."""
     text = iso(value) if isinstance(value, int | float) else value
     if text is None or text == "":
         return Markup('<span class="muted">—</span>')
     when = dt.datetime.fromisoformat(text)
-    return Markup('<time datetime="{}">{}</time>').format(
-        when.isoformat(), when.strftime("%Y-%m-%d %H:%M:%S UTC")
+    shown = when.strftime("%Y-%m-%d %H:%M:%S")
+    if precise:
+        shown += f".{when.microsecond // 1000:03d}"
+    return Markup('<time datetime="{}"{}>{} UTC</time>').format(
+        when.isoformat(), Markup(" data-precise") if precise else "", shown
     )
 
 

@@ -136,6 +136,10 @@ _WORKER_EVENTS: Final = {
 # "ExceptionWithTraceback()" and names the error only in the traceback's last line.
 _WORKER_LOST_TB = "billiard.exceptions.WorkerLostError"
 _WORKER_LOST_EXC = "WorkerLostError("
+# billiard's wrapper for an error raised outside the task: the real one is the
+# traceback's last line, "module.Class: message".
+_WRAPPED = "ExceptionWithTraceback()"
+_LAST_LINE = re.compile(r"(?:[\w.]+\.)?(\w+)(?:: (.*))?\Z", re.DOTALL)
 _NOT_REGISTERED = re.compile(r"""NotRegistered\((['"])(.+)\1\)\Z""")
 
 
@@ -148,9 +152,23 @@ def _worker_name(hostname: str) -> str | None:
     return hostname
 
 
+def _last_line(traceback: str) -> str:
+    return traceback.rstrip().rpartition("\n")[2]
+
+
 def _worker_lost(exception: str, traceback: str) -> bool:
-    last_line = traceback.rstrip().rpartition("\n")[2]
-    return exception.startswith(_WORKER_LOST_EXC) or last_line.startswith(_WORKER_LOST_TB)
+    return exception.startswith(_WORKER_LOST_EXC) or _last_line(traceback).startswith(
+        _WORKER_LOST_TB
+    )
+
+
+def _headline(exception: str, traceback: str) -> str:
+    """The exception as the job's headline: billiard's wrapper replaced by what it wraps,
+    ``WorkerLostError('Worker exited prematurely: signal 9 (SIGKILL) Job: 6.')``."""
+    if exception != _WRAPPED or (match := _LAST_LINE.match(_last_line(traceback))) is None:
+        return exception
+    name, message = match[1], match[2]
+    return f"{name}({message!r})" if message is not None else f"{name}()"
 
 
 def _epoch(iso: str) -> float | None:
@@ -214,6 +232,8 @@ def _task_event(
                 state = JobState.SCHEDULED
     elif etype == "task-failed":
         exception = fields.get("exception", "")
+        if exception:
+            fields["exception"] = _headline(exception, fields.get("traceback", ""))
         if _worker_lost(exception, fields.get("traceback", "")):
             state = JobState.LOST
         elif (match := _NOT_REGISTERED.match(exception)) is not None:

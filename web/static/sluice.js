@@ -19,9 +19,10 @@
     return part ? part.value : "";
   })();
 
-  function localText(date) {
+  function localText(date, precise) {
+    const ms = precise ? `.${String(date.getMilliseconds()).padStart(3, "0")}` : "";
     return `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())} ` +
-      `${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())} ${zoneName}`;
+      `${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())}${ms} ${zoneName}`;
   }
 
   function localize(root) {
@@ -30,7 +31,7 @@
       const date = new Date(el.getAttribute("datetime"));
       if (isNaN(date)) return;
       el.title = el.textContent; // keep the UTC text at hand
-      el.textContent = localText(date);
+      el.textContent = localText(date, el.hasAttribute("data-precise"));
       el.dataset.local = "1";
     });
     root.querySelectorAll("text[data-ts]").forEach((el) => {
