@@ -61,12 +61,25 @@ class Engine:
         self.actions: list[ActionHandler] = pm.actions(config)
         self.probes: list[Probe] = pm.probes(config)
         self.worker_monitor = WorkerMonitor(
-            self.storage, self.pipeline, missed=config.get(HEARTBEAT_MISSED)
+            self.storage,
+            self.pipeline,
+            missed=config.get(HEARTBEAT_MISSED),
+            listening_since=self.listening_since,
         )
         self.web_addresses: list[str] = []
         self._stop_requested = trio.Event()
         self._pipeline_done = trio.Event()
         self.stopped = trio.Event()
+
+    def listening_since(self) -> float | None:
+        """Since when every source has been up without a break; None while one is down.
+        With no source (events pushed to the ingest endpoint), since the engine started."""
+        if not self.sources:
+            return self.started_at
+        statuses = [self.pipeline.sources.get(source.name) for source in self.sources]
+        if any(status is None or not status.up for status in statuses):
+            return None
+        return max(status.since for status in statuses if status is not None)
 
     def action_handler(self, job: Job) -> ActionHandler | None:
         return next((h for h in self.actions if h.handles(job)), None)

@@ -7,6 +7,10 @@ jobs it held become ``lost``. Both conclusions are recorded as ordinary
 events through the pipeline, so they are stored, folded and streamed like any
 other, and a job that later turns out to have finished still completes (a
 later-stamped terminal event wins, see sluice_core.merge).
+
+Silence counts only while Sluice listened: a heartbeat sent while Sluice was
+stopped, or while a source was reconnecting, was not missed by the worker but by
+Sluice. After a start or a reconnect every worker gets a whole window from then.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ class WorkerMonitor:
     A worker that stopped cleanly (worker-offline) and still holds jobs once the
     same deadline has passed left them unfinished too: they become lost as well.
     ``clock`` gives epoch seconds (tests drive it from trio's clock).
+    ``listening_since`` gives the epoch seconds since which Sluice has heard its
+    sources without a break, or None while one is down: nothing is concluded then.
     """
 
     def __init__(
@@ -65,12 +71,14 @@ class WorkerMonitor:
         missed: float = 3.0,
         interval: float = 1.0,
         clock: Callable[[], float] = time.time,
+        listening_since: Callable[[], float | None] = lambda: 0.0,
     ) -> None:
         self._storage = storage
         self._sink = sink
         self.missed = missed
         self.interval = interval
         self._clock = clock
+        self._listening_since = listening_since
         # The last heartbeat each worker's silence was concluded on: one
         # conclusion per silence, not one query per worker at every round.
         self._settled: dict[str, float] = {}
@@ -86,22 +94,27 @@ class WorkerMonitor:
     async def check(self, now: float) -> int:
         """Conclude what the silence up to ``now`` means; return how many workers went offline."""
         gone = 0
+        since = self._listening_since()
+        if since is None:
+            return 0  # a source is down: the silence now is Sluice's, not the workers'
         for worker in await self._storage.list_workers():
             if worker.last_heartbeat is None:
                 continue  # known only from its answer to a control command: nothing to time
             if self._settled.get(worker.hostname) == worker.last_heartbeat:
                 continue
             freq = worker.freq or DEFAULT_HEARTBEAT_FREQ
+            heard = max(worker.last_heartbeat, since)
             # Also the grace a clean stop gets: events the worker sent just before
             # its worker-offline (batched in task.multi) may still be on their way.
-            deadline = worker.last_heartbeat + freq * self.missed
+            deadline = heard + freq * self.missed
             if now < deadline:
                 continue
             if worker.status == "online":
                 gone += 1
                 reason = (
-                    f"no heartbeat from {worker.hostname} for {now - worker.last_heartbeat:.0f}s "
-                    f"(expected every {freq:g}s): the worker process died or lost its broker"
+                    f"no heartbeat from {worker.hostname} for {now - heard:.0f}s while Sluice"
+                    f" listened (expected every {freq:g}s): the worker process died or lost"
+                    " its broker"
                 )
                 log.warning("worker %s is offline: %s", worker.hostname, reason)
                 offline = [

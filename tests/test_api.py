@@ -586,6 +586,19 @@ async def test_healthz_is_503_when_a_source_is_down(tmp_path: Path, down: bool) 
         assert body["sources"]["test/down"]["detail"] == ("broker unreachable" if down else "")
 
 
+@pytest.mark.parametrize("down", [False, True])
+async def test_the_engine_listens_since_its_sources_last_came_up(tmp_path: Path, down: bool) -> None:
+    sources = SourcesPlugin(StatusSource("test/up", True), StatusSource("test/down", not down))
+    async with serving(tmp_path, sources) as (engine, _):
+        await wait_until(lambda: len(engine.pipeline.sources) == 2)
+        if down:  # the worker monitor then concludes nothing
+            assert engine.listening_since() is None
+        else:
+            since = engine.listening_since()
+            assert since == max(status.since for status in engine.pipeline.sources.values())
+            assert engine.started_at <= since <= time.time()
+
+
 async def test_healthz_is_503_when_brokers_are_asked_for_and_no_source_reads_them(
     tmp_path: Path,
 ) -> None:

@@ -167,6 +167,50 @@ async def test_clean_stop_keeps_finished_jobs_and_loses_held_ones_after_the_grac
     assert "stopped (worker-offline)" in lost.fields["exception"]
 
 
+async def test_silence_while_sluice_was_not_listening_is_not_the_workers(
+    sqlite: Storage, autojump_clock: trio.testing.MockClock
+) -> None:
+    clock = epoch_clock(autojump_clock)
+    # Heard last 35 s ago, before Sluice (re)started listening at EPOCH: the heartbeats
+    # sent meanwhile were missed by Sluice, not by the worker.
+    await sqlite.ingest([job("running", JobState.ACTIVE, EPOCH - 36)], [heartbeat(EPOCH - 35)])
+    sink = CollectingSink()
+    monitor = WorkerMonitor(
+        sqlite, sink, missed=MISSED, clock=clock, listening_since=lambda: EPOCH
+    )
+    assert await monitor.check(clock()) == 0
+    await trio.sleep(FREQ * MISSED - 0.5)
+    assert await monitor.check(clock()) == 0  # a fresh window from the start is not over
+    assert sink.job_events == [] and sink.worker_events == []
+    # Silent for a whole window while Sluice listened: now it is the worker's silence.
+    await trio.sleep(0.5)
+    assert await monitor.check(clock()) == 1
+    [offline] = sink.worker_events
+    assert offline.timestamp == EPOCH + FREQ * MISSED
+    assert "for 6s while Sluice listened" in offline.extra["reason"]
+
+
+async def test_nothing_is_concluded_while_a_source_is_down(
+    sqlite: Storage, autojump_clock: trio.testing.MockClock
+) -> None:
+    clock = epoch_clock(autojump_clock)
+    await sqlite.ingest([job("running", JobState.ACTIVE, EPOCH - 1)], [heartbeat(EPOCH)])
+    sink = CollectingSink()
+    reconnected: list[float | None] = [None]  # down
+    monitor = WorkerMonitor(
+        sqlite, sink, missed=MISSED, clock=clock, listening_since=lambda: reconnected[0]
+    )
+    await trio.sleep(FREQ * MISSED * 10)
+    assert await monitor.check(clock()) == 0
+    assert sink.job_events == [] and sink.worker_events == []
+    reconnected[0] = clock()  # back: the worker gets a whole window from now
+    await trio.sleep(FREQ * MISSED - 0.5)
+    assert await monitor.check(clock()) == 0
+    await trio.sleep(0.5)
+    assert await monitor.check(clock()) == 1
+    assert [e.job_id for e in sink.job_events] == ["running"]
+
+
 async def test_heartbeat_arriving_in_time_keeps_the_worker_online(
     sqlite: Storage, autojump_clock: trio.testing.MockClock
 ) -> None:
