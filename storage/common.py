@@ -253,6 +253,10 @@ def _fold_workers(tx: Transaction, events: list[WorkerEvent]) -> list[Worker]:
             value = getattr(event, name)
             if value is not None:
                 setattr(worker, name, value)
+        if event.type == "offline":
+            # It runs nothing now, whatever its last heartbeat said (the monitor's offline
+            # event carries no count): what it held is lost, or the broker delivers it again.
+            worker.active = 0
         if event.extra:
             worker.extra = {**worker.extra, **event.extra}
     changed = [w for h, w in sorted(current.items()) if stored.get(h) != w]
