@@ -88,8 +88,8 @@ def _apply(job: Job, event: JobEvent) -> None:
     # describes the action, not the job.
     if event.extra and event.state is not None:
         job.extra = {**job.extra, **event.extra}
-    if event.worker is not None:
-        job.worker = event.worker
+    if job.worker is None:
+        job.worker = event.worker  # until an attempt's own events say whose it is
 
     state = event.state
     if state is None:
@@ -116,6 +116,11 @@ def _apply(job: Job, event: JobEvent) -> None:
     job.fold_rank = rank
     job.state = state
     job.retries = attempt
+    # The worker of the current attempt, by the same precedence as the state: a retry's
+    # task-retried (stamped by the worker that ran the last attempt) may sort after the
+    # next attempt's task-received on another worker, and that one holds the job.
+    if event.worker is not None:
+        job.worker = event.worker
     if state in TERMINAL_STATES:
         job.finished_at = ts
         job.result = fields.get("result")

@@ -197,3 +197,31 @@ def test_a_run_stamped_after_the_next_attempts_receipt_still_counts_once() -> No
     ]
     row = merge.rebuild("j", "celery", events)
     assert (row.state, row.retries) == (JobState.COMPLETED, 2)
+
+
+def test_the_job_is_held_by_the_worker_of_its_current_attempt() -> None:
+    """w1 runs attempt 0 and retries it; w2 receives attempt 1 (an ETA) and stamps its
+    task-received before w1 stamps task-retried. The job is held by w2, whatever the
+    order the events come in: w1's death must not lose it, w2's must."""
+    steps = [
+        ("task-sent", JobState.QUEUED, 0, None),
+        ("task-received", JobState.RECEIVED, 0, "w1"),
+        ("task-started", JobState.ACTIVE, None, "w1"),
+        ("task-sent", JobState.QUEUED, 1, None),
+        ("task-received", JobState.SCHEDULED, 1, "w2"),
+        ("task-retried", JobState.RETRYING, None, "w1"),
+    ]
+    events = [
+        JobEvent(
+            id=f"e{i:02d}", job_id="j", framework="celery", type=kind, state=state,
+            timestamp=1_000.0 + i * 0.001, worker=worker,
+            fields={} if retries is None else {"retries": retries},
+        )
+        for i, (kind, state, retries, worker) in enumerate(steps)
+    ]
+    for order in itertools.permutations(events):
+        row = merge.rebuild("j", "celery", order)
+        assert (row.state, row.retries, row.worker) == (JobState.SCHEDULED, 1, "w2")
+    # Until an attempt's worker is known, the job shows the last one that ran it.
+    row = merge.rebuild("j", "celery", events[:3] + events[5:])
+    assert (row.state, row.worker) == (JobState.RETRYING, "w1")
