@@ -38,6 +38,7 @@ from sluice_core.options import (
     table,
     text,
 )
+from sluice_core.redact import DEFAULT_KEYS, DEFAULT_PATTERNS
 from sluice_core.storage import DEFAULT_STUCK_AFTER_S
 
 T = TypeVar("T")
@@ -232,6 +233,21 @@ API_KEY: Option[str | None] = Option(
     secret=True,
 )
 
+REDACT_KEYS = Option(
+    "redact_keys",
+    many(text()),
+    list(DEFAULT_KEYS),
+    "argument names whose values are replaced before anything is stored (exact, any case)",
+    metavar="NAME",
+)
+REDACT_PATTERNS = Option(
+    "redact_patterns",
+    many(text()),
+    list(DEFAULT_PATTERNS),
+    "regular expressions: argument names they are found in have their values replaced",
+    metavar="REGEX",
+)
+
 CORE_OPTIONS: tuple[Option[Any], ...] = (
     CONFIG,
     PLUGIN,
@@ -259,6 +275,8 @@ CORE_OPTIONS: tuple[Option[Any], ...] = (
     INGEST_BURST,
     SERVER,
     API_KEY,
+    REDACT_KEYS,
+    REDACT_PATTERNS,
 )
 
 

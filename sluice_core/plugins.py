@@ -12,10 +12,11 @@ import pluggy
 
 from sluice_core import hookspecs, validate
 from sluice_core.actions import ActionHandler
-from sluice_core.config import Config, ConfigError, redact_url
+from sluice_core.config import REDACT_KEYS, REDACT_PATTERNS, Config, ConfigError, redact_url
 from sluice_core.model import Normalized, RawBatch
 from sluice_core.options import OptionParser
 from sluice_core.probes import Probe
+from sluice_core.redact import Redactor
 from sluice_core.sources import Source
 from sluice_core.storage import Storage
 
@@ -53,6 +54,8 @@ class PluginManager:
         self._pm.add_hookspecs(hookspecs)
         for name in DEFAULT_PLUGINS if storage else ():
             self._pm.register(importlib.import_module(name), name=name)
+        # Secrets are redacted from the start; configure() applies the chosen names.
+        self._redactor = Redactor(REDACT_KEYS.default, REDACT_PATTERNS.default)
 
     # -- registration ----------------------------------------------------
 
@@ -110,7 +113,13 @@ class PluginManager:
             )
 
     def configure(self, config: Config) -> None:
+        self._redactor = Redactor(config.get(REDACT_KEYS), config.get(REDACT_PATTERNS))
         self._pm.hook.sluice_configure.call_historic(kwargs={"config": config})
+
+    def admit(self, normalized: Normalized) -> Normalized:
+        """The door every event from outside passes once: values checked
+        (:func:`sluice_core.validate.check`), then secrets redacted."""
+        return self._redactor.apply(validate.check(normalized))
 
     def storage(self, config: Config) -> Storage:
         backend: Storage | None = self._pm.hook.sluice_storage(url=config.db, config=config)
@@ -142,7 +151,7 @@ class PluginManager:
                     len(batch.messages), batch.kind, batch.source,
                 )
             return Normalized(malformed=len(batch.messages))
-        return None if normalized is None else validate.check(normalized)
+        return None if normalized is None else self.admit(normalized)
 
     def actions(self, config: Config) -> list[ActionHandler]:
         found: list[ActionHandler] = []

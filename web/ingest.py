@@ -33,7 +33,6 @@ from quart import Blueprint, Response, current_app, request, websocket
 from quart.wrappers import ClientDisconnectedError
 from werkzeug.datastructures import Headers
 
-from sluice_core import validate
 from sluice_core.actions import mark_pushed
 from sluice_core.config import INGEST_BURST, INGEST_RATE
 from sluice_core.engine import Engine
@@ -177,7 +176,7 @@ class Ingest:
                 raise Malformed('"job_events" and "worker_events" must be lists')
             self._check_count(len(job_events) + len(worker_events))
             # The door Celery's events pass in the normalizer (PluginManager.normalize).
-            normalized = validate.check(
+            normalized = self.engine.pm.admit(
                 Normalized(
                     self._parse("job_events", job_events, job_event_from_json),
                     self._parse("worker_events", worker_events, worker_event_from_json),

@@ -29,6 +29,7 @@ import orjson
 from sluice_celery.control import RedisClient, redis_envelope
 from sluice_core.actions import ActionRefused
 from sluice_core.model import Job, JobEvent
+from sluice_core.redact import REDACTED
 from sluice_rabbitmq.publish import AmqpPublisher
 
 # kombu's Redis priority queues: steps 0, 3, 6, 9; step 0 is the plain key.
@@ -181,6 +182,10 @@ def _from_capture(job: Job, message: Any) -> Call:
 
 
 def _literal(job: Job, what: str, text: str) -> Any:
+    if repr(REDACTED) in text:
+        raise _unfaithful(
+            job, what, "Sluice redacted a secret in it (--redact-keys, --redact-patterns)"
+        )
     if _RAW_BACKSLASH.search(text):
         raise _unfaithful(
             job, what, "it contains a backslash, which Celery's repr does not escape"
