@@ -13,6 +13,7 @@ import json
 import subprocess
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import amqp
 import pytest
@@ -25,7 +26,7 @@ from sluice_core.model import JobState
 from sluice_rabbitmq.connection import AmqpParams
 from sluice_rabbitmq.probe import AmqpQueueProbe
 from sluice_rabbitmq.publish import AmqpPublisher, PublishError
-from sluice_rabbitmq.source import AmqpEventSource
+from sluice_rabbitmq.source import AmqpEventSource, queue_name
 from tests.fixtures.celery_worker import CeleryWorker, CollectingSink, rabbitmq_vhost
 from tests.fixtures.services import FIXTURES
 
@@ -97,7 +98,7 @@ async def publish_events(publisher: AmqpPublisher, events: list[tuple[str, bytes
 
 
 async def start_source(
-    url: str, nursery: trio.Nursery, **kwargs: float
+    url: str, nursery: trio.Nursery, **kwargs: Any
 ) -> tuple[AmqpEventSource, CollectingSink]:
     source = AmqpEventSource(url, buffer_messages=BUFFER, **kwargs)
     sink = CollectingSink()
@@ -126,20 +127,37 @@ async def test_source_is_consuming_when_start_returns_and_hands_over_raw_bodies(
     assert any(e.type == "task-succeeded" for e in sink.job_events)
 
 
-async def test_queue_is_bounded_and_deleted_when_the_source_stops(amqp_url: str) -> None:
-    with trio.fail_after(20):
+async def test_the_bounded_queue_keeps_the_events_of_a_restart(amqp_url: str) -> None:
+    events = fixture_events()
+    publisher = AmqpPublisher(amqp_url)
+    with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             source, _ = await start_source(amqp_url, nursery, queue_ttl=30)
             out = rabbitmqctl("list_queues", "-p", vhost_of(amqp_url), "name", "durable",
                               "arguments", "--formatter", "json")
             queue = next(q for q in json.loads(out) if q["name"] == source.queue)
             nursery.cancel_scope.cancel()
+        # Sluice is stopped: what is published meanwhile waits in its queue...
+        await publish_events(publisher, events)
+        # ...and the next Sluice of the deployment (the same queue) reads all of it.
+        async with trio.open_nursery() as nursery:
+            _, sink = await start_source(amqp_url, nursery, queue_ttl=30, queue=source.queue)
+            await sink.wait_for(lambda: len(sink.messages) == len(events))
+            nursery.cancel_scope.cancel()
+    await publisher.aclose()
 
-    assert queue["durable"] is False
+    assert sink.messages == events
+    assert queue["durable"] is False  # a broker restart removes it
     assert table(queue["arguments"]) == {
         "x-expires": 30_000, "x-message-ttl": 30_000, "x-max-length": BUFFER,
     }
-    assert not queue_exists(amqp_url, source.queue)
+
+
+def test_a_deployment_has_one_queue_and_another_deployment_its_own() -> None:
+    ours = queue_name("postgresql://db/sluice", "", "300/1000000")
+    assert ours == queue_name("postgresql://db/sluice", "", "300/1000000")  # an HA pair's
+    assert ours != queue_name("sqlite:///laptop.db", "", "300/1000000")
+    assert ours != queue_name("postgresql://db/sluice", "", "60/1000000")  # other bounds
 
 
 async def test_reconnects_after_the_broker_drops_the_connection_and_misses_nothing(

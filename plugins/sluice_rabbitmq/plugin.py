@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sluice_core import hookimpl
-from sluice_core.config import Config
+from sluice_core.config import SERVER, Config
 from sluice_core.options import Option, OptionParser, seconds
 from sluice_core.probes import Probe
 from sluice_core.sources import Source
 from sluice_rabbitmq.connection import is_amqp_url
 from sluice_rabbitmq.probe import DEFAULT_INTERVAL, AmqpQueueProbe
-from sluice_rabbitmq.source import DEFAULT_QUEUE_TTL, AmqpEventSource
+from sluice_rabbitmq.source import DEFAULT_QUEUE_TTL, AmqpEventSource, queue_name
 
 PROBE_INTERVAL = Option(
     "rabbitmq_probe_interval",
@@ -28,7 +28,7 @@ QUEUE_TTL = Option(
     "rabbitmq_queue_ttl",
     seconds(),
     DEFAULT_QUEUE_TTL,
-    "seconds Sluice's event queue and its messages outlive a lost connection",
+    "seconds Sluice's event queue and its messages outlive a lost connection or a stop",
 )
 
 
@@ -41,9 +41,17 @@ def sluice_addoption(parser: OptionParser) -> None:
 def sluice_sources(config: Config, register: Callable[[Source], None]) -> None:
     for url in config.brokers:
         if is_amqp_url(url):
+            ttl = config.get(QUEUE_TTL)
+            # Where the events go names the deployment; the queue's bounds are part of
+            # its name too, as RabbitMQ refuses to redeclare a queue with others.
+            bounds = f"{ttl:g}/{config.buffer_messages}"
+            deployment = (config.db, config.get(SERVER) or "", bounds)
             register(
                 AmqpEventSource(
-                    url, buffer_messages=config.buffer_messages, queue_ttl=config.get(QUEUE_TTL)
+                    url,
+                    buffer_messages=config.buffer_messages,
+                    queue_ttl=ttl,
+                    queue=queue_name(*deployment),
                 )
             )
 

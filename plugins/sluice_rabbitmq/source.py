@@ -7,13 +7,15 @@ anyway, since Sluice's buffer is in memory). Message bodies are raw JSON (a list
 for ``task.multi``); they go to the Celery normalizer as ``celery/amqp`` batches
 of ``(routing_key, body)``.
 
-The queue outlives a dropped connection on purpose: it is neither exclusive nor
-auto-delete, so events published while Sluice reconnects wait in it and nothing
-is missed. What bounds it is that it is non-durable (a broker restart removes
-it), expires ``queue_ttl`` seconds after its consumer is gone (``x-expires``),
-keeps a message at most as long (``x-message-ttl``: a message outlives its wait
-only if the queue does too), and never holds more messages than Sluice's own
-buffer (``x-max-length``). A stopping Sluice deletes it at once.
+The queue outlives a dropped connection and a restart on purpose: it is neither
+exclusive nor auto-delete, and its name is the deployment's (see
+:func:`queue_name`), so events published while Sluice reconnects or restarts
+wait in it and nothing is missed. What bounds it is that it is non-durable (a
+broker restart removes it), expires ``queue_ttl`` seconds after its consumer is
+gone (``x-expires``), keeps a message at most as long (``x-message-ttl``: a
+message outlives its wait only if the queue does too), and never holds more
+messages than Sluice's own buffer (``x-max-length``), so that a Sluice gone for
+good cannot fill the broker.
 
 A reader thread drains the socket, gathers what arrives within a few
 milliseconds and crosses into trio once per batch.
@@ -22,6 +24,7 @@ milliseconds and crosses into trio once per batch.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import time
 import uuid
@@ -35,7 +38,6 @@ from sluice_celery.events import KIND_AMQP, SOURCE_PREFIX
 from sluice_core.model import RawBatch
 from sluice_core.sources import Sink
 from sluice_rabbitmq.connection import (
-    CALL_TIMEOUT,
     CHANNEL_ERRORS,
     CONNECTION_ERRORS,
     AmqpParams,
@@ -48,7 +50,8 @@ from sluice_rabbitmq.connection import (
 log = logging.getLogger(__name__)
 
 EXCHANGE = "celeryev"
-DEFAULT_QUEUE_TTL = 60.0
+# How long the event queue waits for a Sluice that stopped: a restart, an upgrade.
+DEFAULT_QUEUE_TTL = 300.0
 # Seconds between AMQP heartbeats: a half-open TCP connection is noticed in two.
 HEARTBEAT = 30
 # An idle reader thread wakes this often to notice cancellation.
@@ -61,15 +64,29 @@ BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
 
 
+def queue_name(*deployment: str) -> str:
+    """The event queue of one deployment: the same across its restarts, and shared by the
+    agents that store into one database (an HA pair: each event is read by one of them).
+    Another deployment on the same broker gets a queue of its own."""
+    digest = hashlib.sha256("\x00".join(deployment).encode()).hexdigest()[:16]
+    return f"sluice.celeryev.{digest}"
+
+
 class AmqpEventSource:
     """Reads Celery's events from one RabbitMQ broker (``amqp://`` or ``amqps://``)."""
 
     def __init__(
-        self, url: str, *, buffer_messages: int, queue_ttl: float = DEFAULT_QUEUE_TTL
+        self,
+        url: str,
+        *,
+        buffer_messages: int,
+        queue_ttl: float = DEFAULT_QUEUE_TTL,
+        queue: str | None = None,
     ) -> None:
+        """``queue``: the event queue's name (:func:`queue_name`); a new one by default."""
         self.params = AmqpParams.from_url(url)
         self.name = SOURCE_PREFIX + self.params.url
-        self.queue = f"sluice.celeryev.{uuid.uuid4()}"
+        self.queue = queue or f"sluice.celeryev.{uuid.uuid4()}"
         self.queue_ttl = queue_ttl
         self.queue_arguments = {
             "x-expires": int(queue_ttl * 1000),
@@ -147,11 +164,8 @@ class AmqpEventSource:
             channel.basic_consume(self.queue, callback=on_message, no_ack=True)
             trio.from_thread.run_sync(on_consuming, queue_kept)
             self._read(conn, sink, batch)
-        except trio.Cancelled:
-            # Stopping: leave nothing behind in the broker.
-            self._delete_queue(conn)
-            raise
         finally:
+            # Stopping leaves the queue: it gathers the events of a restart, or expires.
             close_quietly(conn)
 
     def _declare(self, conn: amqp.Connection) -> tuple[amqp.Channel, bool]:
@@ -207,17 +221,6 @@ class AmqpEventSource:
                 conn.heartbeat_tick()
                 next_tick = now + 1.0
             trio.from_thread.check_cancelled()
-
-    def _delete_queue(self, conn: amqp.Connection) -> None:
-        if not conn.connected:
-            return  # the queue expires on its own
-        try:
-            conn.transport.sock.settimeout(CALL_TIMEOUT)
-            channel = conn.channel()
-            channel.queue_delete(self.queue)
-        except (*CONNECTION_ERRORS, *CHANNEL_ERRORS) as exc:
-            log.info("%s: could not delete queue %s (%s); it expires in %.0fs",
-                     self.name, self.queue, describe(exc), self.queue_ttl)
 
 
 def _iso(timestamp: float) -> str:
