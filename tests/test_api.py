@@ -457,7 +457,7 @@ async def test_actions_answer_501_until_a_plugin_handles_the_job(tmp_path: Path)
     async with serving(tmp_path) as (engine, client):
         await ingest(engine, client, dataset())
         assert_error(await client.post("/api/jobs/a1/retry"), 501, "not_implemented")
-        assert_error(await client.post("/api/jobs/a1/revoke", json={"terminate": True}), 501)
+        assert_error(await client.post("/api/jobs/m1/revoke", json={"terminate": True}), 501)
         response = await client.post(
             "/api/jobs/bulk", json={"action": "retry", "ids": ["a1", "a2"]}
         )
@@ -471,25 +471,32 @@ def action_jobs() -> list[JobEvent]:
     ]
 
 
+def running_job() -> JobEvent:
+    return job_event("t4", "started", JobState.ACTIVE, T0 + 5, framework="test", name="ok")
+
+
 async def test_retry_and_revoke_go_to_the_plugins_handler(tmp_path: Path) -> None:
     handler = RecordingHandler()
     async with serving(tmp_path, ActionsPlugin(handler)) as (engine, client):
-        await ingest(engine, client, action_jobs())
+        await ingest(engine, client, [*action_jobs(), running_job()])
         response = await client.post("/api/jobs/t1/retry")
         assert (response.status_code, response.json()) == (
             202,
             {"job_id": "t1-again", "retry_of": "t1"},
         )
         response = await client.post(
-            "/api/jobs/t1/revoke", json={"terminate": True, "signal": "kill"}
+            "/api/jobs/t4/revoke", json={"terminate": True, "signal": "kill"}
         )
         assert response.status_code == 202
-        assert response.json() == {"job_id": "t1", "terminate": True, "signal": "SIGKILL"}
-        assert (await client.post("/api/jobs/t1/revoke")).status_code == 202  # body optional
+        assert response.json() == {"job_id": "t4", "terminate": True, "signal": "SIGKILL"}
+        assert (await client.post("/api/jobs/t4/revoke")).status_code == 202  # body optional
+        # A finished job: nothing to revoke, and the answer says so.
+        message = assert_error(await client.post("/api/jobs/t1/revoke"), 409, "refused")
+        assert "had already finished (failed at " in message
         assert handler.calls == [
             ("retry", "t1"),
-            ("revoke", "t1", True, "SIGKILL"),
-            ("revoke", "t1", False, "SIGTERM"),
+            ("revoke", "t4", True, "SIGKILL"),
+            ("revoke", "t4", False, "SIGTERM"),
         ]
         message = assert_error(await client.post("/api/jobs/t2/retry"), 409, "refused")
         assert "truncated repr" in message
@@ -505,9 +512,9 @@ async def test_json_sent_as_curl_sends_it_is_read_whatever_its_content_type(
     form = {"Content-Type": "application/x-www-form-urlencoded"}
     handler = RecordingHandler()
     async with serving(tmp_path, ActionsPlugin(handler)) as (engine, client):
-        await ingest(engine, client, action_jobs())
+        await ingest(engine, client, [*action_jobs(), running_job()])
         response = await client.post(
-            "/api/jobs/t1/revoke", content=b'{"terminate": true}', headers=form
+            "/api/jobs/t4/revoke", content=b'{"terminate": true}', headers=form
         )
         assert response.status_code == 202, response.text
         response = await client.post(
@@ -517,15 +524,15 @@ async def test_json_sent_as_curl_sends_it_is_read_whatever_its_content_type(
         assert [r["outcome"] for r in response.json()["results"]] == ["accepted"]
         text = {"Content-Type": "text/plain"}
         response = await client.post(
-            "/api/jobs/t1/revoke", content=b'{"signal": "KILL"}', headers=text
+            "/api/jobs/t4/revoke", content=b'{"signal": "KILL"}', headers=text
         )
         assert response.status_code == 202, response.text
         assert handler.calls == [
-            ("revoke", "t1", True, "SIGTERM"), ("retry", "t1"), ("revoke", "t1", False, "SIGKILL")
+            ("revoke", "t4", True, "SIGTERM"), ("retry", "t1"), ("revoke", "t4", False, "SIGKILL")
         ]
         # Form fields (other than the dashboard's CSRF token) are neither: say to send JSON.
         for content in (b"terminate=true", b"{not json"):
-            response = await client.post("/api/jobs/t1/revoke", content=content, headers=form)
+            response = await client.post("/api/jobs/t4/revoke", content=content, headers=form)
             assert "JSON" in assert_error(response, 400, "bad_request"), content
         assert len(handler.calls) == 3
 
@@ -561,11 +568,12 @@ async def test_bulk_reports_each_jobs_outcome_and_dry_run_touches_nothing(tmp_pa
                 "signal": "SIGINT",
             },
         )
-        # t1's retry is a job too (queued by Sluice, same name): newest first.
+        # t1's retry is a job too (queued by Sluice, same name): newest first. t1 itself
+        # had failed: nothing to revoke.
         assert [(r["id"], r["outcome"]) for r in response.json()["results"]] == [
-            ("t1-again", "accepted"), ("t1", "accepted")
+            ("t1-again", "accepted"), ("t1", "refused")
         ]
-        assert handler.calls[-1] == ("revoke", "t1", True, "SIGINT")
+        assert handler.calls[-1] == ("revoke", "t1-again", True, "SIGINT")
 
 
 # -- health and metrics ------------------------------------------------------

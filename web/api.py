@@ -296,7 +296,9 @@ async def _act(action: str, jobs: list[Job], options: dict[str, Any]) -> list[di
     by_handler: dict[int, tuple[RevokesMany, list[Job]]] = {}
     for job in jobs:
         handler = _engine().action_handler(job)
-        if handler is None:
+        if action == "revoke" and job.state in FINISHED:
+            outcomes[job.id] = _outcome(job, "refused", _already_finished(job))
+        elif handler is None:
             outcomes[job.id] = _outcome(job, "not_implemented", _not_implemented(job).message)
         elif action == "revoke" and isinstance(handler, RevokesMany):
             by_handler.setdefault(id(handler), (handler, []))[1].append(job)
@@ -321,6 +323,16 @@ async def _act(action: str, jobs: list[Job], options: dict[str, Any]) -> list[di
     ordered = [outcomes[job.id] for job in jobs]
     await _audit(action, jobs, ordered, options, requested_at, plans)
     return ordered
+
+
+# A revoke cannot stop what has ended. A lost job is not among them: its worker died
+# under it, and the broker may deliver it again, which a revoke does stop.
+FINISHED = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.REVOKED, JobState.REJECTED})
+
+
+def _already_finished(job: Job) -> str:
+    when = f" at {iso(job.finished_at)}" if job.finished_at is not None else ""
+    return f"job {job.id} had already finished ({job.state}{when}): there is nothing to revoke"
 
 
 async def _call(
