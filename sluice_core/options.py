@@ -69,11 +69,6 @@ class Option(Generic[T_co]):  # noqa: UP046
             return None
         return self.flag or "--" + self.name.replace("_", "-")
 
-    def where(self) -> str:
-        """How a user names it, for errors: ``--port (SLUICE_PORT)``."""
-        flag = self.flag_name
-        return f"{flag} ({self.env_name})" if flag else f"{self.name} ({self.env_name})"
-
 
 class OptionParser:
     """Every declared option, core and plugins alike (the ``sluice_addoption`` hook)."""
@@ -90,9 +85,6 @@ class OptionParser:
 
     def __iter__(self) -> Iterator[Option[Any]]:
         return iter(self._options.values())
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._options
 
     def for_command(self, command: str) -> list[Option[Any]]:
         return [option for option in self if command in option.commands]
