@@ -16,6 +16,7 @@ import trio
 from sluice_core.actions import ActionHandler
 from sluice_core.bus import Bus
 from sluice_core.config import HEARTBEAT_MISSED, STOP_TIMEOUT, Config
+from sluice_core.leader import Leadership
 from sluice_core.metrics import Metrics, StorageGauges
 from sluice_core.model import Job, QueueSample
 from sluice_core.monitors import WorkerMonitor
@@ -29,6 +30,10 @@ from sluice_core.spool import Spool
 from sluice_core.storage import IngestResult
 
 log = logging.getLogger(__name__)
+
+# The advisory lock of the processes that share a database: one of them runs the
+# singleton duties (sluice_core/leader.py).
+DUTIES_LOCK = "sluice/duties"
 
 class Engine:
     def __init__(self, config: Config, pm: PluginManager) -> None:
@@ -65,6 +70,11 @@ class Engine:
             self.pipeline,
             missed=config.get(HEARTBEAT_MISSED),
             listening_since=self.listening_since,
+        )
+        self.leadership = Leadership(
+            self.storage.leader_lock(DUTIES_LOCK),
+            name="duties",
+            on_change=lambda leading: self.metrics.leader.set(int(leading)),
         )
         self.web_addresses: list[str] = []
         self._stop_requested = trio.Event()
@@ -155,10 +165,16 @@ class Engine:
             async with trio.open_nursery() as nursery:
                 if self.reader is None:
                     nursery.start_soon(run_sources, self.sources, self.pipeline)
-                for probe in self.probes:
-                    nursery.start_soon(self._poll, probe)
-                nursery.start_soon(self.worker_monitor.run)
+                nursery.start_soon(self.leadership.run, self._run_duties)
                 nursery.start_soon(self.storage_gauges.run)
+
+    async def _run_duties(self) -> None:
+        """What one process of an HA pair does for both: concluding from silence, and
+        probing queues (two probes would only double the samples)."""
+        async with trio.open_nursery() as nursery:
+            for probe in self.probes:
+                nursery.start_soon(self._poll, probe)
+            nursery.start_soon(self.worker_monitor.run)
 
     async def _poll(self, probe: Probe) -> None:
         while True:

@@ -80,6 +80,12 @@ class Metrics:
         self.spooled_bytes = Gauge(
             "sluice_spooled_bytes", "Bytes of raw messages spooled to disk", registry=r
         )
+        self.leader = Gauge(
+            "sluice_leader",
+            "1 while this process runs the singleton duties (worker monitor, probes), 0 while"
+            " another process sharing the database does",
+            registry=r,
+        )
         self.jobs = Gauge("sluice_jobs", "Stored jobs by state", ["state"], registry=r)
         self.workers_online = Gauge("sluice_workers_online", "Workers online", registry=r)
         self.queue_depth = Gauge(

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import attrs
 
+from sluice_core.leader import LeaderLock
 from sluice_core.model import Job, JobEvent, JobState, QueueSample, Worker, WorkerEvent
 from sluice_core.probes import WorkerQueues
 
@@ -195,6 +196,10 @@ class Storage(Protocol):
 
     async def ping(self) -> None:
         """Raise if the database cannot be reached."""
+
+    def leader_lock(self, name: str) -> LeaderLock | None:
+        """A lock that elects one leader among the processes sharing this database
+        (sluice_core.leader), or None when only one process can use it."""
 
     async def create_api_key(self, name: str) -> tuple[ApiKey, str]:
         """Create a key; return its row and the key itself, which nothing can show again.

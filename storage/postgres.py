@@ -14,6 +14,7 @@ COPYed and written back once.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable
@@ -46,6 +47,8 @@ READERS = 4
 INGEST_WRITERS = 2
 CONNECT_TIMEOUT = 10.0  # seconds to get a connection before a call fails (and is retried)
 MIGRATION_LOCK = 5_811_500  # advisory lock: two processes starting together migrate in turn
+# Seconds within which the server frees a dead leader's lock, and a cut-off leader knows it.
+LOCK_KEEPALIVE_S = 8
 
 # The free-text expression; identical (as an expression) to the GIN trigram index's.
 TEXT_EXPR = (
@@ -139,6 +142,79 @@ class _Dialect:
     def _contains(self, q: str) -> tuple[str, list[Any]]:
         # lower() folds case as ILIKE does.
         return f"strpos(lower({TEXT_EXPR}), lower(%s)) > 0", [q]
+
+
+def lock_key(name: str) -> int:
+    """A named advisory lock's key: a signed 64-bit integer, as PostgreSQL takes it."""
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class AdvisoryLock:
+    """:class:`sluice_core.leader.LeaderLock` as a session advisory lock on a connection of its own.
+
+    The server releases the lock when the session ends: at once when the holder's
+    process dies (its socket closes), within about LOCK_KEEPALIVE_S when its host or
+    network does, because the session asks the server for short TCP keepalives (the
+    server's default would hold the lock for hours). The holder checks its connection
+    at every poll and, with ``tcp_user_timeout``, learns within the same bound that
+    it can no longer tell, and stops leading.
+    """
+
+    def __init__(self, conninfo: str, name: str) -> None:
+        self._conninfo = conninfo
+        self._key = lock_key(name)
+        self._conn: psycopg.Connection[Any] | None = None
+        self._held = False
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def hold(self) -> bool:
+        return await trio.to_thread.run_sync(self._hold, limiter=self._limiter)
+
+    async def release(self) -> None:
+        await trio.to_thread.run_sync(self._close, limiter=self._limiter)
+
+    def _hold(self) -> bool:
+        try:
+            if self._conn is None:
+                self._conn = self._connect()
+            if self._held:
+                self._conn.execute("SELECT 1")
+            else:
+                row = self._conn.execute(
+                    "SELECT pg_try_advisory_lock(%s)", (self._key,)
+                ).fetchone()
+                self._held = bool(row and row[0])
+        except psycopg.Error:
+            self._close()
+        return self._held
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        idle, count = 2, 3  # seconds, probes: a dead peer is seen after about LOCK_KEEPALIVE_S
+        conn = psycopg.connect(
+            self._conninfo,
+            autocommit=True,
+            connect_timeout=int(CONNECT_TIMEOUT),
+            keepalives=1,
+            keepalives_idle=idle,
+            keepalives_interval=idle,
+            keepalives_count=count,
+            tcp_user_timeout=LOCK_KEEPALIVE_S * 1000,
+            application_name="sluice-leader",
+        )
+        for setting, value in (
+            ("tcp_keepalives_idle", idle),
+            ("tcp_keepalives_interval", idle),
+            ("tcp_keepalives_count", count),
+            ("statement_timeout", LOCK_KEEPALIVE_S * 1000),
+        ):
+            conn.execute(f"SET {setting} = {value}")
+        return conn
+
+    def _close(self) -> None:
+        conn, self._conn, self._held = self._conn, None, False
+        if conn is not None:
+            conn.close()  # ends the session: the server releases the lock
 
 
 def _event_key(row: common.Row) -> tuple[str, str]:
@@ -367,6 +443,9 @@ class PostgresStorage(common.SharedSql):
             return applied
 
         return await self._write(apply)
+
+    def leader_lock(self, name: str) -> AdvisoryLock:
+        return AdvisoryLock(self._conninfo, name)
 
     async def ping(self) -> None:
         # Abandoned when the caller stops waiting (/healthz has a deadline; a connection

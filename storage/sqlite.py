@@ -419,6 +419,9 @@ class SQLiteStorage(common.SharedSql):
 
         return await self._write(apply)
 
+    def leader_lock(self, name: str) -> None:
+        return None  # one process owns the file: it leads
+
     async def ping(self) -> None:
         # Abandoned when the caller stops waiting (/healthz has a deadline), and one at a
         # time, so that pings stuck on a hung disk cannot take every reader.

@@ -615,6 +615,8 @@ async def healthz() -> tuple[dict[str, Any], int]:
         "writes": writes,
         "backlog": {"messages": messages, "spooled_bytes": spooled},
         "sources": sources,
+        # Whether this process runs the singleton duties; in an HA pair, one of two does.
+        "leader": engine.leadership.leading,
     }
     return body, 200 if healthy else 503
 
