@@ -16,15 +16,26 @@ run's task-started can be stamped after the next attempt's task-received (seen
 on real workers). Within an attempt the state only moves forward, so a late,
 earlier-stamped event can never undo a terminal state.
 
+One happening may be reported by several sources: the broker's event stream
+Sluice reads, the SDK inside the application, a remote agent. Their reports of
+it differ in stamp, clock and process, hence in id, so :func:`timeline` folds
+them into one event first (the rule is on :func:`timeline`); the row and the
+timeline shown are built from its result.
+
 Storage applies new events directly when they all sort after the row's fold
-position (the common case, see :func:`applies_in_order`), and otherwise
-re-folds the job's whole stored history with :func:`rebuild`.
+position and come from the one source the row was built from (the common case,
+see :func:`applies_in_order`), and otherwise re-folds the job's whole stored
+history with :func:`rebuild`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Final
 
+import attrs
+
+from sluice_core.actions import PUSHED_BY
 from sluice_core.model import TERMINAL_STATES, Job, JobEvent, JobState
 
 _RANK: dict[JobState, int] = {
@@ -36,7 +47,8 @@ _RANK: dict[JobState, int] = {
     **{state: 4 for state in TERMINAL_STATES},
 }
 
-# Copied from any event that carries them: the latest value in fold order wins.
+# Copied from any event that carries them: the latest value in fold order wins (args
+# and kwargs: the latest complete ones, once there are any; see ARGS_COMPLETE).
 # retry_of / retried_as are the links Sluice's own retry action records.
 _COPIED = frozenset((
     "name", "queue", "args", "kwargs", "parent_id", "root_id", "eta", "expires",
@@ -44,17 +56,50 @@ _COPIED = frozenset((
 ))
 
 
+_ARGUMENTS = frozenset(("args", "kwargs"))
+# The key of ``JobEvent.extra`` a normalizer sets (to True) when the event's args and
+# kwargs are the job's complete arguments, not a display repr that may be cut: those
+# win over any other event's, whatever the order (the job's extra keeps the mark).
+ARGS_COMPLETE: Final = "args_complete"
+
+# How far apart two sources may stamp one happening. They stamp it on the same host,
+# from different processes (a pool child's signal, the worker's main process): a few
+# ms apart, seconds on a loaded worker. A real second happening of one type on one
+# worker (a redelivery) takes a restart or a requeue: both sources report it too,
+# and each report pairs with its nearest partner (see timeline).
+SAME_HAPPENING_S: Final = 5.0
+# Reports of one type a report is compared with, at most: a job with thousands of
+# events of one type in seconds is pushed by a hostile sender, not by a worker.
+_CANDIDATES = 16
+
+
 def sort_key(event: JobEvent) -> tuple[float, str]:
     return (event.timestamp, event.id)
 
 
+def source(event: JobEvent) -> str | None:
+    """Who reported the event: the API key it was pushed with, None for Sluice itself
+    (a broker it reads, its monitors and actions). One source reports a happening
+    once: two of its events are two happenings."""
+    key = event.extra.get(PUSHED_BY)
+    return None if key is None else str(key)
+
+
 def applies_in_order(job: Job, events: list[JobEvent]) -> bool:
-    """True when every event sorts after the job's fold position.
+    """True when every event sorts after the job's fold position, and neither they
+    nor the row's events can be one happening reported twice: every event that
+    moves the job is Sluice's own (a pushed one leaves its key in the job's extra).
 
     ``events`` must already be sorted by :func:`sort_key`. When this holds,
     ``fold(job, events)`` equals a rebuild from the whole history.
     """
-    return not events or sort_key(events[0]) > (job.fold_ts, job.fold_event)
+    if not events:
+        return True
+    if PUSHED_BY in job.extra or any(
+        event.state is not None and PUSHED_BY in event.extra for event in events
+    ):
+        return False
+    return sort_key(events[0]) > (job.fold_ts, job.fold_event)
 
 
 def fold(job: Job, events: Iterable[JobEvent]) -> Job:
@@ -66,8 +111,86 @@ def fold(job: Job, events: Iterable[JobEvent]) -> Job:
 
 def rebuild(job_id: str, framework: str, events: Iterable[JobEvent]) -> Job:
     """The job's row from scratch, from any collection of its events (duplicates allowed)."""
-    unique = {event.id: event for event in events}
-    return fold(Job(id=job_id, framework=framework), sorted(unique.values(), key=sort_key))
+    return fold(Job(id=job_id, framework=framework), timeline(events))
+
+
+def timeline(events: Iterable[JobEvent]) -> list[JobEvent]:
+    """The job's events sorted by :func:`sort_key`, each happening once.
+
+    Two events are one happening reported by two sources when they come from
+    different sources (:func:`source`), move the job (an annotation is never
+    merged), have the same type, the same worker (or one names none: a producer),
+    the same attempt where both carry one (``retries``), and stamps at most
+    :data:`SAME_HAPPENING_S` apart. Pairs are taken closest first, and a merged
+    event holds at most one report per source, so a redelivery to the same worker
+    stays two happenings: each report pairs with its own partner, and two events
+    of one source are never merged. A function of the set of events, whatever
+    their order.
+
+    The merged event is the earliest report, with what the others add: fields and
+    extra it lacks, and complete arguments (:data:`ARGS_COMPLETE`) over a repr.
+    """
+    unique = sorted({event.id: event for event in events}.values(), key=sort_key)
+    if len({source(event) for event in unique if event.state is not None}) < 2:
+        return unique
+    by_type: dict[str, list[int]] = {}
+    for i, event in enumerate(unique):
+        if event.state is not None:
+            by_type.setdefault(event.type, []).append(i)
+    pairs = []
+    for indexes in by_type.values():
+        for n, i in enumerate(indexes):
+            for j in indexes[n + 1 : n + 1 + _CANDIDATES]:
+                a, b = unique[i], unique[j]
+                if b.timestamp - a.timestamp > SAME_HAPPENING_S:
+                    break
+                if _reports_alike(a, b):
+                    pairs.append((b.timestamp - a.timestamp, i, j))
+    if not pairs:
+        return unique
+    # Union-find over the reports: a merged event never holds two of one source.
+    root = list(range(len(unique)))
+    sources = [{source(event)} for event in unique]
+
+    def find(i: int) -> int:
+        while root[i] != i:
+            root[i] = root[root[i]]
+            i = root[i]
+        return i
+
+    for _, i, j in sorted(pairs):
+        a, b = find(i), find(j)
+        if a != b and sources[a].isdisjoint(sources[b]):
+            root[max(a, b)] = min(a, b)
+            sources[min(a, b)] |= sources[max(a, b)]
+    groups: dict[int, list[JobEvent]] = {}
+    for i, event in enumerate(unique):
+        groups.setdefault(find(i), []).append(event)
+    return [_merged(reports) for _, reports in sorted(groups.items())]
+
+
+def _reports_alike(a: JobEvent, b: JobEvent) -> bool:
+    if source(a) == source(b) or (a.worker != b.worker and None not in (a.worker, b.worker)):
+        return False
+    ra, rb = a.fields.get("retries"), b.fields.get("retries")
+    return ra is None or rb is None or ra == rb
+
+
+def _merged(reports: list[JobEvent]) -> JobEvent:
+    """One happening from its reports (sorted, the earliest first)."""
+    first = reports[0]
+    if len(reports) == 1:
+        return first
+    fields: dict[str, object] = {}
+    extra: dict[str, object] = {}
+    for report in reversed(reports):  # the earliest report's values win
+        fields.update(report.fields)
+        extra.update(report.extra)
+    complete = [r for r in reports if r.extra.get(ARGS_COMPLETE) is True]
+    if complete:
+        fields.update((k, v) for k, v in complete[0].fields.items() if k in _ARGUMENTS)
+    worker = next((r.worker for r in reports if r.worker is not None), None)
+    return attrs.evolve(first, worker=worker, fields=fields, extra=extra)
 
 
 def _apply(job: Job, event: JobEvent) -> None:
@@ -79,10 +202,14 @@ def _apply(job: Job, event: JobEvent) -> None:
         job.updated_at = ts
 
     fields = event.fields
+    # Complete arguments, once seen, are replaced only by complete ones.
+    keep_arguments = (
+        job.extra.get(ARGS_COMPLETE) is True and event.extra.get(ARGS_COMPLETE) is not True
+    )
     # Most events carry two or three of these: look up what they carry, not all ten.
     for name in _COPIED.intersection(fields):
         value = fields[name]
-        if value is not None:
+        if value is not None and not (keep_arguments and name in _ARGUMENTS):
             setattr(job, name, value)
     # Annotations (an operator's action, say) stay on the timeline: their extra
     # describes the action, not the job.

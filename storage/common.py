@@ -198,8 +198,8 @@ def ingest(
         events.sort(key=merge.sort_key)
         job = stored.get(job_id)
         if job is None:
-            # Every event of a job not stored yet is in this batch: the fold is a rebuild.
-            new.append(merge.fold(Job(id=job_id, framework=events[0].framework), events))
+            # Every event of a job not stored yet is in this batch.
+            new.append(merge.rebuild(job_id, events[0].framework, events))
         elif merge.applies_in_order(job, events):
             changed.append(merge.fold(job, events))
         else:

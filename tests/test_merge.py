@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sluice_core import merge
+from sluice_core.actions import PUSHED_BY
 from sluice_core.model import TERMINAL_STATES, Job, JobEvent, JobState
 from tests.fixtures.storage import (
     RETRIED,
@@ -225,3 +226,152 @@ def test_the_job_is_held_by_the_worker_of_its_current_attempt() -> None:
     # Until an attempt's worker is known, the job shows the last one that ran it.
     row = merge.rebuild("j", "celery", events[:3] + events[5:])
     assert (row.state, row.worker) == (JobState.RETRYING, "w1")
+
+
+# -- one happening, two sources --------------------------------------------------------
+
+
+def _reported_again(
+    events: Sequence[JobEvent], jitters: Sequence[float], key: str = "billing-app"
+) -> list[JobEvent]:
+    """The same happenings as another source reports them (the SDK beside a worker's -E):
+    its own ids, its own stamps a little apart, pushed with an API key."""
+    return [
+        attrs.evolve(
+            event,
+            id=f"{event.id}-{key}",
+            timestamp=event.timestamp + jitter,
+            extra={**event.extra, PUSHED_BY: key},
+        )
+        for event, jitter in zip(events, itertools.cycle(jitters), strict=False)
+    ]
+
+
+def _stages(job: Job) -> tuple[object, ...]:
+    return (job.state, job.retries, job.worker, job.name, job.queue, job.result)
+
+
+JITTERS = st.lists(st.floats(-0.2, 0.2), min_size=1, max_size=8)
+
+
+@settings(max_examples=100)
+@given(job_id=st.sampled_from(sorted(JOBS)), jitters=JITTERS)
+def test_two_sources_of_one_job_make_one_timeline(job_id: str, jitters: list[float]) -> None:
+    broker = JOBS[job_id]
+    both = broker + _reported_again(broker, jitters)
+    shown = merge.timeline(both)
+    assert sorted(e.type for e in shown) == sorted(e.type for e in broker)
+
+
+@settings(max_examples=100)
+@given(job_id=st.sampled_from(sorted(JOBS)), jitters=st.lists(st.floats(0, 0.2), min_size=1))
+def test_a_second_source_changes_no_stage_of_the_row(job_id: str, jitters: list[float]) -> None:
+    """The SDK stamping each happening after the broker (merged events keep the
+    earliest stamp): the row is the broker's, plus what the SDK adds."""
+    broker = JOBS[job_id]
+    both = broker + _reported_again(broker, jitters)
+    shown = merge.timeline(both)
+    # Every happening holds both reports: the broker's fields and the SDK's key.
+    assert all(e.extra.get(PUSHED_BY) == "billing-app" for e in shown if e.state is not None)
+    assert _stages(merge.rebuild(job_id, "celery", both)) == _stages(
+        merge.rebuild(job_id, "celery", broker)
+    )
+
+
+def test_a_retry_reported_by_two_sources_is_one_retry() -> None:
+    broker = JOBS[RETRIED]
+    row = merge.rebuild(RETRIED, "celery", broker + _reported_again(broker, [0.003, -0.002]))
+    assert (row.state, row.retries) == (JobState.COMPLETED, 1)
+
+
+@settings(max_examples=150)
+@given(jitters=JITTERS, data=st.data())
+def test_two_sources_fold_incrementally_as_they_rebuild(
+    jitters: list[float], data: st.DataObject
+) -> None:
+    # Some of the SDK's reports missing (a buffer dropped, a process killed before it sent).
+    sdk = [
+        e for e in _reported_again(EVENTS, jitters) if data.draw(st.booleans(), label=e.type)
+    ]
+    batches = data.draw(deliveries(EVENTS + sdk))
+    rows, _ = fold_incrementally(batches)
+    assert rows == rebuild_all(EVENTS + sdk)
+
+
+def _event(
+    i: int, kind: str, state: JobState, at: float, *, worker: str | None = "w1",
+    key: str | None = None, **fields: object,
+) -> JobEvent:
+    return JobEvent(
+        id=f"e{i:02d}{key or ''}", job_id="j", framework="celery", type=kind, state=state,
+        timestamp=at, worker=worker, fields=dict(fields),
+        extra={} if key is None else {PUSHED_BY: key},
+    )
+
+
+@pytest.mark.parametrize("sdk_saw_the_first", [True, False])
+def test_a_redelivery_to_the_same_worker_stays_two_deliveries(sdk_saw_the_first: bool) -> None:
+    """w1 restarts under the same name and gets the job again 2 s later: two receipts,
+    two starts, whichever reports of them the SDK got out before the kill."""
+    broker = [
+        _event(0, "task-received", JobState.RECEIVED, 100.0, retries=0),
+        _event(1, "task-started", JobState.ACTIVE, 100.01),
+        _event(2, "task-received", JobState.RECEIVED, 102.0, retries=0),
+        _event(3, "task-started", JobState.ACTIVE, 102.01),
+        _event(4, "task-succeeded", JobState.COMPLETED, 102.5, result="1"),
+    ]
+    sdk = _reported_again(broker, [0.002, -0.001])
+    if not sdk_saw_the_first:
+        sdk = sdk[2:]
+    shown = [(e.type, round(e.timestamp)) for e in merge.timeline(broker + sdk)]
+    assert shown == [
+        ("task-received", 100), ("task-started", 100), ("task-received", 102),
+        ("task-started", 102), ("task-succeeded", 102),
+    ]
+
+
+def test_one_source_is_never_merged_with_itself() -> None:
+    """A requeue hands the job back to the same worker at once: two receipts a few ms
+    apart from the one broker are two happenings."""
+    events = [
+        _event(0, "task-received", JobState.RECEIVED, 100.0, retries=0),
+        _event(1, "task-rejected", JobState.REJECTED, 100.001),
+        _event(2, "task-received", JobState.RECEIVED, 100.002, retries=0),
+    ]
+    assert merge.timeline(events) == events
+
+
+def test_reports_too_far_apart_or_of_other_attempts_stay_apart() -> None:
+    events = [
+        _event(0, "task-received", JobState.RECEIVED, 100.0, retries=0),
+        _event(1, "task-received", JobState.RECEIVED, 100.0 + merge.SAME_HAPPENING_S + 1,
+               key="sdk", retries=0),
+        _event(2, "task-received", JobState.RECEIVED, 300.0, retries=1),
+        _event(3, "task-received", JobState.RECEIVED, 300.01, key="sdk", retries=2),
+        _event(4, "task-received", JobState.RECEIVED, 400.0, worker="w2", retries=3),
+        _event(5, "task-received", JobState.RECEIVED, 400.01, key="sdk", retries=3),
+    ]
+    assert len(merge.timeline(events)) == 6
+
+
+FULL_KWARGS = "{'blob': '" + "x" * 3000 + "'}"
+CUT_KWARGS = FULL_KWARGS[:1020] + "...'}"
+
+
+@pytest.mark.parametrize("sdk_first", [True, False])
+def test_complete_arguments_win_over_a_cut_repr_whatever_the_order(sdk_first: bool) -> None:
+    broker = _event(0, "task-received", JobState.RECEIVED, 100.0, retries=0,
+                    args="()", kwargs=CUT_KWARGS)
+    sdk = attrs.evolve(
+        _event(1, "task-received", JobState.RECEIVED, 100.0 + (-0.01 if sdk_first else 0.01),
+               key="sdk", retries=0, args="()", kwargs=FULL_KWARGS),
+        extra={PUSHED_BY: "sdk", merge.ARGS_COMPLETE: True},
+    )
+    # A later event carrying the cut repr again (a redelivery, say) does not undo them.
+    later = _event(2, "task-received", JobState.RECEIVED, 200.0, retries=0,
+                   args="()", kwargs=CUT_KWARGS)
+    for events in itertools.permutations([broker, sdk, later]):
+        row = merge.rebuild("j", "celery", events)
+        assert row.kwargs == FULL_KWARGS
+    (shown, *_) = merge.timeline([broker, sdk])
+    assert shown.fields["kwargs"] == FULL_KWARGS

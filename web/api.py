@@ -19,6 +19,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Blueprint, Response, current_app, request, session
 
+from sluice_core import merge
 from sluice_core.actions import (
     ActionHandler,
     ActionRefused,
@@ -177,7 +178,7 @@ async def _job(job_id: str) -> Job:
 @blueprint.get("/api/jobs/<job_id>")
 async def job_detail(job_id: str) -> dict[str, Any]:
     job = await _job(job_id)
-    events = await _engine().storage.job_events(job_id)
+    events = merge.timeline(await _engine().storage.job_events(job_id))
     return {
         **job_to_dict(job),
         "events": [event_to_dict(event) for event in events],

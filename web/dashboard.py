@@ -19,7 +19,7 @@ from markupsafe import Markup
 from quart import Blueprint, current_app, redirect, render_template, request, url_for
 from quart.typing import ResponseReturnValue
 
-from sluice_core import validate
+from sluice_core import merge, validate
 from sluice_core.engine import Engine
 from sluice_core.model import TERMINAL_STATES, Job, JobState
 from sluice_core.monitors import workers_task_events
@@ -249,7 +249,7 @@ async def job(job_id: str) -> str | tuple[str, int]:
             message=f"Sluice has no events for a job with id {job_id}: it may not have been "
             "sent yet, its events may not have reached Sluice, or retention removed it.",
         ), 404
-    events = await storage.job_events(job_id)
+    events = merge.timeline(await storage.job_events(job_id))
     timing = job_timing(found)
     recent: list[dict[str, Any]] = []
     if found.name:

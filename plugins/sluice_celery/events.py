@@ -27,6 +27,7 @@ from typing import Any, Final
 
 import orjson
 
+from sluice_core.merge import ARGS_COMPLETE
 from sluice_core.model import JobEvent, JobState, Normalized, RawBatch, WorkerEvent, event_id
 from sluice_core.validate import Throttle
 
@@ -182,12 +183,24 @@ def _epoch(iso: str) -> float | None:
     return when.timestamp()
 
 
-def _sdk_message(event: dict[str, Any], extra: dict[str, Any]) -> None:
+def _sdk_message(event: dict[str, Any], fields: dict[str, Any], extra: dict[str, Any]) -> None:
     """The full message the SDK saw (real args and kwargs, routing, limits; see sdk/):
-    kept as the job's ``extra["message"]``, from which the retry action re-publishes."""
+    kept as the job's ``extra["message"]``, from which the retry action re-publishes.
+
+    When the SDK captured the real arguments whole (``redacted`` false: no redaction of
+    its own, nothing masked or left out), the job's args and kwargs are their full
+    reprs, which win over Celery's argsrepr/kwargsrepr (cut at 1,024 characters) from
+    any other event (:data:`sluice_core.merge.ARGS_COMPLETE`). Sluice's own redaction
+    comes after, on both (:meth:`sluice_core.plugins.PluginManager.admit`)."""
     message = event.get(SDK_MESSAGE)
-    if type(message) is dict:
-        extra["message"] = message
+    if type(message) is not dict:
+        return
+    extra["message"] = message
+    args, kwargs = message.get("args"), message.get("kwargs")
+    if message.get("redacted") is False and type(args) is list and type(kwargs) is dict:
+        # As Celery's saferepr shows them: the positional arguments as a tuple.
+        fields["args"], fields["kwargs"] = repr(tuple(args)), repr(kwargs)
+        extra[ARGS_COMPLETE] = True
 
 
 def _task_event(
@@ -222,9 +235,9 @@ def _task_event(
     if etype == "task-sent":
         if "queue" not in fields and type(extra.get("routing_key")) is str:
             fields["queue"] = extra["routing_key"]
-        _sdk_message(event, extra)
+        _sdk_message(event, fields, extra)
     elif etype == "task-received":
-        _sdk_message(event, extra)
+        _sdk_message(event, fields, extra)
         eta = fields.get("eta")
         if eta is not None:
             eta_ts = _epoch(eta)
