@@ -30,8 +30,8 @@ import attrs
 import orjson
 import trio
 
-from sluice_core.model import Job
-from sluice_core.serialize import job_to_dict
+from sluice_core.model import Job, QueueSample, Worker
+from sluice_core.serialize import job_to_dict, worker_to_dict
 
 # How long after the last client left the bus keeps building messages, so a
 # dashboard that reloads or reconnects resumes from Last-Event-ID.
@@ -161,6 +161,24 @@ class Bus:
             self._add("job", job.id, job, None, rank, new=i < new)
         self._close_if_due()
 
+    def publish_workers(self, workers: Sequence[Worker]) -> None:
+        for worker in workers:
+            self.publish("worker", worker_to_dict(worker), key=worker.hostname)
+
+    def publish_samples(self, samples: Sequence[QueueSample]) -> None:
+        for sample in samples:
+            self.publish(
+                "queue",
+                {
+                    "name": sample.name,
+                    "broker": sample.broker,
+                    "depth": sample.depth,
+                    "reserved": sample.reserved,
+                    "consumers": sample.consumers,
+                },
+                key=f"{sample.broker}\0{sample.name}",
+            )
+
     def _add(
         self,
         kind: str,
@@ -262,6 +280,11 @@ class Bus:
         can resume from the returned id and miss nothing in between."""
         self._interest_at = trio.current_time()
         return self.last_id
+
+    def missed(self) -> None:
+        """Messages were missed, how many is unknown (a replica's change feed was cut off):
+        every subscriber, up to date or not, resyncs (``Gap``)."""
+        self.skip(1)
 
     def skip(self, count: int) -> None:
         """Account for ``count`` messages nobody was listening to, without building them.

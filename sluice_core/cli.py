@@ -1,4 +1,4 @@
-"""The ``sluice`` command: run, agent, migrate, plugins, keys."""
+"""The ``sluice`` command: run, agent, web, migrate, plugins, keys."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from sluice_core.config import (
     core_options,
 )
 from sluice_core.engine import Engine
-from sluice_core.options import AGENT, KEYS, MIGRATE, PLUGINS, RUN, Option, OptionParser
+from sluice_core.options import AGENT, KEYS, MIGRATE, PLUGINS, RUN, WEB, Option, OptionParser
 from sluice_core.plugins import PluginManager
 from sluice_core.storage import ApiKey, ApiKeyExists
 
@@ -92,6 +92,12 @@ def make_parser(options: OptionParser) -> argparse.ArgumentParser:
         "watch the brokers without serving: store into --db, or stream to --server",
         AGENT,
     )
+    command(
+        commands,
+        WEB,
+        "serve the dashboard and API from a PostgreSQL that agents write (one of many replicas)",
+        WEB,
+    )
     keys = commands.add_parser(
         KEYS, help="API keys for the ingest endpoints (the SDK, remote agents)"
     )
@@ -120,7 +126,7 @@ def parse(
         environ=environ,
         known=[option.name for option in options],
     )
-    if args.command in (RUN, AGENT):
+    if args.command in (RUN, AGENT, WEB):
         pm.check_brokers(config)
     pm.configure(config)
     return args, config, pm
@@ -145,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return trio.run(_keys, config, pm, args.keys_command, getattr(args, "name", None))
         if args.command == AGENT:
             return trio.run(_agent, config, pm)
+        if args.command == WEB:
+            return trio.run(functools.partial(_run, config, pm, replica=True))
         return trio.run(_run, config, pm)
     except* ConfigError as group:
         # Also raised by tasks in the engine's nurseries (the web server refusing
@@ -233,8 +241,10 @@ async def _agent(config: Config, pm: PluginManager) -> int:
     return await _until_stopped(agent, agent.run, started)
 
 
-async def _run(config: Config, pm: PluginManager, *, web: bool = True) -> int:
-    engine = Engine(config, pm)
+async def _run(
+    config: Config, pm: PluginManager, *, web: bool = True, replica: bool = False
+) -> int:
+    engine = Engine(config, pm, replica=replica)
 
     def started() -> None:
         for address in engine.web_addresses:
@@ -246,7 +256,7 @@ async def _run(config: Config, pm: PluginManager, *, web: bool = True) -> int:
 async def _until_stopped(
     runner: Engine | Agent, run: Callable[..., Awaitable[None]], started: Callable[[], None]
 ) -> int:
-    if not runner.sources:
+    if not runner.sources and not (isinstance(runner, Engine) and runner.replica):
         log.warning(
             "no event source configured: load a plugin and give a broker "
             "(sluice run --plugin celery --broker redis://localhost:6379/0)"

@@ -25,7 +25,8 @@ from sluice_core.options import (
     AGENT,
     DATABASE,
     EVERY,
-    RUN,
+    SERVING,
+    SOURCES,
     Kind,
     Option,
     OptionParser,
@@ -45,7 +46,6 @@ T = TypeVar("T")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-WEB = frozenset({RUN})
 # The shortest API token accepted: a guessable one would protect nothing.
 MIN_TOKEN_LENGTH = 16
 
@@ -84,21 +84,32 @@ BROKER = Option(
     env="SLUICE_BROKER_URL",
     metavar="URL",
 )
-HOST = Option("host", text(), "127.0.0.1", "address to serve on", commands=WEB)
-PORT = Option("port", integer(0, 65535), 5580, "port to serve on", commands=WEB)
+HOST = Option("host", text(), "127.0.0.1", "address to serve on", commands=SERVING)
+PORT = Option("port", integer(0, 65535), 5580, "port to serve on", commands=SERVING)
 BUFFER_MESSAGES = Option(
-    "buffer_messages", integer(1), 1_000_000, "raw messages held in memory, then spooled"
+    "buffer_messages",
+    integer(1),
+    1_000_000,
+    "raw messages held in memory, then spooled",
+    commands=SOURCES,
 )
 # A burst's peak memory is what this bounds (the reader process spools past it).
-BUFFER_MB = Option("buffer_mb", integer(1), 8, "MiB of raw messages held in memory")
+BUFFER_MB = Option(
+    "buffer_mb", integer(1), 8, "MiB of raw messages held in memory", commands=SOURCES
+)
 SPOOL_MB = Option(
     "spool_mb",
     integer(0),
     4096,
     "MiB of raw messages spooled to disk past --buffer-mb, before dropping (0: drop instead)",
+    commands=SOURCES,
 )
 SPOOL_DIR: Option[str | None] = Option(
-    "spool_dir", text(), None, "where the spool file lives (default: the temporary directory)"
+    "spool_dir",
+    text(),
+    None,
+    "where the spool file lives (default: the temporary directory)",
+    commands=SOURCES,
 )
 # 20,000 peaked at 330 MB with the reader process, 10,000 at 280.
 BATCH_EVENTS = Option("batch_events", integer(1), 10_000, "most events per storage transaction")
@@ -107,6 +118,7 @@ READER_PROCESS = Option(
     switch(),
     True,
     "on: read and normalize broker events in a child process, off: in this one",
+    commands=SOURCES,
 )
 STOP_TIMEOUT = Option(
     "stop_timeout",
@@ -120,6 +132,7 @@ HEARTBEAT_MISSED = Option(
     number(above=0),
     3.0,
     "heartbeat intervals without news before a worker is offline",
+    commands=SOURCES,
 )
 STUCK_AFTER = Option(
     "stuck_after",
@@ -133,7 +146,7 @@ API_TOKEN: Option[str | None] = Option(
     text(min_length=MIN_TOKEN_LENGTH),
     None,
     "require 'Authorization: Bearer TOKEN' on the API; also the dashboard password",
-    commands=WEB,
+    commands=SERVING,
     metavar="TOKEN",
     secret=True,
 )
@@ -143,7 +156,7 @@ SESSION_SECRET: Option[str | None] = Option(
     None,
     "key signing dashboard login cookies; share it between web replicas"
     " (default: random at each start)",
-    commands=WEB,
+    commands=SERVING,
     secret=True,
 )
 USERS = Option(
@@ -151,7 +164,7 @@ USERS = Option(
     table(),
     {},
     "dashboard users: name = argon2 hash (the TOML file's [users] table)",
-    commands=WEB,
+    commands=SERVING,
     flag=None,
 )
 
@@ -187,7 +200,7 @@ ALLOWED_HOSTS = Option(
     [],
     "host names clients may reach this server by, beside localhost, 127.0.0.1, [::1] and"
     " --host (other Host headers get 400: DNS rebinding)",
-    commands=WEB,
+    commands=SERVING,
 )
 FORWARDED_ALLOW_IPS = Option(
     "forwarded_allow_ips",
@@ -196,24 +209,24 @@ FORWARDED_ALLOW_IPS = Option(
     ),
     [],
     "reverse proxies whose X-Forwarded-For and X-Forwarded-Proto are believed (default: none)",
-    commands=WEB,
+    commands=SERVING,
 )
 SSE_HEARTBEAT = Option(
-    "sse_heartbeat", seconds(15), 15.0, "seconds between SSE heartbeat comments", commands=WEB
+    "sse_heartbeat", seconds(15), 15.0, "seconds between SSE heartbeat comments", commands=SERVING
 )
 INGEST_RATE = Option(
     "ingest_rate",
     number(above=0),
     20_000.0,
     "events per second each API key may push to the ingest endpoints",
-    commands=WEB,
+    commands=SERVING,
 )
 INGEST_BURST = Option(
     "ingest_burst",
     number(1),
     100_000.0,
     "events an API key may push at once above --ingest-rate",
-    commands=WEB,
+    commands=SERVING,
 )
 SERVER: Option[str | None] = Option(
     "server",

@@ -15,7 +15,8 @@ import trio
 
 from sluice_core.actions import ActionHandler
 from sluice_core.bus import Bus
-from sluice_core.config import HEARTBEAT_MISSED, STOP_TIMEOUT, Config
+from sluice_core.config import HEARTBEAT_MISSED, STOP_TIMEOUT, Config, ConfigError
+from sluice_core.follow import Follower
 from sluice_core.leader import Leadership
 from sluice_core.metrics import Metrics, StorageGauges
 from sluice_core.model import Job, QueueSample
@@ -24,7 +25,6 @@ from sluice_core.pipeline import Pipeline
 from sluice_core.plugins import PluginManager
 from sluice_core.probes import Probe, WorkerProbe
 from sluice_core.reader import ReaderProcess
-from sluice_core.serialize import worker_to_dict
 from sluice_core.sources import Source, run_sources
 from sluice_core.spool import Spool
 from sluice_core.storage import IngestResult
@@ -36,9 +36,15 @@ log = logging.getLogger(__name__)
 DUTIES_LOCK = "sluice/duties"
 
 class Engine:
-    def __init__(self, config: Config, pm: PluginManager) -> None:
+    """``sluice run`` (everything), ``sluice agent --db`` (no web server), or, with
+    ``replica``, ``sluice web``: a web server on a database the agents write, which
+    reads no broker and runs no singleton duty; its live feed is what the database
+    announces (sluice_core/follow.py), its own writes (pushed events) included."""
+
+    def __init__(self, config: Config, pm: PluginManager, *, replica: bool = False) -> None:
         self.config = config
         self.pm = pm
+        self.replica = replica
         self.started_at = time.time()
         self.metrics = Metrics()
         self.bus = Bus()
@@ -57,7 +63,14 @@ class Engine:
             writers=self.storage.ingest_writers,
             dead_letters=self.storage,
         )
-        self.sources: list[Source] = pm.sources(config)
+        self.sources: list[Source] = [] if replica else pm.sources(config)
+        feed = self.storage.change_feed()
+        if replica and feed is None:
+            raise ConfigError(
+                f"sluice web serves a database that agents write: it needs PostgreSQL"
+                f" (--db postgresql://...), not {config.db.split(':', 1)[0]}"
+            )
+        self.follower = Follower(self.storage, feed, self.bus) if replica and feed else None
         self.reader = (
             ReaderProcess(config, self.pipeline, self.metrics)
             if config.reader_process and self.sources
@@ -165,7 +178,10 @@ class Engine:
             async with trio.open_nursery() as nursery:
                 if self.reader is None:
                     nursery.start_soon(run_sources, self.sources, self.pipeline)
-                nursery.start_soon(self.leadership.run, self._run_duties)
+                if self.follower is not None:
+                    nursery.start_soon(self.follower.run)
+                else:
+                    nursery.start_soon(self.leadership.run, self._run_duties)
                 nursery.start_soon(self.storage_gauges.run)
 
     async def _run_duties(self) -> None:
@@ -194,29 +210,19 @@ class Engine:
         if not self.bus.wanted:
             self.bus.skip(len(samples))  # as for jobs: nobody to build them for
             return
-        for sample in samples:
-            self.bus.publish(
-                "queue",
-                {
-                    "name": sample.name,
-                    "broker": sample.broker,
-                    "depth": sample.depth,
-                    "reserved": sample.reserved,
-                    "consumers": sample.consumers,
-                },
-                key=f"{sample.broker}\0{sample.name}",
-            )
+        self.bus.publish_samples(samples)
 
     def _publish(self, result: IngestResult) -> None:
         self.metrics.observe_ingest(result)
+        if self.follower is not None:
+            return  # the follower hears these rows from the database like the agents' rows
         if not self.bus.wanted:
             # Keeping every stored row for live clients costs memory and ingest
             # time: not worth it when no dashboard is open.
             self.bus.skip(len(result.jobs) + len(result.workers))
             return
         self.bus.publish_jobs(result.jobs, new=result.new_jobs)
-        for worker in result.workers:
-            self.bus.publish("worker", worker_to_dict(worker), key=worker.hostname)
+        self.bus.publish_workers(result.workers)
 
 
 async def _run_in(scope: trio.CancelScope, fn: Callable[[], Awaitable[None]]) -> None:

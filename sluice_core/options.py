@@ -31,10 +31,15 @@ import attrs
 T_co = TypeVar("T_co", covariant=True)
 
 # The commands an option belongs to; `sluice COMMAND --help` lists only its own.
-RUN, AGENT, MIGRATE, PLUGINS, KEYS = "run", "agent", "migrate", "plugins", "keys"
-ENGINE = frozenset({RUN, AGENT})  # read brokers, store events
-DATABASE = frozenset({RUN, AGENT, MIGRATE, KEYS})
-EVERY = frozenset({RUN, AGENT, MIGRATE, PLUGINS, KEYS})
+RUN, AGENT, WEB = "run", "agent", "web"
+MIGRATE, PLUGINS, KEYS = "migrate", "plugins", "keys"
+# Store events (from brokers, or pushed to a web replica's ingest endpoint) and act on
+# the brokers (retry, revoke): the default.
+ENGINE = frozenset({RUN, AGENT, WEB})
+SOURCES = frozenset({RUN, AGENT})  # read the brokers: buffers, probes, monitors
+SERVING = frozenset({RUN, WEB})  # the dashboard and the API
+DATABASE = frozenset({RUN, AGENT, WEB, MIGRATE, KEYS})
+EVERY = frozenset({RUN, AGENT, WEB, MIGRATE, PLUGINS, KEYS})
 
 
 @attrs.frozen

@@ -8,6 +8,7 @@ so every backend merges events the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import attrs
@@ -66,6 +67,25 @@ class IngestResult:
     new_events: list[JobEvent] = attrs.field(factory=list)  # those rows' events
     # The first ``new_jobs`` of ``jobs`` were stored for the first time, in that order.
     new_jobs: int = 0
+
+
+@attrs.frozen
+class Change:
+    """What a process sharing the database just stored, as the others hear of it."""
+
+    jobs: tuple[str, ...] = ()  # ids of the jobs whose rows changed
+    new_jobs: int = 0  # the first ``new_jobs`` of them were stored for the first time
+    workers: tuple[str, ...] = ()  # hostnames of the workers whose rows changed
+    queues: tuple[QueueSample, ...] = ()  # probe samples, whole
+
+
+class ChangeFeed(Protocol):
+    async def follow(
+        self, on_change: Callable[[Change], None], on_gap: Callable[[], None]
+    ) -> None:
+        """Until cancelled, call ``on_change`` for every change committed to the database,
+        and ``on_gap`` whenever changes may have been missed (each time the feed connects:
+        nothing is kept for a listener while it is away)."""
 
 
 @attrs.frozen
@@ -196,6 +216,10 @@ class Storage(Protocol):
 
     async def ping(self) -> None:
         """Raise if the database cannot be reached."""
+
+    def change_feed(self) -> ChangeFeed | None:
+        """What every process stores, told to this one (web replicas follow it), or None
+        when no other process can share this database."""
 
     def leader_lock(self, name: str) -> LeaderLock | None:
         """A lock that elects one leader among the processes sharing this database

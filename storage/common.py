@@ -176,6 +176,9 @@ class Transaction(Protocol):
     def write_workers(self, workers: list[Worker]) -> None:
         """Upsert; a row already holding a later heartbeat is kept (a concurrent writer)."""
 
+    def announce(self, result: IngestResult) -> None:
+        """Tell the processes sharing the database what changed (heard at commit)."""
+
 
 def ingest(
     tx: Transaction, job_events: list[JobEvent], worker_events: list[WorkerEvent]
@@ -215,13 +218,15 @@ def ingest(
         new = [job for job in new if job.id not in raced] + rebuilt
 
     workers = _fold_workers(tx, worker_events)
-    return IngestResult(
+    result = IngestResult(
         jobs=new + changed,
         workers=workers,
         events_stored=len(stored_now),
         new_events=[unique[i] for i in stored_now],
         new_jobs=len(new),
     )
+    tx.announce(result)
+    return result
 
 
 def _rebuild(tx: Transaction, job_ids: list[str]) -> list[Job]:
@@ -303,6 +308,11 @@ def sample_to_row(sample: QueueSample) -> Row:
         sample.name, sample.framework, sample.broker, sample.timestamp, sample.depth,
         sample.reserved, sample.consumers,
     )
+
+
+def sample_from_row(row: Sequence[Any]) -> QueueSample:
+    name, framework, broker, timestamp, depth, reserved, consumers = row
+    return QueueSample(name, framework, broker, timestamp, depth, reserved, consumers)
 
 
 def record_samples_sql(marker: str) -> tuple[str, str]:

@@ -15,12 +15,15 @@ COPYed and written back once.
 from __future__ import annotations
 
 import hashlib
+import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable
 from typing import Any, TypeVar
 
 import attrs
+import orjson
 import psycopg
 import trio
 from psycopg.types.string import TextLoader
@@ -32,6 +35,8 @@ from sluice_core.model import Job, JobEvent, QueueSample, Worker
 from sluice_core.probes import WorkerQueues
 from sluice_core.storage import (
     DEFAULT_STUCK_AFTER_S,
+    Change,
+    IngestResult,
     JobQuery,
     Page,
     StorageUnavailable,
@@ -41,6 +46,8 @@ from sluice_storage.common import EVENT_COLUMNS, JOB_COLUMNS, WORKER_COLUMNS, co
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 READERS = 4
 # Ingest transactions at once: while the server works on one batch, Sluice folds
 # the next (measured, storage alone: one 24,400 events/s, two 34,000, three no more).
@@ -49,6 +56,15 @@ CONNECT_TIMEOUT = 10.0  # seconds to get a connection before a call fails (and i
 MIGRATION_LOCK = 5_811_500  # advisory lock: two processes starting together migrate in turn
 # Seconds within which the server frees a dead leader's lock, and a cut-off leader knows it.
 LOCK_KEEPALIVE_S = 8
+# Connections that must notice a dead peer: the leader's lock, the change feed. A
+# probe every 2 s, three unanswered: a dead peer is seen after about LOCK_KEEPALIVE_S.
+KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 2,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": LOCK_KEEPALIVE_S * 1000,
+}
 
 # The free-text expression; identical (as an expression) to the GIN trigram index's.
 TEXT_EXPR = (
@@ -144,6 +160,112 @@ class _Dialect:
         return f"strpos(lower({TEXT_EXPR}), lower(%s)) > 0", [q]
 
 
+# -- what every process stores, told to the others (web replicas) ------------------------
+
+CHANGES_CHANNEL = "sluice_changes"
+# A NOTIFY payload must stay under 8,000 bytes: larger changes go as several.
+NOTIFY_BYTES = 7_000
+
+
+def encode_change(change: Change) -> list[str]:
+    """``change`` as NOTIFY payloads, each under NOTIFY_BYTES: ids, not rows (a listener
+    reads the rows it wants), and probe samples whole (they are small)."""
+    parts: list[dict[str, Any]] = []
+    new_left = change.new_jobs
+    chunk: list[str] = []
+    size = 0
+    for job_id in change.jobs:
+        if size + len(job_id) + 3 > NOTIFY_BYTES:
+            parts.append({"j": chunk, "n": min(new_left, len(chunk))})
+            new_left -= min(new_left, len(chunk))
+            chunk, size = [], 0
+        chunk.append(job_id)
+        size += len(job_id) + 3
+    if chunk:
+        parts.append({"j": chunk, "n": min(new_left, len(chunk))})
+    if change.workers:
+        parts.append({"w": list(change.workers)})
+    if change.queues:
+        parts.append({"q": [common.sample_to_row(sample) for sample in change.queues]})
+    return [orjson.dumps(part).decode() for part in parts]
+
+
+def decode_change(payload: str) -> Change:
+    part = orjson.loads(payload)
+    return Change(
+        jobs=tuple(part.get("j", ())),
+        new_jobs=part.get("n", 0),
+        workers=tuple(part.get("w", ())),
+        queues=tuple(common.sample_from_row(row) for row in part.get("q", ())),
+    )
+
+
+def _notify(cur: psycopg.Cursor[Any], change: Change) -> None:
+    # Inside the writing transaction: PostgreSQL delivers it at commit, never before.
+    for payload in encode_change(change):
+        cur.execute("SELECT pg_notify(%s, %s)", (CHANGES_CHANNEL, payload))
+
+
+class PostgresChangeFeed:
+    """:class:`sluice_core.storage.ChangeFeed`: LISTEN on a connection of its own, in a
+    thread; reconnects with backoff and reports each (re)connection as a gap."""
+
+    def __init__(self, conninfo: str, url: str) -> None:
+        self._conninfo = conninfo
+        self._url = url  # redacted, for logs
+
+    async def follow(
+        self, on_change: Callable[[Change], None], on_gap: Callable[[], None]
+    ) -> None:
+        token = trio.lowlevel.current_trio_token()
+        stop = threading.Event()
+
+        def deliver(payload: str) -> None:
+            try:
+                change = decode_change(payload)
+            except (ValueError, TypeError, KeyError) as exc:  # not ours: say so, go on
+                log.warning("change feed: a notification Sluice cannot read: %s", exc)
+                return
+            on_change(change)
+
+        try:
+            await trio.to_thread.run_sync(
+                self._listen, token, deliver, on_gap, stop, abandon_on_cancel=True
+            )
+        finally:
+            stop.set()
+
+    def _listen(
+        self,
+        token: trio.lowlevel.TrioToken,
+        deliver: Callable[[str], None],
+        on_gap: Callable[[], None],
+        stop: threading.Event,
+    ) -> None:
+        delay = 0.1
+        while not stop.is_set():
+            try:
+                with psycopg.connect(
+                    self._conninfo,
+                    autocommit=True,
+                    connect_timeout=int(CONNECT_TIMEOUT),
+                    application_name="sluice-changes",
+                    **KEEPALIVES,
+                ) as conn:
+                    conn.execute(f"LISTEN {CHANGES_CHANNEL}")
+                    token.run_sync_soon(on_gap)  # what was committed before now is unheard
+                    delay = 0.1
+                    while not stop.is_set():
+                        for notify in conn.notifies(timeout=0.5):
+                            token.run_sync_soon(deliver, notify.payload)
+            except psycopg.Error as exc:
+                log.warning("change feed from %s: %s; again in %gs", self._url, exc, delay)
+                stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+            except trio.RunFinishedError:
+                return
+
+
 def lock_key(name: str) -> int:
     """A named advisory lock's key: a signed 64-bit integer, as PostgreSQL takes it."""
     digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
@@ -190,22 +312,18 @@ class AdvisoryLock:
         return self._held
 
     def _connect(self) -> psycopg.Connection[Any]:
-        idle, count = 2, 3  # seconds, probes: a dead peer is seen after about LOCK_KEEPALIVE_S
         conn = psycopg.connect(
             self._conninfo,
             autocommit=True,
             connect_timeout=int(CONNECT_TIMEOUT),
-            keepalives=1,
-            keepalives_idle=idle,
-            keepalives_interval=idle,
-            keepalives_count=count,
-            tcp_user_timeout=LOCK_KEEPALIVE_S * 1000,
             application_name="sluice-leader",
+            **KEEPALIVES,
         )
+        # The server's side of the same keepalives: it frees a dead holder's lock.
         for setting, value in (
-            ("tcp_keepalives_idle", idle),
-            ("tcp_keepalives_interval", idle),
-            ("tcp_keepalives_count", count),
+            ("tcp_keepalives_idle", KEEPALIVES["keepalives_idle"]),
+            ("tcp_keepalives_interval", KEEPALIVES["keepalives_interval"]),
+            ("tcp_keepalives_count", KEEPALIVES["keepalives_count"]),
             ("statement_timeout", LOCK_KEEPALIVE_S * 1000),
         ):
             conn.execute(f"SET {setting} = {value}")
@@ -339,6 +457,14 @@ class _Transaction:
                 common.upsert_workers_sql("%s"), [common.worker_to_row(w) for w in workers]
             )
 
+    def announce(self, result: IngestResult) -> None:
+        change = Change(
+            jobs=tuple(job.id for job in result.jobs),
+            new_jobs=result.new_jobs,
+            workers=tuple(worker.hostname for worker in result.workers),
+        )
+        _notify(self._cur, change)
+
 
 class PostgresStorage(common.SharedSql):
     ingest_writers = INGEST_WRITERS
@@ -444,6 +570,9 @@ class PostgresStorage(common.SharedSql):
 
         return await self._write(apply)
 
+    def change_feed(self) -> PostgresChangeFeed:
+        return PostgresChangeFeed(self._conninfo, self.url)
+
     def leader_lock(self, name: str) -> AdvisoryLock:
         return AdvisoryLock(self._conninfo, name)
 
@@ -468,6 +597,7 @@ class PostgresStorage(common.SharedSql):
             with conn.cursor() as cur:
                 for sql in common.record_samples_sql("%s"):
                     cur.executemany(sql, rows)
+                _notify(cur, Change(queues=tuple(samples)))
 
         if rows:
             await self._write(write)

@@ -25,6 +25,7 @@ from sluice_core.model import Job, JobEvent, QueueSample, Worker
 from sluice_core.probes import WorkerQueues
 from sluice_core.storage import (
     DEFAULT_STUCK_AFTER_S,
+    IngestResult,
     StorageUnavailable,
 )
 from sluice_storage import common
@@ -255,6 +256,9 @@ class _Transaction:
     def write_workers(self, workers: list[Worker]) -> None:
         self._conn.executemany(common.upsert_workers_sql("?"), map(common.worker_to_row, workers))
 
+    def announce(self, result: IngestResult) -> None:
+        pass  # no other process shares the file
+
 
 # The columns _search_text reads, as positions in JOB_COLUMNS.
 _SEARCHED = frozenset(JOB_COLUMNS.index(c) for c in ("name", "args", "kwargs", "exception"))
@@ -418,6 +422,9 @@ class SQLiteStorage(common.SharedSql):
             return applied
 
         return await self._write(apply)
+
+    def change_feed(self) -> None:
+        return None  # one process owns the file: it publishes what it stores itself
 
     def leader_lock(self, name: str) -> None:
         return None  # one process owns the file: it leads

@@ -18,7 +18,7 @@ from sluice_core import hookimpl
 from sluice_core.actions import ActionHandler
 from sluice_core.config import Config
 from sluice_core.model import Normalized, RawBatch
-from sluice_core.options import Option, OptionParser, many, seconds, text
+from sluice_core.options import SOURCES, Option, OptionParser, many, seconds, text
 from sluice_core.probes import Probe
 from sluice_core.sources import Source
 from sluice_rabbitmq.connection import is_amqp_url
@@ -41,6 +41,7 @@ QUEUES = Option(
     many(text()),
     [],
     "queues to measure on Redis brokers even before any binding or job names them",
+    commands=SOURCES,
     metavar="NAME",
 )
 REDIS_PROBE_INTERVAL = Option(
@@ -48,6 +49,7 @@ REDIS_PROBE_INTERVAL = Option(
     seconds(),
     PROBE_INTERVAL,
     "seconds between queue depth polls on Redis",
+    commands=SOURCES,
 )
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from sluice_core import hookimpl
 from sluice_core.config import SERVER, Config
-from sluice_core.options import Option, OptionParser, seconds
+from sluice_core.options import SOURCES, Option, OptionParser, seconds
 from sluice_core.probes import Probe
 from sluice_core.sources import Source
 from sluice_rabbitmq.connection import is_amqp_url
@@ -23,12 +23,14 @@ PROBE_INTERVAL = Option(
     seconds(),
     DEFAULT_INTERVAL,
     "seconds between queue depth/consumer polls",
+    commands=SOURCES,
 )
 QUEUE_TTL = Option(
     "rabbitmq_queue_ttl",
     seconds(),
     DEFAULT_QUEUE_TTL,
     "seconds Sluice's event queue and its messages outlive a lost connection or a stop",
+    commands=SOURCES,
 )
 
 
