@@ -1,4 +1,4 @@
-"""The ``sluice`` command: run, agent, web, migrate, plugins, keys."""
+"""The ``sluice`` command: run, agent, web, migrate, plugins, keys, redact."""
 
 from __future__ import annotations
 
@@ -18,9 +18,13 @@ from sluice_core import __version__
 from sluice_core.agent import Agent
 from sluice_core.config import (
     API_KEY,
+    APPLY,
     CONFIG,
     LOG_FORMAT,
     PLUGIN,
+    REDACT_BATCH_JOBS,
+    REDACT_KEYS,
+    REDACT_PATTERNS,
     SERVER,
     Config,
     ConfigError,
@@ -28,8 +32,19 @@ from sluice_core.config import (
     core_options,
 )
 from sluice_core.engine import Engine
-from sluice_core.options import AGENT, KEYS, MIGRATE, PLUGINS, RUN, WEB, Option, OptionParser
+from sluice_core.options import (
+    AGENT,
+    KEYS,
+    MIGRATE,
+    PLUGINS,
+    REDACT,
+    RUN,
+    WEB,
+    Option,
+    OptionParser,
+)
 from sluice_core.plugins import PluginManager
+from sluice_core.redact import Redactor
 from sluice_core.storage import ApiKey, ApiKeyExists
 
 log = logging.getLogger("sluice")
@@ -57,12 +72,16 @@ def _add_options(parser: argparse.ArgumentParser, options: OptionParser, command
         if isinstance(default, bool):
             default = "on" if default else "off"
         shown = "" if default in (None, "", [], {}) else f"; default {default}"
+        alone: dict[str, Any] = (
+            {} if option.kind.alone is None else {"nargs": "?", "const": option.kind.alone}
+        )
         parser.add_argument(
             flag,
             dest=option.name,
             action=_action(option),
             metavar=option.metavar or option.kind.metavar,
             help=f"{option.help} (env {option.env_name}{shown})",
+            **alone,
         )
 
 
@@ -97,6 +116,13 @@ def make_parser(options: OptionParser) -> argparse.ArgumentParser:
         WEB,
         "serve the dashboard and API from a PostgreSQL that agents write (one of many replicas)",
         WEB,
+    )
+    command(
+        commands,
+        REDACT,
+        "scrub the database with the redaction rules (--redact-keys, --redact-patterns):"
+        " a dry run that says what would change, unless --apply",
+        REDACT,
     )
     keys = commands.add_parser(
         KEYS, help="API keys for the ingest endpoints (the SDK, remote agents)"
@@ -149,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == KEYS:
             return trio.run(_keys, config, pm, args.keys_command, getattr(args, "name", None))
+        if args.command == REDACT:
+            return trio.run(_redact, config, pm)
         if args.command == AGENT:
             return trio.run(_agent, config, pm)
         if args.command == WEB:
@@ -208,6 +236,29 @@ async def _keys(config: Config, pm: PluginManager, action: str, name: str | None
             print(f"revoked {_describe_key(revoked)}")
     finally:
         await storage.aclose()
+    return 0
+
+
+async def _redact(config: Config, pm: PluginManager) -> int:
+    redactor = Redactor(config.get(REDACT_KEYS), config.get(REDACT_PATTERNS))
+    if not redactor.active:
+        raise ConfigError("no redaction rules: give --redact-keys or --redact-patterns")
+    apply = config.get(APPLY)
+    storage = pm.storage(config)
+    await storage.open()
+    try:
+        found = await storage.redact(redactor, apply=apply, batch=config.get(REDACT_BATCH_JOBS))
+    finally:
+        await storage.aclose()
+    # Counts only: never a value, which is what is being hidden.
+    verb = "redacted" if apply else "would redact"
+    print(f"jobs: {found.jobs} read, {verb} {found.jobs_changed}")
+    print(f"events: {found.events} read, {verb} {found.events_changed}")
+    print(f"dead letters: {found.dead_letters} read, {verb} {found.dead_letters_changed}")
+    if not apply:
+        print("dry run: nothing was changed; run again with --apply to replace them")
+    elif found.note:
+        print(found.note)
     return 0
 
 

@@ -24,7 +24,9 @@ from urllib.parse import urlsplit, urlunsplit
 from sluice_core.options import (
     AGENT,
     DATABASE,
+    ENGINE,
     EVERY,
+    REDACT,
     SERVING,
     SOURCES,
     Kind,
@@ -40,7 +42,7 @@ from sluice_core.options import (
     text,
 )
 from sluice_core.redact import DEFAULT_KEYS, DEFAULT_PATTERNS
-from sluice_core.storage import DEFAULT_STUCK_AFTER_S
+from sluice_core.storage import DEFAULT_STUCK_AFTER_S, REDACT_BATCH
 
 T = TypeVar("T")
 
@@ -251,6 +253,7 @@ REDACT_KEYS = Option(
     many(text()),
     list(DEFAULT_KEYS),
     "argument names whose values are replaced before anything is stored (exact, any case)",
+    commands=ENGINE | {REDACT},
     metavar="NAME",
 )
 REDACT_PATTERNS = Option(
@@ -258,7 +261,24 @@ REDACT_PATTERNS = Option(
     many(text()),
     list(DEFAULT_PATTERNS),
     "regular expressions: argument names they are found in have their values replaced",
+    commands=ENGINE | {REDACT},
     metavar="REGEX",
+)
+APPLY = Option(
+    "apply",
+    switch(),
+    False,
+    "replace the secrets found (without it, only say what would change)",
+    commands=frozenset({REDACT}),
+    env="SLUICE_REDACT_APPLY",
+)
+REDACT_BATCH_JOBS = Option(
+    "redact_batch",
+    integer(1),
+    REDACT_BATCH,
+    "jobs (with their events) scrubbed in one transaction",
+    commands=frozenset({REDACT}),
+    metavar="JOBS",
 )
 
 CORE_OPTIONS: tuple[Option[Any], ...] = (
@@ -290,6 +310,8 @@ CORE_OPTIONS: tuple[Option[Any], ...] = (
     API_KEY,
     REDACT_KEYS,
     REDACT_PATTERNS,
+    APPLY,
+    REDACT_BATCH_JOBS,
 )
 
 

@@ -159,10 +159,10 @@ def timeline(events: Iterable[JobEvent]) -> list[JobEvent]:
         return i
 
     for _, i, j in sorted(pairs):
-        a, b = find(i), find(j)
-        if a != b and sources[a].isdisjoint(sources[b]):
-            root[max(a, b)] = min(a, b)
-            sources[min(a, b)] |= sources[max(a, b)]
+        first, second = sorted((find(i), find(j)))
+        if first != second and sources[first].isdisjoint(sources[second]):
+            root[second] = first
+            sources[first] |= sources[second]
     groups: dict[int, list[JobEvent]] = {}
     for i, event in enumerate(unique):
         groups.setdefault(find(i), []).append(event)

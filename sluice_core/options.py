@@ -33,13 +33,14 @@ T_co = TypeVar("T_co", covariant=True)
 # The commands an option belongs to; `sluice COMMAND --help` lists only its own.
 RUN, AGENT, WEB = "run", "agent", "web"
 MIGRATE, PLUGINS, KEYS = "migrate", "plugins", "keys"
+REDACT = "redact"  # scrub the database with the redaction rules
 # Store events (from brokers, or pushed to a web replica's ingest endpoint) and act on
 # the brokers (retry, revoke): the default.
 ENGINE = frozenset({RUN, AGENT, WEB})
 SOURCES = frozenset({RUN, AGENT})  # read the brokers: buffers, probes, monitors
 SERVING = frozenset({RUN, WEB})  # the dashboard and the API
-DATABASE = frozenset({RUN, AGENT, WEB, MIGRATE, KEYS})
-EVERY = frozenset({RUN, AGENT, WEB, MIGRATE, PLUGINS, KEYS})
+DATABASE = frozenset({RUN, AGENT, WEB, MIGRATE, KEYS, REDACT})
+EVERY = frozenset({RUN, AGENT, WEB, MIGRATE, PLUGINS, KEYS, REDACT})
 
 
 @attrs.frozen
@@ -49,6 +50,7 @@ class Kind(Generic[T_co]):  # noqa: UP046
     accepts: str  # what a user may give, for errors and --help: "an integer from 0 to 65535"
     parse: Callable[[object], T_co]  # raises ValueError or TypeError if the value is not accepted
     many: bool = False  # a list: the flag repeats, the environment holds a comma list
+    alone: str | None = None  # what the flag given without a value means (--apply: "on")
     metavar: str = "VALUE"  # in --help
 
 
@@ -193,7 +195,7 @@ def switch() -> Kind[bool]:
             return raw
         return _SWITCH[_text(raw).strip().lower()]
 
-    return Kind("on or off", parse, metavar="on|off")
+    return Kind("on or off", parse, metavar="on|off", alone="on")
 
 
 def many(item: Kind[str]) -> Kind[list[str]]:

@@ -16,6 +16,7 @@ import attrs
 from sluice_core.leader import LeaderLock
 from sluice_core.model import Job, JobEvent, JobState, QueueSample, Worker, WorkerEvent
 from sluice_core.probes import WorkerQueues
+from sluice_core.redact import Redactor
 
 MAX_PAGE = 500
 DEFAULT_PAGE = 50
@@ -142,6 +143,30 @@ class DeadLetter:
     id: int | None = None  # once stored
 
 
+# Jobs (with their events) scrubbed in one transaction by Storage.redact.
+REDACT_BATCH = 500
+
+
+@attrs.frozen
+class Redacted:
+    """What :meth:`Storage.redact` went through, and what held a secret (and was
+    replaced, if it applied the rules)."""
+
+    jobs: int = 0
+    jobs_changed: int = 0
+    events: int = 0
+    events_changed: int = 0
+    dead_letters: int = 0
+    dead_letters_changed: int = 0
+    # What the backend cannot do itself to remove the old values from its files.
+    note: str = ""
+
+    def __add__(self, other: Redacted) -> Redacted:
+        return Redacted(
+            *(getattr(self, f.name) + getattr(other, f.name) for f in attrs.fields(Redacted))
+        )
+
+
 class Storage(Protocol):
     url: str  # without credentials: safe to show
     # How many ingest transactions may run at once: the pipeline splits its batches
@@ -250,3 +275,12 @@ class Storage(Protocol):
 
     async def list_dead_letters(self, limit: int) -> list[DeadLetter]:
         """The newest ``limit`` dead letters, newest first."""
+
+    async def redact(
+        self, redactor: Redactor, *, apply: bool, batch: int = REDACT_BATCH
+    ) -> Redacted:
+        """Scrub what is stored with ``redactor`` (``sluice redact``): job rows (their
+        argument reprs, result, exception, traceback, extra), their events' fields and
+        extra, the search index, dead letters; ``batch`` jobs and their events a
+        transaction, so a large database is never locked long. Without ``apply``,
+        change nothing and count what would change. Idempotent."""

@@ -10,6 +10,7 @@ Everything in this module is blocking: backends call it from worker threads.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.resources
 import secrets
@@ -25,9 +26,11 @@ from sluice_core import merge
 from sluice_core.config import STUCK_AFTER, Config
 from sluice_core.model import Job, JobEvent, JobState, QueueSample, Worker, WorkerEvent
 from sluice_core.probes import WorkerQueues
+from sluice_core.redact import Redactor
 from sluice_core.storage import (
     DEAD_LETTERS_KEPT,
     DEFAULT_STUCK_AFTER_S,
+    REDACT_BATCH,
     ApiKey,
     ApiKeyExists,
     DeadLetter,
@@ -35,6 +38,7 @@ from sluice_core.storage import (
     JobQuery,
     Page,
     QueueStats,
+    Redacted,
     RejectedData,
 )
 
@@ -783,6 +787,107 @@ class SharedSql:
 
         if rows:
             await self._write(write)
+
+    # -- sluice redact ----------------------------------------------------------------
+
+    # Whether job_events is keyed by its job's seq (SQLite) rather than its id.
+    _events_by_seq: bool = False
+
+    def _scrubbing(self, conn: Any) -> None:
+        """Called first in each transaction that replaces secrets."""
+
+    def _reindex(self, conn: Any, jobs: list[tuple[int, Job]]) -> None:
+        """Write the search entries of these ``(seq, job)`` (an index of its own only)."""
+
+    async def _scrubbed(self) -> str:
+        """After every replacement: remove what the files still hold, or say how to."""
+        return ""
+
+    async def redact(
+        self, redactor: Redactor, *, apply: bool, batch: int = REDACT_BATCH
+    ) -> Redacted:
+        run = self._write if apply else self._read
+        total, after = Redacted(), 0
+        while True:
+            found = await run(
+                functools.partial(self._redact_jobs, redactor=redactor, after=after,
+                                  batch=batch, apply=apply)
+            )
+            if found is None:
+                break
+            after, counts = found
+            total += counts
+        total += await run(
+            functools.partial(self._redact_dead_letters, redactor=redactor, apply=apply)
+        )
+        if apply:
+            total = attrs.evolve(total, note=await self._scrubbed())
+        return total
+
+    def _redact_jobs(
+        self, conn: Any, *, redactor: Redactor, after: int, batch: int, apply: bool
+    ) -> tuple[int, Redacted] | None:
+        """The next ``batch`` jobs after seq ``after`` and their events: the last seq
+        read and the counts; None past the last job."""
+        p = self._marker
+        rows = conn.execute(
+            f"SELECT seq, {cols(JOB_COLUMNS)} FROM jobs WHERE seq > {p} ORDER BY seq LIMIT {p}",
+            (after, batch),
+        ).fetchall()
+        if not rows:
+            return None
+        jobs = [(row[0], job_from_row(row[1:])) for row in rows]
+        key = "job_seq" if self._events_by_seq else "job_id"
+        keys = {job.id: seq if self._events_by_seq else job.id for seq, job in jobs}
+        where, params = self._dialect.any_of(key, list(keys.values()))
+        events = [
+            event_from_row(row)
+            for row in conn.execute(
+                f"SELECT {cols(EVENT_COLUMNS)} FROM job_events WHERE {where}", params
+            ).fetchall()
+        ]
+        changed_jobs = [(seq, new) for seq, job in jobs if (new := redactor.job(job)) is not job]
+        changed_events = [
+            redacted for event in events if (redacted := redactor.job_event(event)) is not event
+        ]
+        if apply and (changed_jobs or changed_events):
+            self._scrubbing(conn)
+            cur = conn.cursor()
+            cur.executemany(
+                f"UPDATE jobs SET args = {p}, kwargs = {p}, result = {p}, exception = {p},"
+                f" traceback = {p}, extra = {p} WHERE seq = {p}",
+                [
+                    (job.args, job.kwargs, job.result, job.exception, job.traceback,
+                     dumps(job.extra), seq)
+                    for seq, job in changed_jobs
+                ],
+            )
+            cur.executemany(
+                f"UPDATE job_events SET fields = {p}, extra = {p} WHERE {key} = {p} AND id = {p}",
+                [
+                    (dumps_object(e.fields), dumps_object(e.extra), keys[e.job_id], e.id)
+                    for e in changed_events
+                ],
+            )
+            self._reindex(conn, changed_jobs)
+        return rows[-1][0], Redacted(
+            jobs=len(jobs), jobs_changed=len(changed_jobs),
+            events=len(events), events_changed=len(changed_events),
+        )
+
+    def _redact_dead_letters(self, conn: Any, *, redactor: Redactor, apply: bool) -> Redacted:
+        # At most DEAD_LETTERS_KEPT rows: one transaction.
+        rows = conn.execute("SELECT id, event FROM dead_letters").fetchall()
+        changed = [
+            (text, id_) for id_, event in rows if (text := redactor.json_text(event)) != event
+        ]
+        if apply and changed:
+            self._scrubbing(conn)
+            conn.cursor().executemany(
+                f"UPDATE dead_letters SET event = {self._marker} WHERE id = {self._marker}",
+                changed,
+            )
+        return Redacted(dead_letters=len(rows), dead_letters_changed=len(changed))
 
     async def list_dead_letters(self, limit: int) -> list[DeadLetter]:
         rows = await self._read(

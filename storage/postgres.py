@@ -576,6 +576,13 @@ class PostgresStorage(common.SharedSql):
     def leader_lock(self, name: str) -> AdvisoryLock:
         return AdvisoryLock(self._conninfo, name)
 
+    async def _scrubbed(self) -> str:
+        return (
+            "PostgreSQL keeps the replaced row versions in its files until VACUUM reuses"
+            " their space: to remove them now, run VACUUM FULL jobs, job_events,"
+            " dead_letters (it locks each table while it rewrites it)"
+        )
+
     async def ping(self) -> None:
         # Abandoned when the caller stops waiting (/healthz has a deadline; a connection
         # attempt may hang for CONNECT_TIMEOUT, a query on a hung server for ever), and

@@ -324,6 +324,7 @@ class SQLiteStorage(common.SharedSql):
         ) or (isinstance(exc, sqlite3.ProgrammingError) and str(exc).startswith("Error binding"))
     _events_of_job = "job_seq = (SELECT seq FROM jobs WHERE id = ?)"
     _dialect = _DIALECT
+    _events_by_seq = True
 
     def __init__(self, url: str, *, stuck_after: float = DEFAULT_STUCK_AFTER_S) -> None:
         self.url = redact_url(url)
@@ -428,6 +429,29 @@ class SQLiteStorage(common.SharedSql):
 
     def leader_lock(self, name: str) -> None:
         return None  # one process owns the file: it leads
+
+    # -- sluice redact ---------------------------------------------------------------
+
+    def _scrubbing(self, conn: sqlite3.Connection) -> None:
+        # Deleted and replaced values are overwritten with zeros, not left in free space.
+        conn.execute("PRAGMA secure_delete = ON")
+
+    def _reindex(self, conn: sqlite3.Connection, jobs: list[tuple[int, Job]]) -> None:
+        for seq, job in sorted(jobs, key=lambda pair: pair[0]):
+            conn.execute("DELETE FROM job_search WHERE rowid = ?", (seq,))
+            conn.execute(
+                "INSERT INTO job_search (rowid, text) VALUES (?, ?)", (seq, _search_text(job))
+            )
+
+    async def _scrubbed(self) -> str:
+        def checkpoint() -> None:
+            # The write-ahead log still holds the pages as they were before: copy the
+            # new ones into the database and empty it.
+            if self._writer is not None:
+                self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+        await trio.to_thread.run_sync(checkpoint, limiter=self._write_limiter)
+        return ""
 
     async def ping(self) -> None:
         # Abandoned when the caller stops waiting (/healthz has a deadline), and one at a
