@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
 import threading
 import time
 from collections import Counter
@@ -316,7 +318,8 @@ class AdvisoryLock:
             self._conninfo,
             autocommit=True,
             connect_timeout=int(CONNECT_TIMEOUT),
-            application_name="sluice-leader",
+            # Which process leads, for whoever looks at pg_stat_activity.
+            application_name=f"sluice-leader/{socket.gethostname()}/{os.getpid()}",
             **KEEPALIVES,
         )
         # The server's side of the same keepalives: it frees a dead holder's lock.
