@@ -90,7 +90,11 @@ app = make_app(
     queue=os.environ.get(ENV_QUEUE, "celery"),
     events=not os.environ.get(ENV_SDK),
 )
+# The SDK's own redaction in the worker (a comma list; empty: none, so that only the
+# server's hides a secret). Default: SDK_REDACT_KEYS.
+ENV_SDK_REDACT_KEYS = "SLUICE_TEST_SDK_REDACT_KEYS"
 if os.environ.get(ENV_SDK):
     import sluice
 
-    sluice.init(redact_keys=SDK_REDACT_KEYS)
+    redact = os.environ.get(ENV_SDK_REDACT_KEYS, ",".join(SDK_REDACT_KEYS))
+    sluice.init(redact_keys=[key for key in redact.split(",") if key])

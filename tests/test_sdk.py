@@ -9,6 +9,7 @@ The Sluice server has no broker configured.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -19,12 +20,15 @@ import sluice
 import trio
 
 import sluice_celery.plugin as celery_plugin
+from sluice_core.actions import PUSHED_BY
 from sluice_core.engine import Engine
 from sluice_core.model import Job, JobState
-from tests.celery_app import ENV_SDK, SDK_REDACT_KEYS
+from tests.celery_app import ENV_SDK, ENV_SDK_REDACT_KEYS, SDK_REDACT_KEYS
 from tests.fixtures.celery_worker import CeleryWorker
 from tests.fixtures.services import REDIS_URL, free_port
+from tests.test_actions import sluice as sluice_server
 from tests.test_agent import server
+from tests.test_redact import assert_nowhere_in
 from tests.waiting import wait_until
 
 
@@ -191,3 +195,72 @@ async def test_with_sluice_unreachable_the_buffer_is_bounded_and_drops_are_count
     stats = sluice.stats()
     assert (stats["buffered"], stats["dropped"], stats["sent"]) == (5, 15, 0)
     assert stats["errors"] == 0
+
+
+async def test_the_sdk_beside_task_events_tells_one_story_and_keeps_no_secret(
+    tmp_path: Path, keyprefix: str, sdk_off: None
+) -> None:
+    """The SDK in the producer and in a worker started with -E: every happening reaches
+    Sluice twice (the broker's event, the SDK's), with other stamps, clocks and ids.
+    Neither SDK redacts anything: the server's default rules hide the password."""
+    secret, blob = "p4ss-SECRET", "x" * 3000  # the broker's kwargsrepr stops at 1,024
+    with trio.fail_after(120):
+        async with sluice_server(tmp_path, REDIS_URL, keyprefix) as (engine, client):
+            _, key = await engine.storage.create_api_key("billing-app")
+            url = str(client.base_url)
+            assert sluice.init(url=url, api_key=key, flush_interval=0.2)
+            worker = CeleryWorker(
+                REDIS_URL,
+                keyprefix,
+                tmp_path / "celery-worker.log",
+                task_events=True,  # -E, and the producer's task_send_sent_event
+                env={
+                    ENV_SDK: "1", ENV_SDK_REDACT_KEYS: "", "SLUICE_URL": url,
+                    "SLUICE_API_KEY": key,
+                },
+            )
+            try:
+                await trio.to_thread.run_sync(worker.start)
+                echo = await worker.send("tests.echo", "bob", password=secret, blob=blob)
+                flaky = await worker.send("tests.flaky", 2)
+
+                attempt = ["task-sent", "task-received", "task-started"]
+                # job: (its timeline, how many happenings the broker reported of it: the
+                # retry's task-sent comes from the SDK alone, the worker's app sends none).
+                expected = {
+                    echo: ([*attempt, "task-succeeded"], 4),
+                    flaky: ([*attempt, "task-retried", *attempt, "task-succeeded"], 7),
+                }
+                for job_id, (types, by_broker) in expected.items():
+                    await wait_until(
+                        functools.partial(_reported, engine, job_id, len(types), by_broker),
+                        f"job {job_id}'s events from the broker and from the SDK",
+                        poll=0.2,
+                    )
+                    shown = (await client.get(f"/api/jobs/{job_id}")).json()
+                    assert sorted(e["type"] for e in shown["events"]) == sorted(types)
+                    assert shown["state"] == "completed"
+
+                row = await engine.storage.get_job(flaky)
+                assert row is not None and row.retries == 1  # one retry, reported twice
+
+                row = await engine.storage.get_job(echo)
+                assert row is not None and row.kwargs is not None
+                # The SDK's full arguments, the password redacted by the server.
+                assert row.args == "('bob',)"
+                assert row.kwargs == repr({"password": "[redacted]", "blob": blob})
+                assert row.extra["args_complete"] is True
+                assert row.extra["message"]["redacted"] is True  # no retry with placeholders
+                shown = (await client.get(f"/api/jobs/{echo}")).json()
+                assert secret not in str(shown)
+                assert (await client.get("/api/jobs", params={"q": secret})).json()["jobs"] == []
+            finally:
+                await trio.to_thread.run_sync(worker.close)
+    assert_nowhere_in(tmp_path, secret.encode())
+
+
+async def _reported(engine: Engine, job_id: str, by_sdk: int, by_broker: int) -> bool:
+    """Whether both sources' events of the job are all stored."""
+    events = await engine.storage.job_events(job_id)
+    pushed = sum(PUSHED_BY in event.extra for event in events)
+    return (pushed, len(events) - pushed) == (by_sdk, by_broker)
