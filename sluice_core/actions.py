@@ -7,6 +7,10 @@ API key, an *ingest-only* credential, sends whatever events it likes). The
 ingest endpoints stamp every event they take with the key (:func:`mark_pushed`),
 so that a handler can tell the two apart (:func:`own_events`) and re-publish
 only what the target broker itself showed (see :class:`PlansRetry`).
+
+Where a job lives (:func:`locations`): the broker whose events showed it, and, for a
+job a remote agent streamed, that agent. Its actions go there and nowhere else: an
+agent's job is acted on by the agent, down its own connection (:mod:`sluice_core.remote`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,14 @@ from sluice_core.model import Job, JobEvent
 # ingest endpoints set it on every event they take, over whatever the sender put
 # there; Sluice's own events never have it.
 PUSHED_BY: Final = "pushed_by"
+# The key of ``JobEvent.extra`` naming the broker (its URL, password redacted) that
+# carried a job, on the events that show where the job was sent or taken from (a
+# normalizer sets it on what a broker source read) and on Sluice's own record of a
+# retry it published.
+BROKER: Final = "broker"
+# The key of ``JobEvent.extra``, on Sluice's own record of a retry, naming the agent
+# (its API key) that published it: the new job lives behind that agent.
+AGENT: Final = "agent"
 
 
 def mark_pushed(events: Iterable[JobEvent], key_name: str) -> list[JobEvent]:
@@ -49,6 +61,71 @@ def own_events(timeline: Iterable[JobEvent]) -> list[JobEvent]:
     return [event for event in timeline if PUSHED_BY not in event.extra]
 
 
+def _agent_of(event: JobEvent) -> str | None:
+    """Whose broker an event speaks for: the agent that pushed it, or that Sluice's own
+    record names; None for a broker Sluice reads itself."""
+    if PUSHED_BY in event.extra:
+        return pushed_by(event)
+    agent = event.extra.get(AGENT)
+    return agent if isinstance(agent, str) else None
+
+
+@attrs.frozen(order=True)
+class Location:
+    """Where a job lives: a broker, read by Sluice itself (``agent`` None) or by the
+    remote agent whose API key is ``agent``. Two agents' brokers with the same URL are
+    two places: clusters often name their brokers alike."""
+
+    broker: str
+    agent: str | None = None
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"broker": self.broker, "agent": self.agent}
+
+
+def locations(timeline: Iterable[JobEvent]) -> list[Location]:
+    """Every place the job's events say it lives, sorted, Sluice's own brokers first.
+
+    An event pushed with an API key speaks only for that key's brokers, whatever it
+    claims: an ingest key cannot move a job to a broker Sluice reads, nor to another
+    agent."""
+    found = set()
+    for event in timeline:
+        broker = event.extra.get(BROKER)
+        if isinstance(broker, str):
+            found.add(Location(broker, _agent_of(event)))
+    return sorted(found, key=lambda place: (place.agent is not None, place))
+
+
+def lives_at(timeline: Iterable[JobEvent]) -> Location | None:
+    """Where the job lives, as the API and the dashboard show it; None: not known."""
+    return next(iter(locations(timeline)), None)
+
+
+def behind_agents(timeline: Iterable[JobEvent]) -> list[Location]:
+    """The agents' places of a job that lives behind remote agents only; [] for a job
+    on a broker Sluice reads itself (its own events win), or whose place is unknown."""
+    found = locations(timeline)
+    return [] if not found or found[0].agent is None else found
+
+
+def as_seen_by(agent: str, timeline: Iterable[JobEvent]) -> list[JobEvent]:
+    """The timeline as ``agent`` must judge it: what it pushed, and Sluice's records of
+    what it published, are its brokers' own word; what another agent pushed or
+    published is pushed, like anything the SDK or any other key sent. Copies: the
+    events themselves are left as they are."""
+    out = []
+    for event in timeline:
+        whose = _agent_of(event)
+        if whose == agent:
+            extra = {key: value for key, value in event.extra.items() if key != PUSHED_BY}
+            event = attrs.evolve(event, extra=extra)
+        elif whose is not None and PUSHED_BY not in event.extra:
+            event = attrs.evolve(event, extra={**event.extra, PUSHED_BY: whose})
+        out.append(event)
+    return out
+
+
 class ActionRefused(Exception):
     """The action cannot be done faithfully; the message says why and what to do.
 
@@ -73,12 +150,14 @@ class RetryPlan:
     # framework's own terms, so that a retry of the new job is confirmed by it.
     record: dict[str, Any] = attrs.field(factory=dict)
     message: object = attrs.field(default=None, eq=False, repr=False)  # the handler's own
+    agent: str | None = None  # the remote agent that publishes it; None: Sluice itself
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "queue": self.queue,
             "broker": self.target,
+            "agent": self.agent,
             "arguments": self.arguments,
             "arguments_from": self.arguments_from,
             "details": list(self.details),
@@ -91,6 +170,10 @@ class ActionResult:
     action: str  # "retry" or "revoke"
     new_job_id: str | None = None  # the new job's id, for a retry
     published: RetryPlan | None = None  # what a planned retry published
+    # For a revoke: per broker it went out on, how many workers heard it (None: the
+    # broker does not say; RabbitMQ only confirms that at least one did).
+    heard_by: dict[str, int | None] = attrs.field(factory=dict)
+    agent: str | None = None  # the remote agent that did it; None: Sluice itself
 
 
 class ActionHandler(Protocol):

@@ -12,12 +12,19 @@ stored but whose ack was lost is sent twice; ingest is idempotent by event id,
 so that stores nothing twice. While the server is away the batches wait in the
 uplink; when it holds ``buffer_messages`` events, the pipeline waits, its own
 buffer fills, and only then do the sources drop (and count) what they read.
+
+Actions on the jobs it streamed (retry, revoke) come back down the same connection,
+and the agent does them with its own action handlers on its brokers, then says
+what came of them (:mod:`sluice_core.remote`). It announces its brokers at the
+handshake so that the server knows which jobs live here. It takes actions from
+nowhere else: only from the server it connected to, with its key.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -36,6 +43,7 @@ from sluice_core.metrics import Metrics
 from sluice_core.model import JobEvent, WorkerEvent
 from sluice_core.pipeline import Pipeline
 from sluice_core.plugins import PluginManager
+from sluice_core.remote import HEADER, ActionExecutor, announcement
 from sluice_core.serialize import job_event_to_json, worker_event_to_json
 from sluice_core.sources import Source, run_sources
 from sluice_core.spool import Spool
@@ -86,9 +94,23 @@ class _Pulse:
 class Uplink:
     """The agent pipeline's last stage: batches go out over WebSocket, kept until acked."""
 
-    def __init__(self, server: str, api_key: str, *, metrics: Metrics, max_events: int) -> None:
+    def __init__(
+        self,
+        server: str,
+        api_key: str,
+        *,
+        metrics: Metrics,
+        max_events: int,
+        brokers: list[str] | None = None,
+        executor: ActionExecutor | None = None,
+    ) -> None:
+        """``brokers`` (redacted URLs) are announced, and the server's actions on their
+        jobs done by ``executor``; without them the server sends no action."""
         self.url = ingest_url(server)
         self._headers = [(b"Authorization", f"Bearer {api_key}".encode())]
+        self._executor = executor
+        if executor is not None and brokers is not None:
+            self._headers.append((HEADER.encode(), announcement(brokers)))
         self._metrics = metrics
         self._max_events = max_events
         # seq -> (the message, its event count); insertion order is seq order.
@@ -160,6 +182,12 @@ class Uplink:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Stay connected (reconnecting with backoff) and stream until cancelled."""
         task_status.started()
+        # Actions outlive the session they came in: one cut short by a lost connection
+        # would leave its outcome unknown to the agent too.
+        async with trio.open_nursery() as actions:
+            await self._connect_loop(actions)
+
+    async def _connect_loop(self, actions: trio.Nursery) -> None:
         where = redact_url(self.url)
         delay = BACKOFF_FIRST
         while True:
@@ -173,7 +201,7 @@ class Uplink:
                     self.connected = True
                     delay = BACKOFF_FIRST
                     log.info("connected to %s; sending %d held events", where, self.unacked_events)
-                    await self._session(ws)
+                    await self._session(ws, actions)
             except ConnectionRejected as exc:
                 if exc.status_code in (401, 403):
                     delay = REFUSED_BACKOFF
@@ -197,12 +225,12 @@ class Uplink:
             await trio.sleep(delay)
             delay = min(delay * 2, max(delay, BACKOFF_MAX))
 
-    async def _session(self, ws: WebSocketConnection) -> None:
+    async def _session(self, ws: WebSocketConnection, actions: trio.Nursery) -> None:
         """Stream until the connection closes; the next one resends what is not acked."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._send_loop, ws)
             try:
-                await self._receive_loop(ws)
+                await self._receive_loop(ws, actions)
             except ConnectionClosed as exc:
                 log.warning(
                     "%s closed the connection (%s); holding %d events",
@@ -229,7 +257,7 @@ class Uplink:
                     return  # the receive loop sees the close too, and ends the session
             sent = latest
 
-    async def _receive_loop(self, ws: WebSocketConnection) -> None:
+    async def _receive_loop(self, ws: WebSocketConnection, actions: trio.Nursery) -> None:
         while True:
             message = await ws.get_message()
             try:
@@ -238,6 +266,9 @@ class Uplink:
                 reply = None
             if type(reply) is not dict:
                 log.warning("ignored a reply that is not a JSON object: %r", message[:120])
+                continue
+            if "action" in reply and self._executor is not None:
+                actions.start_soon(self._act, ws, self._executor, reply["action"])
                 continue
             seq = reply.get("ack")
             if seq is not None:
@@ -255,6 +286,18 @@ class Uplink:
                 error.get("code"),
             )
 
+    async def _act(self, ws: WebSocketConnection, executor: ActionExecutor, action: Any) -> None:
+        """Do an action the server sent, and answer it on the connection it came on."""
+        answer = await executor.execute(action)
+        request_id = action.get("id") if type(action) is dict else None
+        try:
+            await ws.send_message(orjson.dumps({"reply": request_id, **answer}))
+        except ConnectionClosed:
+            log.warning(
+                "the connection closed before this agent could answer an action (%s)",
+                "done" if "results" in answer else answer,
+            )
+
     def _settle(self, seq: object) -> int:
         held = self._unacked.pop(seq, None) if type(seq) is int else None
         if held is None:
@@ -270,8 +313,14 @@ class Agent:
     def __init__(self, config: Config, pm: PluginManager, *, server: str, api_key: str) -> None:
         self.config = config
         self.metrics = Metrics()
+        self.actions = pm.actions(config)
         self.uplink = Uplink(
-            server, api_key, metrics=self.metrics, max_events=config.buffer_messages
+            server,
+            api_key,
+            metrics=self.metrics,
+            max_events=config.buffer_messages,
+            brokers=[redact_url(url) for url in config.brokers],
+            executor=ActionExecutor(self.actions),
         )
         self.pipeline = Pipeline(
             normalize=pm.normalize,
@@ -320,6 +369,14 @@ class Agent:
                     )
                 nursery.cancel_scope.cancel()
         finally:
+            with trio.CancelScope(shield=True):
+                for handler in self.actions:  # they may hold broker connections
+                    aclose = getattr(handler, "aclose", None)
+                    if aclose is not None:
+                        try:
+                            await aclose()
+                        except Exception as exc:
+                            log.warning("closing %r: %s", handler, exc)
             self.stopped.set()
 
     async def _run_pipeline(self, done: trio.Event) -> None:

@@ -9,6 +9,8 @@ RabbitMQ) vhost.
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import time
 import uuid
@@ -35,11 +37,21 @@ from sluice_celery.messages import (
     summary,
     task_message,
 )
-from sluice_core.actions import ActionRefused, mark_pushed
+from sluice_core.actions import (
+    ActionRefused,
+    Location,
+    as_seen_by,
+    behind_agents,
+    lives_at,
+    mark_pushed,
+    pushed_by,
+)
+from sluice_core.agent import Agent
 from sluice_core.config import Config, redact_url
 from sluice_core.engine import Engine
 from sluice_core.model import Job, JobEvent, JobState
 from sluice_core.plugins import PluginManager
+from sluice_core.remote import ActionExecutor, Agents, NoAnswer
 from tests.celery_app import ENV_SDK, make_app
 from tests.fixtures.celery_worker import CeleryWorker
 from tests.fixtures.services import AMQP_URL, REDIS_URL
@@ -135,7 +147,12 @@ async def test_revoked_scheduled_job_never_runs_and_ends_revoked(
 
             response = await client.post(f"/api/jobs/{job_id}/revoke", json={})
             assert response.status_code == 202, response.text
-            assert response.json() == {"job_id": job_id, "terminate": False, "signal": "SIGTERM"}
+            # Heard by the worker: Redis counts it, RabbitMQ only confirms that one has it.
+            heard = 1 if worker.broker_url.startswith("redis") else None
+            assert response.json() == {
+                "job_id": job_id, "terminate": False, "signal": "SIGTERM",
+                "heard_by": {redact_url(worker.broker_url): heard}, "agent": None,
+            }
             # Until a worker confirms, the job shows the pending action, from the audit event.
             job = (await client.get(f"/api/jobs/{job_id}")).json()
             [audit] = actions(job, "revoke")
@@ -202,6 +219,7 @@ async def test_retry_of_a_failed_job_whose_cause_was_fixed_completes_with_its_ar
                 "name": "tests.read_file",
                 "queue": worker.queue,
                 "broker": redact_url(worker.broker_url),
+                "agent": None,
                 "arguments": f'("{path}", strip=true)',
                 "arguments_from": "the argument reprs in Celery's events",
                 "details": [],
@@ -487,12 +505,12 @@ def forged_agent_events(
     job_id: str, broker: str, queue: str, message: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """Normalized events, as an agent pushes them, claiming all a broker's own events
-    and Sluice's own publish would say: the broker, the route, no API key."""
+    and Sluice's own publish would say: the broker, the route, no API key, another agent."""
     now = time.time()
 
     def event(kind: str, state: str, at: float, **fields: Any) -> dict[str, Any]:
         extra = {"broker": broker, "exchange": "", "routing_key": queue, "message": message,
-                 "pushed_by": None}
+                 "pushed_by": None, "agent": "agent-eu"}
         return {"id": uuid.uuid4().hex, "job_id": job_id, "framework": "celery", "type": kind,
                 "state": state, "timestamp": at, "fields": fields, "extra": extra}
 
@@ -587,11 +605,159 @@ async def test_an_ingest_key_cannot_choose_what_a_retry_publishes(
     assert f"{STOLEN} to queue {critical}" in never_shown and broker in never_shown
     assert "no broker it publishes to" in never_shown and "API key 'attacker'" in never_shown
     assert "-E" in never_shown and "task_send_sent_event" in never_shown
-    assert f"{STOLEN} to queue {worker.queue}" in reasons[forged["agent"]]
-    assert "no broker it publishes to" in reasons[forged["agent"]]
+    # Events in the agents' format speak for their key's brokers, never for the server's
+    # own: that job lives behind an agent "attacker", which is not connected.
+    assert reasons[forged["agent"]] == (
+        f"the agent 'attacker' that reads broker {broker} is not connected; nothing was sent"
+    )
     hijack = reasons[hijacked]
     assert f"tests.read_file to queue {critical} on {broker}" in hijack
     assert f"showed this job sent to queue {worker.queue}" in hijack
+
+
+# -- actions on a remote agent's jobs ----------------------------------------------------
+
+
+class ServerRedis:
+    """What the central server could publish on its own Redis: jobs pushed on the agent's
+    queue name there, and revokes on its mailbox, where another cluster's workers would
+    take them."""
+
+    def __init__(self, keyprefix: str, queue: str) -> None:
+        self.client = redis.Redis.from_url(REDIS_URL)
+        self.keys = [redis_queue_key(queue, p, keyprefix) for p in PRIORITY_STEPS]
+        self.mailbox = f"{keyprefix}/0.celery.pidbox"
+        self.pubsub = self.client.pubsub()
+        self.pubsub.subscribe(self.mailbox)
+        self.pubsub.get_message(timeout=5)  # the subscription's confirmation
+
+    async def published(self) -> list[str]:
+        """What was published so far: the queue's messages, and the revokes that reached
+        the mailbox before a marker of ours (Redis delivers a channel's messages in order)."""
+
+        def read() -> list[str]:
+            queued = [m.decode() for key in self.keys for m in self.client.lrange(key, 0, -1)]
+            self.client.publish(self.mailbox, b"marker")
+            while (message := self.pubsub.get_message(timeout=5)) is not None:
+                if message["type"] != "message":
+                    continue
+                if message["data"] == b"marker":
+                    return queued
+                # Sluice's own questions to its workers (reconciliation) are no action.
+                body = json.loads(base64.b64decode(json.loads(message["data"])["body"]))
+                if body["method"] == "revoke":
+                    queued.append(f"revoke {body['arguments']}")
+            raise AssertionError("our own marker never came back")
+
+        return await trio.to_thread.run_sync(read)
+
+    def close(self) -> None:
+        self.pubsub.close()
+        self.client.close()
+
+
+@asynccontextmanager
+async def remote_agent(central: Engine, broker_url: str, name: str) -> AsyncIterator[Agent]:
+    """``sluice agent --broker URL --server ws://...`` with a key named ``name``, connected
+    and reading its broker; stopped at the end."""
+    pm = PluginManager()
+    pm.load(["celery", "rabbitmq"])
+    config = Config(broker=[broker_url])
+    pm.configure(config)
+    _, key = await central.storage.create_api_key(name)
+    server = central.web_addresses[0].replace("0.0.0.0", "127.0.0.1")
+    agent = Agent(config, pm, server=server, api_key=key)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        source = agent.sources[0].name
+
+        def ready() -> bool:
+            status = agent.pipeline.sources.get(source)
+            return agent.uplink.connected and status is not None and status.up
+
+        await wait_until(ready, "the agent to connect and read its broker")
+        yield agent
+        agent.stop()
+        await agent.stopped.wait()
+
+
+@pytest.mark.parametrize("celery_worker", ["rabbitmq"], indirect=True)
+async def test_actions_on_an_agents_jobs_are_done_by_the_agent_on_its_own_broker(
+    celery_worker: CeleryWorker, tmp_path: Path, keyprefix: str
+) -> None:
+    worker = celery_worker  # on a RabbitMQ vhost of its own, which only the agent reads
+    here = {"broker": redact_url(worker.broker_url), "agent": "agent-eu"}
+    path = tmp_path / "input.txt"
+    # The central server reads a Redis of its own: what it published there would run
+    # on another cluster.
+    own = ServerRedis(keyprefix, worker.queue)
+    try:
+        with trio.fail_after(2 * TIMEOUT):
+            async with sluice(tmp_path, REDIS_URL, keyprefix) as (central, client):
+                async with remote_agent(central, worker.broker_url, "agent-eu"):
+                    failed_id = await send(worker, "tests.read_file", str(path))
+                    failed = await job_when(client, failed_id, in_state("failed"))
+                    page = (await client.get(f"/jobs/{failed_id}")).text
+                    path.write_text("fixed")
+
+                    preview = await client.get(f"/api/jobs/{failed_id}/retry")
+                    assert preview.status_code == 200, preview.text
+                    retried = await client.post(f"/api/jobs/{failed_id}/retry")
+                    assert retried.status_code == 202, retried.text
+                    # The new attempt's events come back through the agent.
+                    new = await job_when(client, retried.json()["job_id"], in_state("completed"))
+                    # A retry of the retry rests on Sluice's record of the agent's publish.
+                    again = await client.post(f"/api/jobs/{new['id']}/retry")
+                    assert again.status_code == 202, again.text
+                    await job_when(client, again.json()["job_id"], in_state("completed"))
+
+                    eta_id = await send(worker, "tests.add", 2, 2, countdown=4)
+                    await job_when(client, eta_id, in_state("scheduled"))
+                    revoked = await client.post(f"/api/jobs/{eta_id}/revoke", json={})
+                    assert revoked.status_code == 202, revoked.text
+                    eta = await job_when(client, eta_id, in_state("revoked"))
+                    held_id = await send(worker, "tests.add", 3, 3, countdown=600)
+                    await job_when(client, held_id, in_state("scheduled"))
+
+                # The agent stopped: the actions on its jobs have nowhere to go.
+                async def away() -> httpx.Response | None:
+                    response = await client.get(f"/api/jobs/{failed_id}/retry")
+                    return response if response.status_code == 409 else None
+
+                preview_away = await wait_until(away, "the server to see the agent gone")
+                retry_away = await client.post(f"/api/jobs/{failed_id}/retry")
+                revoke_away = await client.post(f"/api/jobs/{held_id}/revoke", json={})
+                bulk = await client.post(
+                    "/api/jobs/bulk", json={"action": "revoke", "ids": [held_id, eta_id]}
+                )
+                old = (await client.get(f"/api/jobs/{failed_id}")).json()
+                published = await own.published()
+    finally:
+        own.close()
+    assert failed["location"] == here and new["location"] == here
+    assert "through agent <b>agent-eu</b>" in page and here["broker"] in page
+    assert preview.json()["publish"]["agent"] == "agent-eu"
+    assert retried.json()["published"] == preview.json()["publish"]
+    assert retried.json()["published"]["broker"] == here["broker"]
+    assert new["result"] == "'fixed'" and new["retry_of"] == failed_id
+    # The revoke reached the agent's worker, which discarded the job before its ETA.
+    assert (revoked.json()["agent"], revoked.json()["heard_by"]) == (
+        "agent-eu", {here["broker"]: None}  # RabbitMQ confirms, without a count
+    )
+    assert not {"active", "completed"} & {e["state"] for e in eta["events"]}
+    # Away: a 409 that says so, per job in bulk, recorded; nothing went anywhere else.
+    message = (
+        f"the agent 'agent-eu' that reads broker {here['broker']} is not connected;"
+        " nothing was sent"
+    )
+    for response in (preview_away, retry_away, revoke_away):
+        assert response.status_code == 409, response.text
+        assert response.json()["error"]["message"] == message
+    assert [(r["outcome"], r["message"][:40]) for r in bulk.json()["results"]] == [
+        ("refused", message[:40]), ("refused", f"job {eta_id} had already finished"[:40])
+    ]
+    assert [a["outcome"] for a in actions(old, "retry")] == ["accepted", "refused"]
+    assert published == []
 
 
 # -- bad input, and a revoke no worker hears -----------------------------------------------
@@ -777,3 +943,85 @@ def test_the_plan_shows_everything_a_capture_adds() -> None:
     assert summary(call) == '("' + "x" * 297 + "…"  # 300 characters at most
     assert summary(attrs.evolve(call, args=[1, "a"], kwargs={"k": None})) == '(1, "a", k=null)'
     assert details(call) == ("priority 9", "headers x-approved-by")
+
+
+# -- where a job lives, and the link to its agent ----------------------------------------------
+
+
+def test_a_job_lives_where_sluices_own_events_or_its_agents_say() -> None:
+    same = "redis://redis:6379/0"  # two clusters often name their brokers alike
+    own = timeline_event("task-sent", JobState.QUEUED, extra={"broker": same})
+    far = timeline_event("task-received", JobState.RECEIVED, "agent-eu", extra={"broker": same})
+    published = timeline_event("sluice-retry", JobState.QUEUED,
+                               extra={"broker": same, "agent": "agent-eu"})
+    claim = timeline_event("task-sent", JobState.QUEUED, "attacker",
+                           extra={"broker": same, "agent": "agent-eu"})
+    sdk = timeline_event("task-sent", JobState.QUEUED, "billing-app")  # names no broker
+    assert behind_agents([far, own, sdk]) == []  # what Sluice reads itself wins
+    assert lives_at([far, own]) == Location(same)
+    assert behind_agents([far, published, sdk]) == [Location(same, "agent-eu")]
+    # A pushed event speaks for its own key, whatever agent it names.
+    assert behind_agents([claim]) == [Location(same, "attacker")]
+    assert behind_agents([sdk]) == [] and lives_at([sdk]) is None
+    # The agent judges what it pushed and published as its broker's; the rest as pushed.
+    seen = as_seen_by("agent-eu", [far, published, claim, sdk, own])
+    assert [pushed_by(event) for event in seen] == [None, None, "attacker", "billing-app", None]
+    assert as_seen_by("agent-us", [published])[0].extra["pushed_by"] == "agent-eu"
+    assert far.extra["pushed_by"] == "agent-eu"  # the stored events are left as they were
+
+
+async def test_an_agent_that_does_not_answer_or_leaves_gets_a_clear_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    agents = Agents(timeout=20)
+    here = Location("amqp://far//", "agent-eu")
+    job = Job(id="j1", framework="celery")
+    link = agents.connect("agent-eu", frozenset({here.broker}))
+    handler = agents.handler(job, [here])
+    # Sent, and never answered.
+    with pytest.raises(NoAnswer, match="did not answer within 20s: whether it was done is"):
+        await handler.revoke(job, terminate=False, signal="SIGTERM")
+    stale = orjson.loads(link.outbox.receive_nowait())
+
+    async def agent(answer: bool) -> None:
+        action = orjson.loads(await link.outbox.receive())["action"]
+        if not answer:
+            agents.disconnect(link)
+            return
+        link.answer({"reply": stale["action"]["id"], "refused": "too late"})  # dropped
+        result = {"job_id": "j1", "action": "revoke", "heard_by": {here.broker: 2}}
+        link.answer({"reply": action["id"], "results": [result]})
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent, True)
+        done = await handler.revoke(job, terminate=True, signal="SIGKILL")
+    assert (done.agent, done.heard_by) == ("agent-eu", {here.broker: 2})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent, False)
+        with pytest.raises(NoAnswer, match="its connection closed before it answered"):
+            await handler.revoke(job, terminate=False, signal="SIGTERM")
+    with pytest.raises(ActionRefused, match="'agent-eu' that reads broker amqp://far// is not"):
+        agents.handler(job, [here])
+    other = agents.connect("agent-eu", frozenset({"amqp://elsewhere//"}))
+    with pytest.raises(ActionRefused, match="is connected but does not read broker amqp://far//"):
+        agents.handler(job, [here])
+    agents.disconnect(other)
+
+
+async def test_the_agent_answers_what_its_own_handlers_did_or_why_not(keyprefix: str) -> None:
+    handler = CeleryActions([RedisBroker(REDIS_URL, keyprefix=keyprefix)])
+    executor = ActionExecutor([handler])
+    revoke = {"kind": "revoke", "jobs": [{"id": "j1", "framework": "celery"}],
+              "terminate": False, "signal": "SIGTERM"}
+    try:
+        # No worker listens on this key prefix's mailbox.
+        no_worker = await executor.execute(revoke)
+        other = await executor.execute({**revoke, "jobs": [{"id": "j1", "framework": "rq"}]})
+        unknown = await executor.execute({"kind": "purge"})
+        bad = await executor.execute({"kind": "plan", "job": {"id": "j1", "events": "x"}})
+    finally:
+        await handler.aclose()
+    assert "reached no worker" in no_worker["refused"]
+    assert "no action handler for rq jobs" in other["refused"]
+    assert unknown == {"error": "this agent cannot read the action: unknown action kind 'purge'"}
+    assert "needs a framework and its events" in bad["error"]

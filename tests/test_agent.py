@@ -16,13 +16,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx
+import orjson
 import pytest
 import trio
+from trio_websocket import open_websocket_url
 
 from sluice_core.agent import Agent, ingest_url
 from sluice_core.config import Config, ConfigError
 from sluice_core.engine import Engine
+from sluice_core.model import JobEvent, JobState
 from sluice_core.plugins import PluginManager
+from sluice_core.remote import HEADER, announcement
+from sluice_core.serialize import job_event_to_json
 from tests.fixtures.services import REDIS_URL, free_port
 from tests.metrics import metric
 from tests.test_redis_source import publish
@@ -201,3 +207,68 @@ def test_the_server_address_may_be_given_as_ws_or_http(given: str, url: str) -> 
 def test_a_server_address_that_is_not_one_is_a_configuration_error() -> None:
     with pytest.raises(ConfigError, match="expected the Sluice server's address"):
         ingest_url("redis://localhost:6379/0")
+
+
+async def test_an_agents_refusal_and_silence_are_the_apis_answer(tmp_path: Path) -> None:
+    """The wire, as an agent speaks it: announced at the handshake, a batch and its ack,
+    then the server's actions, answered (a refusal: 409) or not (the connection closes:
+    504, what was done unknown)."""
+    db, port = tmp_path / "central.db", free_port()
+    broker = "amqp://guest:***@far:5672/prod"
+    job_id = str(uuid.uuid4())
+    received = JobEvent(
+        id="e1", job_id=job_id, framework="celery", type="task-received",
+        state=JobState.RECEIVED, timestamp=time.time(), worker="w1@far",
+        fields={"name": "tests.add"}, extra={"broker": broker},
+    )
+    batch = {"seq": 1, "format": "sluice", "job_events": [job_event_to_json(received)],
+             "worker_events": []}
+    with trio.fail_after(30):
+        async with (
+            server(db, port) as central,
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client,
+        ):
+            _, key = await central.storage.create_api_key("agent-far")
+            headers = [(b"Authorization", f"Bearer {key}".encode()),
+                       (HEADER.encode(), announcement([broker]))]
+            url = f"ws://127.0.0.1:{port}/api/ingest/ws"
+            async with open_websocket_url(url, extra_headers=headers) as ws:
+                await ws.send_message(orjson.dumps(batch))
+                assert orjson.loads(await ws.get_message()) == {"ack": 1}
+                job = (await client.get(f"/api/jobs/{job_id}")).json()
+
+                async def agent_answers() -> None:
+                    action = orjson.loads(await ws.get_message())["action"]
+                    sent.append(action)
+                    reply = {"reply": action["id"], "refused": "no worker heard it"}
+                    await ws.send_message(orjson.dumps(reply))
+
+                sent: list[dict[str, object]] = []
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(agent_answers)
+                    refused = await client.post(
+                        f"/api/jobs/{job_id}/revoke", json={"terminate": True}
+                    )
+
+                async def agent_leaves() -> None:
+                    sent.append(orjson.loads(await ws.get_message())["action"])
+                    await ws.aclose()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(agent_leaves)
+                    unanswered = await client.post(f"/api/jobs/{job_id}/revoke")
+            after = (await client.get(f"/api/jobs/{job_id}")).json()
+    assert job["location"] == {"broker": broker, "agent": "agent-far"}
+    assert [(a["kind"], a["jobs"], a["terminate"]) for a in sent] == [
+        ("revoke", [{"id": job_id, "framework": "celery"}], True),
+        ("revoke", [{"id": job_id, "framework": "celery"}], False),
+    ]
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["message"] == "the agent 'agent-far' refused: no worker heard it"
+    assert unanswered.status_code == 504, unanswered.text
+    assert unanswered.json()["error"]["code"] == "no_answer"
+    assert "closed before it answered: whether it was done is unknown" in (
+        unanswered.json()["error"]["message"]
+    )
+    audits = [e["detail"] for e in after["events"] if e["type"] == "sluice-revoke"]
+    assert [a["outcome"] for a in audits] == ["refused", "no_answer"]

@@ -27,11 +27,14 @@ from sluice_core.actions import (
     PlansRetry,
     RetryPlan,
     RevokesMany,
+    behind_agents,
+    lives_at,
 )
 from sluice_core.engine import Engine
 from sluice_core.model import Job, JobEvent, JobState, event_id
 from sluice_core.monitors import workers_task_events
 from sluice_core.pipeline import WriteHealth
+from sluice_core.remote import Agents, NoAnswer
 from sluice_core.serialize import (
     event_to_dict,
     iso,
@@ -65,6 +68,7 @@ WRITES_FAILING_S = 10.0
 UNSTORED_AGE_S = 60.0
 AUDIT_TIMEOUT = 10.0  # seconds an action's answer waits for its audit events to be stored
 ACTIONS = ("retry", "revoke")
+NO_ANSWER = "no_answer"  # the outcome of an action a remote agent did not answer
 REVOKE_OPTIONS = ("terminate", "signal")
 
 blueprint = Blueprint("api", __name__)
@@ -183,6 +187,7 @@ async def job_detail(job_id: str) -> dict[str, Any]:
         **job_to_dict(job),
         "events": [event_to_dict(event) for event in events],
         "timing": job_timing(job),
+        "location": await _location(job_id),
     }
 
 
@@ -195,11 +200,27 @@ def _not_implemented(job: Job) -> ApiError:
     )
 
 
-def _handler(job: Job) -> ActionHandler:
+async def _location(job_id: str) -> dict[str, str | None] | None:
+    """Where the job lives, which its actions go to: the broker, and the agent reading it.
+    Read from the events as stored: a merged timeline's reports carry other sources'
+    stamps, and would show the job behind whichever source pushed a report of it."""
+    place = lives_at(await _engine().storage.job_events(job_id))
+    return None if place is None else place.to_dict()
+
+
+async def _route(job: Job) -> tuple[ActionHandler, list[JobEvent]]:
+    """The handler that acts on ``job`` where it lives, and the job's timeline: the
+    agent's connection for a job a remote agent streamed (ActionRefused when that agent
+    is away: nothing is sent anywhere else), else this server's own handler."""
+    timeline = await _engine().storage.job_events(job.id)
+    places = behind_agents(timeline)
+    if places:
+        agents: Agents = current_app.extensions["sluice_agents"]
+        return agents.handler(job, places), timeline
     handler = _engine().action_handler(job)
     if handler is None:
         raise _not_implemented(job)
-    return handler
+    return handler, timeline
 
 
 @blueprint.get("/api/jobs/<job_id>/retry")
@@ -208,10 +229,14 @@ async def retry_preview(job_id: str) -> dict[str, Any]:
     confirm, or 409 with the reason it would be refused. Publishes nothing. ``publish``
     is null for a handler that cannot tell beforehand."""
     job = await _job(job_id)
-    handler = _handler(job)
+    handler, timeline = await _route(job)
     if not isinstance(handler, PlansRetry):
         return {"job_id": job.id, "publish": None}
-    return {"job_id": job.id, "publish": (await _plan(handler, job)).to_dict()}
+    try:
+        plan = await handler.plan_retry(job, timeline)
+    except NoAnswer as exc:
+        raise ApiError(str(exc), status=504, code=NO_ANSWER) from None
+    return {"job_id": job.id, "publish": plan.to_dict()}
 
 
 @blueprint.post("/api/jobs/<job_id>/retry")
@@ -234,17 +259,21 @@ async def revoke(job_id: str) -> tuple[dict[str, Any], int]:
     job = await _job(job_id)
     [outcome] = await _act("revoke", [job], options)
     _raise_failure(outcome)
-    return {"job_id": job.id, **options}, 202
+    heard = {"heard_by": outcome["heard_by"], "agent": outcome["agent"]}
+    return {"job_id": job.id, **options, **heard}, 202
+
+
+# The status of a single job's action that was not accepted, by its outcome.
+FAILURE_STATUS = {"error": 500, NO_ANSWER: 504}
 
 
 def _raise_failure(outcome: dict[str, Any]) -> None:
     """A single job's action answers with its failure as an error status."""
     if outcome["outcome"] == "refused":
         raise ActionRefused(outcome["message"])
-    if outcome["outcome"] == "error":
-        raise ApiError(outcome["message"])
     if outcome["outcome"] != "accepted":
-        raise ApiError(outcome["message"], status=501, code=outcome["outcome"])
+        status = FAILURE_STATUS.get(outcome["outcome"], 501)
+        raise ApiError(outcome["message"], status=status, code=outcome["outcome"])
 
 
 # -- bulk actions ----------------------------------------------------------
@@ -293,18 +322,21 @@ async def _act(action: str, jobs: list[Job], options: dict[str, Any]) -> list[di
     requested_at = time.time()
     outcomes: dict[str, dict[str, Any]] = {}
     plans: dict[str, RetryPlan] = {}  # what each accepted retry published
-    single: list[tuple[ActionHandler, Job]] = []
+    single: list[tuple[ActionHandler, Job, list[JobEvent]]] = []
     by_handler: dict[int, tuple[RevokesMany, list[Job]]] = {}
     for job in jobs:
-        handler = _engine().action_handler(job)
         if action == "revoke" and job.state in FINISHED:
             outcomes[job.id] = _outcome(job, "refused", _already_finished(job))
-        elif handler is None:
-            outcomes[job.id] = _outcome(job, "not_implemented", _not_implemented(job).message)
-        elif action == "revoke" and isinstance(handler, RevokesMany):
+            continue
+        try:
+            handler, timeline = await _route(job)
+        except (ActionRefused, ApiError) as exc:
+            outcomes[job.id] = _failed(action, job, exc)
+            continue
+        if action == "revoke" and isinstance(handler, RevokesMany):
             by_handler.setdefault(id(handler), (handler, []))[1].append(job)
         else:
-            single.append((handler, job))
+            single.append((handler, job, timeline))
     for many, group in by_handler.values():
         try:
             results = await many.revoke_many(group, **options)
@@ -312,9 +344,9 @@ async def _act(action: str, jobs: list[Job], options: dict[str, Any]) -> list[di
             outcomes.update((job.id, _failed(action, job, exc)) for job in group)
         else:
             outcomes.update((r.job_id, _outcome_of(r)) for r in results)
-    for handler, job in single:
+    for handler, job, timeline in single:
         try:
-            result = await _call(handler, action, job, options)
+            result = await _call(handler, action, job, options, timeline)
         except Exception as exc:
             outcomes[job.id] = _failed(action, job, exc)
         else:
@@ -337,29 +369,29 @@ def _already_finished(job: Job) -> str:
 
 
 async def _call(
-    handler: ActionHandler, action: str, job: Job, options: dict[str, Any]
+    handler: ActionHandler,
+    action: str,
+    job: Job,
+    options: dict[str, Any],
+    timeline: list[JobEvent],
 ) -> ActionResult:
     if action != "retry":
         return await handler.revoke(job, **options)
     if isinstance(handler, PlansRetry):
         # Checked against the job's timeline, then published as planned.
-        return await handler.publish(await _plan(handler, job))
+        return await handler.publish(await handler.plan_retry(job, timeline))
     return await handler.retry(job)
-
-
-async def _plan(handler: PlansRetry, job: Job) -> RetryPlan:
-    return await handler.plan_retry(job, await _engine().storage.job_events(job.id))
 
 
 async def _preview(job: Job) -> dict[str, Any]:
     """A bulk dry run's answer for one retry: what it would publish (null when the
     handler cannot tell beforehand), or the reason it would be refused."""
-    handler = _engine().action_handler(job)
     try:
-        if handler is None:
-            raise _not_implemented(job)
-        plan = await _plan(handler, job) if isinstance(handler, PlansRetry) else None
-    except (ActionRefused, ApiError) as exc:
+        handler, timeline = await _route(job)
+        plan = (
+            await handler.plan_retry(job, timeline) if isinstance(handler, PlansRetry) else None
+        )
+    except (ActionRefused, ApiError, NoAnswer) as exc:
         return {"id": job.id, "publish": None, "refused": _failed("retry", job, exc)["message"]}
     return {"id": job.id, "publish": None if plan is None else plan.to_dict(), "refused": None}
 
@@ -369,6 +401,8 @@ def _failed(action: str, job: Job, exc: Exception) -> dict[str, Any]:
         return _outcome(job, "refused", str(exc))
     if isinstance(exc, ApiError):
         return _outcome(job, exc.code, exc.message)
+    if isinstance(exc, NoAnswer):
+        return _outcome(job, NO_ANSWER, str(exc))
     log.error("%s of job %s failed", action, job.id, exc_info=exc)
     return _outcome(job, "error", "the action failed; the server log has the details")
 
@@ -382,6 +416,8 @@ def _outcome(
         "message": message,
         "new_job_id": new_job_id,
         "published": None,
+        "heard_by": None,
+        "agent": None,
     }
 
 
@@ -393,6 +429,9 @@ def _outcome_of(result: ActionResult) -> dict[str, Any]:
         "new_job_id": result.new_job_id,
         # What a retry published: the job name, queue, broker and arguments.
         "published": None if result.published is None else result.published.to_dict(),
+        # For a revoke: per broker, how many workers heard it (null: the broker won't say).
+        "heard_by": result.heard_by or None,
+        "agent": result.agent,  # the remote agent that did it
     }
 
 
@@ -435,6 +474,8 @@ async def _audit(
             "new_job_id": new_id,
             "reason": outcome["message"] or None,
             "published": outcome["published"],
+            "heard_by": outcome["heard_by"],
+            "agent": outcome["agent"],
             **options,
         }
         events.append(
@@ -533,10 +574,10 @@ async def bulk() -> dict[str, Any]:
         if not revoking:  # what each retry would publish, or why it would be refused
             answer["retries"] = [await _preview(job) for job in jobs]
         return answer
-    # Nothing at all can be done: say so once, as for a single job.
-    if jobs and all(_engine().action_handler(job) is None for job in jobs):
-        raise _not_implemented(jobs[0])
     results = await _act(action, jobs, options)
+    # Nothing at all could be done: say so once, as for a single job.
+    if jobs and all(result["outcome"] == "not_implemented" for result in results):
+        raise _not_implemented(jobs[0])
     return {"action": action, "dry_run": False, "count": len(jobs), "results": results}
 
 

@@ -20,6 +20,7 @@ from quart import Blueprint, current_app, redirect, render_template, request, ur
 from quart.typing import ResponseReturnValue
 
 from sluice_core import merge, validate
+from sluice_core.actions import lives_at
 from sluice_core.engine import Engine
 from sluice_core.model import TERMINAL_STATES, Job, JobState
 from sluice_core.monitors import workers_task_events
@@ -263,6 +264,8 @@ async def job(job_id: str) -> str | tuple[str, int]:
         timing_bar=_timing_bar(timing),
         recent=recent,
         terminal=found.state in TERMINAL_STATES,
+        # From the events as stored: see web/api.py's _location.
+        location=lives_at(await storage.job_events(job_id)),
     )
 
 

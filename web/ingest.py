@@ -7,7 +7,10 @@
   The answer, ``200 {"accepted": n}``, comes once the events are stored.
 - ``WS /api/ingest/ws``: a stream of such batches, each with a ``seq``; the server
   answers ``{"ack": seq}`` once a batch is stored, or ``{"seq": seq, "error": ...}``
-  for a batch it will never take (resending it cannot help).
+  for a batch it will never take (resending it cannot help). A remote agent that
+  announces its brokers at the handshake is also sent the actions on its jobs on
+  this connection, and answers them there (:mod:`sluice_core.remote`); while it is
+  connected it is in the app's :class:`~sluice_core.remote.Agents`.
 
 Both take only API keys (``Authorization: Bearer <key>``, ``sluice keys create``),
 never the dashboard's login or API token, and use no cookies, so the dashboard's
@@ -37,6 +40,7 @@ from sluice_core.actions import mark_pushed
 from sluice_core.config import INGEST_BURST, INGEST_RATE
 from sluice_core.engine import Engine
 from sluice_core.model import JobEvent, Normalized, RawBatch, WorkerEvent
+from sluice_core.remote import HEADER, AgentLink, Agents, announced
 from sluice_core.serialize import job_event_from_json, worker_event_from_json
 from sluice_core.storage import ApiKey
 from sluice_core.validate import MALFORMED
@@ -254,6 +258,7 @@ def _ingest() -> Ingest:
 def _setup(state: Any) -> None:
     app = state.app
     app.extensions["sluice_ingest"] = Ingest(app.extensions["sluice_engine"])
+    app.extensions["sluice_agents"] = Agents()
 
 
 def _unauthorized() -> Response:
@@ -297,24 +302,38 @@ async def ingest_stream() -> Response | None:
     if key is None:
         return _unauthorized()  # sent as the handshake's answer: the client sees a 401
     await websocket.accept()
+    brokers = announced(websocket.headers.get(HEADER))
+    agents: Agents = current_app.extensions["sluice_agents"]
+    link = None if brokers is None else agents.connect(key.name, brokers)
     try:
-        await _serve_stream(ingest, key)
+        await _serve_stream(ingest, key, link)
     except* ClientDisconnectedError:
         # An agent that stops, restarts or loses its network: routine, and it resends
         # whatever was not acked. Raised inside the nursery, it would reach the app's
         # error handler as an exception group and be logged as a crash.
         log.info("ingest stream from key %r: the sender disconnected", key.name)
+    finally:
+        if link is not None:
+            agents.disconnect(link)
     return None
 
 
-async def _serve_stream(ingest: Ingest, key: ApiKey) -> None:
+async def _serve_stream(ingest: Ingest, key: ApiKey, link: AgentLink | None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_revalidate, ingest, nursery)
+        if link is not None:
+            nursery.start_soon(_send_actions, link)
         while True:
             data = await websocket.receive()
-            reply = await _stream_message(ingest, key, data, nursery)
+            reply = await _stream_message(ingest, key, data, nursery, link)
             if reply is not None:
                 await websocket.send(orjson.dumps(reply).decode())
+
+
+async def _send_actions(link: AgentLink) -> None:
+    """Send the agent the actions on its jobs (web/api.py puts them in its outbox)."""
+    async for message in link.outbox:
+        await websocket.send(message.decode())
 
 
 async def _revalidate(ingest: Ingest, nursery: trio.Nursery) -> None:
@@ -339,10 +358,15 @@ async def _close(nursery: trio.Nursery, code: int, reason: str) -> None:
 
 
 async def _stream_message(
-    ingest: Ingest, key: ApiKey, data: str | bytes, nursery: trio.Nursery
+    ingest: Ingest,
+    key: ApiKey,
+    data: str | bytes,
+    nursery: trio.Nursery,
+    link: AgentLink | None,
 ) -> dict[str, Any] | None:
     """Take one streamed batch; the ack is sent once it is stored, by a task of its own
-    (so the next batches are read meanwhile). Returns an immediate reply, if any."""
+    (so the next batches are read meanwhile). Returns an immediate reply, if any.
+    An agent's answer to an action goes to whoever waits for it."""
     seq = None
     try:
         if len(data) > MAX_MESSAGE_BYTES:
@@ -352,6 +376,9 @@ async def _stream_message(
                 code="too_large",
             )
         body = ingest.parse(key, data)
+        if link is not None and type(body) is dict and "reply" in body:
+            link.answer(body)
+            return None
         seq = body.get("seq") if type(body) is dict else None
         if type(seq) is not int:
             raise BadRequest('every message needs an integer "seq"')

@@ -49,6 +49,7 @@ from sluice_celery.messages import (
     task_message,
 )
 from sluice_core.actions import (
+    BROKER,
     ActionRefused,
     ActionResult,
     RetryPlan,
@@ -75,8 +76,9 @@ EVENTS_ADVICE = (
 class Broker(Protocol):
     url: str  # redacted: safe to show
 
-    async def broadcast(self, body: dict[str, object]) -> None:
-        """Publish a control message; raise NoListener if no worker can have it."""
+    async def broadcast(self, body: dict[str, object]) -> int | None:
+        """Publish a control message; how many workers heard it, None if the broker does
+        not say. Raise NoListener if no worker can have it."""
 
     def destination(self, route: Route) -> Destination | None:
         """Where a message with ``route`` lands on this broker; None: nowhere known."""
@@ -98,9 +100,9 @@ class RedisBroker:
         self.url = self.client.url
         self.mailbox = RedisMailbox(self.client)
 
-    async def broadcast(self, body: dict[str, object]) -> None:
+    async def broadcast(self, body: dict[str, object]) -> int | None:
         try:
-            await self.mailbox.broadcast(body)
+            return await self.mailbox.broadcast(body)
         except redis.RedisError as exc:
             raise _unreachable(self.url, str(exc)) from exc
 
@@ -124,11 +126,12 @@ class AmqpBroker:
         self.publisher = AmqpPublisher(url)
         self.mailbox = AmqpMailbox(self.publisher, url)
 
-    async def broadcast(self, body: dict[str, object]) -> None:
+    async def broadcast(self, body: dict[str, object]) -> int | None:
         try:
             await self.mailbox.broadcast(body)
         except CONNECTION_ERRORS as exc:
             raise _unreachable(self.url, describe(exc)) from exc
+        return None  # a confirmed mandatory publish: at least one worker has it
 
     def destination(self, route: Route) -> Destination | None:
         # RabbitMQ routes by exchange and routing key; the queue name plays no part.
@@ -169,7 +172,7 @@ def shown_by_brokers(timeline: Sequence[JobEvent]) -> dict[str, Shown]:
     names: defaultdict[str, set[str]] = defaultdict(set)
     routes: defaultdict[str, set[Route]] = defaultdict(set)
     for event in own_events(timeline):
-        broker = event.extra.get("broker")
+        broker = event.extra.get(BROKER)
         if not isinstance(broker, str):
             continue
         name = event.fields.get("name")
@@ -285,7 +288,7 @@ class CeleryActions:
             arguments_from=_arguments_from(job, call, timeline),
             details=(*((f"exchange {exchange}",) if exchange else ()), *details(call)),
             record={
-                "broker": broker.url,
+                BROKER: broker.url,
                 "exchange": message.exchange,
                 "routing_key": message.routing_key,
             },
@@ -318,9 +321,10 @@ class CeleryActions:
         """
         body = revoke_command([job.id for job in jobs], terminate=terminate, signal=signal)
         missed: list[str] = []
+        heard: dict[str, int | None] = {}
         for broker in self.brokers:
             try:
-                await broker.broadcast(body)
+                heard[broker.url] = await broker.broadcast(body)
             except (NoListener, ActionRefused) as exc:
                 missed.append(str(exc))
         if len(missed) == len(self.brokers):
@@ -330,8 +334,8 @@ class CeleryActions:
             )
         if missed:
             log.warning("revoke of %d job(s): %s", len(jobs), "; ".join(missed))
-        log.info("revoke (terminate=%s) of %d job(s) sent", terminate, len(jobs))
-        return [ActionResult(job.id, "revoke") for job in jobs]
+        log.info("revoke (terminate=%s) of %d job(s) sent: %s", terminate, len(jobs), heard)
+        return [ActionResult(job.id, "revoke", heard_by=heard) for job in jobs]
 
     def _carrier(self, job: Job, shown: dict[str, Shown], what: str, pushed: str) -> Broker:
         """The broker whose own events showed the job. Never a broker named only by a
