@@ -15,7 +15,13 @@ import trio
 
 from sluice_core.actions import ActionHandler
 from sluice_core.bus import Bus
-from sluice_core.config import HEARTBEAT_MISSED, STOP_TIMEOUT, Config, ConfigError
+from sluice_core.config import (
+    HEARTBEAT_MISSED,
+    STOP_TIMEOUT,
+    VISIBILITY_TIMEOUT,
+    Config,
+    ConfigError,
+)
 from sluice_core.follow import Follower
 from sluice_core.leader import Leadership
 from sluice_core.metrics import Metrics, StorageGauges
@@ -83,6 +89,7 @@ class Engine:
             self.pipeline,
             missed=config.get(HEARTBEAT_MISSED),
             listening_since=self.listening_since,
+            visibility_timeout=config.get(VISIBILITY_TIMEOUT),
         )
         self.leadership = Leadership(
             self.storage.leader_lock(DUTIES_LOCK),

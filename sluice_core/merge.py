@@ -22,6 +22,20 @@ it differ in stamp, clock and process, hence in id, so :func:`timeline` folds
 them into one event first (the rule is on :func:`timeline`); the row and the
 timeline shown are built from its result.
 
+Within an attempt, a job may be delivered more than once: the broker gives a
+message back when the worker that took it died before acknowledging it (Redis
+after its visibility timeout, RabbitMQ when the connection closes). Precedence
+is therefore ``(attempt, delivery, rank)``. Sluice's conclusion that a worker
+died holding the job (:data:`LOST_EVENT`, :data:`REDELIVERY_EVENT`, from
+sluice_core.monitors) ends the delivery and opens the next at the lowest rank,
+the way task-retried opens the next attempt, so the next task-received takes
+over and the job resumes. A task-received after a lost state, or from another
+worker while one was running the job, is such a redelivery too (the broker
+was quicker than the conclusion). A conclusion applies only to what it
+judged: a row still held by the worker it names, in the state and attempt it
+saw; otherwise it stays on the timeline and moves nothing (the job finished,
+or another worker already had it).
+
 Storage applies new events directly when they all sort after the row's fold
 position and come from the one source the row was built from (the common case,
 see :func:`applies_in_order`), and otherwise re-folds the job's whole stored
@@ -40,12 +54,45 @@ from sluice_core.model import TERMINAL_STATES, Job, JobEvent, JobState
 
 _RANK: dict[JobState, int] = {
     JobState.RETRYING: -1,  # opens the next attempt, below its queued event
+    JobState.REDELIVERING: -1,  # opens the next delivery, below its received event
     JobState.QUEUED: 0,
     JobState.SCHEDULED: 1,
+    JobState.UNKNOWN: 1,  # taken from its queue unseen: above queued, below any sighting
     JobState.RECEIVED: 2,
     JobState.ACTIVE: 3,
     **{state: 4 for state in TERMINAL_STATES},
 }
+
+# Sluice's conclusions from silence (sluice_core.monitors), by event type.
+LOST_EVENT = "sluice-lost"  # a worker died running the job
+REDELIVERY_EVENT = "sluice-redelivery"  # a worker died holding it unstarted: it comes back
+UNSEEN_EVENT = "sluice-unseen"  # its queue drained, and no worker said it took the job
+HELD_STATES = frozenset({JobState.RECEIVED, JobState.SCHEDULED, JobState.ACTIVE})
+# The states each conclusion judged: it applies only to a row still in one of them.
+_JUDGED: dict[str, frozenset[JobState]] = {
+    LOST_EVENT: HELD_STATES,
+    REDELIVERY_EVENT: HELD_STATES,
+    UNSEEN_EVENT: frozenset({JobState.QUEUED}),
+}
+# Those that end the delivery: the broker may give the job again.
+_ENDS_DELIVERY = frozenset({LOST_EVENT, REDELIVERY_EVENT})
+# States whose event says why on the row (``exception``) until the next outcome.
+_EXPLAINED = frozenset({JobState.RETRYING, JobState.REDELIVERING, JobState.UNKNOWN})
+
+# Storage keeps ``(delivery, rank)`` in one integer (the fold_rank_state column), which
+# orders as the pair does for ranks -1 to 4 and reads a row stored before deliveries
+# were counted as delivery 0.
+_DELIVERY_SPAN = 10
+
+
+def pack_rank(delivery: int, rank: int) -> int:
+    return delivery * _DELIVERY_SPAN + rank
+
+
+def unpack_rank(packed: int) -> tuple[int, int]:
+    delivery = (packed + 1) // _DELIVERY_SPAN
+    return delivery, packed - delivery * _DELIVERY_SPAN
+
 
 # Copied from any event that carries them: the latest value in fold order wins (args
 # and kwargs: the latest complete ones, once there are any; see ARGS_COMPLETE).
@@ -222,22 +269,34 @@ def _apply(job: Job, event: JobEvent) -> None:
     if state is None:
         return
     explicit = fields.get("retries")
+    attempt = job.fold_attempt
+    delivery = job.fold_rank[1]
     if state is JobState.QUEUED:
-        attempt = explicit if explicit is not None else job.fold_attempt
+        attempt = explicit if explicit is not None else attempt
         if job.sent_at is None or ts < job.sent_at:
             job.sent_at = ts
     elif state in (JobState.RECEIVED, JobState.SCHEDULED):
-        attempt = explicit if explicit is not None else job.fold_attempt
+        attempt = explicit if explicit is not None else attempt
         job.received_at = ts
+        if attempt == job.fold_rank[0] and _redelivered(job, event):
+            delivery += 1
     elif state is JobState.RETRYING:
         job.fold_attempt += 1
         attempt = job.fold_attempt
-    else:
-        attempt = job.fold_attempt
-        if state is JobState.ACTIVE:
-            job.started_at = ts
+    elif event.type in _JUDGED:
+        attempt = explicit if explicit is not None else attempt
+        if not (
+            attempt == job.fold_rank[0]
+            and job.state in _JUDGED[event.type]
+            and (event.worker is None or event.worker == job.worker)
+        ):
+            return  # overtaken: the job moved on since Sluice concluded this
+        if event.type in _ENDS_DELIVERY:
+            delivery += 1
+    elif state is JobState.ACTIVE:
+        job.started_at = ts
 
-    rank = (attempt, _RANK[state])
+    rank = (attempt, delivery, -1 if event.type in _ENDS_DELIVERY else _RANK[state])
     if rank < job.fold_rank:
         return
     job.fold_rank = rank
@@ -258,9 +317,25 @@ def _apply(job: Job, event: JobEvent) -> None:
             runtime = max(0.0, ts - job.started_at)
         job.runtime = runtime
     else:
-        # A new attempt or an earlier stage: nothing has finished yet. A retry
-        # keeps the exception that caused it on the row until the next outcome.
+        # A new attempt or delivery, or an earlier stage: nothing has finished yet. A
+        # retry keeps the exception that caused it on the row until the next outcome,
+        # as a redelivery or an unseen job keeps why Sluice says so.
         job.finished_at = job.runtime = job.result = None
-        if state is JobState.RETRYING:
+        if state in _EXPLAINED:
             job.exception = fields.get("exception")
             job.traceback = fields.get("traceback")
+
+
+def _redelivered(job: Job, event: JobEvent) -> bool:
+    """Whether a task-received of the job's current attempt is a new delivery: after
+    the job was lost, or from another worker while one ran it. (A message is
+    delivered again only once its first taker is gone: a broker that was quicker than
+    Sluice's conclusion, or a worker's own WorkerLostError with acks_late.)"""
+    if job.state is JobState.LOST:
+        return True
+    return (
+        job.state is JobState.ACTIVE
+        and event.worker is not None
+        and job.worker is not None
+        and event.worker != job.worker
+    )

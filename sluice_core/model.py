@@ -21,6 +21,7 @@ class JobState(enum.StrEnum):
     RECEIVED = "received"
     ACTIVE = "active"
     RETRYING = "retrying"
+    REDELIVERING = "redelivering"  # its worker died before starting it: the broker gives it back
     COMPLETED = "completed"
     FAILED = "failed"
     REVOKED = "revoked"
@@ -142,7 +143,7 @@ class Job:
     fold_ts: float = float("-inf")
     fold_event: str = ""
     fold_attempt: int = 0  # retries seen (task-retried events): the attempt running now
-    fold_rank: tuple[int, int] = (-1, -1)  # (attempt, rank) of ``state``
+    fold_rank: tuple[int, int, int] = (-1, 0, -1)  # (attempt, delivery, rank) of ``state``
 
 
 @attrs.define(slots=True)

@@ -2,11 +2,18 @@
 
 A killed worker sends nothing: its heartbeats just stop, and the jobs it was
 running stay ``active`` forever unless someone decides otherwise. The worker
-monitor decides: a worker whose heartbeat is overdue goes offline, and the
-jobs it held become ``lost``. Both conclusions are recorded as ordinary
+monitor decides: a worker whose heartbeat is overdue goes offline; the jobs it
+had started become ``lost``, and those it held unstarted (prefetched, or waiting
+for their ETA) ``redelivering``: the broker gives their unacknowledged messages
+back, and the monitor says when. The conclusions are recorded as ordinary
 events through the pipeline, so they are stored, folded and streamed like any
-other, and a job that later turns out to have finished still completes (a
-later-stamped terminal event wins, see sluice_core.merge).
+other; a job that later turns out to have finished still completes, and one
+that another worker receives resumes (see sluice_core.merge).
+
+Workers without task events (started without ``-E``) take jobs unseen: a job
+known from its task-sent that has left its queue (the probes' depth says so)
+with no worker saying it took it becomes ``unknown``, with the reason and the fix,
+instead of ``queued`` (and stuck) forever.
 
 Silence counts only while Sluice listened: a heartbeat sent while Sluice was
 stopped, or while a source was reconnecting, was not missed by the worker but by
@@ -17,18 +24,25 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit
 
+import attrs
 import trio
 
-from sluice_core.model import JobEvent, JobState, Worker, WorkerEvent, event_id
+from sluice_core.merge import HELD_STATES, LOST_EVENT, REDELIVERY_EVENT, UNSEEN_EVENT
+from sluice_core.model import Job, JobEvent, JobState, Worker, WorkerEvent, event_id
+from sluice_core.serialize import TASK_EVENTS_ADVICE, iso
 from sluice_core.sources import Sink
 from sluice_core.storage import MAX_PAGE, JobQuery, Storage
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HEARTBEAT_FREQ = 2.0  # Celery's default, for workers that did not say
-HELD_STATES = frozenset({JobState.RECEIVED, JobState.ACTIVE, JobState.SCHEDULED})
+# kombu's Redis transport: how long a message taken and not acknowledged stays
+# invisible before Redis gives it to another worker (broker_transport_options).
+DEFAULT_VISIBILITY_TIMEOUT = 3600.0
 
 
 def sends_task_events(worker: Worker, named_by_jobs: bool) -> bool | None:
@@ -53,14 +67,40 @@ async def workers_task_events(storage: Storage) -> list[tuple[Worker, bool | Non
     return [(worker, sends_task_events(worker, worker.hostname in named)) for worker in workers]
 
 
+def redelivery(
+    broker: str | None, taken_at: float | None, *, stopped: bool, visibility_timeout: float
+) -> str:
+    """When the broker gives back a message that a worker took and never acknowledged.
+
+    ``broker`` is the URL the job's events came through, ``taken_at`` when the worker
+    received it, ``stopped`` whether the worker stopped cleanly (worker-offline).
+    """
+    scheme = urlsplit(broker).scheme if broker else ""
+    if scheme in ("amqp", "amqps", "pyamqp"):
+        return "RabbitMQ gives it back at once (the worker's connection closed)"
+    if scheme in ("redis", "rediss"):
+        if stopped:
+            return "Redis has it back at once (a stopping worker puts back what it took)"
+        when = ""
+        if taken_at is not None:
+            when = f", at {iso(taken_at + visibility_timeout)}"
+        return (
+            f"Redis gives it back once its visibility timeout ({visibility_timeout:g}s) has"
+            f" passed since the worker took it{when}"
+        )
+    return "the broker gives it back when it notices the worker is gone"
+
+
 class WorkerMonitor:
-    """Marks workers offline after ``missed`` heartbeat intervals, and their jobs lost.
+    """Marks workers offline after ``missed`` heartbeat intervals, their started jobs
+    lost and their unstarted ones redelivering; and jobs taken unseen, unknown.
 
     A worker that stopped cleanly (worker-offline) and still holds jobs once the
-    same deadline has passed left them unfinished too: they become lost as well.
+    same deadline has passed left them unfinished too: the same conclusions apply.
     ``clock`` gives epoch seconds (tests drive it from trio's clock).
     ``listening_since`` gives the epoch seconds since which Sluice has heard its
     sources without a break, or None while one is down: nothing is concluded then.
+    ``visibility_timeout`` is the Redis transport's (``--visibility-timeout``).
     """
 
     def __init__(
@@ -72,6 +112,7 @@ class WorkerMonitor:
         interval: float = 1.0,
         clock: Callable[[], float] = time.time,
         listening_since: Callable[[], float | None] = lambda: 0.0,
+        visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
     ) -> None:
         self._storage = storage
         self._sink = sink
@@ -79,6 +120,7 @@ class WorkerMonitor:
         self.interval = interval
         self._clock = clock
         self._listening_since = listening_since
+        self.visibility_timeout = visibility_timeout
         # The last heartbeat each worker's silence was concluded on: one
         # conclusion per silence, not one query per worker at every round.
         self._settled: dict[str, float] = {}
@@ -97,6 +139,9 @@ class WorkerMonitor:
         since = self._listening_since()
         if since is None:
             return 0  # a source is down: the silence now is Sluice's, not the workers'
+        unseen = await self._unseen_jobs()
+        if unseen:
+            self._sink.put_events(unseen, [])
         for worker in await self._storage.list_workers():
             if worker.last_heartbeat is None:
                 continue  # known only from its answer to a control command: nothing to time
@@ -127,41 +172,116 @@ class WorkerMonitor:
                     )
                 ]
             else:
-                reason = (
-                    f"{worker.hostname} stopped (worker-offline) without finishing it;"
-                    " the broker may deliver it again if it was not acknowledged"
-                )
+                reason = f"{worker.hostname} stopped (worker-offline) without finishing it"
                 offline = []
             # Stamped at the deadline, not at ``now``: the same silence gives the
             # same event ids, so two agents do not record it twice.
-            lost = await self._held_jobs_lost(worker.hostname, worker.framework, deadline, reason)
-            if lost or offline:
-                self._sink.put_events(lost, offline)
+            held = [
+                self._held_job_concluded(job, worker, deadline, reason)
+                async for job in self._jobs(JobQuery(worker=worker.hostname, states=HELD_STATES))
+            ]
+            if held or offline:
+                self._sink.put_events(held, offline)
             self._settled[worker.hostname] = worker.last_heartbeat
         return gone
 
-    async def _held_jobs_lost(
-        self, hostname: str, framework: str, at: float, reason: str
-    ) -> list[JobEvent]:
-        events: list[JobEvent] = []
+    def _held_job_concluded(self, job: Job, worker: Worker, at: float, reason: str) -> JobEvent:
+        """A job its worker held when it went: lost if started, else redelivering."""
+        comes_back = redelivery(
+            job.extra.get("broker"),
+            job.received_at,
+            stopped=worker.status != "online",
+            visibility_timeout=self.visibility_timeout,
+        )
+        if job.state is JobState.ACTIVE:
+            kind, state = LOST_EVENT, JobState.LOST
+            # Events do not say whether a task acknowledges late: only a redelivery
+            # would show it, and the job then resumes (sluice_core.merge).
+            why = (
+                f"WorkerLost: {reason}. It had started: it is lost, unless its task"
+                f" acknowledges late (acks_late), and then {comes_back}"
+            )
+        else:
+            kind, state = REDELIVERY_EVENT, JobState.REDELIVERING
+            why = (
+                f"WorkerLost: {reason}. It had not started: {comes_back}, and it resumes"
+                " when a worker receives it"
+            )
+        return JobEvent(
+            id=event_id(job.id, kind, worker.hostname, at),
+            job_id=job.id,
+            framework=worker.framework,
+            type=kind,
+            state=state,
+            timestamp=max(at, job.updated_at or at),
+            worker=worker.hostname,
+            # The attempt judged: the conclusion applies to it only (sluice_core.merge).
+            fields={"exception": why, "retries": job.retries},
+        )
+
+    async def _unseen_jobs(self) -> list[JobEvent]:
+        """Queued jobs that left a queue consumed by workers without task events.
+
+        A queue holds at most ``depth`` of the jobs queued on it when its probe
+        sampled it, the newest (queues are first in, first out); the older ones were
+        taken, and since no task-received came, by a worker Sluice cannot see.
+        Jobs published without task-sent hold places too, so this errs towards
+        leaving jobs queued.
+        """
+        takers: dict[str, list[str]] = defaultdict(list)
+        for worker, sends in await workers_task_events(self._storage):
+            if sends is False and worker.status == "online":
+                for queue in worker.queues or ():
+                    takers[queue].append(worker.hostname)
+        if not takers:
+            return []
+        depth: dict[str, int] = defaultdict(int)
+        sampled: dict[str, float] = {}
+        for stats in await self._storage.list_queues(self._clock()):
+            if stats.name in takers:
+                if stats.depth is None or stats.updated_at is None:
+                    takers.pop(stats.name)  # a broker that cannot tell: conclude nothing
+                    continue
+                depth[stats.name] += stats.depth
+                sampled[stats.name] = min(sampled.get(stats.name, stats.updated_at),
+                                          stats.updated_at)
+        events = []
+        for name, at in sampled.items():
+            if name not in takers:
+                continue
+            why = (
+                f"Unseen: taken from queue {name} with no task-received: its consumers"
+                f" ({', '.join(sorted(takers[name]))}) send no task events, so Sluice cannot"
+                f" see it run or end. To see it: {TASK_EVENTS_ADVICE}"
+            )
+            places = depth[name]
+            async for job in self._jobs(JobQuery(queue=name, states=frozenset({JobState.QUEUED}))):
+                if places > 0:
+                    places -= 1
+                elif job.sent_at is not None and job.sent_at < at:
+                    events.append(
+                        JobEvent(
+                            # One conclusion per attempt, whichever sample showed it.
+                            id=event_id(job.id, UNSEEN_EVENT, job.retries),
+                            job_id=job.id,
+                            framework=job.framework,
+                            type=UNSEEN_EVENT,
+                            state=JobState.UNKNOWN,
+                            timestamp=max(at, job.updated_at or at),
+                            fields={"exception": why, "retries": job.retries},
+                        )
+                    )
+        return events
+
+    async def _jobs(self, query: JobQuery) -> AsyncIterator[Job]:
+        """Every job the query matches, newest first, page by page."""
         cursor = None
         while True:
             page = await self._storage.list_jobs(
-                JobQuery(worker=hostname, states=HELD_STATES, limit=MAX_PAGE, cursor=cursor)
+                attrs.evolve(query, limit=MAX_PAGE, cursor=cursor)
             )
             for job in page.jobs:
-                events.append(
-                    JobEvent(
-                        id=event_id(job.id, "lost", hostname, at),
-                        job_id=job.id,
-                        framework=framework,
-                        type="sluice-lost",
-                        state=JobState.LOST,
-                        timestamp=max(at, job.updated_at or at),
-                        worker=hostname,
-                        fields={"exception": f"WorkerLost: {reason}"},
-                    )
-                )
+                yield job
             if page.next_cursor is None:
-                return events
+                return
             cursor = page.next_cursor

@@ -89,7 +89,8 @@ def job_to_row(job: Job) -> Row:
         job.root_id, job.eta, job.expires, job.sent_at, job.received_at, job.started_at,
         job.finished_at, job.runtime, job.created_at, job.updated_at, job.retry_of,
         job.retried_as, dumps(job.extra),
-        job.fold_ts, job.fold_event, job.fold_attempt, job.fold_rank[0], job.fold_rank[1],
+        job.fold_ts, job.fold_event, job.fold_attempt, job.fold_rank[0],
+        merge.pack_rank(job.fold_rank[1], job.fold_rank[2]),
     )
 
 
@@ -108,7 +109,7 @@ def job_from_row(row: Row) -> Job:
         finished_at=finished_at, runtime=runtime, created_at=created_at,
         updated_at=updated_at, retry_of=retry_of, retried_as=retried_as, extra=loads(extra),
         fold_ts=fold_ts, fold_event=fold_event, fold_attempt=fold_attempt,
-        fold_rank=(rank_attempt, rank_state),
+        fold_rank=(rank_attempt, *merge.unpack_rank(rank_state)),
     )
 
 

@@ -21,15 +21,30 @@ ENV_QUEUE = "SLUICE_TEST_CELERY_QUEUE"
 # Set (to "1") by the SDK tests: the app sends no Celery events at all, and the
 # Sluice SDK (configured by SLUICE_URL / SLUICE_API_KEY) reports everything.
 ENV_SDK = "SLUICE_TEST_SDK"
+# Set (to "0") for a worker without task events that is not the SDK's: what `celery
+# worker` without -E sends (heartbeats only).
+ENV_TASK_EVENTS = "SLUICE_TEST_CELERY_TASK_EVENTS"
+# Redis's visibility timeout, in seconds: how soon a dead worker's messages come back.
+ENV_VISIBILITY_TIMEOUT = "SLUICE_TEST_CELERY_VISIBILITY_TIMEOUT"
 SDK_REDACT_KEYS = ["password"]
 
 
 def make_app(
-    broker: str, *, keyprefix: str = "", queue: str = "celery", events: bool = True
+    broker: str,
+    *,
+    keyprefix: str = "",
+    queue: str = "celery",
+    events: bool = True,
+    visibility_timeout: float | None = None,
 ) -> Celery:
     app = Celery("sluice-tests", broker=broker, set_as_current=False)
+    transport: dict[str, Any] = {"global_keyprefix": keyprefix} if keyprefix else {}
+    if visibility_timeout is not None:
+        # Restore what is due every second (kombu's default looks every 100 s).
+        transport.update(visibility_timeout=visibility_timeout, unacked_restore_interval=1,
+                         unacked_restore_throttle=1)
     app.conf.update(
-        broker_transport_options={"global_keyprefix": keyprefix} if keyprefix else {},
+        broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
         task_default_queue=queue,
         # Producers announce what they publish (task-sent), workers what they do.
@@ -65,6 +80,12 @@ def _register_tasks(app: Celery) -> None:
         time.sleep(seconds)
         return seconds
 
+    @app.task(name="tests.sleep_late", acks_late=True)
+    def sleep_late(seconds: float) -> float:
+        """Acknowledged once it ends: a worker that dies running it leaves it to the broker."""
+        time.sleep(seconds)
+        return seconds
+
     @app.task(name="tests.kill_child")
     def kill_child() -> None:
         # The prefork pool child dies: the worker reports WorkerLostError.
@@ -88,7 +109,10 @@ app = make_app(
     os.environ.get(ENV_BROKER, "redis://localhost:6379/0"),
     keyprefix=os.environ.get(ENV_KEYPREFIX, ""),
     queue=os.environ.get(ENV_QUEUE, "celery"),
-    events=not os.environ.get(ENV_SDK),
+    events=not os.environ.get(ENV_SDK) and os.environ.get(ENV_TASK_EVENTS) != "0",
+    visibility_timeout=float(os.environ[ENV_VISIBILITY_TIMEOUT])
+    if ENV_VISIBILITY_TIMEOUT in os.environ
+    else None,
 )
 # The SDK's own redaction in the worker (a comma list; empty: none, so that only the
 # server's hides a secret). Default: SDK_REDACT_KEYS.

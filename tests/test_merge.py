@@ -375,3 +375,141 @@ def test_complete_arguments_win_over_a_cut_repr_whatever_the_order(sdk_first: bo
         assert row.kwargs == FULL_KWARGS
     (shown, *_) = merge.timeline([broker, sdk])
     assert shown.fields["kwargs"] == FULL_KWARGS
+
+
+# -- deliveries: a job its worker died holding is delivered again (issue 17, item 5) ------
+
+D = 1_000.0  # when the monitor concluded w1 was gone
+
+
+def _delivery(
+    n: str, kind: str, state: JobState, ts: float, worker: str | None, **fields: object
+) -> JobEvent:
+    return JobEvent(
+        id=n, job_id="j", framework="celery", type=kind, state=state, timestamp=ts,
+        worker=worker, fields=dict(fields),
+    )
+
+
+def _redelivered_after_start(w2_at: float) -> list[JobEvent]:
+    """w1 starts the job (acks_late) and dies; the monitor concludes lost at D; the
+    broker gives it to w2, which receives, runs and completes it from ``w2_at``."""
+    return [
+        _delivery("a-sent", "task-sent", JobState.QUEUED, D - 10, None, retries=0),
+        _delivery("b-recv1", "task-received", JobState.RECEIVED, D - 9, "w1", retries=0),
+        _delivery("c-start1", "task-started", JobState.ACTIVE, D - 8.5, "w1"),
+        _delivery("d-lost", merge.LOST_EVENT, JobState.LOST, D, "w1",
+               exception="WorkerLost: w1 died", retries=0),
+        _delivery("e-recv2", "task-received", JobState.RECEIVED, w2_at, "w2", retries=0),
+        _delivery("f-start2", "task-started", JobState.ACTIVE, w2_at + 0.1, "w2"),
+        _delivery("g-done2", "task-succeeded", JobState.COMPLETED, w2_at + 0.2, "w2", runtime=0.1),
+    ]
+
+
+def _redelivered_unstarted(w2_at: float) -> list[JobEvent]:
+    """w1 holds the job prefetched and dies; w2 receives it again and completes it."""
+    return [
+        _delivery("a-sent", "task-sent", JobState.QUEUED, D - 10, None, retries=0),
+        _delivery("b-recv1", "task-received", JobState.RECEIVED, D - 9, "w1", retries=0),
+        _delivery("d-redeliver", merge.REDELIVERY_EVENT, JobState.REDELIVERING, D, "w1",
+               exception="WorkerLost: w1 died", retries=0),
+        _delivery("e-recv2", "task-received", JobState.RECEIVED, w2_at, "w2", retries=0),
+        _delivery("f-start2", "task-started", JobState.ACTIVE, w2_at + 0.1, "w2"),
+        _delivery("g-done2", "task-succeeded", JobState.COMPLETED, w2_at + 0.2, "w2", runtime=0.1),
+    ]
+
+
+# w2 after the conclusion (Redis, after the visibility timeout), or before it, even
+# before w1's last event would have been (RabbitMQ requeues at once).
+W2_TIMES = [D + 30, D - 5, D - 8.4]
+
+
+@pytest.mark.parametrize("w2_at", W2_TIMES)
+@pytest.mark.parametrize("story", [_redelivered_after_start, _redelivered_unstarted])
+def test_a_redelivered_job_resumes_and_completes_on_the_next_worker(
+    story: object, w2_at: float
+) -> None:
+    events = story(w2_at)  # type: ignore[operator]
+    final = merge.rebuild("j", "celery", events)
+    assert (final.state, final.worker, final.retries) == (JobState.COMPLETED, "w2", 0)
+    assert final.exception is None and final.runtime == pytest.approx(0.1)
+    for order in itertools.permutations(events):
+        assert merge.rebuild("j", "celery", order) == final
+
+
+@pytest.mark.parametrize("story", [_redelivered_after_start, _redelivered_unstarted])
+def test_the_job_waits_between_the_conclusion_and_the_next_delivery(story: object) -> None:
+    events = [e for e in story(D + 30) if e.worker != "w2"]  # type: ignore[operator]
+    row = merge.rebuild("j", "celery", events)
+    waiting = JobState.LOST if story is _redelivered_after_start else JobState.REDELIVERING
+    assert (row.state, row.worker) == (waiting, "w1")
+    assert row.exception == "WorkerLost: w1 died"
+    # The next delivery's receipt takes over: received by w2, nothing finished yet.
+    row = merge.rebuild("j", "celery", story(D + 30)[:-2])  # type: ignore[operator]
+    assert (row.state, row.worker, row.finished_at) == (JobState.RECEIVED, "w2", None)
+
+
+def test_a_conclusion_overtaken_by_the_job_moves_nothing() -> None:
+    """w1's task-succeeded, stamped before the conclusion, reaches Sluice after it: the
+    job completed, it was not lost. And a conclusion about w1 leaves w2's job alone."""
+    done = [
+        _delivery("a-recv", "task-received", JobState.RECEIVED, D - 9, "w1", retries=0),
+        _delivery("b-start", "task-started", JobState.ACTIVE, D - 8, "w1"),
+        _delivery("c-done", "task-succeeded", JobState.COMPLETED, D - 1, "w1"),
+        _delivery("d-lost", merge.LOST_EVENT, JobState.LOST, D, "w1", retries=0),
+    ]
+    assert merge.rebuild("j", "celery", done).state is JobState.COMPLETED
+    elsewhere = [*done[:2], attrs.evolve(done[3], worker="w2")]
+    assert merge.rebuild("j", "celery", elsewhere).state is JobState.ACTIVE
+    # Nor does a conclusion about an attempt that is over.
+    older = [*done[:2], attrs.evolve(done[3], fields={"retries": 1})]
+    assert merge.rebuild("j", "celery", older).state is JobState.ACTIVE
+
+
+def test_a_worker_lost_error_with_acks_late_is_received_again_and_resumes() -> None:
+    """The pool child died (the worker's own task-failed: WorkerLostError, lost); with
+    acks_late the broker gives the message again, and the job goes on."""
+    events = [
+        _delivery("a-recv", "task-received", JobState.RECEIVED, D, "w1", retries=0),
+        _delivery("b-start", "task-started", JobState.ACTIVE, D + 1, "w1"),
+        _delivery("c-lost", "task-failed", JobState.LOST, D + 2, "w1"),
+        _delivery("d-recv", "task-received", JobState.RECEIVED, D + 3, "w1", retries=0),
+        _delivery("e-start", "task-started", JobState.ACTIVE, D + 4, "w1"),
+        _delivery("f-done", "task-succeeded", JobState.COMPLETED, D + 5, "w1"),
+    ]
+    assert merge.rebuild("j", "celery", events[:3]).state is JobState.LOST
+    assert merge.rebuild("j", "celery", events[:4]).state is JobState.RECEIVED
+    assert merge.rebuild("j", "celery", events).state is JobState.COMPLETED
+
+
+REDELIVERED = [
+    *_suffixed(_redelivered_after_start(D + 30), "-late"),
+    *_suffixed(_redelivered_after_start(D - 5), "-quick"),
+    *_suffixed(_redelivered_unstarted(D + 30), "-unstarted"),
+    *_suffixed(_redelivered_unstarted(D - 8.4), "-unstarted-quick"),
+]
+
+
+@settings(max_examples=200)
+@given(batches=deliveries(REDELIVERED))
+def test_incremental_fold_of_redeliveries_equals_rebuild(batches: list[list[JobEvent]]) -> None:
+    rows, _ = fold_incrementally(batches)
+    assert rows == rebuild_all(REDELIVERED)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=ONE_DB)
+@given(batches=deliveries(REDELIVERED))
+def test_deliveries_survive_storage(sqlite_url: str, batches: list[list[JobEvent]]) -> None:
+    """The delivery is stored with the rank (storage packs them in one column): a row
+    read back folds later events as the one in memory would."""
+    suffix = "-" + uuid.uuid4().hex[:8]
+    stored = trio.run(_ingest_through, sqlite_url, [_suffixed(b, suffix) for b in batches])
+    assert stored == rebuild_all(_suffixed(REDELIVERED, suffix))
+
+
+@pytest.mark.parametrize("packed", range(-1, 45))
+def test_a_packed_rank_reads_back(packed: int) -> None:
+    delivery, rank = merge.unpack_rank(packed)
+    assert -1 <= rank <= 8 and merge.pack_rank(delivery, rank) == packed
+    # Rows stored before deliveries were counted hold ranks -1 to 4: delivery 0.
+    assert delivery == 0 or packed > 4

@@ -13,9 +13,11 @@ import pytest
 import trio
 import trio.testing
 
-from sluice_core.model import JobEvent, JobState, WorkerEvent, event_id
+from sluice_core.model import JobEvent, JobState, QueueSample, WorkerEvent, event_id
 from sluice_core.monitors import WorkerMonitor, workers_task_events
-from sluice_core.storage import Storage
+from sluice_core.probes import WorkerQueues
+from sluice_core.serialize import TASK_EVENTS_ADVICE
+from sluice_core.storage import JobQuery, Storage
 from tests.fixtures.celery_worker import CollectingSink
 from tests.fixtures.storage import open_storage
 
@@ -59,7 +61,15 @@ def heartbeat(ts: float, kind: str = "heartbeat", hostname: str = WORKER) -> Wor
     return WorkerEvent(hostname, "celery", kind, ts, freq=FREQ, active=1, processed=3)
 
 
-def job(job_id: str, state: JobState, ts: float, *, worker: str = WORKER) -> JobEvent:
+def job(
+    job_id: str,
+    state: JobState,
+    ts: float,
+    *,
+    worker: str | None = WORKER,
+    broker: str | None = None,
+    queue: str | None = None,
+) -> JobEvent:
     return JobEvent(
         id=event_id(job_id, state, ts),
         job_id=job_id,
@@ -68,7 +78,8 @@ def job(job_id: str, state: JobState, ts: float, *, worker: str = WORKER) -> Job
         state=state,
         timestamp=ts,
         worker=worker,
-        fields={"name": "tasks.work"},
+        fields={"name": "tasks.work", **({"queue": queue} if queue else {})},
+        extra={"broker": broker} if broker else {},
     )
 
 
@@ -80,7 +91,7 @@ async def run_monitor(
     return monitor
 
 
-async def test_silent_worker_goes_offline_after_missed_heartbeats_and_its_jobs_are_lost(
+async def test_silent_worker_goes_offline_its_started_jobs_are_lost_and_the_rest_come_back(
     sqlite: Storage, autojump_clock: trio.testing.MockClock
 ) -> None:
     clock = epoch_clock(autojump_clock)
@@ -110,10 +121,12 @@ async def test_silent_worker_goes_offline_after_missed_heartbeats_and_its_jobs_a
     offline = {e.hostname: e for e in sink.worker_events}
     assert offline[WORKER].type == "offline" and offline[WORKER].timestamp == deadline
     assert "no heartbeat" in offline[WORKER].extra["reason"]
-    lost = {e.job_id: e for e in sink.job_events if e.worker == WORKER}
-    assert set(lost) == {"running", "waiting"}  # the completed job is not lost
-    assert all(e.state is JobState.LOST for e in lost.values())
-    assert "died or lost its broker" in lost["running"].fields["exception"]
+    concluded = {e.job_id: e for e in sink.job_events if e.worker == WORKER}
+    assert set(concluded) == {"running", "waiting"}  # the completed job is not lost
+    assert concluded["running"].state is JobState.LOST  # it had started
+    assert concluded["waiting"].state is JobState.REDELIVERING  # it had not
+    assert "died or lost its broker" in concluded["running"].fields["exception"]
+    assert "acks_late" in concluded["running"].fields["exception"]
 
 
 async def test_lost_and_offline_are_stored_and_a_silence_is_concluded_once(
@@ -162,9 +175,9 @@ async def test_clean_stop_keeps_finished_jobs_and_loses_held_ones_after_the_grac
     await trio.sleep(0.5)
     assert await monitor.check(clock()) == 0  # already offline: no second offline event
     assert sink.worker_events == []
-    [lost] = sink.job_events
-    assert lost.job_id == "prefetched" and lost.state is JobState.LOST
-    assert "stopped (worker-offline)" in lost.fields["exception"]
+    [back] = sink.job_events
+    assert back.job_id == "prefetched" and back.state is JobState.REDELIVERING
+    assert "stopped (worker-offline)" in back.fields["exception"]
 
 
 async def test_silence_while_sluice_was_not_listening_is_not_the_workers(
@@ -241,3 +254,170 @@ async def test_worker_that_runs_jobs_without_task_events_is_flagged(storage: Sto
     )
     flags = {w.hostname: flag for w, flag in await workers_task_events(storage)}
     assert flags == {"celery@with-events": True, "celery@no-events": False, "celery@idle": None}
+
+
+@pytest.mark.parametrize(
+    ("broker", "expected"),
+    [
+        # Taken at EPOCH - 21: back 30 s later.
+        ("redis://cache:6379/0", "visibility timeout (30s) has passed since the worker took it,"
+                                 " at 2025-06-15T15:06:49+00:00"),
+        ("amqp://guest@rabbit:5672//", "RabbitMQ gives it back at once"),
+        (None, "the broker gives it back when it notices the worker is gone"),
+    ],
+)
+async def test_a_held_job_says_when_its_broker_gives_it_back(
+    sqlite: Storage, autojump_clock: trio.testing.MockClock, broker: str | None, expected: str
+) -> None:
+    clock = epoch_clock(autojump_clock)
+    await sqlite.ingest(
+        [
+            job("prefetched", JobState.RECEIVED, EPOCH - 21, broker=broker),
+            job("running", JobState.RECEIVED, EPOCH - 20, broker=broker),
+            job("running", JobState.ACTIVE, EPOCH - 1),
+        ],
+        [heartbeat(EPOCH)],
+    )
+    sink = CollectingSink()
+    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock, visibility_timeout=30)
+    await trio.sleep(FREQ * MISSED)
+    assert await monitor.check(clock()) == 1
+    why = {e.job_id: e.fields["exception"] for e in sink.job_events}
+    assert expected in why["prefetched"] and "it resumes when a worker receives it" in why["prefetched"]
+    assert "unless its task acknowledges late" in why["running"]
+    assert expected.partition(", at")[0] in why["running"]
+
+
+async def test_a_clean_stop_on_redis_gives_the_jobs_back_at_once(
+    sqlite: Storage, autojump_clock: trio.testing.MockClock
+) -> None:
+    clock = epoch_clock(autojump_clock)
+    await sqlite.ingest(
+        [job("prefetched", JobState.RECEIVED, EPOCH - 2, broker="redis://cache:6379/0")],
+        [heartbeat(EPOCH - 4, "online"), heartbeat(EPOCH, "offline")],
+    )
+    sink = CollectingSink()
+    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock)
+    await trio.sleep(FREQ * MISSED)
+    await monitor.check(clock())
+    [back] = sink.job_events
+    assert "Redis has it back at once" in back.fields["exception"]
+
+
+async def test_an_offline_workers_jobs_stop_running_and_resume_on_the_next_worker(
+    sqlite: Storage, autojump_clock: trio.testing.MockClock
+) -> None:
+    clock = epoch_clock(autojump_clock)
+    await sqlite.ingest(
+        [
+            job("running", JobState.ACTIVE, EPOCH - 1),
+            job("prefetched", JobState.RECEIVED, EPOCH - 1),
+            job("eta", JobState.SCHEDULED, EPOCH - 1),
+        ],
+        [heartbeat(EPOCH)],
+    )
+    sink = CollectingSink()
+    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock)
+    await trio.sleep(FREQ * MISSED)
+    assert await monitor.check(clock()) == 1
+    await sqlite.ingest(sink.job_events, sink.worker_events)
+    # Nothing of the offline worker shows as running or held any more.
+    held = await sqlite.list_jobs(
+        JobQuery(worker=WORKER, states=frozenset({JobState.ACTIVE, JobState.RECEIVED,
+                                                  JobState.SCHEDULED}))
+    )
+    assert held.jobs == []
+    states = {j.id: j.state for j in (await sqlite.list_jobs(JobQuery(worker=WORKER))).jobs}
+    assert states == {"running": JobState.LOST, "prefetched": JobState.REDELIVERING,
+                      "eta": JobState.REDELIVERING}
+    # The broker gives them to another worker: they go on (the started one too, had its
+    # task acknowledged late).
+    later = clock() + 30
+    await sqlite.ingest(
+        [
+            event
+            for job_id in ("running", "prefetched", "eta")
+            for event in (
+                job(job_id, JobState.RECEIVED, later, worker="celery@next"),
+                job(job_id, JobState.ACTIVE, later + 1, worker="celery@next"),
+                job(job_id, JobState.COMPLETED, later + 2, worker="celery@next"),
+            )
+        ],
+        [],
+    )
+    for job_id in ("running", "prefetched", "eta"):
+        stored = await sqlite.get_job(job_id)
+        assert stored is not None
+        assert (stored.state, stored.worker) == (JobState.COMPLETED, "celery@next")
+
+
+BLIND = "celery@blind"
+QUEUE = "emails"
+
+
+async def blind_worker_with_queued_jobs(storage: Storage, sent: int) -> list[str]:
+    """A worker without task events consuming QUEUE, and ``sent`` jobs announced on it."""
+    ids = [f"job-{n:02d}" for n in range(sent)]
+    await storage.ingest(
+        [job(i, JobState.QUEUED, EPOCH - 60 + n, worker=None, queue=QUEUE)
+         for n, i in enumerate(ids)],
+        [heartbeat(EPOCH, hostname=BLIND)],  # processed=3, yet no job names it
+    )
+    await storage.set_worker_queues([WorkerQueues(BLIND, "celery", [QUEUE], 2)])
+    return ids
+
+
+def depth(value: int | None, at: float) -> QueueSample:
+    return QueueSample(QUEUE, "celery", "redis://cache:6379/0", at, depth=value, consumers=1)
+
+
+async def test_jobs_taken_by_a_worker_without_task_events_are_unknown_not_queued(
+    sqlite: Storage, autojump_clock: trio.testing.MockClock
+) -> None:
+    clock = epoch_clock(autojump_clock)
+    ids = await blind_worker_with_queued_jobs(sqlite, 10)
+    # Queued for an hour by the real clock: stuck, as the issue saw them.
+    assert len((await sqlite.list_jobs(JobQuery(stuck=True))).jobs) == 10
+    sink = CollectingSink()
+    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock)
+    await sqlite.record_queue_samples([depth(4, EPOCH)])
+    await monitor.check(clock())
+    # Four may still wait in the queue (the newest); the six before them were taken.
+    unseen = {e.job_id: e for e in sink.job_events}
+    assert sorted(unseen) == ids[:6]
+    event = unseen[ids[0]]
+    assert event.state is JobState.UNKNOWN and event.worker is None
+    assert f"consumers ({BLIND}) send no task events" in event.fields["exception"]
+    assert TASK_EVENTS_ADVICE in event.fields["exception"]
+    await sqlite.ingest(sink.job_events, [])
+    # The queue drained: every job left it.
+    await trio.sleep(5)
+    await sqlite.record_queue_samples([depth(0, clock())])
+    await monitor.check(clock())
+    await sqlite.ingest(sink.job_events, [])
+    rows = [await sqlite.get_job(i) for i in ids]
+    assert all(row is not None and row.state is JobState.UNKNOWN for row in rows)
+    assert rows[0] is not None and rows[0].exception == event.fields["exception"]
+    assert (await sqlite.list_jobs(JobQuery(stuck=True))).jobs == []
+    # Concluded once per job: the second round's events for the first six are the same.
+    assert len({e.id for e in sink.job_events}) == 10
+    # Still a worker without task events: the conclusion does not name it as the jobs'.
+    flags = {w.hostname: flag for w, flag in await workers_task_events(sqlite)}
+    assert flags[BLIND] is False
+
+
+@pytest.mark.parametrize("sample", [None, 3, "seeing"])
+async def test_nothing_is_concluded_of_a_queue_sluice_cannot_judge(
+    sqlite: Storage, autojump_clock: trio.testing.MockClock, sample: int | str | None
+) -> None:
+    """No depth known, the queue still holds them all, or its consumer sends events."""
+    clock = epoch_clock(autojump_clock)
+    await blind_worker_with_queued_jobs(sqlite, 3)
+    if sample == "seeing":
+        await sqlite.ingest([job("seen", JobState.ACTIVE, EPOCH, worker=BLIND)], [])
+        sample = 0
+    await sqlite.record_queue_samples([depth(sample, EPOCH)])
+    sink = CollectingSink()
+    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock)
+    await monitor.check(clock())
+    assert sink.job_events == []
