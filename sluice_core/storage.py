@@ -193,7 +193,8 @@ class Storage(Protocol):
     async def get_job(self, job_id: str) -> Job | None: ...
 
     async def job_events(self, job_id: str) -> list[JobEvent]:
-        """The job's timeline, oldest first."""
+        """Every stored event of the job, each source's report as it came, oldest first
+        (:func:`sluice_core.merge.timeline` makes the timeline shown of them)."""
 
     async def list_jobs(self, query: JobQuery) -> Page: ...
 
