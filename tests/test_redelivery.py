@@ -9,12 +9,12 @@ task-sent events.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
@@ -41,8 +41,10 @@ def broker_url(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 @asynccontextmanager
-async def sluice(tmp_path: Path, broker_url: str, keyprefix: str) -> AsyncIterator[Engine]:
-    """A whole Sluice (no web) on the broker, listening."""
+async def sluice(
+    tmp_path: Path, broker_url: str, keyprefix: str
+) -> AsyncIterator[tuple[Engine, httpx.AsyncClient]]:
+    """A whole Sluice on the broker, listening, and a client of its web server."""
     pm = PluginManager()
     pm.load(["celery", "rabbitmq"])
     config = Config(
@@ -52,13 +54,16 @@ async def sluice(tmp_path: Path, broker_url: str, keyprefix: str) -> AsyncIterat
         visibility_timeout=VISIBILITY_TIMEOUT,
         redis_probe_interval=1.0,
         rabbitmq_probe_interval=1.0,
+        port=0,
     )
     pm.configure(config)
     engine = Engine(config, pm)
     async with trio.open_nursery() as nursery:
-        await nursery.start(functools.partial(engine.run, web=False))
+        await nursery.start(engine.run)
         await wait_until(lambda: engine.listening_since() is not None, "the source to connect")
-        yield engine
+        base = engine.web_addresses[0].replace("0.0.0.0", "127.0.0.1")
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            yield engine, client
         engine.stop()
 
 
@@ -100,7 +105,7 @@ async def test_a_killed_workers_started_jobs_are_lost_and_its_held_ones_run_else
     second.queue = first.queue
     try:
         with trio.fail_after(TIMEOUT):
-            async with sluice(tmp_path, broker_url, keyprefix) as engine:
+            async with sluice(tmp_path, broker_url, keyprefix) as (engine, client):
                 await trio.to_thread.run_sync(first.start)
                 # Both pool processes busy: one job that acknowledges on receipt (Celery's
                 # default), one that acknowledges late; then three prefetched, one ETA.
@@ -140,6 +145,12 @@ async def test_a_killed_workers_started_jobs_are_lost_and_its_held_ones_run_else
                     why = jobs[job_id].exception or ""
                     assert "It had not started" in why and comes_back in why, why
                 assert "unless its task acknowledges late" in (jobs[running].exception or "")
+                # The API filters by the new state; the job page says why, as no failure.
+                listed = (await client.get("/api/jobs", params={"state": "redelivering"})).json()
+                assert sorted(j["id"] for j in listed["jobs"]) == sorted(held)
+                page = (await client.get(f"/jobs/{prefetched[0]}")).text
+                assert "Why redelivering" in page and 'class="card explained"' in page
+                assert "It had not started" in page
 
                 # Another worker consumes the queue: what the broker gives back runs there,
                 # the late-acknowledged job again; the other started one stays lost.
@@ -174,7 +185,7 @@ async def test_jobs_of_a_worker_without_task_events_are_flagged_not_left_queued(
     blind.app = make_app(broker_url, keyprefix=keyprefix, queue=blind.queue, events=True)
     try:
         with trio.fail_after(TIMEOUT):
-            async with sluice(tmp_path, broker_url, keyprefix) as engine:
+            async with sluice(tmp_path, broker_url, keyprefix) as (engine, _):
                 await trio.to_thread.run_sync(blind.start)
                 ids = [await send(blind, "tests.add", n, 1) for n in range(10)]
                 jobs = await until_states(
