@@ -178,22 +178,31 @@ class AgentLink:
         self.handler = AgentActions(self)
 
     async def request(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Send an action; its reply. NoAnswer if none came in time."""
+        """Send an action; its reply. ActionRefused if it could not be sent, NoAnswer if
+        it was and no answer came in time."""
+        gone = ActionRefused(f"the agent {self.name!r} disconnected; nothing was sent")
         if self.closed:
-            raise NoAnswer(f"the agent {self.name!r} disconnected; nothing was sent")
+            raise gone
         request_id = uuid.uuid4().hex
         waiting = self._waiting[request_id] = _Waiting()
+        sent = False
         try:
             with trio.move_on_after(self.timeout):
                 message = {"action": {"id": request_id, "kind": kind, **body}}
                 await self._send.send(orjson.dumps(message))
+                sent = True
                 await waiting.done.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the session ended: answered below as a closed connection
+            raise gone from None
         finally:
             del self._waiting[request_id]
         if waiting.reply is not None:
             return waiting.reply
+        if not sent:
+            raise ActionRefused(
+                f"the agent {self.name!r} did not take the {kind} within {self.timeout:g}s"
+                f" ({OUTBOX} actions wait for its connection); nothing was sent"
+            )
         why = (
             "its connection closed before it answered"
             if waiting.done.is_set() or self.closed
@@ -240,6 +249,7 @@ class Agents:
             links.remove(link)
         if not links:
             self._links.pop(link.name, None)
+        log.info("agent %r disconnected; actions on its jobs wait for it", link.name)
 
     def handler(self, job: Job, places: list[Location]) -> ActionHandler:
         """The handler that acts on ``job``, which lives at ``places`` (agents' brokers,
