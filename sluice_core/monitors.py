@@ -43,6 +43,9 @@ DEFAULT_HEARTBEAT_FREQ = 2.0  # Celery's default, for workers that did not say
 # kombu's Redis transport: how long a message taken and not acknowledged stays
 # invisible before Redis gives it to another worker (broker_transport_options).
 DEFAULT_VISIBILITY_TIMEOUT = 3600.0
+# Seconds between looks for jobs taken unseen: the probes' default interval (reading the
+# queues' latest depths also computes their rates).
+UNSEEN_INTERVAL = 5.0
 
 
 def sends_task_events(worker: Worker, named_by_jobs: bool) -> bool | None:
@@ -60,9 +63,12 @@ def sends_task_events(worker: Worker, named_by_jobs: bool) -> bool | None:
     return None
 
 
-async def workers_task_events(storage: Storage) -> list[tuple[Worker, bool | None]]:
-    """Every worker, with :func:`sends_task_events` for it."""
-    workers = await storage.list_workers()
+async def workers_task_events(
+    storage: Storage, workers: list[Worker] | None = None
+) -> list[tuple[Worker, bool | None]]:
+    """Every worker (or those given), with :func:`sends_task_events` for it."""
+    if workers is None:
+        workers = await storage.list_workers()
     named = await storage.job_workers([worker.hostname for worker in workers]) if workers else set()
     return [(worker, sends_task_events(worker, worker.hostname in named)) for worker in workers]
 
@@ -124,6 +130,7 @@ class WorkerMonitor:
         # The last heartbeat each worker's silence was concluded on: one
         # conclusion per silence, not one query per worker at every round.
         self._settled: dict[str, float] = {}
+        self._unseen_at = float("-inf")  # when jobs taken unseen were last looked for
 
     async def run(self) -> None:
         while True:
@@ -139,10 +146,13 @@ class WorkerMonitor:
         since = self._listening_since()
         if since is None:
             return 0  # a source is down: the silence now is Sluice's, not the workers'
-        unseen = await self._unseen_jobs()
-        if unseen:
-            self._sink.put_events(unseen, [])
-        for worker in await self._storage.list_workers():
+        workers = await self._storage.list_workers()
+        if now - self._unseen_at >= UNSEEN_INTERVAL:
+            self._unseen_at = now
+            unseen = await self._unseen_jobs(workers)
+            if unseen:
+                self._sink.put_events(unseen, [])
+        for worker in workers:
             if worker.last_heartbeat is None:
                 continue  # known only from its answer to a control command: nothing to time
             if self._settled.get(worker.hostname) == worker.last_heartbeat:
@@ -219,7 +229,7 @@ class WorkerMonitor:
             fields={"exception": why, "retries": job.retries},
         )
 
-    async def _unseen_jobs(self) -> list[JobEvent]:
+    async def _unseen_jobs(self, workers: list[Worker]) -> list[JobEvent]:
         """Queued jobs that left a queue consumed by workers without task events.
 
         A queue holds at most ``depth`` of the jobs queued on it when its probe
@@ -229,7 +239,7 @@ class WorkerMonitor:
         leaving jobs queued.
         """
         takers: dict[str, list[str]] = defaultdict(list)
-        for worker, sends in await workers_task_events(self._storage):
+        for worker, sends in await workers_task_events(self._storage, workers):
             if sends is False and worker.status == "online":
                 for queue in worker.queues or ():
                     takers[queue].append(worker.hostname)
