@@ -61,6 +61,9 @@ BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 5.0
 REFUSED_BACKOFF = 30.0  # the key was refused: retrying fast cannot help
 DRAIN_TIMEOUT = 10.0  # at stop, how long to wait for the server to ack what is held
+# The largest message the agent takes: an action on a job carries the job's whole
+# timeline, which a job retried many times, with long tracebacks, makes large.
+ACTION_BYTES = 64 * 2**20
 UPLINK = "uplink"  # the label of what the uplink drops, in sluice_events_dropped_total
 
 
@@ -195,6 +198,7 @@ class Uplink:
                 async with open_websocket_url(
                     self.url,
                     extra_headers=self._headers,
+                    max_message_size=ACTION_BYTES,
                     connect_timeout=CONNECT_TIMEOUT,
                     disconnect_timeout=CONNECT_TIMEOUT,
                 ) as ws:
