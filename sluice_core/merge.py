@@ -38,8 +38,8 @@ or another worker already had it).
 
 Storage applies new events directly when they all sort after the row's fold
 position and come from the one source the row was built from (the common case,
-see :func:`applies_in_order`), and otherwise re-folds the job's whole stored
-history with :func:`rebuild`.
+see :func:`applies_in_order`; the row keeps its sources in ``fold_sources``), and
+otherwise re-folds the job's whole stored history with :func:`rebuild`.
 """
 
 from __future__ import annotations
@@ -134,17 +134,19 @@ def source(event: JobEvent) -> str | None:
 
 def applies_in_order(job: Job, events: list[JobEvent]) -> bool:
     """True when every event sorts after the job's fold position, and neither they
-    nor the row's events can be one happening reported twice: every event that
-    moves the job is Sluice's own (a pushed one leaves its key in the job's extra).
+    nor the row's events can be one happening reported twice: one source reported
+    every event that moves the job (``Job.fold_sources``), so :func:`timeline` has
+    nothing to merge.
 
     ``events`` must already be sorted by :func:`sort_key`. When this holds,
     ``fold(job, events)`` equals a rebuild from the whole history.
     """
     if not events:
         return True
-    if PUSHED_BY in job.extra or any(
-        event.state is not None and PUSHED_BY in event.extra for event in events
-    ):
+    if job.fold_sources is None:
+        return False  # stored before the row kept its sources: rebuilt once
+    reporters = {source(event) or "" for event in events if event.state is not None}
+    if len(reporters.union(job.fold_sources)) > 1:
         return False
     return sort_key(events[0]) > (job.fold_ts, job.fold_event)
 
@@ -158,7 +160,11 @@ def fold(job: Job, events: Iterable[JobEvent]) -> Job:
 
 def rebuild(job_id: str, framework: str, events: Iterable[JobEvent]) -> Job:
     """The job's row from scratch, from any collection of its events (duplicates allowed)."""
-    return fold(Job(id=job_id, framework=framework), timeline(events))
+    events = list(events)
+    job = fold(Job(id=job_id, framework=framework), timeline(events))
+    # Every report's source, merged ones too: the next event may pair with any of them.
+    job.fold_sources = tuple(sorted({source(e) or "" for e in events if e.state is not None}))
+    return job
 
 
 def timeline(events: Iterable[JobEvent]) -> list[JobEvent]:
@@ -260,8 +266,12 @@ def _apply(job: Job, event: JobEvent) -> None:
             setattr(job, name, value)
     # Annotations (an operator's action, say) stay on the timeline: their extra
     # describes the action, not the job.
-    if event.extra and event.state is not None:
-        job.extra = {**job.extra, **event.extra}
+    if event.state is not None:
+        if event.extra:
+            job.extra = {**job.extra, **event.extra}
+        reporter = source(event) or ""
+        if job.fold_sources is not None and reporter not in job.fold_sources:
+            job.fold_sources = tuple(sorted((*job.fold_sources, reporter)))
     if job.worker is None:
         job.worker = event.worker  # until an attempt's own events say whose it is
 

@@ -144,6 +144,9 @@ class Job:
     fold_event: str = ""
     fold_attempt: int = 0  # retries seen (task-retried events): the attempt running now
     fold_rank: tuple[int, int, int] = (-1, 0, -1)  # (attempt, delivery, rank) of ``state``
+    # Who reported the events that moved the job (sluice_core.merge.source; "" for Sluice
+    # itself), sorted; None for a row stored before they were kept.
+    fold_sources: tuple[str, ...] | None = ()
 
 
 @attrs.define(slots=True)

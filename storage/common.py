@@ -51,6 +51,7 @@ JOB_COLUMNS = (
     "sent_at", "received_at", "started_at", "finished_at", "runtime", "created_at",
     "updated_at", "retry_of", "retried_as", "extra",
     "fold_ts", "fold_event", "fold_attempt", "fold_rank_attempt", "fold_rank_state",
+    "fold_sources",
 )
 EVENT_COLUMNS = (
     "id", "job_id", "framework", "type", "state", "timestamp", "worker", "fields", "extra",
@@ -91,6 +92,7 @@ def job_to_row(job: Job) -> Row:
         job.retried_as, dumps(job.extra),
         job.fold_ts, job.fold_event, job.fold_attempt, job.fold_rank[0],
         merge.pack_rank(job.fold_rank[1], job.fold_rank[2]),
+        None if job.fold_sources is None else dumps(list(job.fold_sources)),
     )
 
 
@@ -99,7 +101,7 @@ def job_from_row(row: Row) -> Job:
         id_, framework, state, name, queue, worker, args, kwargs, result, exception,
         traceback, retries, parent_id, root_id, eta, expires, sent_at, received_at,
         started_at, finished_at, runtime, created_at, updated_at, retry_of, retried_as,
-        extra, fold_ts, fold_event, fold_attempt, rank_attempt, rank_state,
+        extra, fold_ts, fold_event, fold_attempt, rank_attempt, rank_state, sources,
     ) = row
     return Job(
         id=id_, framework=framework, state=JobState(state), name=name, queue=queue,
@@ -110,6 +112,7 @@ def job_from_row(row: Row) -> Job:
         updated_at=updated_at, retry_of=retry_of, retried_as=retried_as, extra=loads(extra),
         fold_ts=fold_ts, fold_event=fold_event, fold_attempt=fold_attempt,
         fold_rank=(rank_attempt, *merge.unpack_rank(rank_state)),
+        fold_sources=None if sources is None else tuple(loads(sources)),
     )
 
 

@@ -144,11 +144,13 @@ async def _ingest_through(url: str, batches: list[list[JobEvent]]) -> dict[str, 
             await storage.aclose()
 
 
-def _check_backend(url: str, batches: list[list[JobEvent]]) -> None:
+def _check_backend(
+    url: str, batches: list[list[JobEvent]], events: Sequence[JobEvent] = EVENTS
+) -> None:
     suffix = "-" + uuid.uuid4().hex[:8]
     batches = [_suffixed(batch, suffix) for batch in batches]
     stored = trio.run(_ingest_through, url, batches)
-    assert stored == rebuild_all(_suffixed(EVENTS, suffix))
+    assert stored == rebuild_all(_suffixed(list(events), suffix))
 
 
 # One database for all examples: each example uses job ids of its own.
@@ -513,3 +515,42 @@ def test_a_packed_rank_reads_back(packed: int) -> None:
     assert -1 <= rank <= 8 and merge.pack_rank(delivery, rank) == packed
     # Rows stored before deliveries were counted hold ranks -1 to 4: delivery 0.
     assert delivery == 0 or packed > 4
+
+
+def test_one_source_folds_incrementally_and_two_rebuild() -> None:
+    """The SDK alone (or a remote agent) is one source, like the broker alone: its
+    in-order events are applied to the row. A second source's make it a rebuild."""
+    sdk = sorted(_reported_again(JOBS[RETRIED], [0.0]), key=merge.sort_key)
+    _, paths = fold_incrementally([[event] for event in sdk])
+    assert paths == {"new", "fast"}
+    broker = sorted(JOBS[RETRIED], key=merge.sort_key)
+    _, paths = fold_incrementally([[broker[0]], *([event] for event in sdk)])
+    assert paths == {"new", "slow"}
+
+
+def test_a_row_stored_before_its_sources_were_kept_is_rebuilt_once() -> None:
+    events = sorted(JOBS[RETRIED], key=merge.sort_key)
+    row = merge.rebuild(RETRIED, "celery", events[:2])
+    assert row.fold_sources == ("",)
+    old = attrs.evolve(row, fold_sources=None)
+    assert not merge.applies_in_order(old, events[2:3])
+    assert merge.rebuild(RETRIED, "celery", events).fold_sources == ("",)
+
+
+BOTH = EVENTS + _reported_again(EVENTS, [0.004, -0.003, 0.0])
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=ONE_DB)
+@given(batches=deliveries(BOTH))
+def test_two_sources_ingest_into_sqlite_as_they_rebuild(
+    sqlite_url: str, batches: list[list[JobEvent]]
+) -> None:
+    _check_backend(sqlite_url, batches, BOTH)
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=ONE_DB)
+@given(batches=deliveries(BOTH))
+def test_two_sources_ingest_into_postgresql_as_they_rebuild(
+    pg_url: str, batches: list[list[JobEvent]]
+) -> None:
+    _check_backend(pg_url, batches, BOTH)

@@ -507,10 +507,11 @@ async def test_sqlite_events_stored_before_0004_keep_their_timeline_and_dedupe(
             if version < 4:
                 conn.executescript(sql)
                 conn.execute("INSERT INTO schema_migrations VALUES (?, 0)", (version,))
+        # The row as it was then, without the column migration 0008 added.
+        then = common.JOB_COLUMNS[: common.JOB_COLUMNS.index("fold_sources")]
         conn.execute(
-            f"INSERT INTO jobs ({common.cols(common.JOB_COLUMNS)})"
-            f" VALUES ({', '.join('?' * len(common.JOB_COLUMNS))})",
-            common.job_to_row(job),
+            f"INSERT INTO jobs ({common.cols(then)}) VALUES ({', '.join('?' * len(then))})",
+            common.job_to_row(job)[: len(then)],
         )
         conn.executemany(
             f"INSERT INTO job_events ({common.cols(common.EVENT_COLUMNS)})"
