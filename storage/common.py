@@ -810,6 +810,7 @@ class SharedSql:
 
     # Whether job_events is keyed by its job's seq (SQLite) rather than its id.
     _events_by_seq: bool = False
+    _lock_rows = ""  # what locks the rows a SELECT reads until the transaction ends
 
     def _scrubbing(self, conn: Any) -> None:
         """Called first in each transaction that replaces secrets."""
@@ -848,12 +849,20 @@ class SharedSql:
         """The next ``batch`` jobs after seq ``after`` and their events: the last seq
         read and the counts; None past the last job."""
         p = self._marker
-        rows = conn.execute(
-            f"SELECT seq, {cols(JOB_COLUMNS)} FROM jobs WHERE seq > {p} ORDER BY seq LIMIT {p}",
+        last = conn.execute(
+            f"SELECT max(seq) FROM (SELECT seq FROM jobs WHERE seq > {p} ORDER BY seq LIMIT {p})"
+            " AS batch",
             (after, batch),
-        ).fetchall()
-        if not rows:
+        ).fetchone()[0]
+        if last is None:
             return None
+        # Locked as ingest locks them, in id order (PostgreSQL; SQLite's write lock is
+        # the database's): a job ingest folds meanwhile is not written back stale.
+        rows = conn.execute(
+            f"SELECT seq, {cols(JOB_COLUMNS)} FROM jobs WHERE seq > {p} AND seq <= {p}"
+            f" ORDER BY id{self._lock_rows if apply else ''}",
+            (after, last),
+        ).fetchall()
         jobs = [(row[0], job_from_row(row[1:])) for row in rows]
         key = "job_seq" if self._events_by_seq else "job_id"
         keys = {job.id: seq if self._events_by_seq else job.id for seq, job in jobs}
@@ -888,7 +897,7 @@ class SharedSql:
                 ],
             )
             self._reindex(conn, changed_jobs)
-        return rows[-1][0], Redacted(
+        return last, Redacted(
             jobs=len(jobs), jobs_changed=len(changed_jobs),
             events=len(events), events_changed=len(changed_events),
         )

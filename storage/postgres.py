@@ -579,6 +579,8 @@ class PostgresStorage(common.SharedSql):
     def leader_lock(self, name: str) -> AdvisoryLock:
         return AdvisoryLock(self._conninfo, name)
 
+    _lock_rows = " FOR UPDATE"
+
     async def _scrubbed(self) -> str:
         return (
             "PostgreSQL keeps the replaced row versions in its files until VACUUM reuses"
