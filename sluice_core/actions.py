@@ -57,8 +57,9 @@ def pushed_by(event: JobEvent) -> str | None:
 
 
 def own_events(timeline: Iterable[JobEvent]) -> list[JobEvent]:
-    """The events Sluice read or made itself: what a broker really showed of a job."""
-    return [event for event in timeline if PUSHED_BY not in event.extra]
+    """The events Sluice read or made itself about its own brokers: what a broker really
+    showed of a job. Not pushed ones, nor Sluice's records of what an agent did on its."""
+    return [event for event in timeline if _agent_of(event) is None]
 
 
 def _agent_of(event: JobEvent) -> str | None:
@@ -110,20 +111,19 @@ def behind_agents(timeline: Iterable[JobEvent]) -> list[Location]:
 
 
 def as_seen_by(agent: str, timeline: Iterable[JobEvent]) -> list[JobEvent]:
-    """The timeline as ``agent`` must judge it: what it pushed, and Sluice's records of
-    what it published, are its brokers' own word; what another agent pushed or
-    published is pushed, like anything the SDK or any other key sent. Copies: the
-    events themselves are left as they are."""
-    out = []
-    for event in timeline:
-        whose = _agent_of(event)
-        if whose == agent:
-            extra = {key: value for key, value in event.extra.items() if key != PUSHED_BY}
-            event = attrs.evolve(event, extra=extra)
-        elif whose is not None and PUSHED_BY not in event.extra:
-            event = attrs.evolve(event, extra={**event.extra, PUSHED_BY: whose})
-        out.append(event)
-    return out
+    """The timeline as ``agent`` must judge it (:func:`own_events` on the agent): what
+    it pushed, and Sluice's records of what it published, are its brokers' own word;
+    what anyone else pushed or published stays theirs. Copies: the events themselves
+    are left as they are."""
+    return [
+        attrs.evolve(
+            event,
+            extra={k: v for k, v in event.extra.items() if k not in (PUSHED_BY, AGENT)},
+        )
+        if _agent_of(event) == agent
+        else event
+        for event in timeline
+    ]
 
 
 class ActionRefused(Exception):

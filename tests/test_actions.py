@@ -45,7 +45,6 @@ from sluice_core.actions import (
     lives_at,
     mark_pushed,
     own_events,
-    pushed_by,
 )
 from sluice_core.agent import Agent
 from sluice_core.config import Config, redact_url
@@ -965,10 +964,13 @@ def test_a_job_lives_where_sluices_own_events_or_its_agents_say() -> None:
     # A pushed event speaks for its own key, whatever agent it names.
     assert behind_agents([claim]) == [Location(same, "attacker")]
     assert behind_agents([sdk]) == [] and lives_at([sdk]) is None
-    # The agent judges what it pushed and published as its broker's; the rest as pushed.
-    seen = as_seen_by("agent-eu", [far, published, claim, sdk, own])
-    assert [pushed_by(event) for event in seen] == [None, None, "attacker", "billing-app", None]
-    assert as_seen_by("agent-us", [published])[0].extra["pushed_by"] == "agent-eu"
+    # On the server, an agent's word is never its own brokers'; on the agent, what it
+    # pushed and published is its broker's, and nothing else.
+    assert own_events([far, published, claim, sdk, own]) == [own]
+    assert own_events(as_seen_by("agent-eu", [far, published, claim, sdk])) == [
+        attrs.evolve(far, extra={"broker": same}), attrs.evolve(published, extra={"broker": same})
+    ]
+    assert own_events(as_seen_by("agent-us", [far, published])) == []
     assert far.extra["pushed_by"] == "agent-eu"  # the stored events are left as they were
 
 
