@@ -264,7 +264,7 @@
   function bulkRetryQuestion(retries) {
     const going = {};
     retries.filter((r) => r.publish).forEach(({ publish: p }) => {
-      const line = `${p.name} to queue ${p.queue} on ${p.broker}`;
+      const line = `${p.name} to queue ${p.queue} on ${where(p)}`;
       going[line] = (going[line] || 0) + 1;
     });
     const refused = retries.filter((r) => r.refused);
@@ -315,6 +315,11 @@
     updateBulk();
   }
 
+  // The broker a retry goes to, and the remote agent that publishes it there, if any.
+  function where(plan) {
+    return plan.agent ? `${plan.broker}, through agent ${plan.agent}` : plan.broker;
+  }
+
   // What the retry would publish, asked before it is: the user confirms the job name,
   // queue, broker and arguments, not just "again". Throws the reason it would be refused.
   async function retryQuestion(url) {
@@ -322,7 +327,7 @@
     if (!plan) return "Run this job again, as a new job with the same arguments?";
     return [
       "Run this job again as a new job? Sluice will publish:",
-      `${plan.name} to queue ${plan.queue} on ${plan.broker}`,
+      `${plan.name} to queue ${plan.queue} on ${where(plan)}`,
       `arguments ${plan.arguments}`,
       `(from ${plan.arguments_from})`,
       ...plan.details,
