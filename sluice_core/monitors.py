@@ -46,6 +46,9 @@ DEFAULT_VISIBILITY_TIMEOUT = 3600.0
 # Seconds between looks for jobs taken unseen: the probes' default interval (reading the
 # queues' latest depths also computes their rates).
 UNSEEN_INTERVAL = 5.0
+# Queued jobs read per queue and look: a longer backlog has its oldest jobs judged as it
+# drains (they stay queued meanwhile).
+UNSEEN_SCAN = 10 * MAX_PAGE
 
 
 def sends_task_events(worker: Worker, named_by_jobs: bool) -> bool | None:
@@ -265,7 +268,8 @@ class WorkerMonitor:
                 f" see it run or end. To see it: {TASK_EVENTS_ADVICE}"
             )
             places = depth[name]
-            async for job in self._jobs(JobQuery(queue=name, states=frozenset({JobState.QUEUED}))):
+            queued = JobQuery(queue=name, states=frozenset({JobState.QUEUED}))
+            async for job in self._jobs(queued, at_most=UNSEEN_SCAN):
                 if places > 0:
                     places -= 1
                 elif job.sent_at is not None and job.sent_at < at:
@@ -283,15 +287,18 @@ class WorkerMonitor:
                     )
         return events
 
-    async def _jobs(self, query: JobQuery) -> AsyncIterator[Job]:
-        """Every job the query matches, newest first, page by page."""
+    async def _jobs(self, query: JobQuery, at_most: int | None = None) -> AsyncIterator[Job]:
+        """The jobs the query matches (every one, or the first ``at_most``), newest first,
+        page by page."""
         cursor = None
-        while True:
-            page = await self._storage.list_jobs(
-                attrs.evolve(query, limit=MAX_PAGE, cursor=cursor)
-            )
+        left = at_most
+        while left is None or left > 0:
+            limit = MAX_PAGE if left is None else min(MAX_PAGE, left)
+            page = await self._storage.list_jobs(attrs.evolve(query, limit=limit, cursor=cursor))
             for job in page.jobs:
                 yield job
             if page.next_cursor is None:
                 return
+            if left is not None:
+                left -= len(page.jobs)
             cursor = page.next_cursor

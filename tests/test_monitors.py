@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+from sluice_core import monitors
 from sluice_core.model import JobEvent, JobState, QueueSample, WorkerEvent, event_id
 from sluice_core.monitors import WorkerMonitor, workers_task_events
 from sluice_core.probes import WorkerQueues
@@ -421,3 +422,23 @@ async def test_nothing_is_concluded_of_a_queue_sluice_cannot_judge(
     monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock)
     await monitor.check(clock())
     assert sink.job_events == []
+
+
+async def test_a_long_backlog_is_judged_a_part_at_a_time(
+    sqlite: Storage, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(monitors, "UNSEEN_SCAN", 4)
+    clock = epoch_clock(autojump_clock)
+    ids = await blind_worker_with_queued_jobs(sqlite, 10)
+    await sqlite.record_queue_samples([depth(0, EPOCH)])
+    sink = CollectingSink()
+    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock)
+    concluded = []
+    for _ in range(3):
+        await monitor.check(clock())
+        concluded.append(sorted({e.job_id for e in sink.job_events}))
+        await sqlite.ingest(sink.job_events, [])
+        await trio.sleep(monitors.UNSEEN_INTERVAL)
+    # Four queued jobs read per look, newest first: all ten in three looks.
+    assert [len(part) for part in concluded] == [4, 8, 10]
+    assert concluded[-1] == ids
