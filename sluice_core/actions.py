@@ -75,7 +75,7 @@ def _agent_of(event: JobEvent) -> str | None:
 class Location:
     """Where a job lives: a broker, read by Sluice itself (``agent`` None) or by the
     remote agent whose API key is ``agent``. Two agents' brokers with the same URL are
-    two places: clusters often name their brokers alike."""
+    two locations: clusters often name their brokers alike."""
 
     broker: str
     agent: str | None = None
@@ -85,7 +85,7 @@ class Location:
 
 
 def locations(timeline: Iterable[JobEvent]) -> list[Location]:
-    """Every place the job's events say it lives, sorted, Sluice's own brokers first.
+    """Every location the job's events give it, sorted, Sluice's own brokers first.
 
     An event pushed with an API key speaks only for that key's brokers, whatever it
     claims: an ingest key cannot move a job to a broker Sluice reads, nor to another
@@ -95,7 +95,7 @@ def locations(timeline: Iterable[JobEvent]) -> list[Location]:
         broker = event.extra.get(BROKER)
         if isinstance(broker, str):
             found.add(Location(broker, _agent_of(event)))
-    return sorted(found, key=lambda place: (place.agent is not None, place))
+    return sorted(found, key=lambda where: (where.agent is not None, where))
 
 
 def lives_at(timeline: Iterable[JobEvent]) -> Location | None:
@@ -104,8 +104,8 @@ def lives_at(timeline: Iterable[JobEvent]) -> Location | None:
 
 
 def behind_agents(timeline: Iterable[JobEvent]) -> list[Location]:
-    """The agents' places of a job that lives behind remote agents only; [] for a job
-    on a broker Sluice reads itself (its own events win), or whose place is unknown."""
+    """The agents' locations of a job that lives behind remote agents only; [] for a job
+    on a broker Sluice reads itself (its own events win), or whose location is unknown."""
     found = locations(timeline)
     return [] if not found or found[0].agent is None else found
 

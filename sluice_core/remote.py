@@ -251,20 +251,20 @@ class Agents:
             self._links.pop(link.name, None)
         log.info("agent %r disconnected; actions on its jobs wait for it", link.name)
 
-    def handler(self, job: Job, places: list[Location]) -> ActionHandler:
-        """The handler that acts on ``job``, which lives at ``places`` (agents' brokers,
+    def handler(self, job: Job, found: list[Location]) -> ActionHandler:
+        """The handler that acts on ``job``, which lives at ``found`` (agents' brokers,
         :func:`~sluice_core.actions.behind_agents`). ActionRefused, saying nothing was
-        sent, when no agent there is connected or the places disagree."""
-        brokers = sorted({place.broker for place in places})
+        sent, when no agent there is connected or the locations disagree."""
+        brokers = sorted({where.broker for where in found})
         if len(brokers) > 1:
-            shown = "; ".join(f"agent {p.agent!r}, broker {p.broker}" for p in places)
+            shown = "; ".join(f"agent {p.agent!r}, broker {p.broker}" for p in found)
             raise ActionRefused(
                 f"cannot act on job {job.id}: the events of several agents' brokers show a"
                 f" job with this id ({shown}), and Sluice does not know where it lives;"
                 " nothing was sent"
             )
         [broker] = brokers
-        names = [place.agent for place in places if place.agent is not None]
+        names = [where.agent for where in found if where.agent is not None]
         for name in names:
             for link in self._links.get(name, []):
                 if broker in link.brokers:

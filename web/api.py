@@ -204,8 +204,8 @@ async def _location(job_id: str) -> dict[str, str | None] | None:
     """Where the job lives, which its actions go to: the broker, and the agent reading it.
     Read from the events as stored: a merged timeline's reports carry other sources'
     stamps, and would show the job behind whichever source pushed a report of it."""
-    place = lives_at(await _engine().storage.job_events(job_id))
-    return None if place is None else place.to_dict()
+    where = lives_at(await _engine().storage.job_events(job_id))
+    return None if where is None else where.to_dict()
 
 
 async def _route(job: Job) -> tuple[ActionHandler, list[JobEvent]]:
@@ -213,10 +213,10 @@ async def _route(job: Job) -> tuple[ActionHandler, list[JobEvent]]:
     agent's connection for a job a remote agent streamed (ActionRefused when that agent
     is away: nothing is sent anywhere else), else this server's own handler."""
     timeline = await _engine().storage.job_events(job.id)
-    places = behind_agents(timeline)
-    if places:
+    found = behind_agents(timeline)
+    if found:
         agents: Agents = current_app.extensions["sluice_agents"]
-        return agents.handler(job, places), timeline
+        return agents.handler(job, found), timeline
     handler = _engine().action_handler(job)
     if handler is None:
         raise _not_implemented(job)
