@@ -28,6 +28,7 @@ actions on jobs that agent's key pushed from a broker it announced.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Sequence
@@ -70,8 +71,9 @@ class NoAnswer(Exception):
 
 
 def announcement(brokers: Sequence[str]) -> bytes:
-    """The ``Sluice-Agent`` header's value: the agent's brokers, as ASCII JSON."""
-    return orjson.dumps({"brokers": list(brokers)}).decode().encode("ascii", "backslashreplace")
+    """The ``Sluice-Agent`` header's value: the agent's brokers, as JSON in ASCII (a
+    header's bytes), any other character escaped (``\\uXXXX``)."""
+    return json.dumps({"brokers": list(brokers)}, ensure_ascii=True).encode("ascii")
 
 
 def announced(value: str | None) -> frozenset[str] | None:

@@ -27,7 +27,7 @@ from sluice_core.config import Config, ConfigError
 from sluice_core.engine import Engine
 from sluice_core.model import JobEvent, JobState
 from sluice_core.plugins import PluginManager
-from sluice_core.remote import HEADER, announcement
+from sluice_core.remote import HEADER, announced, announcement
 from sluice_core.serialize import job_event_to_json
 from tests.fixtures.services import REDIS_URL, free_port
 from tests.metrics import metric
@@ -272,3 +272,19 @@ async def test_an_agents_refusal_and_silence_are_the_apis_answer(tmp_path: Path)
     )
     audits = [e["detail"] for e in after["events"] if e["type"] == "sluice-revoke"]
     assert [a["outcome"] for a in audits] == ["refused", "no_answer"]
+
+
+@pytest.mark.parametrize(
+    "brokers", [["amqp://guest:***@rabbit:5672/prod", "redis://cache:6379/0"], ["redis://bröker/0"]]
+)
+def test_an_agent_announces_its_brokers_in_a_header_any_server_can_read(
+    brokers: list[str],
+) -> None:
+    value = announcement(brokers)
+    assert value.isascii()
+    assert announced(value.decode("latin-1")) == frozenset(brokers)  # as a server decodes it
+
+
+@pytest.mark.parametrize("value", [None, "", "not json", '{"brokers": "x"}', '["a"]'])
+def test_a_sender_that_announces_nothing_readable_is_no_agent(value: str | None) -> None:
+    assert announced(value) is None
