@@ -554,3 +554,45 @@ def test_two_sources_ingest_into_postgresql_as_they_rebuild(
     pg_url: str, batches: list[list[JobEvent]]
 ) -> None:
     _check_backend(pg_url, batches, BOTH)
+
+
+@st.composite
+def with_conclusions(draw: st.DrawFn) -> list[JobEvent]:
+    """A captured job's events and conclusions of the monitor about it, drawn anywhere in
+    its life, about any of its workers and attempts: what arrives when Sluice judged
+    early, late, or wrongly."""
+    job_id = draw(st.sampled_from(sorted(JOBS)))
+    # Its life so far: a job still held is what conclusions are about.
+    events = sorted(JOBS[job_id], key=merge.sort_key)
+    events = events[: draw(st.integers(1, len(events)))]
+    first, last = events[0].timestamp, events[-1].timestamp
+    workers = sorted({e.worker for e in events if e.worker is not None}) or ["w"]
+    kinds = [
+        (merge.LOST_EVENT, JobState.LOST),
+        (merge.REDELIVERY_EVENT, JobState.REDELIVERING),
+        (merge.UNSEEN_EVENT, JobState.UNKNOWN),
+    ]
+    conclusions = []
+    for n in range(draw(st.integers(0, 3))):
+        kind, state = draw(st.sampled_from(kinds))
+        conclusions.append(
+            JobEvent(
+                id=f"conclusion-{n}", job_id=job_id, framework="celery", type=kind,
+                state=state, timestamp=draw(st.floats(first - 1, last + 1)),
+                worker=None if kind == merge.UNSEEN_EVENT else draw(st.sampled_from(workers)),
+                fields={"exception": "why", "retries": draw(st.integers(0, 2))},
+            )
+        )
+    return events + conclusions
+
+
+@settings(max_examples=200)
+@given(events=with_conclusions(), data=st.data())
+def test_conclusions_anywhere_keep_the_row_a_function_of_the_event_set(
+    events: list[JobEvent], data: st.DataObject
+) -> None:
+    job_id = events[0].job_id
+    final = merge.rebuild(job_id, "celery", events)
+    assert merge.rebuild(job_id, "celery", data.draw(st.permutations(events))) == final
+    rows, _ = fold_incrementally(data.draw(deliveries(events)))
+    assert rows[job_id] == final
