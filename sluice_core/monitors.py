@@ -237,15 +237,16 @@ class WorkerMonitor:
 
         A queue holds at most ``depth`` of the jobs queued on it when its probe
         sampled it, the newest (queues are first in, first out); the older ones were
-        taken, and since no task-received came, by a worker Sluice cannot see.
-        Jobs published without task-sent hold places too, so this errs towards
-        leaving jobs queued.
+        taken, and since no task-received came, by a worker Sluice cannot see: one
+        that consumes the queue and was alive after the job was sent (it may have
+        stopped since). Jobs published without task-sent hold places too, so this
+        errs towards leaving jobs queued.
         """
-        takers: dict[str, list[str]] = defaultdict(list)
+        takers: dict[str, list[Worker]] = defaultdict(list)
         for worker, sends in await workers_task_events(self._storage, workers):
-            if sends is False and worker.status == "online":
+            if sends is False:
                 for queue in worker.queues or ():
-                    takers[queue].append(worker.hostname)
+                    takers[queue].append(worker)
         if not takers:
             return []
         depth: dict[str, int] = defaultdict(int)
@@ -262,29 +263,37 @@ class WorkerMonitor:
         for name, at in sampled.items():
             if name not in takers:
                 continue
-            why = (
-                f"Unseen: taken from queue {name} with no task-received: its consumers"
-                f" ({', '.join(sorted(takers[name]))}) send no task events, so Sluice cannot"
-                f" see it run or end. To see it: {TASK_EVENTS_ADVICE}"
-            )
             places = depth[name]
             queued = JobQuery(queue=name, states=frozenset({JobState.QUEUED}))
             async for job in self._jobs(queued, at_most=UNSEEN_SCAN):
                 if places > 0:
                     places -= 1
-                elif job.sent_at is not None and job.sent_at < at:
-                    events.append(
-                        JobEvent(
-                            # One conclusion per attempt, whichever sample showed it.
-                            id=event_id(job.id, UNSEEN_EVENT, job.retries),
-                            job_id=job.id,
-                            framework=job.framework,
-                            type=UNSEEN_EVENT,
-                            state=JobState.UNKNOWN,
-                            timestamp=max(at, job.updated_at or at),
-                            fields={"exception": why, "retries": job.retries},
-                        )
+                    continue
+                sent = job.sent_at
+                if sent is None or sent >= at:
+                    continue
+                blind = sorted(
+                    w.hostname for w in takers[name] if (w.last_heartbeat or 0.0) >= sent
+                )
+                if not blind:
+                    continue  # none was alive since: purged, or taken by someone unknown
+                why = (
+                    f"Unseen: taken from queue {name} with no task-received: its consumers"
+                    f" ({', '.join(blind)}) send no task events, so Sluice cannot see it run"
+                    f" or end. To see it: {TASK_EVENTS_ADVICE}"
+                )
+                events.append(
+                    JobEvent(
+                        # One conclusion per attempt, whichever sample showed it.
+                        id=event_id(job.id, UNSEEN_EVENT, job.retries),
+                        job_id=job.id,
+                        framework=job.framework,
+                        type=UNSEEN_EVENT,
+                        state=JobState.UNKNOWN,
+                        timestamp=max(at, job.updated_at or at),
+                        fields={"exception": why, "retries": job.retries},
                     )
+                )
         return events
 
     async def _jobs(self, query: JobQuery, at_most: int | None = None) -> AsyncIterator[Job]:

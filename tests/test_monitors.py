@@ -356,13 +356,16 @@ BLIND = "celery@blind"
 QUEUE = "emails"
 
 
-async def blind_worker_with_queued_jobs(storage: Storage, sent: int) -> list[str]:
-    """A worker without task events consuming QUEUE, and ``sent`` jobs announced on it."""
+async def blind_worker_with_queued_jobs(
+    storage: Storage, sent: int, *, heard: float = EPOCH, kind: str = "heartbeat"
+) -> list[str]:
+    """A worker without task events consuming QUEUE, last ``heard`` with a ``kind``
+    event, and ``sent`` jobs announced on QUEUE a minute before EPOCH."""
     ids = [f"job-{n:02d}" for n in range(sent)]
     await storage.ingest(
         [job(i, JobState.QUEUED, EPOCH - 60 + n, worker=None, queue=QUEUE)
          for n, i in enumerate(ids)],
-        [heartbeat(EPOCH, hostname=BLIND)],  # processed=3, yet no job names it
+        [heartbeat(heard, kind, hostname=BLIND)],  # processed=3, yet no job names it
     )
     await storage.set_worker_queues([WorkerQueues(BLIND, "celery", [QUEUE], 2)])
     return ids
@@ -442,3 +445,18 @@ async def test_a_long_backlog_is_judged_a_part_at_a_time(
     # Four queued jobs read per look, newest first: all ten in three looks.
     assert [len(part) for part in concluded] == [4, 8, 10]
     assert concluded[-1] == ids
+
+
+@pytest.mark.parametrize("stopped", [EPOCH, EPOCH - 120])
+async def test_a_worker_without_task_events_took_only_what_was_sent_while_it_lived(
+    sqlite: Storage, autojump_clock: trio.testing.MockClock, stopped: float
+) -> None:
+    """It stopped since (the jobs were taken, by it), or before they were sent (they were
+    not: purged, or taken by a consumer Sluice does not know)."""
+    clock = epoch_clock(autojump_clock)
+    await blind_worker_with_queued_jobs(sqlite, 3, heard=stopped, kind="offline")
+    await sqlite.record_queue_samples([depth(0, EPOCH)])
+    sink = CollectingSink()
+    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock)
+    await monitor.check(clock())
+    assert len(sink.job_events) == (3 if stopped == EPOCH else 0)
