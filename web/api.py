@@ -263,8 +263,9 @@ async def revoke(job_id: str) -> tuple[dict[str, Any], int]:
     return {"job_id": job.id, **options, **heard}, 202
 
 
-# The status of a single job's action that was not accepted, by its outcome.
-FAILURE_STATUS = {"error": 500, NO_ANSWER: 504}
+# The status and error code of a single job's action that was not accepted, by its
+# outcome: a handler's own failure is the plain 500 of any unexpected error (web/errors.py).
+FAILURE_STATUS = {"error": (500, "internal"), NO_ANSWER: (504, NO_ANSWER)}
 
 
 def _raise_failure(outcome: dict[str, Any]) -> None:
@@ -272,8 +273,8 @@ def _raise_failure(outcome: dict[str, Any]) -> None:
     if outcome["outcome"] == "refused":
         raise ActionRefused(outcome["message"])
     if outcome["outcome"] != "accepted":
-        status = FAILURE_STATUS.get(outcome["outcome"], 501)
-        raise ApiError(outcome["message"], status=status, code=outcome["outcome"])
+        status, code = FAILURE_STATUS.get(outcome["outcome"], (501, outcome["outcome"]))
+        raise ApiError(outcome["message"], status=status, code=code)
 
 
 # -- bulk actions ----------------------------------------------------------
