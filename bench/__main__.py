@@ -27,7 +27,7 @@ from bench.generator import Plan
 from bench.services import BENCH, REDIS_URL, rabbitmq_vhost
 
 SCENARIOS = ("burst", "steady", "rabbitmq", "latency", "queries", "startup")
-OPT_IN = ("profile", "storage", "sse-viewers")  # run only when named
+OPT_IN = ("profile", "storage", "sse-viewers", "sse-replica")  # run only when named
 
 
 @attrs.frozen
@@ -282,10 +282,17 @@ class Bench:
         )
 
     def sse_viewers(self) -> None:
+        self._viewers(replica=False)
+
+    def sse_replica(self) -> None:
+        self._viewers(replica=True)
+
+    def _viewers(self, *, replica: bool) -> None:
         s = self.sizes
+        where = "a web replica (sluice agent + sluice web, PostgreSQL)" if replica else "SQLite"
         runs = [
             sse.run(viewers=s.viewers, rate=s.latency_rate, duration_s=s.latency_s,
-                    broker=REDIS_URL, run_dir=self.run_dir)
+                    broker=REDIS_URL, run_dir=self.run_dir, replica=replica)
             for _ in range(s.repeats)
         ]
         for r in runs:
@@ -295,7 +302,8 @@ class Bench:
         med = statistics.median
         resyncs = sum(r.resyncs for r in runs)
         p99 = med(r.p99_ms for r in runs)
-        self.headline(f"{s.viewers} live viewers at {s.latency_rate:,} events/s: resyncs, p99",
+        on = " on a web replica" if replica else ""
+        self.headline(f"{s.viewers} live viewers{on} at {s.latency_rate:,} events/s: resyncs, p99",
                       "0, < 500 ms", f"{resyncs}, {p99:,.0f} ms", "no SSE",
                       resyncs == 0 and p99 < 500)
 
@@ -309,14 +317,15 @@ class Bench:
                     f"{med(r.api_jobs_finished for r in rs):,.0f}"]
 
         self.add(
-            f"Live viewers: {s.viewers} dashboards at {s.latency_rate:,} events/s",
-            f"{len(runs)} run(s) of {s.latency_s:.0f}s, SQLite, Redis, the generator live. Each "
+            f"Live viewers{on}: {s.viewers} dashboards at {s.latency_rate:,} events/s",
+            f"{len(runs)} run(s) of {s.latency_s:.0f}s, {where}, Redis, the generator live. Each "
             f"viewer reads `GET /api/stream?limit={sse.PAGE_ROWS}` as a job list page does; one "
             "API client reads it without a limit. A delay sample is a row's first delivery to "
             "a viewer (from its task-sent's publish) or its completion (from its task.multi "
             "batch's publish), by nearest rank. *Resyncs*: streams told to reload (viewers and "
-            "the API client), summed. *Sluice CPU*: the engine and its reader process while "
-            "publishing, of one core. *API client*: jobs it saw of those published, and how "
+            "the API client), summed. *Sluice CPU*: its processes (the engine and its reader "
+            "process; or the agent, its reader and the replica) while publishing, of one core. "
+            "*API client*: jobs it saw of those published, and how "
             "many of them it saw finished. The last row is the median of the runs "
             "(resyncs: their sum).",
             report.table(
@@ -462,7 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"which to run (default all): {', '.join(SCENARIOS)}"
                         "; also, only when named: profile (a py-spy profile; needs py-spy),"
                         " storage (the storage backend alone), sse-viewers (50 live"
-                        " dashboards at 5,000 events/s)")
+                        " dashboards at 5,000 events/s), sse-replica (the same on a"
+                        " sluice web replica beside a sluice agent, PostgreSQL)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--full-size", action="store_true",
                         help="query histories at the target sizes (1M jobs SQLite, 10M PostgreSQL)")

@@ -158,23 +158,41 @@ class Service:
         self._log_file.close()
 
 
-class Sluice(Service):
-    name = "sluice"
-
-    def __init__(
-        self, broker: str, db: str, run_dir: Path, keyprefix: str = "", extra: Sequence[str] = ()
-    ) -> None:
-        port = free_port()
+def _sluice_argv(
+    command: str, broker: str, db: str, keyprefix: str, extra: Sequence[str]
+) -> list[str]:
+    argv = [str(SLUICE), command, "--plugin", "celery", "--db", db, *extra]
+    if command != "web":
         # The generator's workers send heartbeats in stream time, not while Sluice
         # catches up: without this, Sluice would rightly declare them offline and
         # add "lost" events of its own to the count of events taken in.
-        argv = [str(SLUICE), "run", "--plugin", "celery", "--db", db, "--port", str(port),
-                "--log-level", "WARNING", "--heartbeat-missed", "1000000", *extra]
-        if broker:
-            argv += ["--broker", broker]
-        if keyprefix:
-            argv += ["--redis-keyprefix", keyprefix]
-        super().__init__(argv, port, run_dir / f"sluice-{port}.log")
+        argv += ["--heartbeat-missed", "1000000"]
+    if broker:
+        argv += ["--broker", broker]
+    if keyprefix:
+        argv += ["--redis-keyprefix", keyprefix]
+    return argv
+
+
+class Sluice(Service):
+    """``sluice run``, or with ``command="web"`` a web replica (beside a SluiceAgent)."""
+
+    name = "sluice"
+
+    def __init__(
+        self,
+        broker: str,
+        db: str,
+        run_dir: Path,
+        keyprefix: str = "",
+        extra: Sequence[str] = (),
+        command: str = "run",
+    ) -> None:
+        port = free_port()
+        argv = _sluice_argv(
+            command, broker, db, keyprefix, ["--port", str(port), "--log-level", "WARNING", *extra]
+        )
+        super().__init__(argv, port, run_dir / f"sluice-{command}-{port}.log")
         self.startup_s = self.wait_http("/healthz")
 
     def counters(self) -> dict[str, float]:
@@ -187,6 +205,23 @@ class Sluice(Service):
 
     def taken(self) -> float:
         return self.counters()["ingested"]
+
+
+class SluiceAgent(Service):
+    """``sluice agent --db``: reads the broker and stores, serves nothing. Ready once its
+    source has subscribed (it says so in its log)."""
+
+    name = "sluice-agent"
+
+    def __init__(self, broker: str, db: str, run_dir: Path, keyprefix: str = "") -> None:
+        argv = _sluice_argv("agent", broker, db, keyprefix, ["--log-level", "INFO"])
+        super().__init__(argv, 0, run_dir / f"sluice-agent-{unique('')}.log")
+        deadline = time.monotonic() + 60
+        while "subscribed to" not in self.log.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise ServiceError(f"the agent is not reading; see {self.log}")
+            time.sleep(0.05)
+        self.startup_s = time.monotonic() - self.started
 
 
 def ensure_flower() -> Path:

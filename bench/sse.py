@@ -10,6 +10,10 @@ from its ``task.multi`` batch.
 
 Sluice's CPU (the engine and its reader process, from ``/proc``) is counted
 while the events are published, as a share of one core.
+
+With ``replica``, the deployment of docs/deploy.md instead: ``sluice agent`` reads
+and stores into PostgreSQL, and the viewers watch a ``sluice web`` replica, whose
+live feed is what PostgreSQL announces. The CPU is then both processes'.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import attrs
 
 from bench.generator import Plan, publish
 from bench.latency import StreamReader, percentile
-from bench.services import Sluice, database, process_tree, unique
+from bench.services import Sluice, SluiceAgent, database, process_tree, unique
 
 PAGE_ROWS = 50  # the job list's page, as the dashboard asks for it
 DRAIN_S = 2.0  # after the last publish: the last windows in flight
@@ -76,17 +80,17 @@ def cpu_seconds(pid: int) -> float:
 
 
 class _CpuSampler(threading.Thread):
-    """(time, CPU seconds) of a process tree four times a second."""
+    """(time, CPU seconds) of process trees four times a second."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, *pids: int) -> None:
         super().__init__(daemon=True)
-        self._pid = pid
+        self._pids = pids
         self.samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
 
     def run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.time(), cpu_seconds(self._pid)))
+            self.samples.append((time.time(), sum(map(cpu_seconds, self._pids))))
             self._stop.wait(0.25)
 
     def stop(self) -> None:
@@ -104,14 +108,29 @@ class _CpuSampler(threading.Thread):
 
 
 def run(
-    *, viewers: int, rate: float, duration_s: float, broker: str, run_dir: Path
+    *,
+    viewers: int,
+    rate: float,
+    duration_s: float,
+    broker: str,
+    run_dir: Path,
+    replica: bool = False,
 ) -> ViewersRun:
     keyprefix = unique("bench") + ":"
-    with database("sqlite", run_dir) as db:
-        sluice = Sluice(broker, db, run_dir, keyprefix)
+    with database("postgresql" if replica else "sqlite", run_dir) as db:
+        agent = SluiceAgent(broker, db, run_dir, keyprefix) if replica else None
+        try:
+            if agent is None:
+                sluice = Sluice(broker, db, run_dir, keyprefix)
+            else:
+                sluice = Sluice(broker, db, run_dir, keyprefix, command="web")
+        except BaseException:
+            if agent is not None:
+                agent.stop()
+            raise
         clients = [_Client(f"{sluice.base}/api/stream?limit={PAGE_ROWS}") for _ in range(viewers)]
         api = _Client(f"{sluice.base}/api/stream")
-        cpu = _CpuSampler(sluice.proc.pid)
+        cpu = _CpuSampler(sluice.proc.pid, *([agent.proc.pid] if agent else []))
         try:
             for client in [*clients, api]:
                 client.start()
@@ -127,6 +146,8 @@ def run(
                 client.stop()
         finally:
             sluice.stop()
+            if agent is not None:
+                agent.stop()
     for client in [*clients, api]:
         client.join(5)
         client.parse()

@@ -610,12 +610,14 @@ async def healthz() -> tuple[dict[str, Any], int]:
     once writes have failed for WRITES_FAILING_S, or an event read UNSTORED_AGE_S ago
     is not stored. ``sources`` has each configured source; with no broker at all,
     ``ingest`` (the SDK, remote agents), up while an API key exists: the ingest endpoint
-    takes nothing else, so without one nothing can send events. The body is public (no
-    auth on /healthz): error messages go to the log only.
+    takes nothing else, so without one nothing can send events. A web replica has no
+    sources (its agents read the brokers). The body is public (no auth on /healthz):
+    error messages go to the log only.
     """
     engine = _engine()
     storage: dict[str, Any] = {"up": True, "url": engine.storage.url, "detail": ""}
-    ingest_only = not engine.sources and not engine.config.brokers
+    # A web replica reads no source of its own: the agents do, and answer for them.
+    ingest_only = not engine.sources and not engine.config.brokers and not engine.replica
     keys: bool | None = None  # whether an active API key exists; None: not known
     with trio.move_on_after(HEALTH_CHECK_S) as deadline:
         try:
@@ -638,7 +640,7 @@ async def healthz() -> tuple[dict[str, Any], int]:
         }
     for name, status in engine.pipeline.sources.items():
         sources[name] = {"up": status.up, "detail": status.detail, "since": iso(status.since)}
-    if engine.config.brokers and not engine.sources:
+    if engine.config.brokers and not engine.sources and not engine.replica:
         # Brokers were asked for and nothing reads them: never "ok".
         sources["brokers"] = {
             "up": False,
