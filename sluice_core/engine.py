@@ -30,7 +30,8 @@ from sluice_core.monitors import WorkerMonitor
 from sluice_core.pipeline import Pipeline
 from sluice_core.plugins import PluginManager
 from sluice_core.probes import Probe, WorkerProbe
-from sluice_core.reader import ReaderProcess
+from sluice_core.reader import ReaderProcess, totals
+from sluice_core.reconcile import GapWatch
 from sluice_core.sources import Source, run_sources
 from sluice_core.spool import Spool
 from sluice_core.storage import IngestResult
@@ -96,6 +97,15 @@ class Engine:
             name="duties",
             on_change=lambda leading: self.metrics.leader.set(int(leading)),
         )
+        self.gap_watch = GapWatch(
+            self.storage,
+            self.pipeline,
+            admit=pm.admit,
+            reconcilers=pm.reconcilers(config),
+            sources=lambda: self.pipeline.sources,
+            dropped=self._dropped,
+            backlog=lambda: self.pipeline.backlog()[0],
+        )
         self.web_addresses: list[str] = []
         self._stop_requested = trio.Event()
         self._pipeline_done = trio.Event()
@@ -111,6 +121,10 @@ class Engine:
             return None
         return max(status.since for status in statuses if status is not None)
 
+    def _dropped(self) -> dict[str, float]:
+        """Events dropped so far, per source (the reader process's included)."""
+        return {labels[0]: total for labels, total in totals(self.metrics.events_dropped).items()}
+
     def action_handler(self, job: Job) -> ActionHandler | None:
         return next((h for h in self.actions if h.handles(job)), None)
 
@@ -125,6 +139,7 @@ class Engine:
         self, *, web: bool = True, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         await self.storage.open()
+        await self.gap_watch.prepare()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._run_pipeline)
@@ -142,6 +157,7 @@ class Engine:
                 task_status.started()
                 await self._stop_requested.wait()
                 log.info("stopping: sources first, then flushing what was read")
+                self.gap_watch.freeze()  # from now on, the sources may stop any moment
                 # One deadline for the whole flush: with the database away, the reader
                 # cannot hand its batches over and the writers cannot store them.
                 deadline = trio.current_time() + self.config.get(STOP_TIMEOUT)
@@ -163,7 +179,7 @@ class Engine:
         finally:
             with trio.CancelScope(shield=True):
                 # Handlers and probes may hold broker connections of their own.
-                for part in [*self.actions, *self.probes]:
+                for part in [*self.actions, *self.probes, *self.gap_watch.reconcilers.values()]:
                     aclose = getattr(part, "aclose", None)
                     if aclose is not None:
                         try:
@@ -190,6 +206,7 @@ class Engine:
                 else:
                     nursery.start_soon(self.leadership.run, self._run_duties)
                 nursery.start_soon(self.storage_gauges.run)
+                nursery.start_soon(self.gap_watch.run)
 
     async def _run_duties(self) -> None:
         """What one process of an HA pair does for both: concluding from silence, and

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from sluice_core.model import Normalized, RawBatch
     from sluice_core.options import OptionParser
     from sluice_core.probes import Probe
+    from sluice_core.reconcile import Reconciler
     from sluice_core.sources import Source
     from sluice_core.storage import Storage
 
@@ -131,4 +132,21 @@ def sluice_probes(config: Config, register: Callable[[Probe], None]) -> None:
 
     Called once at engine start; each probe is polled every
     ``probe.interval`` seconds in the engine's nursery.
+    """
+
+
+# -------------------------------------------------------------------------
+# After a gap: asking the deployment what Sluice missed
+# -------------------------------------------------------------------------
+
+
+@hookspec
+def sluice_reconcilers(config: Config, register: Callable[[Reconciler], None]) -> None:
+    """Register reconcilers: one per source whose gaps you can reconcile.
+
+    Called once at engine start. When a source was not heard for a while (Sluice
+    stopped, the source reconnected, events dropped), the engine calls the
+    reconciler whose ``source`` is that source's name with the jobs that were open
+    at the gap, and stores the events it returns; the open jobs it does not settle
+    are marked unknown (see :mod:`sluice_core.reconcile`).
     """

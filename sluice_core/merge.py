@@ -67,6 +67,9 @@ _RANK: dict[JobState, int] = {
 LOST_EVENT = "sluice-lost"  # a worker died running the job
 REDELIVERY_EVENT = "sluice-redelivery"  # a worker died holding it unstarted: it comes back
 UNSEEN_EVENT = "sluice-unseen"  # its queue drained, and no worker said it took the job
+# Reconciliation after a gap (sluice_core.reconcile): its events were missed, and neither
+# the workers nor a result backend could tell what became of it.
+MISSED_EVENT = "sluice-missed"
 HELD_STATES = frozenset({JobState.RECEIVED, JobState.SCHEDULED, JobState.ACTIVE})
 # The states each conclusion judged: it applies only to a row still in one of them.
 _JUDGED: dict[str, frozenset[JobState]] = {
@@ -278,6 +281,15 @@ def _apply(job: Job, event: JobEvent) -> None:
     state = event.state
     if state is None:
         return
+    if event.type == MISSED_EVENT:
+        # Unknown whatever the state before, and at the bottom of its attempt's ranks:
+        # any later event of the job says more. A known outcome stays known.
+        if job.state not in TERMINAL_STATES:
+            job.state = state
+            job.exception = fields.get("exception")
+            job.finished_at = job.runtime = job.result = None
+            job.fold_rank = (job.fold_rank[0], job.fold_rank[1], -1)
+        return
     explicit = fields.get("retries")
     attempt = job.fold_attempt
     delivery = job.fold_rank[1]
@@ -309,6 +321,8 @@ def _apply(job: Job, event: JobEvent) -> None:
     rank = (attempt, delivery, -1 if event.type in _ENDS_DELIVERY else _RANK[state])
     if rank < job.fold_rank:
         return
+    if job.state is JobState.UNKNOWN:
+        job.exception = None  # why it was unknown: this event tells more
     job.fold_rank = rank
     job.state = state
     job.retries = attempt

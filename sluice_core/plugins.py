@@ -16,6 +16,7 @@ from sluice_core.config import REDACT_KEYS, REDACT_PATTERNS, Config, ConfigError
 from sluice_core.model import Normalized, RawBatch
 from sluice_core.options import OptionParser
 from sluice_core.probes import Probe
+from sluice_core.reconcile import Reconciler
 from sluice_core.redact import Redactor
 from sluice_core.sources import Source
 from sluice_core.storage import Storage
@@ -161,4 +162,9 @@ class PluginManager:
     def probes(self, config: Config) -> list[Probe]:
         found: list[Probe] = []
         self._pm.hook.sluice_probes(config=config, register=found.append)
+        return found
+
+    def reconcilers(self, config: Config) -> list[Reconciler]:
+        found: list[Reconciler] = []
+        self._pm.hook.sluice_reconcilers(config=config, register=found.append)
         return found

@@ -345,14 +345,14 @@ class _Reader:
 
     def _status(self) -> Message:
         self._status_number += 1
-        counters = {name: _totals(getattr(self.metrics, name)) for name in _COUNTERS}
+        counters = {name: totals(getattr(self.metrics, name)) for name in _COUNTERS}
         return (
             "status", self._status_number, counters, dict(self.pipeline.sources),
             self.pipeline.held(),
         )
 
 
-def _totals(counter: Counter) -> dict[tuple[str, ...], float]:
+def totals(counter: Counter) -> dict[tuple[str, ...], float]:
     """A counter's value per combination of its label values (source, and reason)."""
     names = counter._labelnames
     return {

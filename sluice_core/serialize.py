@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from sluice_core.model import JOB_EVENT_FIELDS, Job, JobEvent, JobState, Worker, WorkerEvent
-from sluice_core.storage import QueueStats
+from sluice_core.storage import Gap, QueueStats
 
 _JOB_TIMES = ("sent_at", "received_at", "started_at", "finished_at", "updated_at", "created_at")
 
@@ -90,6 +90,18 @@ TASK_EVENTS_ADVICE = (
     "start the worker with -E (or set worker_send_task_events=True), or switch events on"
     " now with: celery -A <app> control enable_events"
 )
+
+
+def gap_to_dict(gap: Gap) -> dict[str, Any]:
+    return {
+        "source": gap.source,
+        "cause": gap.cause,
+        "started_at": iso(gap.started_at),
+        "ended_at": iso(gap.ended_at),
+        "duration_s": round(gap.duration, 3),
+        "reconciled_at": iso(gap.reconciled_at),
+        "summary": gap.summary,
+    }
 
 
 def worker_to_dict(worker: Worker, *, task_events: bool | None = None) -> dict[str, Any]:

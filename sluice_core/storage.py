@@ -143,6 +143,25 @@ class DeadLetter:
     id: int | None = None  # once stored
 
 
+@attrs.frozen
+class Gap:
+    """A time a source was not heard, so its events in it may be missed
+    (sluice_core/reconcile.py): Sluice was stopped (``cause`` "stopped"), the source
+    was reconnecting ("reconnect"), or full buffers dropped its events ("dropped")."""
+
+    source: str  # the source's name, which names its broker (without credentials)
+    cause: str
+    started_at: float
+    ended_at: float
+    reconciled_at: float | None = None
+    summary: str | None = None  # what reconciling learnt, for people
+    id: int | None = None  # once stored
+
+    @property
+    def duration(self) -> float:
+        return self.ended_at - self.started_at
+
+
 # Jobs (with their events) scrubbed in one transaction by Storage.redact.
 REDACT_BATCH = 500
 
@@ -269,6 +288,25 @@ class Storage(Protocol):
         Records the use in ``last_used_at``, at most once a minute per key (a
         write per request would compete with the pipeline's writes).
         """
+
+    async def record_gap(self, gap: Gap) -> int:
+        """Store a gap; return its id."""
+
+    async def gap_reconciled(self, gap_id: int, at: float, summary: str) -> None:
+        """Record that the gap was reconciled at ``at``, and what that learnt."""
+
+    async def list_gaps(self, limit: int) -> list[Gap]:
+        """The latest gaps, the newest first."""
+
+    async def mark_listening(self, marks: dict[str, float]) -> None:
+        """Record, per source name, that it was heard until then (never moves a mark back)."""
+
+    async def listening_marks(self) -> dict[str, float]:
+        """Per source name, the last moment a process sharing this database heard it."""
+
+    async def last_heard(self) -> float | None:
+        """The newest stored job event or heartbeat: where a database from before the
+        listening marks says Sluice last heard anything. None when empty."""
 
     async def dead_letter(self, letters: list[DeadLetter]) -> None:
         """Keep events :meth:`ingest` refused (:class:`RejectedData`); only the newest

@@ -34,6 +34,7 @@ from sluice_core.storage import (
     ApiKey,
     ApiKeyExists,
     DeadLetter,
+    Gap,
     IngestResult,
     JobQuery,
     Page,
@@ -805,6 +806,70 @@ class SharedSql:
 
         if rows:
             await self._write(write)
+
+    async def record_gap(self, gap: Gap) -> int:
+        p = self._marker
+        row = (gap.source, gap.cause, gap.started_at, gap.ended_at, gap.reconciled_at, gap.summary)
+
+        def write(conn: Any) -> int:
+            cur = conn.cursor()
+            cur.execute(
+                "INSERT INTO gaps (source, cause, started_at, ended_at, reconciled_at, summary)"
+                f" VALUES ({p}, {p}, {p}, {p}, {p}, {p}) RETURNING id",
+                row,
+            )
+            return int(cur.fetchone()[0])
+
+        return await self._write(write)
+
+    async def gap_reconciled(self, gap_id: int, at: float, summary: str) -> None:
+        p = self._marker
+        await self._write(
+            lambda conn: conn.cursor().execute(
+                f"UPDATE gaps SET reconciled_at = {p}, summary = {p} WHERE id = {p}",
+                (at, summary, gap_id),
+            )
+        )
+
+    async def list_gaps(self, limit: int) -> list[Gap]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT source, cause, started_at, ended_at, reconciled_at, summary, id"
+                f" FROM gaps ORDER BY ended_at DESC, id DESC LIMIT {self._marker}",
+                (limit,),
+            ).fetchall()
+        )
+        return [Gap(*row) for row in rows]
+
+    async def mark_listening(self, marks: dict[str, float]) -> None:
+        p = self._marker
+
+        def write(conn: Any) -> None:
+            conn.cursor().executemany(
+                f"INSERT INTO listening (source, heard_until) VALUES ({p}, {p})"
+                " ON CONFLICT (source) DO UPDATE SET heard_until = excluded.heard_until"
+                " WHERE listening.heard_until < excluded.heard_until",
+                list(marks.items()),
+            )
+
+        if marks:
+            await self._write(write)
+
+    async def listening_marks(self) -> dict[str, float]:
+        rows = await self._read(
+            lambda conn: conn.execute("SELECT source, heard_until FROM listening").fetchall()
+        )
+        return {source: until for source, until in rows}
+
+    async def last_heard(self) -> float | None:
+        row = await self._read(
+            lambda conn: conn.execute(
+                "SELECT (SELECT max(updated_at) FROM jobs),"
+                " (SELECT max(last_heartbeat) FROM workers)"
+            ).fetchone()
+        )
+        heard = [value for value in row if value is not None]
+        return max(heard) if heard else None
 
     # -- sluice redact ----------------------------------------------------------------
 

@@ -18,6 +18,9 @@ from celery import Celery, Task
 ENV_BROKER = "SLUICE_TEST_CELERY_BROKER"
 ENV_KEYPREFIX = "SLUICE_TEST_CELERY_KEYPREFIX"
 ENV_QUEUE = "SLUICE_TEST_CELERY_QUEUE"
+# A result backend URL (tests/test_reconcile.py): results are kept, extended, under the
+# test's key prefix.
+ENV_RESULT_BACKEND = "SLUICE_TEST_CELERY_RESULT_BACKEND"
 # Set (to "1") by the SDK tests: the app sends no Celery events at all, and the
 # Sluice SDK (configured by SLUICE_URL / SLUICE_API_KEY) reports everything.
 ENV_SDK = "SLUICE_TEST_SDK"
@@ -35,6 +38,7 @@ def make_app(
     keyprefix: str = "",
     queue: str = "celery",
     events: bool = True,
+    result_backend: str | None = None,
     visibility_timeout: float | None = None,
 ) -> Celery:
     app = Celery("sluice-tests", broker=broker, set_as_current=False)
@@ -54,6 +58,13 @@ def make_app(
         task_ignore_result=True,
         worker_hijack_root_logger=False,
     )
+    if result_backend:
+        app.conf.update(
+            result_backend=result_backend,
+            task_ignore_result=False,
+            result_extended=True,
+            result_backend_transport_options={"global_keyprefix": keyprefix},
+        )
     _register_tasks(app)
     return app
 
@@ -110,6 +121,7 @@ app = make_app(
     keyprefix=os.environ.get(ENV_KEYPREFIX, ""),
     queue=os.environ.get(ENV_QUEUE, "celery"),
     events=not os.environ.get(ENV_SDK) and os.environ.get(ENV_TASK_EVENTS) != "0",
+    result_backend=os.environ.get(ENV_RESULT_BACKEND),
     visibility_timeout=float(os.environ[ENV_VISIBILITY_TIMEOUT])
     if ENV_VISIBILITY_TIMEOUT in os.environ
     else None,

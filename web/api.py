@@ -37,6 +37,7 @@ from sluice_core.pipeline import WriteHealth
 from sluice_core.remote import Agents, NoAnswer
 from sluice_core.serialize import (
     event_to_dict,
+    gap_to_dict,
     iso,
     job_timing,
     job_to_dict,
@@ -49,6 +50,7 @@ from sluice_web.errors import ApiError, BadRequest, NotFound, error_response
 from sluice_web.params import FILTERS, build_query, encode_cursor, query_from_args
 
 FIRST_COUNT_WAIT_S = 10.0  # a first /metrics waits this long at most for the job counts
+GAPS_SHOWN = 100  # the latest gaps, on GET /api/gaps
 
 log = logging.getLogger(__name__)
 
@@ -596,6 +598,12 @@ async def workers() -> list[dict[str, Any]]:
         worker_to_dict(worker, task_events=flag)
         for worker, flag in await workers_task_events(_engine().storage)
     ]
+
+
+@blueprint.get("/api/gaps")
+async def gaps() -> list[dict[str, Any]]:
+    """The latest times Sluice did not hear a source, and what reconciling them learnt."""
+    return [gap_to_dict(gap) for gap in await _engine().storage.list_gaps(GAPS_SHOWN)]
 
 
 # -- health and metrics ------------------------------------------------------

@@ -52,6 +52,7 @@ DEFAULT_WINDOW = "1h"
 QUEUE_HISTORY_S = 3600
 RECENT_RUNS = 10
 TOP_FAILING = 8
+GAPS_SHOWN = 5  # the latest times Sluice did not hear a source (GET /api/gaps: more)
 # Quick time ranges on the job list, as links that set ``since``.
 QUICK_RANGES = (("15 min", 900), ("1 h", 3600), ("24 h", 86400), ("7 d", 7 * 86400))
 # The job list counts its matches exactly up to this many, then says "1,000+": counting
@@ -193,6 +194,7 @@ async def overview() -> str:
         workers_online=sum(1 for w in workers if w.status == "online"),
         workers_total=len(workers),
         queues=[queue_to_dict(queue) for queue in await storage.list_queues(now)],
+        gaps=await storage.list_gaps(GAPS_SHOWN),
     )
 
 

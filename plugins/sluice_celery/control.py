@@ -201,6 +201,10 @@ class Mailbox(Protocol):
         """
         ...
 
+    async def aclose(self) -> None:
+        """Close the broker connection."""
+        ...
+
 
 class WorkerInquiry:
     """Which queues each worker consumes and its pool size, asked through a mailbox
@@ -400,6 +404,9 @@ class RedisMailbox:
             raise NoListener(f"no worker listens for control commands on {self.client.url}")
         return request.merge(raw, _redis_reply)
 
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
 
 def _redis_reply(data: bytes) -> tuple[Any, Any]:
     """The headers and the body of a reply as kombu stores it on Redis."""
@@ -442,6 +449,9 @@ class AmqpMailbox:
         request = Request.build(method, arguments, destination, timeout)
         replies = await self._call(lambda client: _ask_amqp(client, request, timeout))
         return request.merge(replies, _amqp_reply)
+
+    async def aclose(self) -> None:
+        await self.publisher.aclose()
 
     async def _call(self, fn: Callable[[AmqpClient], T]) -> T:
         try:

@@ -10,18 +10,23 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sluice_celery.actions import AmqpBroker, Broker, CeleryActions, RedisBroker
+from sluice_celery.control import AmqpMailbox, Mailbox, RedisClient, RedisMailbox
 from sluice_celery.events import KINDS, normalize_batch
+from sluice_celery.reconcile import CeleryReconciler
 from sluice_celery.redis_probe import DEFAULT_INTERVAL as PROBE_INTERVAL
 from sluice_celery.redis_probe import RedisQueueProbe
 from sluice_celery.redis_source import RedisEventSource
+from sluice_celery.result_backend import open_backend
 from sluice_core import hookimpl
 from sluice_core.actions import ActionHandler
-from sluice_core.config import Config
+from sluice_core.config import Config, redact_url
 from sluice_core.model import Normalized, RawBatch
 from sluice_core.options import SOURCES, Option, OptionParser, many, seconds, text
 from sluice_core.probes import Probe
+from sluice_core.reconcile import Reconciler
 from sluice_core.sources import Source
-from sluice_rabbitmq.connection import is_amqp_url
+from sluice_rabbitmq.connection import AmqpParams, is_amqp_url
+from sluice_rabbitmq.publish import AmqpPublisher
 
 # The RabbitMQ transport (sluice_rabbitmq) reads amqp:// brokers for this plugin:
 # `--plugin celery` watches Celery on either broker.
@@ -52,10 +57,30 @@ REDIS_PROBE_INTERVAL = Option(
     commands=SOURCES,
 )
 
+RESULT_BACKEND: Option[str | None] = Option(
+    "result_backend",
+    text(min_length=1),
+    None,
+    "the application's result_backend, read (never written) after a gap to learn the"
+    " outcome of jobs that finished while Sluice was not listening: redis://...,"
+    " db+postgresql://... or db+sqlite:///path (JSON results only)",
+    metavar="URL",
+    secret=True,
+)
+RESULT_BACKEND_KEYPREFIX = Option(
+    "result_backend_keyprefix",
+    text(),
+    "",
+    "the result backend's global_keyprefix (result_backend_transport_options), on Redis",
+    metavar="PREFIX",
+)
+
 
 @hookimpl
 def sluice_addoption(parser: OptionParser) -> None:
-    parser.add(REDIS_KEYPREFIX, QUEUES, REDIS_PROBE_INTERVAL)
+    parser.add(
+        REDIS_KEYPREFIX, QUEUES, REDIS_PROBE_INTERVAL, RESULT_BACKEND, RESULT_BACKEND_KEYPREFIX
+    )
 
 
 @hookimpl
@@ -102,3 +127,24 @@ def sluice_probes(config: Config, register: Callable[[Probe], None]) -> None:
                     interval=config.get(REDIS_PROBE_INTERVAL),
                 )
             )
+
+
+@hookimpl
+def sluice_reconcilers(config: Config, register: Callable[[Reconciler], None]) -> None:
+    brokers = [url for url in config.brokers if url.startswith(REDIS_SCHEMES) or is_amqp_url(url)]
+    backend_url = config.get(RESULT_BACKEND)
+    for url in brokers:
+        mailbox: Mailbox
+        if url.startswith(REDIS_SCHEMES):
+            # Named as its event source names it: the gap watch matches them by name.
+            broker = redact_url(url)
+            mailbox = RedisMailbox(RedisClient(url, keyprefix=config.get(REDIS_KEYPREFIX)))
+        else:
+            broker = AmqpParams.from_url(url).url
+            mailbox = AmqpMailbox(AmqpPublisher(url), url)
+        backend = (
+            None
+            if backend_url is None
+            else open_backend(backend_url, keyprefix=config.get(RESULT_BACKEND_KEYPREFIX))
+        )
+        register(CeleryReconciler(broker, mailbox, backend, sole=len(brokers) == 1))
