@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import httpx
 import orjson
 import psycopg
 import pytest
@@ -24,6 +25,7 @@ import redis
 import trio
 import trio.testing
 
+from sluice_celery.reconcile import CeleryReconciler, _retried
 from sluice_celery.result_backend import DatabaseResultBackend, open_backend
 from sluice_core.config import Config, ConfigError
 from sluice_core.engine import Engine
@@ -334,6 +336,7 @@ def test_a_result_backend_sluice_cannot_read_is_refused_at_start() -> None:
 # -- the scenario: Sluice stopped while two workers work ---------------------------------
 
 HEARTBEAT_FREQ = 2.0  # Celery's: a worker is offline after 3 of them
+SECRET = "p4ss-SECRET"
 TIMEOUT = 150
 
 
@@ -389,7 +392,7 @@ def _engine(db: str, cluster: Cluster, *, result_backend: bool) -> Engine:
     if result_backend:
         options = {"result_backend": REDIS_URL, "result_backend_keyprefix": cluster.keyprefix}
     config = Config(db=db, broker=[cluster.w1.broker_url], redis_keyprefix=cluster.keyprefix,
-                    **options)
+                    port=0, **options)
     pm.configure(config)
     return Engine(config, pm)
 
@@ -432,6 +435,7 @@ async def _run_gap(
     jobs["retried_in_gap"] = await cluster.send("tests.flaky", 2, countdown=0.5)
     jobs["eta"] = await cluster.send("tests.add", 4, 5, countdown=12.0)
     jobs["across"] = await cluster.send("tests.sleep", 10.0)
+    jobs["secret"] = await cluster.send("tests.echo", user="ann", password=SECRET)
     await trio.sleep(max(0.0, 5.0 - (time.time() - gap_began)))
     second = _engine(db, cluster, result_backend=result_backend)
     return second, jobs
@@ -458,13 +462,17 @@ async def test_after_a_stop_the_workers_and_the_result_backend_tell_what_happene
     with trio.fail_after(TIMEOUT):
         engine, jobs = await _run_gap(sqlite_url, cluster, result_backend=True)
         async with trio.open_nursery() as nursery:
-            await nursery.start(functools.partial(engine.run, web=False))
+            await nursery.start(engine.run)
             gap = await wait_until(lambda: _reconciled(engine), "the gap reconciled")
+            async with httpx.AsyncClient(base_url=engine.web_addresses[0], timeout=10) as web:
+                shown = (await web.get("/api/gaps")).json()
+                overview = (await web.get("/")).text
             # Held across the gap: active on its worker, from the workers' answers.
             across = await wait_until(lambda: _job(engine, jobs["across"]))
             assert across.name == "tests.sleep"
             # Then every job runs its course.
-            for role in ("across", "eta", "ends_in_gap", "add_in_gap", "retried_in_gap"):
+            for role in ("across", "eta", "ends_in_gap", "add_in_gap", "retried_in_gap",
+                         "secret"):
                 await wait_until(lambda role=role: _is(engine, jobs[role], JobState.COMPLETED),
                                  f"{role} completed")
             await wait_until(lambda: _is(engine, jobs["fail_in_gap"], JobState.FAILED))
@@ -478,6 +486,8 @@ async def test_after_a_stop_the_workers_and_the_result_backend_tell_what_happene
 
     assert gap.cause == STOPPED and gap.source.startswith("celery/")
     assert 4 <= gap.duration <= 30
+    assert shown[0] == gap_to_dict(gap)
+    assert 'id="gaps"' in overview and gap.source in overview and "Sluice was stopped" in overview
     assert {w.status for w in workers} == {"online"}, [(w.hostname, w.status) for w in workers]
     assert "lost" not in states and "unknown" not in states, states
     by = {role: row for role, row in rows.items() if row is not None}
@@ -487,6 +497,13 @@ async def test_after_a_stop_the_workers_and_the_result_backend_tell_what_happene
     assert by["fail_in_gap"].exception == "KeyError('key')"
     assert by["add_in_gap"].result == "42"
     assert by["across"].worker in {cluster.w1.hostname, cluster.w2.hostname}
+    # What the workers and the result backend told went through the server's redaction.
+    secret = by["secret"]
+    assert SECRET not in f"{secret.kwargs} {secret.result} {secret.extra}"
+    assert "ann" in (secret.result or "")
+    database = Path(sqlite_url.removeprefix("sqlite:///"))
+    for path in (database, database.with_name(database.name + "-wal")):
+        assert not path.exists() or SECRET.encode() not in path.read_bytes(), path
     if cluster.w1.broker_url.startswith("redis"):
         # Redis keeps nothing of the gap: what finished in it came from the result backend.
         for role in ("ends_in_gap", "add_in_gap", "fail_in_gap", "retried_in_gap"):
@@ -529,3 +546,49 @@ async def test_without_a_result_backend_what_finished_in_the_gap_is_unknown(
     assert across.name == "tests.sleep"
     assert {w.status for w in workers} == {"online"}
     assert "1 unknown" in (gap.summary or "")
+
+
+# -- the workers' answers, as real workers give them ------------------------------------
+
+
+def _reconciler(worker: CeleryWorker) -> CeleryReconciler:
+    pm = PluginManager()
+    pm.load(["celery", "rabbitmq"])
+    config = Config(broker=[worker.broker_url], redis_keyprefix=worker.keyprefix)
+    [reconciler] = pm.reconcilers(config)
+    assert isinstance(reconciler, CeleryReconciler)
+    return reconciler
+
+
+@pytest.mark.parametrize("celery_worker", ["redis", "rabbitmq"], indirect=True)
+async def test_query_task_names_a_job_first_seen_mid_life(celery_worker: CeleryWorker) -> None:
+    reconciler = _reconciler(celery_worker)
+    try:
+        with trio.fail_after(60):
+            job_id = await celery_worker.send("tests.sleep", 10.0)
+
+
+            async def holding() -> Any:
+                held, _ = await reconciler._ask()
+                return held.get(job_id)
+
+            held = await wait_until(holding, "the worker holding the job")
+            assert held.state is JobState.ACTIVE
+            [event] = await reconciler._query([job_id], time.time())
+    finally:
+        await reconciler.aclose()
+    assert (event.job_id, event.state, event.worker) == (
+        job_id, JobState.ACTIVE, celery_worker.hostname
+    )
+    assert event.fields["name"] == "tests.sleep"
+    assert event.fields["args"] == "(10.0,)"
+
+
+def test_a_job_scheduled_after_it_started_was_retried_in_the_gap() -> None:
+    started = dt.datetime(2026, 1, 1, tzinfo=dt.UTC).timestamp()
+    job = Job("j", "celery", state=JobState.ACTIVE, started_at=started)
+    later = dt.datetime(2026, 1, 1, 0, 0, 5, tzinfo=dt.UTC).isoformat()
+    earlier = dt.datetime(2025, 12, 31, 23, 59, tzinfo=dt.UTC).isoformat()
+    assert _retried(job, later)
+    assert not _retried(job, earlier)  # a redelivery keeps its first ETA
+    assert not _retried(attrs.evolve(job, state=JobState.RECEIVED), later)
