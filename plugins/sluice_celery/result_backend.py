@@ -133,7 +133,8 @@ def _repr_args(value: Any) -> str | None:
 def outcome(meta: dict[str, Any], job_id: str | None = None) -> Outcome | None:
     """An :class:`Outcome` of a backend's meta (Redis JSON, or a table row as a dict);
     None when it is no outcome (yet) or not readable."""
-    state = OUTCOMES.get(meta.get("status"))
+    status = meta.get("status")
+    state = OUTCOMES.get(status) if isinstance(status, str) else None
     finished_at = epoch(meta.get("date_done"))
     job_id = job_id or meta.get("task_id")
     if state is None or finished_at is None or not isinstance(job_id, str):
