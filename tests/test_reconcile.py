@@ -249,6 +249,33 @@ async def test_reconnect_and_drops_are_gaps_reconciled_by_the_sources_reconciler
         await storage.aclose()
 
 
+async def test_an_outage_another_process_heard_through_is_no_gap(
+    sqlite_url: str, patient_clock: trio.abc.Clock
+) -> None:
+    storage = open_storage(sqlite_url)
+    await storage.open()
+    source = "celery/redis://x:6379/0"
+    sources = {source: SourceStatus(True, "", trio.current_time())}
+    watch = GapWatch(storage, _Sink(storage), admit=lambda n: n, reconcilers=[],
+                     sources=lambda: sources, dropped=dict, clock=trio.current_time)
+    try:
+        await watch.prepare()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch.run)
+            await trio.sleep(2)
+            sources[source] = SourceStatus(False, "connection reset", trio.current_time())
+            for _ in range(10):  # the other half of an HA pair hears it all along
+                await trio.sleep(1)
+                await storage.mark_listening({source: trio.current_time()})
+            sources[source] = SourceStatus(True, "", trio.current_time())
+            await trio.sleep(3)
+            assert watch._watched[source].since == sources[source].since  # the watch saw it
+            nursery.cancel_scope.cancel()
+        assert await storage.list_gaps(10) == []
+    finally:
+        await storage.aclose()
+
+
 # -- the database result backend, on SQLite and PostgreSQL -------------------------------
 
 # Celery's own table (celery/backends/database/models.py, TaskExtended), as SQLAlchemy
