@@ -92,6 +92,9 @@ class SourceStatus:
     up: bool
     detail: str
     since: float
+    # Up again, and the broker kept what was published while the source was not
+    # reading (a RabbitMQ queue that outlived the stop): nothing was missed.
+    kept: bool = False
 
 
 @attrs.define
@@ -324,13 +327,13 @@ class Pipeline:
             )
             self._drop_logged_at, self._dropped_unlogged = now, 0
 
-    def source_status(self, name: str, up: bool, detail: str = "") -> None:
+    def source_status(self, name: str, up: bool, detail: str = "", kept: bool = False) -> None:
         previous = self.sources.get(name)
         if previous is None or previous.up != up:
             (log.info if up else log.warning)(
                 "source %s is %s%s", name, "up" if up else "down", f": {detail}" if detail else ""
             )
-            self.sources[name] = SourceStatus(up, detail, time.time())
+            self.sources[name] = SourceStatus(up, detail, time.time(), kept)
         self._metrics.source_up.labels(name).set(1 if up else 0)
 
     # -- tasks -------------------------------------------------------------

@@ -59,6 +59,7 @@ SETTLE_POLL_S = 0.1
 MID_LIFE_SCAN = 5_000
 
 STOPPED, RECONNECT, DROPPED = "stopped", "reconnect", "dropped"
+KEPT = "the broker kept the events published meanwhile: nothing missed"
 
 
 # Which of these job ids storage holds.
@@ -217,7 +218,8 @@ class GapWatch:
                 start = await self._last_heard(name, heard)
                 if start is not None and status.since - start >= MIN_GAP_S:
                     cause = STOPPED if heard is None else RECONNECT
-                    nursery.start_soon(self._reconcile, Gap(name, cause, start, status.since))
+                    gap = Gap(name, cause, start, status.since)
+                    nursery.start_soon(self._reconcile, gap, status.kept)
             heard = watched.heard if watched is not None else None
             if status.up and not self._frozen:
                 heard = now
@@ -247,18 +249,21 @@ class GapWatch:
             elif dropping is not None:
                 # The drops stopped: what was dropped may be told by the deployment now.
                 del self._dropping[name]
-                nursery.start_soon(self._reconcile, Gap(name, DROPPED, *dropping))
+                nursery.start_soon(self._reconcile, Gap(name, DROPPED, *dropping), False)
 
-    async def _reconcile(self, gap: Gap) -> None:
+    async def _reconcile(self, gap: Gap, kept: bool) -> None:
+        """Record the gap and reconcile it; ``kept``: the broker kept its events (the
+        source read them since), so nothing was missed and nothing is asked."""
         lock = self._locks.setdefault(gap.source, trio.Lock())
         async with lock:  # one gap of a source at a time: each sees the one before stored
-            log.warning(
-                "%s: events may be missed for %.1fs (%s, %s to %s): reconciling",
+            (log.info if kept else log.warning)(
+                "%s: a gap of %.1fs (%s, %s to %s): %s",
                 gap.source, gap.duration, gap.cause, _when(gap.started_at), _when(gap.ended_at),
+                KEPT if kept else "reconciling",
             )
             try:
                 gap_id = await self._storage.record_gap(gap)
-                summary = await self.reconcile(gap)
+                summary = KEPT if kept else await self.reconcile(gap)
                 await self._storage.gap_reconciled(gap_id, self._clock(), summary)
             except Exception as exc:  # the database away: the gap's jobs stay as they are
                 log.warning("reconciling the gap of %s failed: %s", gap.source, exc)

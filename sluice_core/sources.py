@@ -24,8 +24,10 @@ class Sink(Protocol):
     def put_events(self, job_events: list[JobEvent], worker_events: list[WorkerEvent]) -> None:
         """Hand over events that are already normalized (the ingest endpoint, an agent)."""
 
-    def source_status(self, name: str, up: bool, detail: str = "") -> None:
-        """Report whether the source is connected (shown by /healthz and the logs)."""
+    def source_status(self, name: str, up: bool, detail: str = "", kept: bool = False) -> None:
+        """Report whether the source is connected (shown by /healthz and the logs).
+        ``kept``, with ``up``: the broker kept what was published while the source was
+        not reading, so nothing was missed (no gap to reconcile)."""
 
 
 class Source(Protocol):

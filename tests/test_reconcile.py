@@ -35,6 +35,7 @@ from sluice_core.pipeline import SourceStatus
 from sluice_core.plugins import PluginManager
 from sluice_core.reconcile import (
     DROPPED,
+    KEPT,
     RECONNECT,
     STOPPED,
     GapWatch,
@@ -44,6 +45,7 @@ from sluice_core.reconcile import (
 )
 from sluice_core.serialize import gap_to_dict
 from sluice_core.storage import Gap, JobQuery, Storage
+from sluice_rabbitmq.connection import AmqpParams, close_quietly, connect
 from tests.celery_app import ENV_RESULT_BACKEND
 from tests.fixtures.celery_worker import BROKERS, CeleryWorker
 from tests.fixtures.services import PG_URL, REDIS_URL
@@ -433,12 +435,22 @@ async def _state(engine: Engine, job_id: str) -> JobState | None:
     return None if job is None else job.state
 
 
-async def _run_gap(
-    db: str, cluster: Cluster, *, result_backend: bool
-) -> tuple[Engine, dict[str, str]]:
-    """Watch the workers, stop Sluice for a few seconds while they work, start it again.
+def _lose_event_queue(url: str, queue: str) -> None:
+    """What a broker restart, or an outage past the queue's expiry, does to Sluice's queue."""
+    conn = connect(AmqpParams.from_url(url), name="sluice test")
+    try:
+        conn.channel().queue_delete(queue)
+    finally:
+        close_quietly(conn)
 
-    Returns the second engine, running, and the jobs by role."""
+
+async def _run_gap(
+    db: str, cluster: Cluster, *, result_backend: bool, lose_queue: bool = False
+) -> tuple[Engine, dict[str, str]]:
+    """Watch the workers, stop Sluice for a few seconds while they work, start it again
+    (``lose_queue``: RabbitMQ lost Sluice's event queue meanwhile).
+
+    Returns the second engine, not yet running, and the jobs by role."""
     jobs: dict[str, str] = {}
     first = _engine(db, cluster, result_backend=result_backend)
     async with trio.open_nursery() as nursery:
@@ -455,6 +467,10 @@ async def _run_gap(
         )
         first.stop()
     gap_began = time.time()
+    if lose_queue:
+        [source] = first.sources
+        await trio.to_thread.run_sync(_lose_event_queue, cluster.w1.broker_url,
+                                      source.queue)  # type: ignore[attr-defined]
     # While Sluice is away: jobs finish, one retries, one is held for an ETA past the gap,
     # one starts and runs on across it.
     jobs["add_in_gap"] = await cluster.send("tests.add", 20, 22)
@@ -482,12 +498,18 @@ async def _reconciled(engine: Engine) -> Gap | None:
     return next((gap for gap in gaps if gap.reconciled_at is not None), None)
 
 
-@pytest.mark.parametrize("cluster", ["redis", "rabbitmq"], indirect=True)
+@pytest.mark.parametrize(
+    ("cluster", "lose_queue"),
+    [("redis", False), ("rabbitmq", False), ("rabbitmq", True)],
+    indirect=["cluster"],
+    ids=["redis", "rabbitmq-queue-kept", "rabbitmq-queue-lost"],
+)
 async def test_after_a_stop_the_workers_and_the_result_backend_tell_what_happened(
-    cluster: Cluster, sqlite_url: str
+    cluster: Cluster, lose_queue: bool, sqlite_url: str
 ) -> None:
     with trio.fail_after(TIMEOUT):
-        engine, jobs = await _run_gap(sqlite_url, cluster, result_backend=True)
+        engine, jobs = await _run_gap(sqlite_url, cluster, result_backend=True,
+                                      lose_queue=lose_queue)
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)
             gap = await wait_until(lambda: _reconciled(engine), "the gap reconciled")
@@ -531,16 +553,19 @@ async def test_after_a_stop_the_workers_and_the_result_backend_tell_what_happene
     database = Path(sqlite_url.removeprefix("sqlite:///"))
     for path in (database, database.with_name(database.name + "-wal")):
         assert not path.exists() or SECRET.encode() not in path.read_bytes(), path
-    if cluster.w1.broker_url.startswith("redis"):
-        # Redis keeps nothing of the gap: what finished in it came from the result backend.
+    if cluster.w1.broker_url.startswith("redis") or lose_queue:
+        # Nothing of the gap was kept: what finished in it came from the result backend.
         for role in ("ends_in_gap", "add_in_gap", "fail_in_gap", "retried_in_gap"):
             assert by[role].extra.get("outcome_from", "").startswith("result backend"), role
         assert by["add_in_gap"].name == "tests.add"  # result_extended named it
         assert any(e.type == "sluice-active" for e in timeline), [e.type for e in timeline]
         assert "open jobs" in (gap.summary or "")
     else:
-        # RabbitMQ's queue kept the gap's events: each job has its own story.
+        # RabbitMQ's queue kept the gap's events: each job has its own story, and the
+        # workers need not be asked.
+        assert gap.summary == KEPT
         assert by["add_in_gap"].extra.get("outcome_from") is None
+        assert not any(e.type.startswith("sluice-") for e in timeline)
 
 
 async def test_without_a_result_backend_what_finished_in_the_gap_is_unknown(

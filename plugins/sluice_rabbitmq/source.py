@@ -111,7 +111,7 @@ class AmqpEventSource:
             if down_since is not None:
                 detail = self._gap(down_since, time.time(), queue_kept)
                 (log.info if queue_kept else log.warning)("%s: %s", self.name, detail)
-            sink.source_status(self.name, True, detail)
+            sink.source_status(self.name, True, detail, kept=queue_kept)
             delay, down_since, last_reason = BACKOFF_FIRST, None, ""
             if not started:
                 started = True
