@@ -7,12 +7,14 @@ plugin's normalizer as ``celery/amqp`` batches.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from sluice_celery.actions import AmqpBroker, Broker, CeleryActions, RedisBroker
 from sluice_celery.control import AmqpMailbox, Mailbox, RedisClient, RedisMailbox
 from sluice_celery.events import KINDS, normalize_batch
-from sluice_celery.reconcile import CeleryReconciler
+from sluice_celery.framework import VISIBILITY_TIMEOUT, celery
+from sluice_celery.reconcile import CeleryReconciler, waiting_in_redis
 from sluice_celery.redis_probe import DEFAULT_INTERVAL as PROBE_INTERVAL
 from sluice_celery.redis_probe import RedisQueueProbe
 from sluice_celery.redis_source import RedisEventSource
@@ -20,6 +22,7 @@ from sluice_celery.result_backend import open_backend
 from sluice_core import hookimpl
 from sluice_core.actions import ActionHandler
 from sluice_core.config import Config, redact_url
+from sluice_core.frameworks import Framework
 from sluice_core.model import Normalized, RawBatch
 from sluice_core.options import SOURCES, Option, OptionParser, many, seconds, text
 from sluice_core.probes import Probe
@@ -79,8 +82,18 @@ RESULT_BACKEND_KEYPREFIX = Option(
 @hookimpl
 def sluice_addoption(parser: OptionParser) -> None:
     parser.add(
-        REDIS_KEYPREFIX, QUEUES, REDIS_PROBE_INTERVAL, RESULT_BACKEND, RESULT_BACKEND_KEYPREFIX
+        REDIS_KEYPREFIX,
+        QUEUES,
+        REDIS_PROBE_INTERVAL,
+        RESULT_BACKEND,
+        RESULT_BACKEND_KEYPREFIX,
+        VISIBILITY_TIMEOUT,
     )
+
+
+@hookimpl
+def sluice_frameworks(config: Config, register: Callable[[Framework], None]) -> None:
+    register(celery(config.get(VISIBILITY_TIMEOUT)))
 
 
 @hookimpl
@@ -135,10 +148,13 @@ def sluice_reconcilers(config: Config, register: Callable[[Reconciler], None]) -
     backend_url = config.get(RESULT_BACKEND)
     for url in brokers:
         mailbox: Mailbox
+        waiting = None
         if url.startswith(REDIS_SCHEMES):
             # Named as its event source names it: the gap watch matches them by name.
             broker = redact_url(url)
-            mailbox = RedisMailbox(RedisClient(url, keyprefix=config.get(REDIS_KEYPREFIX)))
+            client = RedisClient(url, keyprefix=config.get(REDIS_KEYPREFIX))
+            mailbox = RedisMailbox(client)
+            waiting = functools.partial(waiting_in_redis, client)
         else:
             broker = AmqpParams.from_url(url).url
             mailbox = AmqpMailbox(AmqpPublisher(url), url)
@@ -147,4 +163,6 @@ def sluice_reconcilers(config: Config, register: Callable[[Reconciler], None]) -
             if backend_url is None
             else open_backend(backend_url, keyprefix=config.get(RESULT_BACKEND_KEYPREFIX))
         )
-        register(CeleryReconciler(broker, mailbox, backend, sole=len(brokers) == 1))
+        register(
+            CeleryReconciler(broker, mailbox, backend, sole=len(brokers) == 1, waiting=waiting)
+        )

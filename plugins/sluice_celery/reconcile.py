@@ -17,6 +17,10 @@ mailbox (:mod:`sluice_celery.control`; the replies' shapes are Celery's
 - ``query_task`` (``{"ids": [...]}``) for jobs first seen mid-life:
   ``{worker: {id: [state, request info]}}``, which names them.
 
+On Redis, a queued job whose message still waits in its queue's lists (read through
+the newest ``WAITING_SCAN`` messages) is still queued: nothing happened to it. RabbitMQ
+lets no one read a queue without taking its messages.
+
 An open job no worker holds may have finished in the gap: the result backend, if
 given (``--result-backend``), has its outcome, stamped at its ``date_done`` and
 marked ``extra["outcome_from"]``; it also has the outcomes of jobs sent and finished
@@ -27,12 +31,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
+import orjson
+import redis
 
-from sluice_celery.control import Mailbox, NoListener
+from sluice_celery.control import Mailbox, NoListener, RedisClient
 from sluice_celery.events import FRAMEWORK, SOURCE_PREFIX
+from sluice_celery.redis_probe import PRIORITY_SUFFIXES
 from sluice_celery.result_backend import Outcome, ResultBackend, epoch
 from sluice_core.model import Job, JobEvent, JobState, event_id
 from sluice_core.reconcile import Known, Reconciled
@@ -50,6 +59,13 @@ _QUERIED_STATES = {
     "reserved": JobState.RECEIVED,
     "scheduled": JobState.SCHEDULED,
 }
+# Messages of one queue looked through for the jobs still waiting in it (a longer
+# queue is not read: its queued jobs stay unknowable), and per LRANGE.
+WAITING_SCAN = 100_000
+WAITING_CHUNK = 2_000
+
+# Which of these jobs ({job id: its queue}) still wait in their queue.
+Waiting = Callable[[dict[str, str]], Awaitable[set[str]]]
 
 
 @attrs.frozen
@@ -73,14 +89,17 @@ class CeleryReconciler:
         backend: ResultBackend | None,
         *,
         sole: bool,
+        waiting: Waiting | None = None,
     ) -> None:
         """``broker``: its URL without credentials (what the normalizer records);
-        ``sole``: it is the only broker, so jobs whose broker no event named are its own."""
+        ``sole``: it is the only broker, so jobs whose broker no event named are its own;
+        ``waiting``: how to tell the jobs still in their queue (None: the broker cannot)."""
         self.broker = broker
         self.source = SOURCE_PREFIX + broker
         self.mailbox = mailbox
         self.backend = backend
         self._sole = sole
+        self._waiting = waiting
 
     def owns(self, job: Job) -> bool:
         if job.framework != FRAMEWORK:
@@ -112,6 +131,16 @@ class CeleryReconciler:
                 out.events.append(self._event(job.id, "sluice-revoked", JobState.REVOKED, now))
                 out.settled.add(job.id)
                 out.counts["revoked"] += 1
+        if self._waiting is not None:
+            queued = {
+                job.id: job.queue
+                for job in open_jobs
+                if job.state is JobState.QUEUED and job.queue and job.id not in out.settled
+            }
+            still = await self._waiting(queued) if queued else set()
+            out.settled |= still
+            if still:
+                out.counts["still queued"] += len(still)
         unnamed = [job.id for job in mid_life if job.id not in held]
         if unnamed:
             for event in await self._query(unnamed, now):
@@ -308,3 +337,39 @@ def _call_fields(info: dict[str, Any]) -> dict[str, Any]:
     elif isinstance(kwargs, dict):
         fields["kwargs"] = repr(kwargs)
     return fields
+
+
+async def waiting_in_redis(client: RedisClient, queued: dict[str, str]) -> set[str]:
+    """The jobs among ``queued`` ({job id: its queue}) whose message still waits in the
+    queue's Redis lists (kombu's: one per priority step, after the ``global_keyprefix``)."""
+    by_queue: defaultdict[str, set[str]] = defaultdict(set)
+    for job_id, queue in queued.items():
+        by_queue[queue].add(job_id)
+
+    def look(r: redis.Redis) -> set[str]:
+        found: set[str] = set()
+        for queue, ids in by_queue.items():
+            keys = [f"{client.keyprefix}{queue}{suffix}" for suffix in PRIORITY_SUFFIXES]
+            lengths = [int(r.llen(key)) for key in keys]
+            if sum(lengths) > WAITING_SCAN:
+                continue
+            for key, length in zip(keys, lengths, strict=True):
+                for start in range(0, length, WAITING_CHUNK):
+                    for raw in r.lrange(key, start, start + WAITING_CHUNK - 1):
+                        job_id = _message_id(raw)
+                        if job_id in ids:
+                            found.add(job_id)
+        return found
+
+    return await client.call(look)
+
+
+def _message_id(raw: Any) -> str | None:
+    """The job id in the headers of a kombu envelope (task protocol 2)."""
+    try:
+        envelope = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    headers = envelope.get("headers") if isinstance(envelope, dict) else None
+    job_id = headers.get("id") if isinstance(headers, dict) else None
+    return job_id if isinstance(job_id, str) else None
