@@ -17,9 +17,9 @@ mailbox (:mod:`sluice_celery.control`; the replies' shapes are Celery's
 - ``query_task`` (``{"ids": [...]}``) for jobs first seen mid-life:
   ``{worker: {id: [state, request info]}}``, which names them.
 
-On Redis, a queued job whose message still waits in its queue's lists (read through
-the newest ``WAITING_SCAN`` messages) is still queued: nothing happened to it. RabbitMQ
-lets no one read a queue without taking its messages.
+On Redis, a queued job whose message still waits in its queue's lists (a queue of at
+most ``WAITING_SCAN`` messages: a longer one is not read) is still queued: nothing
+happened to it. RabbitMQ lets no one read a queue without taking its messages.
 
 An open job no worker holds may have finished in the gap: the result backend, if
 given (``--result-backend``), has its outcome, stamped at its ``date_done`` and
