@@ -296,7 +296,9 @@ class GapWatch:
             learnt = await reconciler.reconcile(gap, open_jobs, mid_life, self._known)
         except Exception as exc:
             log.warning("%s: reconciling failed: %s", gap.source, exc)
-            learnt, error = Reconciled(), f"; asking the deployment failed: {exc}"
+            # Only the error's type: its message may name hosts, and the summary is shown.
+            learnt = Reconciled()
+            error = f"; asking the deployment failed ({type(exc).__name__}, see the log)"
         unknown = [unknown_event(job, gap) for job in open_jobs if job.id not in learnt.settled]
         admitted = self._admit(Normalized(job_events=[*learnt.events, *unknown]))
         if admitted.job_events:
