@@ -519,6 +519,8 @@ async def test_after_a_stop_the_workers_and_the_result_backend_tell_what_happene
             async with httpx.AsyncClient(base_url=engine.web_addresses[0], timeout=10) as web:
                 shown = (await web.get("/api/gaps")).json()
                 overview = (await web.get("/")).text
+                await wait_until(lambda: _is(engine, jobs["add_in_gap"], JobState.COMPLETED))
+                job_page = (await web.get(f"/jobs/{jobs['add_in_gap']}")).text
             # Held across the gap: active on its worker, from the workers' answers.
             across = await wait_until(lambda: _job(engine, jobs["across"]))
             assert across.name == "tests.sleep"
@@ -570,6 +572,7 @@ async def test_after_a_stop_the_workers_and_the_result_backend_tell_what_happene
             assert by[role].extra.get("outcome_from", "").startswith("result backend"), role
         assert by["add_in_gap"].name == "tests.add"  # result_extended named it
         assert any(e.type == "sluice-active" for e in timeline), [e.type for e in timeline]
+        assert 'id="outcome-from"' in job_page and "result backend" in job_page
         if not lose_queue:  # Redis: the waiting job's message was found in its list
             assert "1 still queued" in (gap.summary or ""), gap.summary
     else:
