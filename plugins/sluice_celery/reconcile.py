@@ -43,15 +43,15 @@ from sluice_celery.control import Mailbox, NoListener, RedisClient
 from sluice_celery.events import FRAMEWORK, SOURCE_PREFIX
 from sluice_celery.redis_probe import PRIORITY_SUFFIXES
 from sluice_celery.result_backend import Outcome, ResultBackend, epoch
+from sluice_core.actions import BROKER
 from sluice_core.model import Job, JobEvent, JobState, event_id
 from sluice_core.reconcile import Known, Reconciled
 from sluice_core.storage import Gap
 
 log = logging.getLogger(__name__)
 
-# The events' extra: which broker's workers said it (as the normalizer records it), and
-# where an outcome came from.
-BROKER = "broker"
+# The events' extra: where an outcome came from (and, by sluice_core.actions.BROKER,
+# which broker's workers said it, as the normalizer records a broker's own events).
 OUTCOME_FROM = "outcome_from"
 # query_task's states (celery/worker/control.py, _state_of_task); "ready" is finishing.
 _QUERIED_STATES = {
