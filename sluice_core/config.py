@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from sluice_core.monitors import DEFAULT_VISIBILITY_TIMEOUT
 from sluice_core.options import (
     AGENT,
     DATABASE,
@@ -136,13 +135,6 @@ HEARTBEAT_MISSED = Option(
     3.0,
     "heartbeat intervals without news before a worker is offline",
     commands=SOURCES,
-)
-VISIBILITY_TIMEOUT = Option(
-    "visibility_timeout",
-    seconds(),
-    DEFAULT_VISIBILITY_TIMEOUT,
-    "Celery on Redis: broker_transport_options visibility_timeout, if the app sets it:"
-    " when a dead worker's unstarted jobs come back (Sluice says so on the job)",
 )
 STUCK_AFTER = Option(
     "stuck_after",
@@ -305,7 +297,6 @@ CORE_OPTIONS: tuple[Option[Any], ...] = (
     READER_PROCESS,
     STOP_TIMEOUT,
     HEARTBEAT_MISSED,
-    VISIBILITY_TIMEOUT,
     STUCK_AFTER,
     API_TOKEN,
     SESSION_SECRET,

@@ -18,7 +18,6 @@ from sluice_core.bus import Bus
 from sluice_core.config import (
     HEARTBEAT_MISSED,
     STOP_TIMEOUT,
-    VISIBILITY_TIMEOUT,
     Config,
     ConfigError,
 )
@@ -70,6 +69,7 @@ class Engine:
             writers=self.storage.ingest_writers,
             dead_letters=self.storage,
         )
+        self.frameworks = pm.frameworks(config)
         self.sources: list[Source] = [] if replica else pm.sources(config)
         feed = self.storage.change_feed()
         if replica and feed is None:
@@ -90,7 +90,7 @@ class Engine:
             self.pipeline,
             missed=config.get(HEARTBEAT_MISSED),
             listening_since=self.listening_since,
-            visibility_timeout=config.get(VISIBILITY_TIMEOUT),
+            frameworks=self.frameworks,
         )
         self.leadership = Leadership(
             self.storage.leader_lock(DUTIES_LOCK),

@@ -20,6 +20,7 @@ import pluggy
 if TYPE_CHECKING:
     from sluice_core.actions import ActionHandler
     from sluice_core.config import Config
+    from sluice_core.frameworks import Framework
     from sluice_core.model import Normalized, RawBatch
     from sluice_core.options import OptionParser
     from sluice_core.probes import Probe
@@ -109,6 +110,17 @@ def sluice_normalize(batch: RawBatch) -> Normalized | None:
     ``Normalized.malformed`` (the engine logs and exports them). The values of the
     events returned are checked by the core, for every plugin alike
     (:func:`sluice_core.validate.check`).
+    """
+
+
+@hookspec
+def sluice_frameworks(config: Config, register: Callable[[Framework], None]) -> None:
+    """Register what the core must know of each framework you serve (a
+    :class:`~sluice_core.frameworks.Framework`): its workers' heartbeat interval
+    when they do not say, the advice for workers whose job events do not reach
+    Sluice, the formats its events may be pushed in, when its broker gives back a
+    dead worker's unstarted job. Called once at start; a framework nobody declared
+    gets the defaults.
     """
 
 

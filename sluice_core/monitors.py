@@ -26,23 +26,18 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
-from urllib.parse import urlsplit
 
 import attrs
 import trio
 
+from sluice_core.frameworks import Frameworks
 from sluice_core.merge import HELD_STATES, LOST_EVENT, REDELIVERY_EVENT, UNSEEN_EVENT
 from sluice_core.model import Job, JobEvent, JobState, Worker, WorkerEvent, event_id
-from sluice_core.serialize import TASK_EVENTS_ADVICE, iso
 from sluice_core.sources import Sink
 from sluice_core.storage import MAX_PAGE, JobQuery, Storage
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HEARTBEAT_FREQ = 2.0  # Celery's default, for workers that did not say
-# kombu's Redis transport: how long a message taken and not acknowledged stays
-# invisible before Redis gives it to another worker (broker_transport_options).
-DEFAULT_VISIBILITY_TIMEOUT = 3600.0
 # Seconds between looks for jobs taken unseen: the probes' default interval (reading the
 # queues' latest depths also computes their rates).
 UNSEEN_INTERVAL = 5.0
@@ -76,30 +71,6 @@ async def workers_task_events(
     return [(worker, sends_task_events(worker, worker.hostname in named)) for worker in workers]
 
 
-def redelivery(
-    broker: str | None, taken_at: float | None, *, stopped: bool, visibility_timeout: float
-) -> str:
-    """When the broker gives back a message that a worker took and never acknowledged.
-
-    ``broker`` is the URL the job's events came through, ``taken_at`` when the worker
-    received it, ``stopped`` whether the worker stopped cleanly (worker-offline).
-    """
-    scheme = urlsplit(broker).scheme if broker else ""
-    if scheme in ("amqp", "amqps", "pyamqp"):
-        return "RabbitMQ gives it back at once (the worker's connection closed)"
-    if scheme in ("redis", "rediss"):
-        if stopped:
-            return "Redis has it back at once (a stopping worker puts back what it took)"
-        when = ""
-        if taken_at is not None:
-            when = f", at {iso(taken_at + visibility_timeout)}"
-        return (
-            f"Redis gives it back once its visibility timeout ({visibility_timeout:g}s) has"
-            f" passed since the worker took it{when}"
-        )
-    return "the broker gives it back when it notices the worker is gone"
-
-
 class WorkerMonitor:
     """Marks workers offline after ``missed`` heartbeat intervals, their started jobs
     lost and their unstarted ones redelivering; and jobs taken unseen, unknown.
@@ -109,7 +80,8 @@ class WorkerMonitor:
     ``clock`` gives epoch seconds (tests drive it from trio's clock).
     ``listening_since`` gives the epoch seconds since which Sluice has heard its
     sources without a break, or None while one is down: nothing is concluded then.
-    ``visibility_timeout`` is the Redis transport's (``--visibility-timeout``).
+    ``frameworks`` say what the frameworks' plugins know: heartbeat intervals, the
+    fix for workers without job events, when a broker gives back a dead worker's job.
     """
 
     def __init__(
@@ -121,7 +93,7 @@ class WorkerMonitor:
         interval: float = 1.0,
         clock: Callable[[], float] = time.time,
         listening_since: Callable[[], float | None] = lambda: 0.0,
-        visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
+        frameworks: Frameworks | None = None,
     ) -> None:
         self._storage = storage
         self._sink = sink
@@ -129,7 +101,7 @@ class WorkerMonitor:
         self.interval = interval
         self._clock = clock
         self._listening_since = listening_since
-        self.visibility_timeout = visibility_timeout
+        self.frameworks = frameworks or Frameworks()
         # The last heartbeat each worker's silence was concluded on: one
         # conclusion per silence, not one query per worker at every round.
         self._settled: dict[str, float] = {}
@@ -160,7 +132,7 @@ class WorkerMonitor:
                 continue  # known only from its answer to a control command: nothing to time
             if self._settled.get(worker.hostname) == worker.last_heartbeat:
                 continue
-            freq = worker.freq or DEFAULT_HEARTBEAT_FREQ
+            freq = worker.freq or self.frameworks.get(worker.framework).heartbeat_s
             heard = max(worker.last_heartbeat, since)
             # Also the grace a clean stop gets: events the worker sent just before
             # its worker-offline (batched in task.multi) may still be on their way.
@@ -200,11 +172,8 @@ class WorkerMonitor:
 
     def _held_job_concluded(self, job: Job, worker: Worker, at: float, reason: str) -> JobEvent:
         """A job its worker held when it went: lost if started, else redelivering."""
-        comes_back = redelivery(
-            job.extra.get("broker"),
-            job.received_at,
-            stopped=worker.status != "online",
-            visibility_timeout=self.visibility_timeout,
+        comes_back = self.frameworks.get(job.framework).redelivery(
+            job.extra.get("broker"), job.received_at, stopped=worker.status != "online"
         )
         if job.state is JobState.ACTIVE:
             kind, state = LOST_EVENT, JobState.LOST
@@ -280,7 +249,8 @@ class WorkerMonitor:
                 why = (
                     f"Unseen: taken from queue {name} with no task-received: its consumers"
                     f" ({', '.join(blind)}) send no task events, so Sluice cannot see it run"
-                    f" or end. To see it: {TASK_EVENTS_ADVICE}"
+                    f" or end. To see it:"
+                    f" {self.frameworks.get(job.framework).job_events_advice}"
                 )
                 events.append(
                     JobEvent(

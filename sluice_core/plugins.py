@@ -13,6 +13,7 @@ import pluggy
 from sluice_core import hookspecs, validate
 from sluice_core.actions import ActionHandler
 from sluice_core.config import REDACT_KEYS, REDACT_PATTERNS, Config, ConfigError, redact_url
+from sluice_core.frameworks import Framework, Frameworks
 from sluice_core.model import Normalized, RawBatch
 from sluice_core.options import OptionParser
 from sluice_core.probes import Probe
@@ -158,6 +159,11 @@ class PluginManager:
         found: list[ActionHandler] = []
         self._pm.hook.sluice_actions(config=config, register=found.append)
         return found
+
+    def frameworks(self, config: Config) -> Frameworks:
+        found: list[Framework] = []
+        self._pm.hook.sluice_frameworks(config=config, register=found.append)
+        return Frameworks(found)
 
     def probes(self, config: Config) -> list[Probe]:
         found: list[Probe] = []

@@ -85,13 +85,6 @@ def event_to_dict(event: JobEvent) -> dict[str, Any]:
     }
 
 
-# What a user does about a worker whose task events do not reach Sluice.
-TASK_EVENTS_ADVICE = (
-    "start the worker with -E (or set worker_send_task_events=True), or switch events on"
-    " now with: celery -A <app> control enable_events"
-)
-
-
 def gap_to_dict(gap: Gap) -> dict[str, Any]:
     return {
         "source": gap.source,
@@ -104,8 +97,11 @@ def gap_to_dict(gap: Gap) -> dict[str, Any]:
     }
 
 
-def worker_to_dict(worker: Worker, *, task_events: bool | None = None) -> dict[str, Any]:
-    """``task_events``: see :func:`sluice_core.monitors.sends_task_events`."""
+def worker_to_dict(
+    worker: Worker, *, task_events: bool | None = None, advice: str | None = None
+) -> dict[str, Any]:
+    """``task_events``: see :func:`sluice_core.monitors.sends_task_events`; ``advice``,
+    shown when they are False: what to do about it (its framework's, sluice_core.frameworks)."""
     return {
         "hostname": worker.hostname,
         "framework": worker.framework,
@@ -121,7 +117,7 @@ def worker_to_dict(worker: Worker, *, task_events: bool | None = None) -> dict[s
         "concurrency": worker.concurrency,
         "updated_at": iso(worker.updated_at),
         "task_events": task_events,
-        "advice": TASK_EVENTS_ADVICE if task_events is False else None,
+        "advice": advice if task_events is False else None,
     }
 
 

@@ -708,7 +708,7 @@ def queue_depth_history_sql(marker: str) -> str:
 # holds. (updated_at is the latest event: a job that finished or started in the window
 # was updated in it too.)
 def job_throughput_sql(marker: str) -> str:
-    """Parameters: bucket seconds, since, since. Rows: (bucket number, completed, failed)."""
+    """Parameters: since, since, bucket seconds. Rows: (bucket number, completed, failed)."""
     p = marker
     return f"""
 WITH finished AS MATERIALIZED (

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
 import argon2
+import httpx
 import pytest
 import trio
 from playwright.sync_api import Page, Route, expect, sync_playwright
@@ -513,13 +514,13 @@ async def test_job_page_follows_the_job_live(engine: Engine) -> None:
 @pytest.mark.browser
 async def test_empty_pages_say_what_to_do(empty_engine: Engine) -> None:
     def scenario(page: Page) -> None:
+        # No framework's plugin is loaded: say to load one.
         page.goto(url(empty_engine, "/jobs"))
-        expect(page.locator(".empty-state")).to_contain_text("Start your workers with -E")
-        expect(page.locator(".empty-state")).to_contain_text("task_send_sent_event=True")
+        expect(page.locator(".empty-state")).to_contain_text("Load your job framework's plugin")
         page.goto(url(empty_engine, "/"))
         expect(page.locator(".empty-state")).to_contain_text("No events yet")
         page.goto(url(empty_engine, "/workers"))
-        expect(page.locator(".empty-state")).to_contain_text("celery worker -E")
+        expect(page.locator(".empty-state")).to_contain_text("--plugin NAME")
         page.goto(url(empty_engine, "/queues"))
         expect(page.locator(".empty-state")).to_contain_text("No queues seen yet")
         response = page.goto(url(empty_engine, "/jobs/no-such-job"))
@@ -706,3 +707,28 @@ async def test_chart_history_queries(storage: Storage) -> None:
         assert await storage.queue_depth_history("billing", BROKER, now - 3600) == [
             (now - 120, 7), (now, 3)
         ]
+
+
+async def test_empty_pages_give_the_loaded_frameworks_advice(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """What to do comes from the framework's plugin (sluice_core/frameworks.py)."""
+    pm = PluginManager()
+    pm.load(["celery"])
+    config = Config(db=f"sqlite:///{tmp_path / 'sluice.db'}", port=0)
+    pm.configure(config)
+    engine = Engine(config, pm)
+    with trio.fail_after(20):
+        await nursery.start(engine.run)
+    try:
+        async with httpx.AsyncClient() as client:
+            jobs = (await client.get(url(engine, "/jobs"))).text
+            workers = (await client.get(url(engine, "/workers"))).text
+    finally:
+        engine.stop()
+        with trio.fail_after(20):
+            await engine.stopped.wait()
+    assert "Celery: start your workers with -E (worker_send_task_events)" in jobs
+    assert "Load your job framework" not in jobs
+    assert "Celery: start the worker with -E" in workers
+    assert "celery -A &lt;app&gt; control enable_events" in workers

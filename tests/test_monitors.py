@@ -13,16 +13,18 @@ import pytest
 import trio
 import trio.testing
 
+from sluice_celery.framework import TASK_EVENTS_ADVICE, celery
 from sluice_core import monitors
+from sluice_core.frameworks import Frameworks
 from sluice_core.model import JobEvent, JobState, QueueSample, WorkerEvent, event_id
 from sluice_core.monitors import WorkerMonitor, workers_task_events
 from sluice_core.probes import WorkerQueues
-from sluice_core.serialize import TASK_EVENTS_ADVICE
 from sluice_core.storage import JobQuery, Storage
 from tests.fixtures.celery_worker import CollectingSink
 from tests.fixtures.storage import open_storage
 
 EPOCH = 1_750_000_000.0  # the wall-clock time the tests start at
+CELERY = Frameworks([celery()])  # the workers here are Celery's
 FREQ = 2.0
 MISSED = 3.0
 WORKER = "celery@box"
@@ -87,7 +89,9 @@ def job(
 async def run_monitor(
     storage: Storage, sink: CollectingSink, clock: Callable[[], float], nursery: trio.Nursery
 ) -> WorkerMonitor:
-    monitor = WorkerMonitor(storage, sink, missed=MISSED, interval=1.0, clock=clock)
+    monitor = WorkerMonitor(
+        storage, sink, missed=MISSED, interval=1.0, clock=clock, frameworks=CELERY
+    )
     nursery.start_soon(monitor.run)
     return monitor
 
@@ -138,7 +142,7 @@ async def test_lost_and_offline_are_stored_and_a_silence_is_concluded_once(
         [job("running", JobState.ACTIVE, EPOCH - 0.5)], [heartbeat(EPOCH)]
     )
     sink = CollectingSink()
-    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock)
+    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock, frameworks=CELERY)
     await trio.sleep(FREQ * MISSED)
     assert await monitor.check(clock()) == 1
     await sqlite.ingest(sink.job_events, sink.worker_events)
@@ -168,7 +172,7 @@ async def test_clean_stop_keeps_finished_jobs_and_loses_held_ones_after_the_grac
         [heartbeat(EPOCH - 4, "online"), heartbeat(EPOCH, "offline")],
     )
     sink = CollectingSink()
-    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock)
+    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock, frameworks=CELERY)
     # Events sent just before worker-offline may still be in flight: wait the grace.
     await trio.sleep(FREQ * MISSED - 0.5)
     await monitor.check(clock())
@@ -280,7 +284,9 @@ async def test_a_held_job_says_when_its_broker_gives_it_back(
         [heartbeat(EPOCH)],
     )
     sink = CollectingSink()
-    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock, visibility_timeout=30)
+    monitor = WorkerMonitor(
+        sqlite, sink, missed=MISSED, clock=clock, frameworks=Frameworks([celery(30)])
+    )
     await trio.sleep(FREQ * MISSED)
     assert await monitor.check(clock()) == 1
     why = {e.job_id: e.fields["exception"] for e in sink.job_events}
@@ -298,7 +304,7 @@ async def test_a_clean_stop_on_redis_gives_the_jobs_back_at_once(
         [heartbeat(EPOCH - 4, "online"), heartbeat(EPOCH, "offline")],
     )
     sink = CollectingSink()
-    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock)
+    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock, frameworks=CELERY)
     await trio.sleep(FREQ * MISSED)
     await monitor.check(clock())
     [back] = sink.job_events
@@ -318,7 +324,7 @@ async def test_an_offline_workers_jobs_stop_running_and_resume_on_the_next_worke
         [heartbeat(EPOCH)],
     )
     sink = CollectingSink()
-    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock)
+    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock, frameworks=CELERY)
     await trio.sleep(FREQ * MISSED)
     assert await monitor.check(clock()) == 1
     await sqlite.ingest(sink.job_events, sink.worker_events)
@@ -383,7 +389,9 @@ async def test_jobs_taken_by_a_worker_without_task_events_are_unknown_not_queued
     # Queued for an hour by the real clock: stuck, as the issue saw them.
     assert len((await sqlite.list_jobs(JobQuery(stuck=True))).jobs) == 10
     sink = CollectingSink()
-    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock)
+    monitor = WorkerMonitor(
+        sqlite, sink, missed=MISSED, clock=clock, frameworks=CELERY
+    )
     await sqlite.record_queue_samples([depth(4, EPOCH)])
     await monitor.check(clock())
     # Four may still wait in the queue (the newest); the six before them were taken.
@@ -422,7 +430,7 @@ async def test_nothing_is_concluded_of_a_queue_sluice_cannot_judge(
         sample = 0
     await sqlite.record_queue_samples([depth(sample, EPOCH)])
     sink = CollectingSink()
-    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock)
+    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock, frameworks=CELERY)
     await monitor.check(clock())
     assert sink.job_events == []
 
@@ -435,7 +443,7 @@ async def test_a_long_backlog_is_judged_a_part_at_a_time(
     ids = await blind_worker_with_queued_jobs(sqlite, 10)
     await sqlite.record_queue_samples([depth(0, EPOCH)])
     sink = CollectingSink()
-    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock)
+    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock, frameworks=CELERY)
     concluded = []
     for _ in range(3):
         await monitor.check(clock())
@@ -457,6 +465,6 @@ async def test_a_worker_without_task_events_took_only_what_was_sent_while_it_liv
     await blind_worker_with_queued_jobs(sqlite, 3, heard=stopped, kind="offline")
     await sqlite.record_queue_samples([depth(0, EPOCH)])
     sink = CollectingSink()
-    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock)
+    monitor = WorkerMonitor(sqlite, sink, missed=MISSED, clock=clock, frameworks=CELERY)
     await monitor.check(clock())
     assert len(sink.job_events) == (3 if stopped == EPOCH else 0)

@@ -18,12 +18,12 @@ import httpx
 import pytest
 import trio
 
+from sluice_celery.framework import TASK_EVENTS_ADVICE
 from sluice_core.config import Config
 from sluice_core.engine import Engine
 from sluice_core.model import Job, JobState
 from sluice_core.monitors import workers_task_events
 from sluice_core.plugins import PluginManager
-from sluice_core.serialize import TASK_EVENTS_ADVICE
 from sluice_core.storage import JobQuery
 from tests.celery_app import ENV_TASK_EVENTS, ENV_VISIBILITY_TIMEOUT, make_app
 from tests.fixtures.celery_worker import BROKERS, CeleryWorker

@@ -136,7 +136,7 @@ def _revoke_options(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _signal(body: dict[str, Any]) -> str:
-    """The signal name as Celery takes it ("SIGTERM"), from "SIGTERM", "TERM" or "sigterm"."""
+    """The signal's full name ("SIGTERM"), from "SIGTERM", "TERM" or "sigterm"."""
     value = body.get("signal", "SIGTERM")
     if not isinstance(value, str):
         raise BadRequest('signal: expected a signal name such as "SIGTERM"')
@@ -594,9 +594,10 @@ async def queues() -> list[dict[str, Any]]:
 
 @blueprint.get("/api/workers")
 async def workers() -> list[dict[str, Any]]:
+    engine = _engine()
     return [
-        worker_to_dict(worker, task_events=flag)
-        for worker, flag in await workers_task_events(_engine().storage)
+        worker_to_dict(worker, task_events=flag, advice=engine.frameworks.advice(worker))
+        for worker, flag in await workers_task_events(engine.storage)
     ]
 
 

@@ -135,6 +135,8 @@ async def _globals() -> dict[str, Any]:
             ("dashboard.workers", "Workers"),
             ("dashboard.diagnostics", "Diagnostics"),
         ),
+        # What their plugins say to do where nothing shows yet (sluice_core/frameworks.py).
+        "frameworks": _engine().frameworks.declared(),
     }
 
 
@@ -307,12 +309,13 @@ async def queues() -> str:
 @blueprint.get("/workers")
 async def workers() -> str:
     now = time.time()
+    engine = _engine()
     rows = [
         {
-            **worker_to_dict(w, task_events=flag),
+            **worker_to_dict(w, task_events=flag, advice=engine.frameworks.advice(w)),
             "age_s": None if w.last_heartbeat is None else now - w.last_heartbeat,
         }
-        for w, flag in await workers_task_events(_engine().storage)
+        for w, flag in await workers_task_events(engine.storage)
     ]
     rows.sort(key=lambda w: (w["status"] != "online", w["hostname"]))
     return await render_template("workers.html", workers=rows)

@@ -58,10 +58,8 @@ STORE_TIMEOUT = 30.0  # seconds to wait for storage before telling the sender to
 # it. One indexed lookup a second per stream costs little beside the batches it carries.
 REVALIDATE_S = 1.0
 
-# Wire formats of Celery events, by the name a sender gives: the SDK's batches are
-# JSON lists of Celery event dicts, exactly a RabbitMQ ``task.multi`` body, which
-# the Celery plugin's normalizer reads as ``celery/amqp``.
-RAW_FORMATS = {"celery": "celery/amqp"}
+# Besides the formats frameworks declare (Framework.pushed_formats, e.g. the SDK's
+# "celery"), Sluice's own: normalized events, as an agent sends them.
 NORMALIZED_FORMAT = "sluice"
 
 blueprint = Blueprint("ingest", __name__)
@@ -152,9 +150,9 @@ class Ingest:
         if normalized.malformed:
             # The normalizer logged why (rate-limited); the sender's bug is in the count.
             raise Malformed(
-                f"{normalized.malformed} of {sent} events are malformed (not Celery events:"
-                " each needs a type, a hostname, a numeric timestamp and, for tasks, a uuid);"
-                " nothing was stored"
+                f"{normalized.malformed} of {sent} events are malformed (not events of"
+                f" format {body.get('format')!r} as its plugin reads them; Sluice's log says"
+                " why); nothing was stored"
             )
         if normalized.rejected:
             raise Malformed(
@@ -168,18 +166,19 @@ class Ingest:
         if type(body) is not dict:
             raise Malformed("expected a JSON object with a format and its events")
         fmt = body.get("format")
-        if fmt in RAW_FORMATS:
+        formats = self.engine.frameworks.pushed_formats()
+        if fmt in formats:
             events = body.get("events")
             if type(events) is not list:
                 raise Malformed(f'format {fmt!r}: "events" must be a list of event objects')
             self._check_count(len(events))
-            return self._normalize(key, RAW_FORMATS[fmt], events), len(events)
+            return self._normalize(key, formats[fmt], events), len(events)
         if fmt == NORMALIZED_FORMAT:
             job_events, worker_events = body.get("job_events", []), body.get("worker_events", [])
             if type(job_events) is not list or type(worker_events) is not list:
                 raise Malformed('"job_events" and "worker_events" must be lists')
             self._check_count(len(job_events) + len(worker_events))
-            # The door Celery's events pass in the normalizer (PluginManager.normalize).
+            # The door a framework's events pass in its normalizer (PluginManager.normalize).
             normalized = self.engine.pm.admit(
                 Normalized(
                     self._parse("job_events", job_events, job_event_from_json),
@@ -187,8 +186,11 @@ class Ingest:
                 )
             )
             return normalized, len(job_events) + len(worker_events)
-        known = ", ".join(repr(f) for f in [*RAW_FORMATS, NORMALIZED_FORMAT])
-        raise Malformed(f"unknown format {fmt!r} (accepted: {known})")
+        known = ", ".join(repr(f) for f in [*formats, NORMALIZED_FORMAT])
+        raise Malformed(
+            f"unknown format {fmt!r} (accepted: {known}; a framework's plugin, loaded with"
+            " --plugin, adds its own)"
+        )
 
     def _check_count(self, n: int) -> None:
         if n > MAX_EVENTS:
@@ -204,7 +206,7 @@ class Ingest:
         if result is None:
             raise BadRequest(
                 f"this Sluice reads no {kind!r} events: start it with the plugin for them"
-                " (sluice run --plugin celery)"
+                " (--plugin NAME)"
             )
         return result
 
