@@ -464,7 +464,8 @@ async def _run_gap(
         # Sent to a queue no worker consumes: it waits there, through the gap.
         jobs["waiting"] = await cluster.send("tests.add", 0, 0, queue=cluster.w1.queue + "-idle")
         await wait_until(lambda: _state(first, jobs["waiting"]), "the waiting job stored")
-        await wait_until(lambda: _state(first, jobs["seen_done"]), "the first job stored")
+        await wait_until(lambda: _is(first, jobs["seen_done"], JobState.COMPLETED),
+                         "the first job done while Sluice watched")
         await wait_until(
             lambda: _is(first, jobs["ends_in_gap"], JobState.ACTIVE), "the sleeping job started"
         )
