@@ -34,17 +34,19 @@ class Follower:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._feed.follow, self._on_change, self._on_gap)
+            read_at = float("-inf")
             while True:
                 await self._heard.wait()
+                # At most one read a bus window (WINDOW_S), and none waits when the last
+                # was longer ago: what is heard meanwhile is read together.
+                await trio.sleep_until(read_at + WINDOW_S)
                 self._heard = trio.Event()
+                read_at = trio.current_time()
                 try:
                     await self._publish()
                 except Exception as exc:  # the database may be away: streams resync
                     log.warning("web replica: reading what changed failed: %s", exc)
                     self._bus.missed()
-                # What is heard meanwhile is read together: one read a window, however
-                # many writes the agents commit.
-                await trio.sleep(WINDOW_S)
 
     def _on_change(self, change: Change) -> None:
         for i, job_id in enumerate(change.jobs):
