@@ -106,6 +106,9 @@ class WorkerMonitor:
         # conclusion per silence, not one query per worker at every round.
         self._settled: dict[str, float] = {}
         self._unseen_at = float("-inf")  # when jobs taken unseen were last looked for
+        # The ``now`` of the last check that judged every worker (all sources heard):
+        # silence up to then has been concluded on. None before the first.
+        self.judged_until: float | None = None
 
     async def run(self) -> None:
         while True:
@@ -168,6 +171,7 @@ class WorkerMonitor:
             if held or offline:
                 self._sink.put_events(held, offline)
             self._settled[worker.hostname] = worker.last_heartbeat
+        self.judged_until = now
         return gone
 
     def _held_job_concluded(self, job: Job, worker: Worker, at: float, reason: str) -> JobEvent:

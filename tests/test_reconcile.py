@@ -365,6 +365,16 @@ def test_a_result_backend_sluice_cannot_read_is_refused_at_start() -> None:
 # -- the scenario: Sluice stopped while two workers work ---------------------------------
 
 HEARTBEAT_FREQ = 2.0  # Celery's: a worker is offline after 3 of them
+
+
+async def _judged_past_the_window(engine: Engine) -> None:
+    """Until the worker monitor has judged the workers' silence past a whole heartbeat
+    window after the start: any worker it calls offline is offline by then."""
+    window_end = engine.started_at + 3 * HEARTBEAT_FREQ + 1
+    await wait_until(
+        lambda: (engine.worker_monitor.judged_until or 0.0) > window_end,
+        "the monitor judged a heartbeat window after the start",
+    )
 SECRET = "p4ss-SECRET"
 TIMEOUT = 150
 
@@ -531,8 +541,8 @@ async def test_after_a_stop_the_workers_and_the_result_backend_tell_what_happene
                 await wait_until(lambda role=role: _is(engine, jobs[role], JobState.COMPLETED),
                                  f"{role} completed")
             await wait_until(lambda: _is(engine, jobs["fail_in_gap"], JobState.FAILED))
-            # A fresh heartbeat window after the start: no worker is offline.
-            await trio.sleep(3 * HEARTBEAT_FREQ + 1)
+            # A fresh heartbeat window after the start, judged: no worker is offline.
+            await _judged_past_the_window(engine)
             workers = await engine.storage.list_workers()
             states = await engine.storage.count_jobs_by_state()
             rows = {role: await _job(engine, job_id) for role, job_id in jobs.items()}
@@ -599,7 +609,7 @@ async def test_without_a_result_backend_what_finished_in_the_gap_is_unknown(
                     ended = await _job(engine, jobs["ends_in_gap"])
                     across = await wait_until(lambda: _job(engine, jobs["across"]))
                     await wait_until(lambda: _is(engine, jobs["across"], JobState.COMPLETED))
-                    await trio.sleep(3 * HEARTBEAT_FREQ + 1)
+                    await _judged_past_the_window(engine)
                     ended_later = await _job(engine, jobs["ends_in_gap"])
                     workers = await engine.storage.list_workers()
                     page = await engine.storage.list_jobs(JobQuery(states=frozenset({JobState.LOST})))
