@@ -42,7 +42,7 @@ from sluice_core.config import Config, ConfigError, redact_url
 from sluice_core.metrics import Metrics
 from sluice_core.model import JobEvent, WorkerEvent
 from sluice_core.pipeline import Pipeline
-from sluice_core.plugins import PluginManager
+from sluice_core.plugins import PluginManager, close_all
 from sluice_core.remote import HEADER, ActionExecutor, announcement
 from sluice_core.serialize import job_event_to_json, worker_event_to_json
 from sluice_core.sources import Source, run_sources
@@ -374,13 +374,7 @@ class Agent:
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                for handler in self.actions:  # they may hold broker connections
-                    aclose = getattr(handler, "aclose", None)
-                    if aclose is not None:
-                        try:
-                            await aclose()
-                        except Exception as exc:
-                            log.warning("closing %r: %s", handler, exc)
+                await close_all(self.actions)
             self.stopped.set()
 
     async def _run_pipeline(self, done: trio.Event) -> None:

@@ -27,7 +27,7 @@ from sluice_core.metrics import Metrics, StorageGauges
 from sluice_core.model import Job, QueueSample
 from sluice_core.monitors import WorkerMonitor
 from sluice_core.pipeline import Pipeline
-from sluice_core.plugins import PluginManager
+from sluice_core.plugins import PluginManager, close_all
 from sluice_core.probes import Probe, WorkerProbe
 from sluice_core.reader import ReaderProcess, totals
 from sluice_core.reconcile import GapWatch
@@ -178,14 +178,9 @@ class Engine:
                     await self._pipeline_done.wait()
         finally:
             with trio.CancelScope(shield=True):
-                # Handlers and probes may hold broker connections of their own.
-                for part in [*self.actions, *self.probes, *self.gap_watch.reconcilers.values()]:
-                    aclose = getattr(part, "aclose", None)
-                    if aclose is not None:
-                        try:
-                            await aclose()
-                        except Exception as exc:
-                            log.warning("closing %r: %s", part, exc)
+                await close_all(
+                    [*self.actions, *self.probes, *self.gap_watch.reconcilers.values()]
+                )
                 await self.storage.aclose()
             self.stopped.set()
         log.info("stopped")

@@ -174,3 +174,16 @@ class PluginManager:
         found: list[Reconciler] = []
         self._pm.hook.sluice_reconcilers(config=config, register=found.append)
         return found
+
+
+async def close_all(parts: Iterable[object]) -> None:
+    """Close what plugins gave (action handlers, probes, reconcilers: they may hold broker
+    connections of their own), each that has ``aclose``; one that fails is logged, and the
+    others are still closed."""
+    for part in parts:
+        aclose = getattr(part, "aclose", None)
+        if aclose is not None:
+            try:
+                await aclose()
+            except Exception as exc:
+                log.warning("closing %r: %s", part, exc)
