@@ -19,6 +19,7 @@ from sluice_core.model import Job, JobState
 from sluice_core.plugins import PluginManager
 from sluice_core.storage import JobQuery
 from tests.metrics import metric
+from tests.test_api import serving
 from tests.waiting import wait_until
 
 THIRDPARTY = Path(__file__).parent / "thirdparty"
@@ -120,3 +121,30 @@ async def test_a_third_party_framework_needs_no_change_to_the_core(
             source = f"toyqueue/tcp:{port}"
             assert metric(engine.metrics, "sluice_events_malformed_total", source=source) == 1
             engine.stop()
+
+
+async def test_a_third_party_frameworks_events_can_be_pushed_in_its_own_format(
+    toyqueue_entry_point: Path, tmp_path: Path
+) -> None:
+    """The format is declared by the plugin (sluice_frameworks), not known to the core."""
+    import sluice_toyqueue  # installed by the fixture, as an entry point would
+
+    now = time.time()
+    reports = [
+        {"id": "p1", "name": "resize", "status": "running", "ts": now, "worker": "toy-2"},
+        {"id": "p1", "status": "done", "ts": now + 1},
+    ]
+    with trio.fail_after(30):
+        async with serving(tmp_path, sluice_toyqueue) as (engine, client):
+            key = {"Authorization": f"Bearer {(await engine.storage.create_api_key('toy'))[1]}"}
+            response = await client.post(
+                "/api/ingest", json={"format": "toyqueue", "events": reports}, headers=key
+            )
+            assert (response.status_code, response.json()) == (200, {"accepted": 2})
+            job = (await client.get("/api/jobs/p1")).json()
+            unknown = await client.post(
+                "/api/ingest", json={"format": "rq", "events": []}, headers=key
+            )
+    assert (job["state"], job["name"], job["framework"]) == ("completed", "resize", "toyqueue")
+    assert unknown.status_code == 400
+    assert "accepted: 'toyqueue', 'sluice'" in unknown.json()["error"]["message"]

@@ -16,6 +16,7 @@ import trio
 
 from sluice_core import hookimpl
 from sluice_core.config import Config
+from sluice_core.frameworks import Framework
 from sluice_core.model import JobEvent, JobState, Normalized, RawBatch, event_id
 from sluice_core.options import Option, OptionParser, integer
 from sluice_core.sources import Sink
@@ -68,26 +69,53 @@ def sluice_sources(config: Config, register) -> None:  # type: ignore[no-untyped
 
 
 @hookimpl
+def sluice_frameworks(config: Config, register) -> None:  # type: ignore[no-untyped-def]
+    register(
+        Framework(
+            "toyqueue",
+            heartbeat_s=10.0,
+            job_events_advice="start the worker with --report-jobs",
+            setup_advice="point the workers' --report-to at Sluice's --toyqueue-port",
+            # Pushed to POST /api/ingest as {"format": "toyqueue", "events": [...]}: the
+            # normalizer gets the list as one message.
+            pushed_formats={"toyqueue": "toyqueue/json"},
+        )
+    )
+
+
+@hookimpl
 def sluice_normalize(batch: RawBatch) -> Normalized | None:
     if batch.kind != "toyqueue/json":
         return None
     out = Normalized()
     for _, body in batch.messages:
         try:
-            msg = orjson.loads(body)
-            state = STATES[msg["status"]]
-            out.job_events.append(
-                JobEvent(
-                    id=event_id(msg["id"], msg["status"], msg["ts"]),
-                    job_id=msg["id"],
-                    framework="toyqueue",
-                    type=msg["status"],
-                    state=state,
-                    timestamp=float(msg["ts"]),
-                    worker=msg.get("worker"),
-                    fields={"name": msg.get("name")},
-                )
-            )
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            decoded = orjson.loads(body)
+        except orjson.JSONDecodeError:
             out.malformed += 1
+            continue
+        for msg in decoded if isinstance(decoded, list) else [decoded]:
+            _event(msg, out)
     return out
+
+
+def _event(msg: object, out: Normalized) -> None:
+    """One worker report, ``{"id", "name", "status", "ts", "worker"}``, as a job event."""
+    if not isinstance(msg, dict) or msg.get("status") not in STATES:
+        out.malformed += 1
+        return
+    try:
+        out.job_events.append(
+            JobEvent(
+                id=event_id(msg["id"], msg["status"], msg["ts"]),
+                job_id=msg["id"],
+                framework="toyqueue",
+                type=msg["status"],
+                state=STATES[msg["status"]],
+                timestamp=float(msg["ts"]),
+                worker=msg.get("worker"),
+                fields={"name": msg.get("name")},
+            )
+        )
+    except (KeyError, TypeError, ValueError):
+        out.malformed += 1
