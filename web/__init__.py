@@ -3,7 +3,8 @@
 - :mod:`sluice_web.server`: ``serve(engine, shutdown_trigger)``, hypercorn's trio
   worker inside the engine's nursery;
 - :mod:`sluice_web.app`: ``create_app(engine)``, the app factory;
-- :mod:`sluice_web.api`: the REST API of the API in README.md, ``/healthz``, ``/metrics``;
+- :mod:`sluice_web.api`: the REST API of the API in README.md (reads), ``/healthz``, ``/metrics``;
+- :mod:`sluice_web.actions`: the action endpoints (retry, revoke, bulk);
 - :mod:`sluice_web.stream`: ``/api/stream``, the live bus as Server-Sent Events;
 - :mod:`sluice_web.params`: the job-list filters, parsed and validated;
 - :mod:`sluice_web.auth`: API token, dashboard logins, CSRF and origin checks;

@@ -333,7 +333,7 @@ async def _serve_stream(ingest: Ingest, key: ApiKey, link: AgentLink | None) -> 
 
 
 async def _send_actions(link: AgentLink) -> None:
-    """Send the agent the actions on its jobs (web/api.py puts them in its outbox)."""
+    """Send the agent the actions on its jobs (web/actions.py puts them in its outbox)."""
     async for message in link.outbox:
         await websocket.send(message.decode())
 
