@@ -1,4 +1,12 @@
-"""Actions on jobs (retry, revoke): what a handler is, and how it reports back.
+"""Actions on jobs: what a handler offers (its declared actions and their options),
+how it reports back, and what the web asks of them (:class:`ActionService`).
+
+A framework's plugin declares its actions on its handler (:class:`ActionSpec`, each
+option an :class:`ActionOption` that parses what a user sent). The core knows two
+names: ``retry`` makes a new job, linked both ways to the old one (``retry_of`` /
+``retried_as``), and may be planned first (:class:`PlansRetry`); ``revoke`` is refused
+on a finished job. Any other name is the plugin's own, done by
+:meth:`ActionHandler.perform` like these two.
 
 Who may decide what a retry publishes: a job's facts come from Sluice's own
 sources (a broker's event stream it reads itself, its monitors, its own
@@ -15,7 +23,7 @@ agent's job is acted on by the agent, down its own connection (:mod:`sluice_core
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Protocol, runtime_checkable
 
 import attrs
@@ -167,7 +175,7 @@ class RetryPlan:
 @attrs.frozen
 class ActionResult:
     job_id: str
-    action: str  # "retry" or "revoke"
+    action: str  # the declared action's name
     new_job_id: str | None = None  # the new job's id, for a retry
     published: RetryPlan | None = None  # what a planned retry published
     # For a revoke: per broker it went out on, how many workers heard it (None: the
@@ -176,31 +184,204 @@ class ActionResult:
     agent: str | None = None  # the remote agent that did it; None: Sluice itself
 
 
+# -- what a handler offers -----------------------------------------------------------
+
+# The actions the core knows the meaning of (see the module's docstring).
+RETRY: Final = "retry"
+REVOKE: Final = "revoke"
+
+
+class InvalidOptions(ValueError):
+    """Options that an action's declaration does not accept; the message says which and
+    why, for the user (the API's 400). ``unknown`` names the fields no option declares,
+    ``accepted`` the ones it does."""
+
+    def __init__(
+        self, message: str, *, unknown: Sequence[str] = (), accepted: Sequence[str] = ()
+    ) -> None:
+        super().__init__(message)
+        self.unknown = tuple(unknown)
+        self.accepted = tuple(accepted)
+
+
+def parse_boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def parse_string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+def parse_integer(value: Any) -> int:
+    if type(value) is not int:
+        raise ValueError("expected a whole number")
+    return value
+
+
+def parse_number(value: Any) -> float:
+    if type(value) not in (int, float):
+        raise ValueError("expected a number")
+    return float(value)
+
+
+# An option's type, as the API lists it, and how a value of it is checked when its
+# plugin says nothing more (an agent's declaration, read from the wire).
+PARSERS: Final[Mapping[str, Callable[[Any], Any]]] = {
+    "boolean": parse_boolean,
+    "string": parse_string,
+    "integer": parse_integer,
+    "number": parse_number,
+}
+
+
+@attrs.frozen
+class ActionOption:
+    """One option of an action: its name in the request body, its JSON type (for the
+    API's list and the dashboard's form: "boolean", "string", "integer", "number"), its
+    value when not sent, and ``parse``, which turns what the user sent into what the
+    handler gets, or raises ValueError saying what is wrong (the option's name is
+    put before it)."""
+
+    name: str
+    type: str
+    default: Any
+    help: str = ""
+    parse: Callable[[Any], Any] = attrs.field(
+        default=attrs.Factory(lambda self: PARSERS.get(self.type, _as_sent), takes_self=True),
+        eq=False,
+        repr=False,
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type, "default": self.default, "help": self.help}
+
+
+def _as_sent(value: Any) -> Any:
+    return value
+
+
+def boolean_option(name: str, *, default: bool = False, help: str = "") -> ActionOption:
+    """A true/false option (``"terminate": true``)."""
+    return ActionOption(name, "boolean", default, help, parse_boolean)
+
+
+def string_option(
+    name: str, *, default: str, help: str = "", parse: Callable[[Any], Any] | None = None
+) -> ActionOption:
+    """A string option; ``parse`` checks (and may normalise) it further."""
+    return ActionOption(name, "string", default, help, parse or parse_string)
+
+
+@attrs.frozen
+class ActionSpec:
+    """An action a handler offers: its ``name`` (the API's ``/api/jobs/{id}/{name}`` and
+    a bulk action's ``action``), a ``title`` for its button, ``help`` saying what it does
+    (the dashboard's confirmation, the API's list), and its options."""
+
+    name: str
+    title: str
+    help: str = ""
+    options: tuple[ActionOption, ...] = ()
+
+    def parse(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Every option's value: parsed from ``given``, or its default. InvalidOptions for
+        a field no option declares, or a value its option refuses."""
+        accepted = [option.name for option in self.options]
+        unknown = sorted(set(given) - set(accepted))
+        if unknown:
+            raise InvalidOptions(
+                f"unknown field {', '.join(map(repr, unknown))}"
+                f" (accepted: {', '.join(accepted) or 'none'})",
+                unknown=unknown,
+                accepted=accepted,
+            )
+        parsed = {}
+        for option in self.options:
+            if option.name not in given:
+                parsed[option.name] = option.default
+                continue
+            try:
+                parsed[option.name] = option.parse(given[option.name])
+            except ValueError as exc:
+                raise InvalidOptions(f"{option.name}: {exc}", accepted=accepted) from None
+        return parsed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "title": self.title,
+            "help": self.help,
+            "options": [option.to_dict() for option in self.options],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ActionSpec:
+        """A declaration as :meth:`to_dict` wrote it (an agent's, over the wire): its
+        options checked by their type only. ValueError if it is not one."""
+        if type(data) is not dict or not all(
+            type(data.get(key)) is str for key in ("name", "title", "help")
+        ):
+            raise ValueError("an action is a JSON object with a name, title and help")
+        options = data.get("options", [])
+        if type(options) is not list or not all(
+            type(o) is dict and type(o.get("name")) is type(o.get("type")) is str
+            for o in options
+        ):
+            raise ValueError("an action's options are objects with a name and a type")
+        return cls(
+            data["name"],
+            data["title"],
+            data["help"],
+            tuple(
+                ActionOption(o["name"], o["type"], o.get("default"), str(o.get("help", "")))
+                for o in options
+            ),
+        )
+
+
 class ActionHandler(Protocol):
+    """What a plugin registers (hook ``sluice_actions``) to act on its framework's jobs."""
+
     framework: str
+    # The actions it offers, and their options: the API accepts these and no other,
+    # and parses the options by them before calling :meth:`perform`.
+    actions: tuple[ActionSpec, ...]
 
     def handles(self, job: Job) -> bool:
         """True if this handler can act on ``job`` (its framework and broker)."""
 
-    async def retry(self, job: Job) -> ActionResult:
-        """Re-run ``job`` with its original arguments as a new job. Raise ActionRefused.
-        Not called for a handler that is also :class:`PlansRetry`."""
+    async def perform(self, action: str, job: Job, options: Mapping[str, Any]) -> ActionResult:
+        """Do ``action``, one of :attr:`actions`, on ``job``; ``options`` as its declaration
+        parsed them. Raise ActionRefused, saying why and what to do.
 
-    async def revoke(self, job: Job, *, terminate: bool, signal: str) -> ActionResult:
-        """Ask the workers to discard ``job`` (and kill it if ``terminate``)."""
+        ``retry``: re-run ``job`` with its original arguments as a new job (its id in
+        the result's ``new_job_id``); not called for a handler that :class:`PlansRetry`.
+        ``revoke``: ask the workers to discard ``job``; never called on a finished job.
+        """
 
 
 @runtime_checkable
-class RevokesMany(Protocol):
-    """Optional for a handler: revoke several jobs with one broker message.
+class PerformsMany(Protocol):
+    """Optional for a handler: do an action (never a retry) on several jobs at once, one
+    broker message for all. A bulk action uses it, when the handler has it, for all
+    the jobs it handles."""
 
-    A bulk revoke uses it, when the handler has it, for all the jobs it handles.
-    """
-
-    async def revoke_many(
-        self, jobs: list[Job], *, terminate: bool, signal: str
+    async def perform_many(
+        self, action: str, jobs: list[Job], options: Mapping[str, Any]
     ) -> list[ActionResult]:
-        """Like ``revoke`` for each job, at once; one result per job, in order."""
+        """Like ``perform`` for each job, at once; one result per job, in order."""
+
+
+@runtime_checkable
+class OffersPerJob(Protocol):
+    """Optional for a handler whose offer depends on the job (a remote agent's: what its
+    own handler of the job's framework declares). Asked instead of :attr:`actions`."""
+
+    async def offered(self, job: Job) -> tuple[ActionSpec, ...]: ...
 
 
 @runtime_checkable
@@ -222,3 +403,98 @@ class PlansRetry(Protocol):
 
     async def publish(self, plan: RetryPlan) -> ActionResult:
         """Publish what ``plan_retry`` planned, as it is (with ``published=plan``)."""
+
+
+# -- what the web asks -------------------------------------------------------------
+
+# An action's outcome on one job.
+ACCEPTED: Final = "accepted"  # done (for a revoke: sent, and heard)
+REFUSED: Final = "refused"  # ActionRefused: not done, the message says why
+NOT_IMPLEMENTED: Final = "not_implemented"  # no handler offers it for this job: not tried
+NO_ANSWER: Final = "no_answer"  # sent to a remote agent, which did not answer: unknown
+ERROR: Final = "error"  # the handler failed unexpectedly (logged)
+
+
+@attrs.frozen
+class Outcome:
+    """What came of an action on one job."""
+
+    job_id: str
+    outcome: str  # ACCEPTED, REFUSED, NOT_IMPLEMENTED, NO_ANSWER or ERROR
+    message: str = ""  # why, when not accepted
+    new_job_id: str | None = None  # a retry's new job
+    published: RetryPlan | None = None  # what a planned retry published
+    heard_by: dict[str, int | None] | None = None  # a revoke's: per broker, workers
+    agent: str | None = None  # the remote agent that did it
+    # The options as the job's handler's declaration parsed them ({} when not tried).
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def accepted(self) -> bool:
+        return self.outcome == ACCEPTED
+
+    def to_dict(self) -> dict[str, Any]:
+        """The API's answer per job (a bulk action's ``results``)."""
+        return {
+            "id": self.job_id,
+            "outcome": self.outcome,
+            "message": self.message,
+            "new_job_id": self.new_job_id,
+            # What a retry published: the job name, queue, broker and arguments.
+            "published": None if self.published is None else self.published.to_dict(),
+            # For a revoke: per broker, how many workers heard it (null: it won't say).
+            "heard_by": self.heard_by or None,
+            "agent": self.agent,
+        }
+
+
+class NotOffered(Exception):
+    """No handler offers this action (for this job, or at all); the message says what is
+    offered instead. ``offered`` lists those names."""
+
+    def __init__(self, message: str, offered: Sequence[str]) -> None:
+        super().__init__(message)
+        self.offered = tuple(offered)
+
+
+class ActionService(Protocol):
+    """Actions on jobs, as the web asks for them (:class:`sluice_core.job_actions.JobActions`
+    is the real one). Each action is recorded on its job's timeline (its audit) before
+    :meth:`act` returns."""
+
+    def declared(self) -> dict[str, tuple[ActionSpec, ...]]:
+        """Per framework, the actions its loaded handler offers."""
+
+    async def offered(self, job: Job) -> tuple[ActionSpec, ...]:
+        """The actions ``job`` can be given where it lives (its handler's, or its remote
+        agent's); () when nothing can act on it."""
+
+    def check(self, action: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` parsed by the declarations of ``action`` (a bulk action's, checked
+        before any job is chosen). NotOffered when no handler declares ``action`` (retry
+        and revoke are always known: without a handler, they are not implemented);
+        InvalidOptions when a declaration refuses the options."""
+
+    async def act(
+        self, action: str, jobs: Sequence[Job], options: Mapping[str, Any], actor: str | None
+    ) -> list[Outcome]:
+        """Do ``action`` on each job, ``options`` as sent (parsed here by each job's
+        handler's declaration), on behalf of ``actor`` (None: no auth); one outcome per
+        job, in order, each stored on the job's timeline before this returns.
+        InvalidOptions, before anything is done, when a job's declaration refuses them."""
+
+    async def plan(self, job: Job) -> RetryPlan | None:
+        """What retrying ``job`` would publish, for the user to confirm; None when its
+        handler cannot tell beforehand. Publishes nothing. NotOffered when nothing can
+        retry it, ActionRefused when a retry would be refused (why),
+        :class:`~sluice_core.remote.NoAnswer` when its agent did not answer."""
+
+
+@runtime_checkable
+class RevokesMany(Protocol):
+    """The handlers' former bulk revoke, until web/actions.py and sluice_core/remote.py use
+    :class:`PerformsMany` (issue 18, the next commit)."""
+
+    async def revoke_many(
+        self, jobs: list[Job], *, terminate: bool, signal: str
+    ) -> list[ActionResult]: ...
