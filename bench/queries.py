@@ -9,7 +9,8 @@ on that database, over HTTP, as the dashboard sends them.
 Ten million jobs through ingest would take PostgreSQL hours here: past
 ``INGESTED_JOBS_MAX`` jobs, that many are ingested and the jobs table is then
 copied in SQL (:func:`replicate`) into later months of history, until it holds
-the size asked for. Only the list queries are measured, and they read jobs only.
+the size asked for. The list queries read jobs only; the overview's counts are
+filled again from the copied jobs.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class QueriesRun:
     ingested_jobs: int  # jobs written through ingest; the rest were copied in SQL
     startup_s: float  # sluice run on the filled database, to /healthz 200
     timings: list[QueryTiming]
+    pages: list[QueryTiming]  # the pages a replica serves most; rows: KiB
     rest_rss_mb: float  # idle on that history, once every query was served
 
 
@@ -105,7 +107,7 @@ def replicate(db: str, times: int) -> None:
     """
     import psycopg
 
-    from sluice_storage.common import JOB_COLUMNS
+    from sluice_storage.common import JOB_COLUMNS, ROLLUPS_FROM_JOBS
 
     with psycopg.connect(db, autocommit=True) as conn:
         indexes = conn.execute(
@@ -138,7 +140,11 @@ def replicate(db: str, times: int) -> None:
         for _, definition in indexes:
             conn.execute(definition)
         conn.execute("SELECT setval(pg_get_serial_sequence('jobs', 'seq'), max(seq)) FROM jobs")
+        # The overview's counts (migration 0009), which ingest keeps, of the copies too.
+        for statement in ROLLUPS_FROM_JOBS:
+            conn.execute(statement)
         conn.execute("VACUUM ANALYZE jobs")
+        conn.execute("VACUUM ANALYZE job_states, job_finished, job_failures")
 
 
 def _sample_values(client: httpx.Client) -> dict[str, str]:
@@ -152,6 +158,7 @@ def _sample_values(client: httpx.Client) -> dict[str, str]:
         "email": str(jobs[len(jobs) // 2]["args"]).split("'")[1],  # (n, 'user<n>@example.com')
         "exception_word": "payments-api" if "payments-api" in failed["exception"] else "timed out",
         "newest": newest,
+        "job_id": failed["id"],
     }
 
 
@@ -183,29 +190,54 @@ def _days_before(iso: str, days: int) -> str:
     return (dt.datetime.fromisoformat(iso) - dt.timedelta(days=days)).isoformat()
 
 
-def time_queries(base: str, repeats: int) -> list[QueryTiming]:
-    """Each query ``repeats`` times, in rounds of every query: a moment the shared
-    machine is busy then falls on all the queries alike, not on a few samples of one."""
+def pages(values: dict[str, str]) -> list[tuple[str, str, dict[str, str]]]:
+    """The pages a replica serves most: ``(label, path, parameters)``."""
+    return [
+        ("overview, 1 h", "/", {"window": "1h"}),
+        ("overview, 24 h", "/", {"window": "24h"}),
+        ("overview, 7 d", "/", {"window": "7d"}),
+        ("queues page", "/queues", {}),
+        ("GET /api/queues", "/api/queues", {}),
+        ("workers page", "/workers", {}),
+        ("GET /api/workers", "/api/workers", {}),
+        ("jobs page", "/jobs", {}),
+        ("a job's page", f"/jobs/{values['job_id']}", {}),
+        ("GET /api/jobs/{id}", f"/api/jobs/{values['job_id']}", {}),
+        ("GET /metrics", "/metrics", {}),
+    ]
+
+
+def time_queries(base: str, repeats: int) -> tuple[list[QueryTiming], list[QueryTiming]]:
+    """Each query of the job list, then each page, ``repeats`` times, in rounds of every
+    one: a moment the shared machine is busy then falls on all alike, not on a few
+    samples of one. A page's ``rows`` is its size in KiB."""
     with httpx.Client(base_url=base, timeout=120.0) as client:
         values = _sample_values(client)
         next_cursor = client.get("/api/jobs").json()["next_cursor"]
         planned = [
-            (label, {"cursor": next_cursor} if params.get("cursor") == "<next>" else params)
+            (label, "/api/jobs",
+             {"cursor": next_cursor} if params.get("cursor") == "<next>" else params)
             for label, params in queries(values)
         ]
+        listed = len(planned)
+        planned += pages(values)
         samples: list[list[float]] = [[] for _ in planned]
         rows = [0] * len(planned)
         for _ in range(repeats):
-            for i, (_, params) in enumerate(planned):
+            for i, (_, path, params) in enumerate(planned):
                 t0 = time.perf_counter()
-                response = client.get("/api/jobs", params=params)
+                response = client.get(path, params=params)
                 samples[i].append((time.perf_counter() - t0) * 1000)
                 response.raise_for_status()
-                rows[i] = len(response.json()["jobs"])
-    return [
+                rows[i] = (len(response.json()["jobs"]) if i < listed
+                           else len(response.content) // 1024)
+    timings = [
         QueryTiming(label, params, n, statistics.median(taken), percentile(taken, 95))
-        for (label, params), n, taken in zip(planned, rows, samples, strict=True)
+        for (label, _, params), n, taken in zip(planned, rows, samples, strict=True)
     ]
+    for timing, (_, path, _) in zip(timings[listed:], planned[listed:], strict=True):
+        timing.params = {"path": path, **timing.params}
+    return timings[:listed], timings[listed:]
 
 
 def run(*, storage: str, jobs: int, repeats: int, broker: str, run_dir: Path,
@@ -228,10 +260,10 @@ def run(*, storage: str, jobs: int, repeats: int, broker: str, run_dir: Path,
             replicate(db, -(-jobs // ingested))
         sluice = Sluice(broker, db, run_dir, unique("bench") + ":")
         try:
-            timings = time_queries(sluice.base, repeats)
+            timings, page_timings = time_queries(sluice.base, repeats)
             time.sleep(1.0)  # at rest: the last request and the gauges' refresh are done
             rest_rss_mb = sluice.rss_mb()
         finally:
             sluice.stop()
     return QueriesRun(storage, jobs, fill_s, events / fill_s, ingested, sluice.startup_s,
-                      timings, rest_rss_mb)
+                      timings, page_timings, rest_rss_mb)

@@ -254,10 +254,14 @@ class Storage(Protocol):
         """Jobs that finished since ``since``, per bucket of ``bucket_s`` seconds.
 
         ``(bucket start, completed, failed)``, oldest first; buckets with neither are left out.
+        Counted by the minute (``bucket_s`` a multiple of 60): the minute holding ``since``
+        counts whole.
         """
 
     async def top_failing_names(self, since: float, limit: int) -> list[tuple[str, int]]:
-        """The job names with the most failures since ``since``: ``(name, failed)``, most first."""
+        """The job names with the most failures since ``since``: ``(name, failed)``, most first.
+
+        Counted by the minute, as :meth:`job_throughput`."""
 
     async def ping(self) -> None:
         """Raise if the database cannot be reached."""

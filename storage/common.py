@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.resources
+import math
 import secrets
 import time
 from collections import defaultdict
@@ -185,6 +186,9 @@ class Transaction(Protocol):
     def write_workers(self, workers: list[Worker]) -> None:
         """Upsert; a row already holding a later heartbeat is kept (a concurrent writer)."""
 
+    def add_counts(self, rollup: Rollup) -> None:
+        """Add the rollup's changes to the counts (migration 0009), in key order."""
+
     def announce(self, result: IngestResult) -> None:
         """Tell the processes sharing the database what changed (heard at commit)."""
 
@@ -206,9 +210,14 @@ def ingest(
     new: list[Job] = []
     changed: list[Job] = []
     out_of_order: list[str] = []
+    # Every row written leaves its counts as stored (taken now: the fold changes the
+    # stored row in place) for its counts as written.
+    rollup = Rollup()
     for job_id, events in fresh.items():
         events.sort(key=merge.sort_key)
         job = stored.get(job_id)
+        if job is not None:
+            rollup.count(job, -1)
         if job is None:
             # Every event of a job not stored yet is in this batch.
             new.append(merge.rebuild(job_id, events[0].framework, events))
@@ -221,10 +230,16 @@ def ingest(
     new.sort(key=lambda job: (job.created_at, job.id))
     raced = tx.write_jobs(new, changed)
     if raced:
-        tx.lock_jobs(sorted(raced))
+        # Stored by another writer since lock_jobs: its row is what this batch changes.
+        for job in tx.lock_jobs(sorted(raced)).values():
+            rollup.count(job, -1)
         rebuilt = _rebuild(tx, sorted(raced))
         tx.write_jobs([], rebuilt)
         new = [job for job in new if job.id not in raced] + rebuilt
+    for job in new + changed:
+        rollup.count(job, 1)
+    if rollup:
+        tx.add_counts(rollup)
 
     workers = _fold_workers(tx, worker_events)
     result = IngestResult(
@@ -236,6 +251,98 @@ def ingest(
     )
     tx.announce(result)
     return result
+
+
+# -- rollups (migration 0009) ---------------------------------------------------------------
+
+# A finished_at beyond this (or not finite) has no minute: see migration 0009.
+_MINUTE_TS_MAX = 2.0**53
+
+
+def finished_minute(job: Job) -> int | None:
+    """The minute a completed or failed job counts in (job_finished, job_failures)."""
+    at = job.finished_at
+    if job.state not in (JobState.COMPLETED, JobState.FAILED) or at is None:
+        return None
+    if not (math.isfinite(at) and abs(at) < _MINUTE_TS_MAX):
+        return None
+    return math.floor(at / 60)
+
+
+@attrs.define
+class Rollup:
+    """What one ingest changes in the overview's counts (migration 0009).
+
+    A job row counts once in each table, by what it holds now; ingest takes each row it
+    writes out of its counts as stored (none for a new job) and into its counts as written. So
+    the counts follow every fold, rebuild or late event, and a duplicate event, which
+    changes no row, changes no count.
+    """
+
+    states: defaultdict[str, int] = attrs.field(factory=lambda: defaultdict(int))
+    finished: defaultdict[tuple[int, str], int] = attrs.field(factory=lambda: defaultdict(int))
+    failures: defaultdict[tuple[int, str], int] = attrs.field(factory=lambda: defaultdict(int))
+
+    def count(self, job: Job, sign: int) -> None:
+        self.states[job.state.value] += sign
+        minute = finished_minute(job)
+        if minute is not None:
+            self.finished[(minute, job.state.value)] += sign
+            if job.state is JobState.FAILED and job.name is not None:
+                self.failures[(minute, job.name)] += sign
+
+    def rows(self) -> tuple[list[Row], list[Row], list[Row]]:
+        """The changed counts of job_states, job_finished and job_failures, in key order
+        (two writers adding to the same counts lock them in one order)."""
+
+        def changed(counts: dict[Any, int]) -> list[Row]:
+            return sorted(
+                (*(key if isinstance(key, tuple) else (key,)), n)
+                for key, n in counts.items() if n
+            )
+
+        return changed(self.states), changed(self.finished), changed(self.failures)
+
+    def __bool__(self) -> bool:
+        return any(any(rows) for rows in self.rows())
+
+
+def add_counts_sql(marker: str, shard: str) -> tuple[str, str, str]:
+    """Upserts adding to job_states, job_finished and job_failures (rows as
+    :meth:`Rollup.rows`); ``shard`` is the SQL of the writer's shard."""
+    p = marker
+
+    def upsert(table: str, key: tuple[str, ...]) -> str:
+        names, values = ", ".join(key), ", ".join([p] * len(key))
+        return (
+            f"INSERT INTO {table} ({names}, shard, jobs) VALUES ({values}, {shard}, {p})"
+            f" ON CONFLICT ({names}, shard) DO UPDATE SET jobs = {table}.jobs + excluded.jobs"
+        )
+
+    return (
+        upsert("job_states", ("state",)),
+        upsert("job_finished", ("minute", "state")),
+        upsert("job_failures", ("minute", "name")),
+    )
+
+
+# The counts from scratch, as migration 0009 fills them for the jobs stored before it
+# (bench.queries.replicate, which copies jobs in SQL, refills them with these).
+ROLLUPS_FROM_JOBS = (
+    "DELETE FROM job_states",
+    "DELETE FROM job_finished",
+    "DELETE FROM job_failures",
+    "INSERT INTO job_states (state, shard, jobs) SELECT state, 0, count(*) FROM jobs"
+    " GROUP BY state",
+    "INSERT INTO job_finished (minute, state, shard, jobs)"
+    " SELECT CAST(floor(finished_at / 60) AS BIGINT), state, 0, count(*) FROM jobs"
+    " WHERE state IN ('completed', 'failed') AND abs(finished_at) < 9007199254740992"
+    " GROUP BY 1, 2",
+    "INSERT INTO job_failures (minute, name, shard, jobs)"
+    " SELECT CAST(floor(finished_at / 60) AS BIGINT), name, 0, count(*) FROM jobs"
+    " WHERE state = 'failed' AND name IS NOT NULL AND abs(finished_at) < 9007199254740992"
+    " GROUP BY 1, 2",
+)
 
 
 def _rebuild(tx: Transaction, job_ids: list[str]) -> list[Job]:
@@ -698,28 +805,21 @@ def queue_depth_history_sql(marker: str) -> str:
     )
 
 
-# A job that finished in the window has its latest event (updated_at) in it too:
-# the index on updated_at bounds both reads below.
-# The window's queries below first read the window's rows by the updated_at index alone
-# (a MATERIALIZED CTE), then filter and group them. Otherwise another index tempts
-# SQLite's planner, which has no statistics of ranges: state's for the filter, name's or
-# queue's to group without sorting, each read whole, the whole history (0.15-1 s over
-# 300,000 jobs where the window holds a few thousand). What they cost is what the window
-# holds. (updated_at is the latest event: a job that finished or started in the window
-# was updated in it too.)
+# The overview's windows are read from the counts ingest keeps (migration 0009): what
+# they cost is the minutes of the window, whatever the database holds. A window starts
+# at the minute that holds ``since``: that minute's jobs count whole.
 def job_throughput_sql(marker: str) -> str:
-    """Parameters: since, since, bucket seconds. Rows: (bucket number, completed, failed)."""
+    """Parameters: the minute of since, bucket seconds. Rows: (bucket number, completed,
+    failed)."""
     p = marker
     return f"""
-WITH finished AS MATERIALIZED (
-    SELECT finished_at, state FROM jobs WHERE updated_at >= {p} AND finished_at >= {p}
-)
-SELECT floor(finished_at / {p}) AS bucket,
-    sum(CASE WHEN state = 'completed' THEN 1 ELSE 0 END),
-    sum(CASE WHEN state = 'failed' THEN 1 ELSE 0 END)
-FROM finished
-WHERE state IN ('completed', 'failed')
+SELECT floor(minute * 60.0 / {p}) AS bucket,
+    sum(CASE WHEN state = 'completed' THEN jobs ELSE 0 END),
+    sum(CASE WHEN state = 'failed' THEN jobs ELSE 0 END)
+FROM job_finished
+WHERE minute >= {p}
 GROUP BY bucket
+HAVING sum(jobs) <> 0
 ORDER BY bucket
 """
 
@@ -729,19 +829,21 @@ def throughput(rows: Iterable[Row], bucket_s: float) -> list[tuple[float, int, i
 
 
 def top_failing_sql(marker: str) -> str:
-    """Parameters: since, since, limit."""
+    """Parameters: the minute of since, limit."""
     p = marker
     return f"""
-WITH finished AS MATERIALIZED (
-    SELECT name, state FROM jobs WHERE updated_at >= {p} AND finished_at >= {p}
-)
-SELECT name, count(*) AS failed
-FROM finished
-WHERE state = 'failed' AND name IS NOT NULL
+SELECT name, sum(jobs) AS failed
+FROM job_failures
+WHERE minute >= {p}
 GROUP BY name
+HAVING sum(jobs) > 0
 ORDER BY failed DESC, name
 LIMIT {p}
 """
+
+
+def minute_of(since: float) -> int:
+    return math.floor(since / 60)
 
 
 # -- what both backends run alike -------------------------------------------------
@@ -1048,7 +1150,9 @@ class SharedSql:
 
     async def count_jobs_by_state(self) -> dict[str, int]:
         rows = await self._read(
-            lambda conn: conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
+            lambda conn: conn.execute(
+                "SELECT state, sum(jobs) FROM job_states GROUP BY state HAVING sum(jobs) <> 0"
+            ).fetchall()
         )
         return {state: int(count) for state, count in rows}
 
@@ -1079,13 +1183,15 @@ class SharedSql:
     async def job_throughput(self, since: float, bucket_s: float) -> list[tuple[float, int, int]]:
         sql = job_throughput_sql(self._marker)
         rows = await self._read(
-            lambda conn: conn.execute(sql, (since, since, bucket_s)).fetchall()
+            lambda conn: conn.execute(sql, (bucket_s, minute_of(since))).fetchall()
         )
         return throughput(rows, bucket_s)
 
     async def top_failing_names(self, since: float, limit: int) -> list[tuple[str, int]]:
         sql = top_failing_sql(self._marker)
-        rows = await self._read(lambda conn: conn.execute(sql, (since, since, limit)).fetchall())
+        rows = await self._read(
+            lambda conn: conn.execute(sql, (minute_of(since), limit)).fetchall()
+        )
         return [(name, int(count)) for name, count in rows]
 
     async def create_api_key(self, name: str) -> tuple[ApiKey, str]:

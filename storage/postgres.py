@@ -342,6 +342,12 @@ def _event_key(row: common.Row) -> tuple[str, str]:
     return row[1], row[0]  # job_id, id
 
 
+# A shard per connection (of ROLLUP_SHARDS): the writers of an agent, or of an HA pair,
+# add to the same minute's counts without waiting for each other's commits.
+ROLLUP_SHARDS = 4
+_ADD_COUNTS = common.add_counts_sql("%s", f"pg_backend_pid() %% {ROLLUP_SHARDS}")
+
+
 class _Transaction:
     """:class:`sluice_storage.common.Transaction` on one pooled connection, in a transaction."""
 
@@ -459,6 +465,11 @@ class _Transaction:
             self._cur.executemany(
                 common.upsert_workers_sql("%s"), [common.worker_to_row(w) for w in workers]
             )
+
+    def add_counts(self, rollup: common.Rollup) -> None:
+        for sql, rows in zip(_ADD_COUNTS, rollup.rows(), strict=True):
+            if rows:
+                self._cur.executemany(sql, rows)
 
     def announce(self, result: IngestResult) -> None:
         change = Change(

@@ -138,6 +138,10 @@ def _like(q: str) -> tuple[str, str]:
 _DIALECT = _Dialect()
 
 
+# One writer at a time: one shard.
+_ADD_COUNTS = common.add_counts_sql("?", "0")
+
+
 class _Transaction:
     """:class:`sluice_storage.common.Transaction` on the writer connection.
 
@@ -255,6 +259,10 @@ class _Transaction:
 
     def write_workers(self, workers: list[Worker]) -> None:
         self._conn.executemany(common.upsert_workers_sql("?"), map(common.worker_to_row, workers))
+
+    def add_counts(self, rollup: common.Rollup) -> None:
+        for sql, rows in zip(_ADD_COUNTS, rollup.rows(), strict=True):
+            self._conn.executemany(sql, rows)
 
     def announce(self, result: IngestResult) -> None:
         pass  # no other process shares the file

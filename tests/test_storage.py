@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import random
 import sqlite3
 import uuid
 from collections.abc import Iterator
@@ -111,6 +112,47 @@ async def all_pages(storage: Storage, query: JobQuery) -> list[str]:
         cursor = page.next_cursor
 
 
+async def assert_counts_from_scratch(storage: Storage, since: float) -> None:
+    """The overview's counts (kept by ingest, migration 0009) are those of the stored
+    rows counted from scratch: here in Python, and again by ROLLUPS_FROM_JOBS in SQL."""
+    jobs = [await storage.get_job(job_id) for job_id in await all_pages(storage, JobQuery(limit=500))]
+    states: dict[str, int] = {}
+    finished: dict[float, list[int]] = {}
+    failing: dict[str, int] = {}
+    for job in jobs:
+        assert job is not None
+        states[job.state.value] = states.get(job.state.value, 0) + 1
+        minute = common.finished_minute(job)
+        if minute is None or minute < common.minute_of(since):
+            continue
+        counts = finished.setdefault(minute * 60.0, [0, 0])
+        counts[job.state is JobState.FAILED] += 1
+        if job.state is JobState.FAILED and job.name is not None:
+            failing[job.name] = failing.get(job.name, 0) + 1
+    expected = (
+        states,
+        [(minute, done, failed) for minute, (done, failed) in sorted(finished.items())],
+        sorted(failing.items(), key=lambda item: (-item[1], item[0])),
+    )
+
+    async def kept() -> tuple[Any, ...]:
+        return (
+            await storage.count_jobs_by_state(),
+            await storage.job_throughput(since, 60),
+            await storage.top_failing_names(since, 1000),
+        )
+
+    assert await kept() == expected
+    assert isinstance(storage, SharedSql)
+
+    def from_scratch(conn: Any) -> None:
+        for statement in common.ROLLUPS_FROM_JOBS:
+            conn.execute(statement)
+
+    await storage._write(from_scratch)
+    assert await kept() == expected
+
+
 # -- ingest ---------------------------------------------------------------------
 
 
@@ -124,6 +166,34 @@ async def test_ingested_jobs_read_back_as_folded(storage: Storage) -> None:
         assert timeline == sorted(events, key=merge.sort_key)  # oldest first, every field kept
     assert await storage.get_job("no-such-job") is None
     assert await storage.job_events("no-such-job") == []
+
+
+async def test_overview_counts_follow_late_and_duplicate_events(storage: Storage) -> None:
+    """The counts ingest keeps equal a count from scratch after every batch, whatever
+    order the events come in, however often: jobs that fail, complete, stay open, are
+    retried (the real capture), whose outcome comes before their start, and batches
+    that repeat what was stored."""
+    rng = random.Random(18)
+    states = [JobState.COMPLETED, JobState.FAILED, JobState.ACTIVE, JobState.REVOKED,
+              JobState.QUEUED]
+    events = [
+        event
+        for i in range(120)
+        for event in lifecycle(
+            f"roll-{i:03}", T0 + i * 7.3, states[i % len(states)], name=f"tasks.n{i % 4}",
+            exception="E()" if states[i % len(states)] is JobState.FAILED else None,
+        )
+    ] + JOBS[RETRIED]
+    rng.shuffle(events)
+    stored: list[JobEvent] = []
+    while events:
+        batch, events = events[: rng.randint(1, 60)], events[rng.randint(1, 60):]
+        repeated = rng.sample(stored, min(len(stored), rng.randint(0, 20)))
+        await ingest(storage, batch + repeated + batch[:3])
+        stored += batch
+        await assert_counts_from_scratch(storage, T0 - 60)
+    # Where a window starts within the history, the minutes before it are left out.
+    await assert_counts_from_scratch(storage, T0 + 300)
 
 
 async def test_duplicate_ingest_stores_once_and_changes_nothing(storage: Storage) -> None:
@@ -599,6 +669,8 @@ async def test_two_agents_writing_the_same_jobs_at_once_agree(pg_url: str) -> No
                         nursery.start_soon(agent.ingest, half, [])
                 for job_id, evs in jobs.items():
                     assert await agents[round_ % 2].get_job(job_id) == rebuilt(evs)
+                # Each raced job was counted once: by the writer that rebuilt it.
+                await assert_counts_from_scratch(agents[round_ % 2], T0 - 60)
         finally:
             for agent in agents:
                 await agent.aclose()
