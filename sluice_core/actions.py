@@ -488,13 +488,3 @@ class ActionService(Protocol):
         handler cannot tell beforehand. Publishes nothing. NotOffered when nothing can
         retry it, ActionRefused when a retry would be refused (why),
         :class:`~sluice_core.remote.NoAnswer` when its agent did not answer."""
-
-
-@runtime_checkable
-class RevokesMany(Protocol):
-    """The handlers' former bulk revoke, until web/actions.py and sluice_core/remote.py use
-    :class:`PerformsMany` (issue 18, the next commit)."""
-
-    async def revoke_many(
-        self, jobs: list[Job], *, terminate: bool, signal: str
-    ) -> list[ActionResult]: ...

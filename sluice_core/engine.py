@@ -22,15 +22,17 @@ from sluice_core.config import (
     ConfigError,
 )
 from sluice_core.follow import Follower
+from sluice_core.job_actions import JobActions, stored_by
 from sluice_core.leader import Leadership
 from sluice_core.metrics import Metrics, StorageGauges
-from sluice_core.model import Job, QueueSample
+from sluice_core.model import QueueSample
 from sluice_core.monitors import WorkerMonitor
 from sluice_core.pipeline import Pipeline
 from sluice_core.plugins import PluginManager, close_all
 from sluice_core.probes import Probe, WorkerProbe
 from sluice_core.reader import ReaderProcess, totals
 from sluice_core.reconcile import GapWatch
+from sluice_core.remote import Agents
 from sluice_core.sources import Source, run_sources
 from sluice_core.spool import Spool
 from sluice_core.storage import IngestResult
@@ -84,6 +86,13 @@ class Engine:
             else None
         )
         self.actions: list[ActionHandler] = pm.actions(config)
+        self.agents = Agents()  # the remote agents connected to this server
+        self.job_actions = JobActions(
+            storage=self.storage,
+            handlers=self.actions,
+            agents=self.agents,
+            record=stored_by(self.pipeline),
+        )
         self.probes: list[Probe] = pm.probes(config)
         self.worker_monitor = WorkerMonitor(
             self.storage,
@@ -124,9 +133,6 @@ class Engine:
     def _dropped(self) -> dict[str, float]:
         """Events dropped so far, per source (the reader process's included)."""
         return {labels[0]: total for labels, total in totals(self.metrics.events_dropped).items()}
-
-    def action_handler(self, job: Job) -> ActionHandler | None:
-        return next((h for h in self.actions if h.handles(job)), None)
 
     @property
     def stop_requested(self) -> bool:

@@ -14,12 +14,19 @@ The protocol, beside the event batches and their acks (web/ingest.py):
   ``{"brokers": [its brokers' URLs, passwords redacted]}``. A server that knows
   nothing of it ignores the header; an agent that does not send it is never sent an
   action, so older agents and servers work with newer ones as before.
-- server -> agent: ``{"action": {"id": ..., "kind": "plan" | "retry" | "revoke", ...}}``.
-  ``plan`` and ``retry`` carry the job's timeline as the agent must judge it
-  (:func:`~sluice_core.actions.as_seen_by`); ``revoke`` the job ids and options.
+- server -> agent: ``{"action": {"id": ..., "kind": ..., ...}}``, the kinds:
+  ``declare`` (what the agent's handlers offer: one result per framework, ``{"framework":
+  ..., "actions": [ActionSpec.to_dict(), ...]}``, asked once per connection); ``plan``
+  and ``retry``, with the job's timeline as the agent must judge it
+  (:func:`~sluice_core.actions.as_seen_by`); ``revoke``, with the jobs (``{"id",
+  "framework"}``) and its options beside them (``"terminate"``, ``"signal"`` for
+  Celery: the wire of agents older than declared actions); ``perform``, any other
+  declared action: ``{"action": name, "jobs": [...], "options": {...}}``.
 - agent -> server: ``{"reply": id, "results": [...]}``, or ``{"reply": id,
   "refused": reason}`` (the agent's handler refused: the API's 409), or ``{"reply":
-  id, "error": message}``.
+  id, "error": message}``. An older agent answers ``declare`` and ``perform`` with an
+  error: it is taken to offer what the server's own handler of the job's framework
+  does, and that but retry and revoke fail.
 
 The agent takes actions only from the server it connected to, with its key, over the
 connection it opened: it listens on nothing. The server sends an agent only the
@@ -31,7 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import attrs
@@ -40,13 +47,16 @@ import trio
 
 from sluice_core.actions import (
     AGENT,
+    RETRY,
+    REVOKE,
     ActionHandler,
     ActionRefused,
     ActionResult,
+    ActionSpec,
     Location,
+    PerformsMany,
     PlansRetry,
     RetryPlan,
-    RevokesMany,
     as_seen_by,
 )
 from sluice_core.merge import rebuild
@@ -178,6 +188,20 @@ class AgentLink:
         self._waiting: dict[str, _Waiting] = {}
         self.closed = False
         self.handler = AgentActions(self)
+        # What the agent's handlers offer, per framework, once it said (declare).
+        self.declared: dict[str, tuple[ActionSpec, ...]] | None = None
+
+    async def declarations(self) -> dict[str, tuple[ActionSpec, ...]]:
+        """What the agent's handlers offer, per framework, asked once; {} from an agent
+        that cannot say (older). ActionRefused or NoAnswer as :meth:`request`."""
+        if self.declared is None:
+            reply = await self.request("declare", {})
+            try:
+                self.declared = _declarations(reply.get("results"))
+            except ValueError as exc:
+                log.info("agent %r does not say what it offers (%s)", self.name, exc)
+                self.declared = {}
+        return self.declared
 
     async def request(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
         """Send an action; its reply. ActionRefused if it could not be sent, NoAnswer if
@@ -253,6 +277,15 @@ class Agents:
             self._links.pop(link.name, None)
         log.info("agent %r disconnected; actions on its jobs wait for it", link.name)
 
+    def declared(self) -> dict[str, tuple[ActionSpec, ...]]:
+        """What the connected agents said they offer, per framework (so far)."""
+        found: dict[str, tuple[ActionSpec, ...]] = {}
+        for links in self._links.values():
+            for link in links:
+                for framework, specs in (link.declared or {}).items():
+                    found.setdefault(framework, specs)
+        return found
+
     def handler(self, job: Job, found: list[Location]) -> ActionHandler:
         """The handler that acts on ``job``, which lives at ``found`` (agents' brokers,
         :func:`~sluice_core.actions.behind_agents`). ActionRefused, saying nothing was
@@ -285,12 +318,18 @@ class AgentActions:
     """The action handler of the jobs that live behind one connected agent: every
     action goes down its connection, and the agent's answer is the outcome."""
 
+    # Whatever the agent's own handlers serve and offer (:meth:`offered`).
+    framework = "*"
+    actions: tuple[ActionSpec, ...] = ()
+
     def __init__(self, link: AgentLink) -> None:
         self.link = link
-        self.framework = "*"  # whatever the agent's own handlers serve
 
     def handles(self, job: Job) -> bool:
         return True  # chosen by where the job lives (Agents.handler), not by its framework
+
+    async def offered(self, job: Job) -> tuple[ActionSpec, ...]:
+        return (await self.link.declarations()).get(job.framework, ())
 
     async def plan_retry(self, job: Job, timeline: Sequence[JobEvent]) -> RetryPlan:
         seen = as_seen_by(self.link.name, timeline)
@@ -311,23 +350,19 @@ class AgentActions:
         [result] = await self._ask("retry", {"job": plan.message.job})
         return result
 
-    async def retry(self, job: Job) -> ActionResult:
-        """Never called: Sluice retries through :meth:`plan_retry` and :meth:`publish`."""
-        return await self.publish(await self.plan_retry(job, ()))
-
-    async def revoke(self, job: Job, *, terminate: bool, signal: str) -> ActionResult:
-        [result] = await self.revoke_many([job], terminate=terminate, signal=signal)
+    async def perform(self, action: str, job: Job, options: Mapping[str, Any]) -> ActionResult:
+        if action == RETRY:  # never so: Sluice retries through plan_retry and publish
+            return await self.publish(await self.plan_retry(job, ()))
+        [result] = await self.perform_many(action, [job], options)
         return result
 
-    async def revoke_many(
-        self, jobs: list[Job], *, terminate: bool, signal: str
+    async def perform_many(
+        self, action: str, jobs: list[Job], options: Mapping[str, Any]
     ) -> list[ActionResult]:
-        body = {
-            "jobs": [{"id": job.id, "framework": job.framework} for job in jobs],
-            "terminate": terminate,
-            "signal": signal,
-        }
-        return await self._ask("revoke", body)
+        sent = [{"id": job.id, "framework": job.framework} for job in jobs]
+        if action == REVOKE:
+            return await self._ask("revoke", {"jobs": sent, **options})
+        return await self._ask("perform", {"action": action, "jobs": sent, "options": options})
 
     async def _ask(self, kind: str, body: dict[str, Any]) -> list[ActionResult]:
         reply = await self.link.request(kind, body)
@@ -340,6 +375,19 @@ class AgentActions:
         if type(results) is not list:
             raise ValueError(f"the agent {name!r} answered without results: {reply!r:.200}")
         return [result_from_json(result, name) for result in results]
+
+
+def _declarations(results: Any) -> dict[str, tuple[ActionSpec, ...]]:
+    """An agent's answer to ``declare``; ValueError if it is not one."""
+    if type(results) is not list or not all(
+        type(r) is dict and type(r.get("framework")) is str and type(r.get("actions")) is list
+        for r in results
+    ):
+        raise ValueError("no declaration in its answer")
+    return {
+        r["framework"]: tuple(ActionSpec.from_dict(spec) for spec in r["actions"])
+        for r in results
+    }
 
 
 @attrs.frozen
@@ -374,13 +422,21 @@ class ActionExecutor:
 
     async def _execute(self, request: Any) -> list[dict[str, Any]]:
         kind = request.get("kind") if type(request) is dict else None
+        if kind == "declare":
+            declared: dict[str, tuple[ActionSpec, ...]] = {}
+            for handler in self.handlers:
+                declared.setdefault(handler.framework, handler.actions)
+            return [
+                {"framework": framework, "actions": [spec.to_dict() for spec in specs]}
+                for framework, specs in declared.items()
+            ]
         if kind in ("plan", "retry"):
             job, timeline = _read_job(request.get("job"))
             handler = self._handler(job)
             if not isinstance(handler, PlansRetry):
                 if kind == "plan":
                     return [{"job_id": job.id, "action": "plan", "published": None}]
-                return [result_to_json(await handler.retry(job))]
+                return [result_to_json(await handler.perform(RETRY, job, {}))]
             plan = await handler.plan_retry(job, timeline)
             if kind == "plan":
                 return [{"job_id": job.id, "action": "plan", "published": plan_to_json(plan)}]
@@ -389,17 +445,26 @@ class ActionExecutor:
                      result.new_job_id)
             return [result_to_json(result)]
         if kind == "revoke":
-            return await self._revoke(request)
+            # Its options beside its jobs (the wire of agents older than declared actions).
+            options = {k: v for k, v in request.items() if k not in ("id", "kind", "jobs")}
+            return await self._perform(REVOKE, request.get("jobs"), options)
+        if kind == "perform":
+            action, options = request.get("action"), request.get("options")
+            if type(action) is not str or action == RETRY or type(options) is not dict:
+                raise ValueError("a perform needs an action (not a retry) and its options")
+            return await self._perform(action, request.get("jobs"), options)
         raise ValueError(f"unknown action kind {kind!r}")
 
-    async def _revoke(self, request: dict[str, Any]) -> list[dict[str, Any]]:
-        jobs, terminate = request.get("jobs"), request.get("terminate")
-        signal = request.get("signal")
-        if type(terminate) is not bool or type(signal) is not str or type(jobs) is not list:
-            raise ValueError("a revoke needs jobs, terminate and signal")
-        if not all(type(j) is dict and type(j.get("id")) is type(j.get("framework")) is str
-                   for j in jobs):
-            raise ValueError("a revoke's jobs each need an id and a framework")
+    async def _perform(
+        self, action: str, jobs: Any, options: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """``action`` on each job, by its handler here, the options parsed by that
+        handler's declaration (InvalidOptions, a ValueError, if it refuses them)."""
+        if type(jobs) is not list or not all(
+            type(j) is dict and type(j.get("id")) is type(j.get("framework")) is str
+            for j in jobs
+        ):
+            raise ValueError(f"a {action}'s jobs each need an id and a framework")
         groups: dict[int, tuple[ActionHandler, list[Job]]] = {}
         for item in jobs:
             job = Job(id=item["id"], framework=item["framework"])
@@ -407,14 +472,18 @@ class ActionExecutor:
             groups.setdefault(id(handler), (handler, []))[1].append(job)
         results: dict[str, ActionResult] = {}
         for handler, group in groups.values():
-            if isinstance(handler, RevokesMany):
-                done = await handler.revoke_many(group, terminate=terminate, signal=signal)
+            spec = next((s for s in handler.actions if s.name == action), None)
+            if spec is None:
+                raise ActionRefused(
+                    f"this agent's {handler.framework} handler offers no action {action!r}"
+                )
+            parsed = spec.parse(options)
+            if isinstance(handler, PerformsMany):
+                done = await handler.perform_many(action, group, parsed)
             else:
-                done = [
-                    await handler.revoke(job, terminate=terminate, signal=signal) for job in group
-                ]
+                done = [await handler.perform(action, job, parsed) for job in group]
             results.update((result.job_id, result) for result in done)
-        log.info("revoke of %d job(s), asked by the server: done", len(jobs))
+        log.info("%s of %d job(s), asked by the server: done", action, len(jobs))
         return [result_to_json(results[item["id"]]) for item in jobs]
 
     def _handler(self, job: Job) -> ActionHandler:

@@ -984,7 +984,7 @@ async def test_an_agent_that_does_not_answer_or_leaves_gets_a_clear_answer(
     handler = agents.handler(job, [here])
     # Sent, and never answered.
     with pytest.raises(NoAnswer, match="did not answer within 20s: whether it was done is"):
-        await handler.revoke(job, terminate=False, signal="SIGTERM")
+        await handler.perform("revoke", job, {"terminate": False, "signal": "SIGTERM"})
     stale = orjson.loads(link.outbox.receive_nowait())
 
     async def agent(answer: bool) -> None:
@@ -998,14 +998,14 @@ async def test_an_agent_that_does_not_answer_or_leaves_gets_a_clear_answer(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(agent, True)
-        done = await handler.revoke(job, terminate=True, signal="SIGKILL")
+        done = await handler.perform("revoke", job, {"terminate": True, "signal": "SIGKILL"})
     assert (done.agent, done.heard_by) == ("agent-eu", {here.broker: 2})
     async with trio.open_nursery() as nursery:
         nursery.start_soon(agent, False)
         with pytest.raises(NoAnswer, match="its connection closed before it answered"):
-            await handler.revoke(job, terminate=False, signal="SIGTERM")
+            await handler.perform("revoke", job, {"terminate": False, "signal": "SIGTERM"})
     with pytest.raises(ActionRefused, match="'agent-eu' disconnected; nothing was sent"):
-        await handler.revoke(job, terminate=False, signal="SIGTERM")  # chosen before it left
+        await handler.perform("revoke", job, {"terminate": False, "signal": "SIGTERM"})  # chosen before it left
     with pytest.raises(ActionRefused, match="'agent-eu' that reads broker amqp://far// is not"):
         agents.handler(job, [here])
     other = agents.connect("agent-eu", frozenset({"amqp://elsewhere//"}))

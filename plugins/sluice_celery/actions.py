@@ -20,10 +20,11 @@ could publish on it anyway.
 from __future__ import annotations
 
 import logging
+import signal
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import attrs
 import redis
@@ -50,11 +51,16 @@ from sluice_celery.messages import (
 )
 from sluice_core.actions import (
     BROKER,
+    RETRY,
+    REVOKE,
     ActionRefused,
     ActionResult,
+    ActionSpec,
     RetryPlan,
+    boolean_option,
     own_events,
     pushed_by,
+    string_option,
 )
 from sluice_core.config import redact_url
 from sluice_core.model import Job, JobEvent
@@ -221,10 +227,45 @@ def _arguments_from(job: Job, call: Call, timeline: Sequence[JobEvent]) -> str:
     return what
 
 
+def signal_name(value: Any) -> str:
+    """The signal's full name ("SIGTERM"), from "SIGTERM", "TERM" or "sigterm";
+    ValueError for anything else."""
+    if not isinstance(value, str):
+        raise ValueError('expected a signal name such as "SIGTERM"')
+    name = value.strip().upper()
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    if name not in signal.Signals.__members__:
+        raise ValueError(f"unknown signal {value!r} (e.g. SIGTERM, SIGKILL, SIGINT)")
+    return name
+
+
+RETRY_SPEC = ActionSpec(
+    RETRY,
+    "Retry",
+    "Publish the job again, with its original arguments, as a new job on the broker"
+    " that carried it.",
+)
+REVOKE_SPEC = ActionSpec(
+    REVOKE,
+    "Revoke",
+    "Tell every worker to discard the job: one that has not started never runs.",
+    (
+        boolean_option("terminate", help="also kill the job if a worker is running it"),
+        string_option(
+            "signal",
+            default="SIGTERM",
+            help="the signal that kills it, with terminate (SIGTERM, SIGKILL, ...)",
+            parse=signal_name,
+        ),
+    ),
+)
+
+
 class CeleryActions:
     """The :class:`~sluice_core.actions.ActionHandler` for Celery jobs."""
 
     framework = FRAMEWORK
+    actions: tuple[ActionSpec, ...] = (RETRY_SPEC, REVOKE_SPEC)
 
     def __init__(self, brokers: list[Broker]) -> None:
         if not brokers:
@@ -307,9 +348,20 @@ class CeleryActions:
         )
         return ActionResult(plan.job_id, "retry", new_job_id=planned.message.id, published=plan)
 
-    async def revoke(self, job: Job, *, terminate: bool, signal: str) -> ActionResult:
-        [result] = await self.revoke_many([job], terminate=terminate, signal=signal)
+    async def perform(self, action: str, job: Job, options: Mapping[str, Any]) -> ActionResult:
+        if action == RETRY:
+            return await self.retry(job)
+        [result] = await self.perform_many(action, [job], options)
         return result
+
+    async def perform_many(
+        self, action: str, jobs: list[Job], options: Mapping[str, Any]
+    ) -> list[ActionResult]:
+        if action != REVOKE:
+            raise ActionRefused(f"Celery jobs have no action {action!r}")
+        return await self.revoke_many(
+            jobs, terminate=options["terminate"], signal=options["signal"]
+        )
 
     async def revoke_many(
         self, jobs: list[Job], *, terminate: bool, signal: str
