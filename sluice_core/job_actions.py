@@ -108,9 +108,9 @@ class JobActions:
     async def offered(self, job: Job) -> tuple[ActionSpec, ...]:
         try:
             handler, _ = await self._route(job)
-        except (ActionRefused, NotOffered):
+            return await self._specs(handler, job)
+        except (ActionRefused, NotOffered, NoAnswer):  # nothing can act on it now
             return ()
-        return await self._specs(handler, job)
 
     def check(self, action: str, options: Mapping[str, Any]) -> dict[str, Any]:
         specs = [
@@ -131,7 +131,7 @@ class JobActions:
                 names,
             )
         # Each declaration parses what it declares; a field none declares is refused.
-        accepted = sorted({option.name for spec in specs for option in spec.options})
+        accepted = list(dict.fromkeys(option.name for spec in specs for option in spec.options))
         unknown = sorted(set(options) - set(accepted))
         if unknown:
             raise InvalidOptions(

@@ -14,7 +14,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -39,12 +39,17 @@ from sluice_celery.messages import (
 )
 from sluice_core.actions import (
     ActionRefused,
+    ActionResult,
+    ActionSpec,
     Location,
+    OffersPerJob,
     as_seen_by,
     behind_agents,
+    boolean_option,
     lives_at,
     mark_pushed,
     own_events,
+    string_option,
 )
 from sluice_core.agent import Agent
 from sluice_core.config import Config, redact_url
@@ -55,6 +60,7 @@ from sluice_core.remote import ActionExecutor, Agents, NoAnswer
 from tests.celery_app import ENV_SDK, make_app
 from tests.fixtures.celery_worker import CeleryWorker
 from tests.fixtures.services import AMQP_URL, REDIS_URL
+from tests.test_api import ActionsPlugin, ingest, serving
 from tests.test_dashboard import browse
 from tests.waiting import wait_until
 
@@ -1031,3 +1037,194 @@ async def test_the_agent_answers_what_its_own_handlers_did_or_why_not(keyprefix:
     assert "no action handler for rq jobs" in other["refused"]
     assert unknown == {"error": "this agent cannot read the action: unknown action kind 'purge'"}
     assert "needs a framework and its events" in bad["error"]
+
+
+# -- declared actions: what a handler offers, checked by the API from its declaration --------
+
+
+class PausingHandler:
+    """A third-party framework's handler with an action of its own, "pause", on "toy" jobs:
+    what the core knows of it is only its declaration."""
+
+    framework = "toy"
+    actions: tuple[ActionSpec, ...] = (
+        ActionSpec(
+            "pause",
+            "Pause",
+            "Hold the job in its queue until resumed.",
+            (
+                boolean_option("hard", help="also stop it if running"),
+                string_option("reason", default="", help="shown to the job's owner"),
+            ),
+        ),
+    )
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict[str, Any]]] = []
+
+    def handles(self, job: Job) -> bool:
+        return job.framework == "toy"
+
+    async def perform(self, action: str, job: Job, options: Mapping[str, Any]) -> ActionResult:
+        if job.name == "stuck":
+            raise ActionRefused("the toy queue cannot pause a job it lost")
+        self.calls.append((action, job.id, dict(options)))
+        return ActionResult(job.id, action)
+
+
+async def test_the_api_lists_celerys_declared_actions_and_checks_options_by_them(
+    tmp_path: Path, keyprefix: str
+) -> None:
+    # A producer and no worker: the job stays queued, and nothing is ever revoked.
+    app = make_app(REDIS_URL, keyprefix=keyprefix, queue=f"q-{keyprefix}")
+    with trio.fail_after(TIMEOUT):
+        async with sluice(tmp_path, REDIS_URL, keyprefix) as (_, client):
+            declared = (await client.get("/api/actions")).json()
+            job_id = str(
+                (await trio.to_thread.run_sync(lambda: app.send_task("tests.add", (1, 2)))).id
+            )
+            await job_when(client, job_id, in_state("queued"))
+            revoke = f"/api/jobs/{job_id}/revoke"
+            answers = {
+                "signal": await client.post(revoke, json={"signal": 9}),
+                "unknown signal": await client.post(revoke, json={"signal": "SIGNOPE"}),
+                "terminate": await client.post(revoke, json={"terminate": "yes"}),
+                "field": await client.post(revoke, json={"force": True}),
+                "job action": await client.post(f"/api/jobs/{job_id}/pause", json={}),
+                "bulk action": await client.post(
+                    "/api/jobs/bulk", json={"action": "pause", "ids": [job_id]}
+                ),
+                "bulk option": await client.post(
+                    "/api/jobs/bulk", json={"action": "revoke", "ids": [job_id], "signal": []}
+                ),
+            }
+            job = (await client.get(f"/api/jobs/{job_id}")).json()
+    app.close()
+    [retry, revoke_spec] = declared["frameworks"]["celery"]
+    assert (retry["name"], retry["options"]) == ("retry", [])
+    assert revoke_spec["name"] == "revoke"
+    assert [(o["name"], o["type"], o["default"]) for o in revoke_spec["options"]] == [
+        ("terminate", "boolean", False), ("signal", "string", "SIGTERM")
+    ]
+    messages = {what: (r.status_code, r.json()["error"]["message"]) for what, r in answers.items()}
+    assert messages == {
+        "signal": (400, 'signal: expected a signal name such as "SIGTERM"'),
+        "unknown signal": (
+            400, "signal: unknown signal 'SIGNOPE' (e.g. SIGTERM, SIGKILL, SIGINT)"
+        ),
+        "terminate": (400, "terminate: expected true or false"),
+        "field": (400, "body: unknown field 'force' (accepted: terminate, signal)"),
+        "job action": (
+            404, f"celery job {job_id!r} has no action 'pause' (offered: 'retry', 'revoke')"
+        ),
+        "bulk action": (
+            400,
+            "action: 'pause' is not an action any loaded handler offers"
+            " (offered: 'retry', 'revoke')",
+        ),
+        "bulk option": (400, 'signal: expected a signal name such as "SIGTERM"'),
+    }
+    assert actions(job, "revoke") == [] and job["state"] == "queued"  # nothing was sent
+
+
+def toy_job(job_id: str, name: str, state: JobState = JobState.ACTIVE) -> JobEvent:
+    return JobEvent(id=f"{job_id}-e", job_id=job_id, framework="toy", type="started",
+                    state=state, timestamp=time.time(), fields={"name": name})
+
+
+@pytest.mark.browser
+async def test_a_plugins_own_action_is_offered_checked_done_and_audited(tmp_path: Path) -> None:
+    handler = PausingHandler()
+    async with serving(tmp_path, ActionsPlugin(handler)) as (engine, client):
+        await ingest(engine, client, [toy_job("p1", "ok"), toy_job("p2", "stuck")])
+        declared = (await client.get("/api/actions")).json()["frameworks"]
+        bad = await client.post("/api/jobs/p1/pause", json={"hard": "very"})
+        unknown = await client.post("/api/jobs/p1/pause", json={"force": True})
+        not_offered = await client.post("/api/jobs/p1/revoke")
+        done = await client.post("/api/jobs/p1/pause", json={"hard": True, "reason": "deploy"})
+        bulk = await client.post("/api/jobs/bulk", json={"action": "pause", "ids": ["p1", "p2"]})
+        base = str(client.base_url)
+        dialogs: list[str] = []
+
+        def scenario(page: Page) -> None:
+            page.goto(f"{base}/jobs/p1")
+            page.fill("input[data-option-of=pause][data-option=reason]", "from the page")
+            page.once("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
+            page.click("button[data-action=pause]")
+            expect(page.locator("#action-result")).to_have_text("Pause done")
+
+        await browse(scenario)
+        job = (await client.get("/api/jobs/p1")).json()
+    assert declared["toy"][0]["name"] == "pause"
+    assert (bad.status_code, bad.json()["error"]["message"]) == (
+        400, "hard: expected true or false"
+    )
+    assert unknown.json()["error"]["message"] == (
+        "body: unknown field 'force' (accepted: hard, reason)"
+    )
+    assert not_offered.status_code == 501  # revoke: the toy handler does not offer it
+    assert "has no action 'revoke' (offered: 'pause')" in not_offered.json()["error"]["message"]
+    assert done.status_code == 202, done.text
+    assert done.json() == {
+        "id": "p1", "outcome": "accepted", "message": "", "new_job_id": None, "published": None,
+        "heard_by": None, "agent": None, "action": "pause",
+        "options": {"hard": True, "reason": "deploy"},
+    }
+    assert [(r["id"], r["outcome"]) for r in bulk.json()["results"]] == [
+        ("p1", "accepted"), ("p2", "refused")
+    ]
+    assert dialogs == ["Pause this job?\nHold the job in its queue until resumed."]
+    assert handler.calls == [
+        ("pause", "p1", {"hard": True, "reason": "deploy"}),
+        ("pause", "p1", {"hard": False, "reason": ""}),
+        ("pause", "p1", {"hard": False, "reason": "from the page"}),
+    ]
+    audits = actions(job, "pause")
+    assert [(a["outcome"], a["hard"], a["reason"]) for a in audits] == [
+        ("accepted", True, "deploy"), ("accepted", False, ""), ("accepted", False, "from the page")
+    ]
+
+
+async def test_an_agent_declares_and_performs_any_action_of_its_handlers() -> None:
+    handler = PausingHandler()
+    executor = ActionExecutor([handler])
+    declared = await executor.execute({"kind": "declare"})
+    pause = {"kind": "perform", "action": "pause", "jobs": [{"id": "p1", "framework": "toy"}],
+             "options": {"hard": True}}
+    done = await executor.execute(pause)
+    bad = await executor.execute({**pause, "options": {"hard": "x"}})
+    absent = await executor.execute({**pause, "action": "resume"})
+    assert declared == {"results": [
+        {"framework": "toy", "actions": [spec.to_dict() for spec in PausingHandler.actions]}
+    ]}
+    assert done == {"results": [{"job_id": "p1", "action": "pause", "new_job_id": None,
+                                 "published": None, "heard_by": {}}]}
+    assert handler.calls == [("pause", "p1", {"hard": True, "reason": ""})]
+    assert bad == {"error": "this agent cannot read the action: hard: expected true or false"}
+    assert absent == {"refused": "this agent's toy handler offers no action 'resume'"}
+
+
+async def test_the_server_offers_an_agents_jobs_what_the_agent_declared(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    agents = Agents(timeout=20)
+    here = Location("toy://far", "agent-eu")
+    job = Job(id="p1", framework="toy")
+    link = agents.connect("agent-eu", frozenset({here.broker}))
+    handler = agents.handler(job, [here])
+    executor = ActionExecutor([PausingHandler()])
+
+    async def agent() -> None:
+        async for message in link.outbox:
+            action = orjson.loads(message)["action"]
+            link.answer({"reply": action["id"], **await executor.execute(action)})
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent)
+        assert isinstance(handler, OffersPerJob)
+        offered = await handler.offered(job)
+        result = await handler.perform("pause", job, {"hard": False, "reason": "x"})
+        agents.disconnect(link)
+    assert offered == PausingHandler.actions  # as the agent's handler declared them
+    assert agents.declared() == {}  # gone with its connection
+    assert (result.job_id, result.agent) == ("p1", "agent-eu")

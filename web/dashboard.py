@@ -20,7 +20,7 @@ from quart import Blueprint, current_app, redirect, render_template, request, ur
 from quart.typing import ResponseReturnValue
 
 from sluice_core import merge, validate
-from sluice_core.actions import lives_at
+from sluice_core.actions import RETRY, REVOKE, lives_at
 from sluice_core.engine import Engine
 from sluice_core.model import TERMINAL_STATES, Job, JobState
 from sluice_core.monitors import workers_task_events
@@ -270,6 +270,12 @@ async def job(job_id: str) -> str | tuple[str, int]:
         terminal=found.state in TERMINAL_STATES,
         # From the events as stored: see web/api.py's _location.
         location=lives_at(await storage.job_events(job_id)),
+        # Its handler's own actions, beside retry and revoke (which have their dialogs).
+        actions=[
+            spec.to_dict()
+            for spec in await _engine().job_actions.offered(found)
+            if spec.name not in (RETRY, REVOKE)
+        ],
     )
 
 

@@ -334,6 +334,20 @@
     ].join("\n");
   }
 
+  // A plugin's own action's options, as its inputs on the job page hold them; an empty
+  // field is left out (its default applies).
+  function optionsOf(action) {
+    const payload = {};
+    document.querySelectorAll(`[data-option-of="${CSS.escape(action)}"]`).forEach((input) => {
+      const type = input.dataset.type;
+      if (type === "boolean") payload[input.dataset.option] = input.checked;
+      else if (input.value !== "") {
+        payload[input.dataset.option] = type === "integer" || type === "number" ? Number(input.value) : input.value;
+      }
+    });
+    return payload;
+  }
+
   function jobActions() {
     const result = document.getElementById("action-result");
     const terminate = document.getElementById("revoke-terminate");
@@ -343,9 +357,10 @@
         const action = button.dataset.action;
         let question;
         try {
-          question = action === "retry"
-            ? await retryQuestion(button.dataset.url)
-            : terminate.checked ? "Revoke this job, and kill it if it is running?" : "Revoke this job?";
+          if (action === "retry") question = await retryQuestion(button.dataset.url);
+          else if (action === "revoke") {
+            question = terminate.checked ? "Revoke this job, and kill it if it is running?" : "Revoke this job?";
+          } else question = `${button.dataset.title} this job?\n${button.dataset.help}`;
         } catch (error) {
           showResult(result, false, error.message); // refused: nothing to confirm
           return;
@@ -353,7 +368,9 @@
         if (!confirm(question)) return;
         button.disabled = true;
         try {
-          const data = await post(button.dataset.url, action === "revoke" ? { terminate: terminate.checked } : {});
+          const payload = action === "revoke" ? { terminate: terminate.checked }
+            : action === "retry" ? {} : optionsOf(action);
+          const data = await post(button.dataset.url, payload);
           if (action === "retry" && data?.job_id) {
             result.className = "action-result ok";
             result.replaceChildren("Retry sent as ");
@@ -362,7 +379,8 @@
             link.textContent = data.job_id;
             result.append(link);
           } else {
-            showResult(result, true, action === "revoke" ? "Revoke sent" : "Done");
+            const done = button.dataset.title ? `${button.dataset.title} done` : "Done";
+            showResult(result, true, action === "revoke" ? "Revoke sent" : done);
           }
         } catch (error) {
           showResult(result, false, error.message);
