@@ -469,11 +469,12 @@ class ActionService(Protocol):
         """The actions ``job`` can be given where it lives (its handler's, or its remote
         agent's); () when nothing can act on it."""
 
-    def check(self, action: str, options: Mapping[str, Any]) -> dict[str, Any]:
-        """``options`` parsed by the declarations of ``action`` (a bulk action's, checked
-        before any job is chosen). NotOffered when no handler declares ``action`` (retry
-        and revoke are always known: without a handler, they are not implemented);
-        InvalidOptions when a declaration refuses the options."""
+    def check(self, action: str, options: Mapping[str, Any]) -> None:
+        """Check ``options`` by the declarations of ``action`` this server knows (a bulk
+        action's, before any job is chosen; :meth:`act` parses them again by each job's
+        handler). NotOffered when none declares ``action`` (retry and revoke are always
+        known: each job's outcome then says whether anything acts on it); InvalidOptions
+        when a declaration refuses the options."""
 
     async def act(
         self, action: str, jobs: Sequence[Job], options: Mapping[str, Any], actor: str | None

@@ -112,7 +112,7 @@ class JobActions:
         except (ActionRefused, NotOffered, NoAnswer):  # nothing can act on it now
             return ()
 
-    def check(self, action: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    def check(self, action: str, options: Mapping[str, Any]) -> None:
         specs = [
             spec
             for declared in (*self.declared().values(), *self.agents.declared().values())
@@ -121,9 +121,7 @@ class JobActions:
         ]
         if not specs:
             if action in (RETRY, REVOKE):
-                # Known to the core: each job's outcome will say that nothing acts on it.
-                # No option is declared: any sent is refused.
-                return ActionSpec(action, action).parse(options)
+                return  # known to the core: each job's handler will judge, or its outcome say
             names = self._names()
             raise NotOffered(
                 f"{action!r} is not an action any loaded handler offers"
@@ -140,11 +138,9 @@ class JobActions:
                 unknown=unknown,
                 accepted=accepted,
             )
-        parsed: dict[str, Any] = {}
         for spec in specs:
             own = {option.name for option in spec.options}
-            parsed = {**spec.parse({k: v for k, v in options.items() if k in own}), **parsed}
-        return parsed
+            spec.parse({key: value for key, value in options.items() if key in own})
 
     def _names(self) -> list[str]:
         every = (*self.declared().values(), *self.agents.declared().values())

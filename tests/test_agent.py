@@ -22,6 +22,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
+from sluice_celery.actions import RETRY_SPEC, REVOKE_SPEC
 from sluice_core.agent import Agent, ingest_url
 from sluice_core.config import Config, ConfigError
 from sluice_core.engine import Engine
@@ -238,6 +239,13 @@ async def test_an_agents_refusal_and_silence_are_the_apis_answer(tmp_path: Path)
                 job = (await client.get(f"/api/jobs/{job_id}")).json()
 
                 async def agent_answers() -> None:
+                    # Asked first what it offers (once): Celery's retry and revoke.
+                    declare = orjson.loads(await ws.get_message())["action"]
+                    offers = [{"framework": "celery",
+                               "actions": [RETRY_SPEC.to_dict(), REVOKE_SPEC.to_dict()]}]
+                    await ws.send_message(
+                        orjson.dumps({"reply": declare["id"], "results": offers})
+                    )
                     action = orjson.loads(await ws.get_message())["action"]
                     sent.append(action)
                     reply = {"reply": action["id"], "refused": "no worker heard it"}

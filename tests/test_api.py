@@ -417,7 +417,7 @@ async def test_every_kind_of_bad_input_is_a_json_4xx(tmp_path: Path) -> None:
     ]
     # Its revoke declares Celery's options: the API checks them by it.
     async with serving(tmp_path, ActionsPlugin(RecordingHandler())) as (engine, client):
-        await ingest(engine, client, dataset())
+        await ingest(engine, client, [*dataset(), *action_jobs(), running_job()])
         for path, params, status, mentioned in gets:
             assert mentioned in assert_error(await client.get(path, params=params), status), path
 
@@ -433,8 +433,8 @@ async def test_every_kind_of_bad_input_is_a_json_4xx(tmp_path: Path) -> None:
                 response = await client.post("/api/jobs/bulk", json=body)
             assert mentioned in assert_error(response, status), body
 
-        assert "'x'" in assert_error(await client.post("/api/jobs/a1/retry", json={"x": 1}), 400)
-        assert_error(await client.post("/api/jobs/a1/revoke", json={"terminate": 1}), 400)
+        assert "'x'" in assert_error(await client.post("/api/jobs/t1/retry", json={"x": 1}), 400)
+        assert_error(await client.post("/api/jobs/t4/revoke", json={"terminate": 1}), 400)
         assert_error(await client.post("/api/jobs/a1/revoke", content=b"nope"), 400)
         assert_error(await client.post("/api/jobs/ghost/retry"), 404, "not_found")
         assert_error(await client.post("/api/jobs/a1/retry", data={"a": "b"}), 400)
@@ -466,7 +466,7 @@ async def test_actions_answer_501_until_a_plugin_handles_the_job(tmp_path: Path)
     async with serving(tmp_path) as (engine, client):
         await ingest(engine, client, dataset())
         assert_error(await client.post("/api/jobs/a1/retry"), 501, "not_implemented")
-        assert_error(await client.post("/api/jobs/m1/revoke"), 501)
+        assert_error(await client.post("/api/jobs/m1/revoke", json={"terminate": True}), 501)
         response = await client.post(
             "/api/jobs/bulk", json={"action": "retry", "ids": ["a1", "a2"]}
         )

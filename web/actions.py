@@ -82,16 +82,16 @@ async def _body() -> dict[str, Any]:
     return body
 
 
-def _check(action: str, options: dict[str, Any], besides: Sequence[str] = ()) -> None:
-    """``options`` checked by the declarations of ``action`` before any job is looked at
-    (each job's handler parses them again, by its own): 400 when they refuse them, or
-    when no handler declares ``action``."""
+def _check(action: str, options: dict[str, Any]) -> None:
+    """A bulk action's options, checked by the declarations of ``action`` before any job
+    is chosen (each job's handler parses them again, by its own): 400 when they refuse
+    them, or when no handler declares ``action``."""
     try:
         _actions().check(action, options)
     except NotOffered as exc:
         raise BadRequest(f"action: {exc}") from None
     except InvalidOptions as exc:
-        raise _bad_options(exc, besides) from None
+        raise _bad_options(exc, BULK_FIELDS) from None
 
 
 def _bad_options(exc: InvalidOptions, besides: Sequence[str] = ()) -> BadRequest:
@@ -158,7 +158,6 @@ async def retry_preview(job_id: str) -> dict[str, Any]:
 @blueprint.post("/api/jobs/<job_id>/retry")
 async def retry(job_id: str) -> tuple[dict[str, Any], int]:
     body = await _body()
-    _check(RETRY, body)
     job = await job_or_404(job_id)
     outcome = _accepted(await _act(RETRY, [job], body))
     answer: dict[str, Any] = {"job_id": outcome.new_job_id, "retry_of": job.id}
@@ -170,7 +169,6 @@ async def retry(job_id: str) -> tuple[dict[str, Any], int]:
 @blueprint.post("/api/jobs/<job_id>/revoke")
 async def revoke(job_id: str) -> tuple[dict[str, Any], int]:
     body = await _body()
-    _check(REVOKE, body)
     job = await job_or_404(job_id)
     outcome = _accepted(await _act(REVOKE, [job], body))
     heard = {"heard_by": outcome.to_dict()["heard_by"], "agent": outcome.agent}
@@ -284,7 +282,7 @@ async def bulk() -> dict[str, Any]:
         raise BadRequest("action: expected the name of an action (GET /api/actions)")
     dry_run = _flag(body, "dry_run")
     options = {key: value for key, value in body.items() if key not in BULK_FIELDS}
-    _check(action, options, BULK_FIELDS)
+    _check(action, options)
     if ("ids" in body) == ("filter" in body):
         raise BadRequest("give either ids (a list of job ids) or filter (the list's filters)")
     if "ids" in body:
