@@ -33,6 +33,7 @@ from tests.waiting import wait_until
 THIRDPARTY = Path(__file__).parent / "thirdparty"
 TIMEOUT = 60  # a whole `sluice run` (two processes) starting on a busy machine, and its work
 HEARTBEAT = 1.0  # seconds between the toy workers' heartbeats, as the plugin is told
+BUMP_HELP = "Move the job to the front of its queue: the next free worker takes it first."
 
 
 @pytest.fixture
@@ -125,8 +126,8 @@ async def test_sluice_plugins_lists_the_hooks_of_the_installed_plugin(installed:
     toy = out.split("toyqueue (sluice_toyqueue)")[1]
     hooks = {line.strip() for line in toy.splitlines() if line.startswith("    ")}
     assert hooks == {
-        "sluice_addoption", "sluice_claim_broker", "sluice_frameworks", "sluice_normalize",
-        "sluice_probes", "sluice_sources",
+        "sluice_actions", "sluice_addoption", "sluice_claim_broker", "sluice_frameworks",
+        "sluice_normalize", "sluice_probes", "sluice_sources",
     }
 
 
@@ -218,6 +219,47 @@ async def test_a_toyqueue_worker_that_stops_beating_goes_offline_and_its_job_is_
     assert "the toyqueue server puts it back" in conclusion["detail"]["exception"]
 
 
+async def test_bump_an_action_of_toyqueue_s_own_moves_the_job_on_its_server(
+    installed: Path, toyqueue: ToyQueueServer
+) -> None:
+    server = toyqueue
+    with trio.fail_after(TIMEOUT):
+        async with sluice_run(installed, server) as client:
+            for job_id in ("b1", "b2", "b3"):
+                server.enqueue(job_id, "images.resize", "images")
+            server.take("toy-5", "images")  # b1 runs
+            await job_when(client, "b1", in_state("active"))
+            await job_when(client, "b3", in_state("queued"))
+            declared = (await client.get("/api/actions")).json()
+
+            bumped = await client.post("/api/jobs/b3/bump", json={})
+            queue = list(server.queues["images"])
+            taken = server.take("toy-5", "images")  # the next free worker takes it first
+            b3 = await job_when(
+                client,
+                "b3",
+                lambda job: job["state"] == "active"
+                and any(e["type"] == "bumped" for e in job["events"]),
+            )
+            refused = await client.post("/api/jobs/b1/bump", json={})  # running: not waiting
+            bad_option = await client.post("/api/jobs/b2/bump", json={"priority": 9})
+            not_offered = await client.post("/api/jobs/b2/retry", json={})
+
+    [bump] = declared["frameworks"]["toyqueue"]
+    assert (bump["name"], bump["title"], bump["options"]) == ("bump", "Bump", [])
+    assert bumped.status_code == 202, bumped.text
+    assert (bumped.json()["outcome"], bumped.json()["action"]) == ("accepted", "bump")
+    assert (queue, taken) == (["b3", "b2"], "b3")
+    # The core's record of the action, then the server's own word, on the job's timeline.
+    assert [e["type"] for e in b3["events"]] == ["waiting", "sluice-bump", "bumped", "running"]
+    assert b3["worker"] == "toy-5"
+    assert refused.status_code == 409
+    assert "b1 is not waiting" in refused.json()["error"]["message"]
+    assert bad_option.status_code == 400
+    assert "unknown field 'priority' (accepted: none)" in bad_option.json()["error"]["message"]
+    assert not_offered.status_code == 501, not_offered.text  # toyqueue offers no retry
+
+
 @pytest.mark.browser
 async def test_the_dashboard_shows_a_toyqueue_job_and_worker(
     installed: Path, toyqueue: ToyQueueServer
@@ -226,20 +268,29 @@ async def test_the_dashboard_shows_a_toyqueue_job_and_worker(
     with trio.fail_after(TIMEOUT):
         async with sluice_run(installed, server) as client, trio.open_nursery() as nursery:
             nursery.start_soon(server.beat, "toy-3", HEARTBEAT)
-            server.enqueue("d1", "mail.send", "mail")
+            for job_id in ("d1", "d2", "d3"):
+                server.enqueue(job_id, "mail.send", "mail")
             server.take("toy-3", "mail")
             await job_when(client, "d1", in_state("active"))
+            await job_when(client, "d3", in_state("queued"))
             base = str(client.base_url)
+            dialogs: list[str] = []
 
             def scenario(page: Page) -> None:
                 page.goto(f"{base}/jobs/d1")
                 expect(page.locator("h1")).to_contain_text("mail.send")
-                expect(page.locator("body")).to_contain_text("toy-3")
+                expect(page.locator("main")).to_contain_text("toy-3")
+                page.goto(f"{base}/jobs/d3")
+                page.once("dialog", lambda d: (dialogs.append(d.message), d.accept()))
+                page.click("button[data-action=bump]")
+                expect(page.locator("#action-result")).to_have_text("Bump done")
                 page.goto(f"{base}/workers")
-                expect(page.locator("table")).to_contain_text("toy-3")
+                expect(page.locator("main")).to_contain_text("toy-3")
 
             await browse(scenario)
             nursery.cancel_scope.cancel()
+    assert dialogs == [f"Bump this job?\n{BUMP_HELP}"]
+    assert server.queues["mail"] == ["d3", "d2"]
 
 
 async def test_a_toyqueue_batch_can_be_pushed_in_its_own_format(

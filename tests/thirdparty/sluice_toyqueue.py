@@ -3,19 +3,20 @@
 "toyqueue" is an imaginary job framework. Its server (the test suite runs one:
 ``tests/thirdparty/toyqueue_server.py``) holds the queues and speaks lines over
 TCP: after ``WATCH`` it streams one JSON object per job change or worker
-heartbeat; ``DEPTH <queue> ...`` gets the queues' depths as one JSON line.
+heartbeat; ``DEPTH <queue> ...`` gets the queues' depths as one JSON line, and
+``BUMP <id>`` (move a waiting job to the front of its queue) ``OK`` or why not.
 
 This module is a complete framework plugin using only Sluice's public plugin
 API: a source, a normalizer (jobs and worker heartbeats), the framework's
-declaration (its heartbeat interval, advice, pushed format), a queue-depth
-probe. It is installed through an entry point: it proves that a new framework
+declaration (its heartbeat interval, advice, pushed format), an action of its
+own (bump), a queue-depth probe. It is installed through an entry point: it proves that a new framework
 needs no change to the core.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,9 +24,11 @@ import orjson
 import trio
 
 from sluice_core import hookimpl
+from sluice_core.actions import BROKER, ActionHandler, ActionRefused, ActionResult, ActionSpec
 from sluice_core.config import Config, redact_url
 from sluice_core.frameworks import Framework
 from sluice_core.model import (
+    Job,
     JobEvent,
     JobState,
     Normalized,
@@ -219,10 +222,50 @@ def _event(msg: Any, server: str | None, out: Normalized) -> None:
             timestamp=float(msg["ts"]),
             worker=msg.get("worker"),
             fields={key: value for key, value in fields.items() if value is not None},
-            # Where the job lives (sluice_core.actions.BROKER): its actions go there.
-            extra={} if server is None else {"broker": server},
+            # Where the job lives: its actions go there.
+            extra={} if server is None else {BROKER: server},
         )
     )
+
+
+# -- acting on jobs ---------------------------------------------------------------------
+
+BUMP = ActionSpec(
+    "bump",
+    "Bump",
+    "Move the job to the front of its queue: the next free worker takes it first.",
+)
+
+
+class ToyQueueActions:
+    framework = FRAMEWORK
+    actions: tuple[ActionSpec, ...] = (BUMP,)
+
+    def __init__(self, servers: list[str]) -> None:
+        self.servers = {redact_url(url): url for url in servers}  # as jobs name them
+
+    def handles(self, job: Job) -> bool:
+        return job.framework == FRAMEWORK and job.extra.get(BROKER) in self.servers
+
+    async def perform(self, action: str, job: Job, options: Mapping[str, Any]) -> ActionResult:
+        broker = job.extra[BROKER]
+        if any(char.isspace() for char in job.id):  # it would end the line, or split it
+            raise ActionRefused(f"toyqueue cannot name job {job.id!r} in a command")
+        try:
+            reply = (await _ask(self.servers[broker], f"BUMP {job.id}")).decode(errors="replace")
+        except (OSError, trio.TooSlowError) as exc:
+            raise ActionRefused(
+                f"toyqueue server {broker} did not answer ({exc or 'too slow'}); try again"
+            ) from exc
+        if reply != "OK":
+            raise ActionRefused(f"toyqueue did not bump {job.id}: {reply}")
+        return ActionResult(job.id, action)
+
+
+@hookimpl
+def sluice_actions(config: Config, register: Callable[[ActionHandler], None]) -> None:
+    if _servers(config):
+        register(ToyQueueActions(_servers(config)))
 
 
 # -- measuring queues ------------------------------------------------------------------
