@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from sluice_core.actions import ActionHandler
+from sluice_core.application import EngineApplication
 from sluice_core.bus import Bus
 from sluice_core.config import (
     HEARTBEAT_MISSED,
@@ -22,6 +23,7 @@ from sluice_core.config import (
     ConfigError,
 )
 from sluice_core.follow import Follower
+from sluice_core.ingest import IngestService
 from sluice_core.job_actions import JobActions, stored_by
 from sluice_core.leader import Leadership
 from sluice_core.metrics import Metrics, StorageGauges
@@ -72,6 +74,14 @@ class Engine:
             dead_letters=self.storage,
         )
         self.frameworks = pm.frameworks(config)
+        self.ingest = IngestService(
+            storage=self.storage,
+            pipeline=self.pipeline,
+            metrics=self.metrics,
+            frameworks=self.frameworks,
+            normalize=pm.normalize,
+            admit=pm.admit,
+        )
         self.sources: list[Source] = [] if replica else pm.sources(config)
         feed = self.storage.change_feed()
         if replica and feed is None:
@@ -158,7 +168,7 @@ class Engine:
                     from sluice_web.server import serve
 
                     self.web_addresses = await nursery.start(
-                        serve, self, self._pipeline_done.wait
+                        serve, EngineApplication(self), self._pipeline_done.wait
                     )
                 task_status.started()
                 await self._stop_requested.wait()

@@ -18,17 +18,17 @@ import httpx
 import pytest
 import trio
 
-import sluice_web.api
-from sluice_core.model import JobState
-from sluice_core.pipeline import WriteHealth
-from sluice_core.storage import StorageUnavailable
-from sluice_web.api import (
+import sluice_core.health
+from sluice_core.health import (
     HEALTH_CHECK_S,
     HEALTH_TIMEOUT,
     UNSTORED_AGE_S,
     WRITES_FAILING_S,
     writes_health,
 )
+from sluice_core.model import JobState
+from sluice_core.pipeline import WriteHealth
+from sluice_core.storage import StorageUnavailable
 from tests.fixtures.services import PG_URL, REDIS_URL
 from tests.fixtures.storage import open_storage, pg_admin
 from tests.test_api import assert_error, job_event, serving
@@ -102,7 +102,7 @@ async def test_healthz_is_503_while_writes_fail_on_a_full_disk_and_200_once_they
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Bounds a test can wait for; what they mean is test_writes_are_down_only_past_their_bounds.
-    monkeypatch.setattr(sluice_web.api, "WRITES_FAILING_S", 0.5)
+    monkeypatch.setattr(sluice_core.health, "WRITES_FAILING_S", 0.5)
     with tmpfs(tmp_path / "disk", "size=2m") as disk, trio.fail_after(60):
         async with serving(tmp_path, db=f"sqlite:///{disk}/sluice.db") as (engine, client):
             await engine.storage.create_api_key("sdk")  # something can send events

@@ -17,9 +17,10 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 
 import sluice_celery.plugin as celery_plugin
 from sluice_core.engine import Engine
+from sluice_core.ingest import MAX_EVENTS
 from sluice_core.model import JobState, WorkerEvent
 from sluice_core.serialize import job_event_to_json, worker_event_to_json
-from sluice_web.ingest import MAX_EVENTS, TokenBucket
+from sluice_web.ingest import TokenBucket
 from tests.test_api import assert_error, job_event, serving
 from tests.waiting import wait_until
 

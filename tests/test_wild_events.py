@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 
 from sluice_core.config import Config
 from sluice_core.engine import Engine
+from sluice_core.ingest import Malformed
 from sluice_core.model import Normalized, RawBatch
 from sluice_core.plugins import PluginManager
 from sluice_core.storage import ApiKey
-from sluice_web.ingest import Ingest, Malformed
 from tests.metrics import metric
 from tests.test_agent import envelope
 from tests.test_stream import sse
@@ -271,7 +271,7 @@ async def _through_the_ingest_door(url: str, bodies: list[tuple[bool, Any]]) -> 
     pm.load(config.plugins)
     pm.configure(config)
     engine = Engine(config, pm)
-    door = Ingest(engine)
+    door = engine.ingest
     key = ApiKey(1, "wild", time.time())
     async with trio.open_nursery() as nursery:
         await nursery.start(functools.partial(engine.run, web=False))

@@ -1,4 +1,5 @@
-"""The app factory: one Quart-Trio app per engine, reaching it through ``app.extensions``."""
+"""The app factory: one Quart-Trio app per application (:mod:`sluice_core.application`),
+which its views reach through :func:`sluice_web.context.application` alone."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from quart.ctx import AppContext
 from quart.json.provider import JSONProvider
 from quart_trio import QuartTrio
 
+from sluice_core.application import Application
 from sluice_core.config import SSE_HEARTBEAT
-from sluice_core.engine import Engine
 from sluice_web import actions, api, dashboard, errors, ingest, stream
 from sluice_web.auth import Auth, install, load_auth
 
@@ -37,16 +38,16 @@ class _App(QuartTrio):
         return response
 
 
-def create_app(engine: Engine, *, auth: Auth | None = None) -> QuartTrio:
+def create_app(application: Application, *, auth: Auth | None = None) -> QuartTrio:
     # Root path web/: /static serves web/static, which the dashboard's pages link to.
     app = _App("sluice_web")
     app.json = _OrjsonProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
-    app.config["SLUICE_SSE_HEARTBEAT"] = engine.config.get(SSE_HEARTBEAT)
-    app.extensions["sluice_engine"] = engine
+    app.config["SLUICE_SSE_HEARTBEAT"] = application.config.get(SSE_HEARTBEAT)
+    app.extensions["sluice_application"] = application
     app.extensions["sluice_streams"] = stream.Streams()
     errors.register(app)
-    install(app, auth if auth is not None else load_auth(engine.config))
+    install(app, auth if auth is not None else load_auth(application.config))
     app.register_blueprint(api.blueprint)
     app.register_blueprint(actions.blueprint)
     app.register_blueprint(stream.blueprint)

@@ -2,7 +2,7 @@
 
 Every page is complete and readable without JavaScript; sluice.js adds live
 rows, local times, bulk actions and chart refreshes. Data comes from the
-engine's storage, through the same filters and shapes as the JSON API
+application's reads, through the same filters and shapes as the JSON API
 (:mod:`sluice_web.params`, :mod:`sluice_core.serialize`), so the page and the
 API never disagree about what a filter means.
 """
@@ -16,14 +16,12 @@ from typing import Any
 from urllib.parse import urlencode
 
 from markupsafe import Markup
-from quart import Blueprint, current_app, redirect, render_template, request, url_for
+from quart import Blueprint, redirect, render_template, request, url_for
 from quart.typing import ResponseReturnValue
 
-from sluice_core import merge, validate
+from sluice_core import merge
 from sluice_core.actions import RETRY, REVOKE, lives_at
-from sluice_core.engine import Engine
 from sluice_core.model import TERMINAL_STATES, Job, JobState
-from sluice_core.monitors import workers_task_events
 from sluice_core.serialize import (
     event_to_dict,
     iso,
@@ -34,6 +32,7 @@ from sluice_core.serialize import (
 )
 from sluice_core.storage import DEAD_LETTERS_KEPT, MAX_PAGE, JobQuery
 from sluice_web import charts
+from sluice_web.context import application
 from sluice_web.errors import ApiError
 from sluice_web.params import FILTERS, encode_cursor, query_from_args
 
@@ -59,11 +58,6 @@ QUICK_RANGES = (("15 min", 900), ("1 h", 3600), ("24 h", 86400), ("7 d", 7 * 864
 # stops one row past it, so a filter matching millions of jobs costs no more than that.
 COUNT_AT_MOST = 1_000
 DEAD_LETTERS_SHOWN = 200  # the newest; every one is also in the database's dead_letters table
-
-
-def _engine() -> Engine:
-    engine: Engine = current_app.extensions["sluice_engine"]
-    return engine
 
 
 # -- template helpers ---------------------------------------------------------
@@ -126,7 +120,7 @@ def percent(fraction: float | None) -> str:
 async def _globals() -> dict[str, Any]:
     return {
         # The live stream resumes from what the page was rendered with.
-        "live_from": _engine().bus.expect_subscriber(),
+        "live_from": application().feed.expect_subscriber(),
         "states": [str(state) for state in JobState],
         "nav": (
             ("dashboard.overview", "Overview"),
@@ -136,7 +130,7 @@ async def _globals() -> dict[str, Any]:
             ("dashboard.diagnostics", "Diagnostics"),
         ),
         # What their plugins say to do where nothing shows yet (sluice_core/frameworks.py).
-        "frameworks": _engine().frameworks.declared(),
+        "frameworks": application().frameworks(),
     }
 
 
@@ -145,14 +139,14 @@ async def _globals() -> dict[str, Any]:
 
 @blueprint.get("/")
 async def overview() -> str:
-    storage = _engine().storage
+    reads = application().reads
     window = request.args.get("window", DEFAULT_WINDOW)
     if window not in WINDOWS:
         window = DEFAULT_WINDOW
     label, span, bucket = WINDOWS[window]
     now = time.time()
     since = now - span
-    buckets = _every_bucket(await storage.job_throughput(since, bucket), since, now, bucket)
+    buckets = _every_bucket(await reads.job_throughput(since, bucket), since, now, bucket)
     completed = [(ts, float(c)) for ts, c, _ in buckets]
     failed = [(ts, float(f)) for ts, _, f in buckets]
     failure_rate = [(ts, f / (c + f) * 100) for ts, c, f in buckets if c + f]
@@ -174,11 +168,11 @@ async def overview() -> str:
         y_format=lambda v: f"{v:.0f}%",
         y_max=max(charts.nice_ceiling(max((v for _, v in failure_rate), default=0)), 10),
     )
-    top = await storage.top_failing_names(since, TOP_FAILING)
+    top = await reads.top_failing_names(since, TOP_FAILING)
     most = max((count for _, count in top), default=1)
-    counts = await storage.count_jobs_by_state()
-    workers = await storage.list_workers()
-    stuck = await storage.list_jobs(JobQuery(stuck=True, limit=MAX_PAGE))
+    counts = await reads.count_jobs_by_state()
+    workers = await reads.list_workers()
+    stuck = await reads.list_jobs(JobQuery(stuck=True, limit=MAX_PAGE))
     return await render_template(
         "overview.html",
         window=window,
@@ -195,8 +189,8 @@ async def overview() -> str:
         stuck_max=MAX_PAGE,
         workers_online=sum(1 for w in workers if w.status == "online"),
         workers_total=len(workers),
-        queues=[queue_to_dict(queue) for queue in await storage.list_queues(now)],
-        gaps=await storage.list_gaps(GAPS_SHOWN),
+        queues=[queue_to_dict(queue) for queue in await reads.list_queues(now)],
+        gaps=await reads.list_gaps(GAPS_SHOWN),
     )
 
 
@@ -204,14 +198,14 @@ async def overview() -> str:
 async def jobs() -> tuple[str, int]:
     form = {name: request.args.get(name, "") for name in FILTERS}
     paged = "cursor" in request.args
-    storage = _engine().storage
+    reads = application().reads
     jobs: list[dict[str, Any]] = []
     next_url = error = total = None
     counted_at = time.time()
     try:
         query = query_from_args(request.args)
-        page = await storage.list_jobs(query)
-        total = await storage.count_jobs(query, COUNT_AT_MOST + 1)
+        page = await reads.list_jobs(query)
+        total = await reads.count_jobs(query, COUNT_AT_MOST + 1)
     except ApiError as exc:
         error = exc.message
     else:
@@ -245,8 +239,8 @@ async def jobs() -> tuple[str, int]:
 
 @blueprint.get("/jobs/<job_id>")
 async def job(job_id: str) -> str | tuple[str, int]:
-    storage = _engine().storage
-    found = await storage.get_job(job_id)
+    reads = application().reads
+    found = await reads.get_job(job_id)
     if found is None:
         return await render_template(
             "not_found.html",
@@ -254,11 +248,11 @@ async def job(job_id: str) -> str | tuple[str, int]:
             message=f"Sluice has no events for a job with id {job_id}: it may not have been "
             "sent yet, its events may not have reached Sluice, or retention removed it.",
         ), 404
-    events = merge.timeline(await storage.job_events(job_id))
+    events = merge.timeline(await reads.job_events(job_id))
     timing = job_timing(found)
     recent: list[dict[str, Any]] = []
     if found.name:
-        page = await storage.list_jobs(JobQuery(name=found.name, limit=RECENT_RUNS + 1))
+        page = await reads.list_jobs(JobQuery(name=found.name, limit=RECENT_RUNS + 1))
         recent = [job_to_dict(j) for j in page.jobs if j.id != job_id][:RECENT_RUNS]
     return await render_template(
         "job.html",
@@ -269,11 +263,11 @@ async def job(job_id: str) -> str | tuple[str, int]:
         recent=recent,
         terminal=found.state in TERMINAL_STATES,
         # From the events as stored: see web/api.py's _location.
-        location=lives_at(await storage.job_events(job_id)),
+        location=lives_at(await reads.job_events(job_id)),
         # Its handler's own actions, beside retry and revoke (which have their dialogs).
         actions=[
             spec.to_dict()
-            for spec in await _engine().job_actions.offered(found)
+            for spec in await application().actions.offered(found)
             if spec.name not in (RETRY, REVOKE)
         ],
     )
@@ -281,15 +275,15 @@ async def job(job_id: str) -> str | tuple[str, int]:
 
 @blueprint.get("/queues")
 async def queues() -> str:
-    storage = _engine().storage
+    reads = application().reads
     now = time.time()
     since = now - QUEUE_HISTORY_S
     rows = []
     series = []
-    for index, queue in enumerate(await storage.list_queues(now)):
+    for index, queue in enumerate(await reads.list_queues(now)):
         # A queue known only from jobs has no probe samples, hence no broker.
         history = (
-            await storage.queue_depth_history(queue.name, queue.broker, since)
+            await reads.queue_depth_history(queue.name, queue.broker, since)
             if queue.broker is not None
             else []
         )
@@ -315,13 +309,14 @@ async def queues() -> str:
 @blueprint.get("/workers")
 async def workers() -> str:
     now = time.time()
-    engine = _engine()
     rows = [
         {
-            **worker_to_dict(w, task_events=flag, advice=engine.frameworks.advice(w)),
-            "age_s": None if w.last_heartbeat is None else now - w.last_heartbeat,
+            **worker_to_dict(view.worker, task_events=view.task_events, advice=view.advice),
+            "age_s": (
+                None if view.worker.last_heartbeat is None else now - view.worker.last_heartbeat
+            ),
         }
-        for w, flag in await workers_task_events(engine.storage)
+        for view in await application().workers()
     ]
     rows.sort(key=lambda w: (w["status"] != "online", w["hostname"]))
     return await render_template("workers.html", workers=rows)
@@ -330,22 +325,13 @@ async def workers() -> str:
 @blueprint.get("/diagnostics")
 async def diagnostics() -> str:
     """What Sluice refused or corrected of what it was sent, and what storage refused."""
-    engine = _engine()
-    malformed = sorted(
-        (sample.labels["source"], sample.labels["reason"], sample.value,
-         validate.MEANINGS.get(sample.labels["reason"], ""))
-        for family in engine.metrics.events_malformed.collect()
-        for sample in family.samples
-        if sample.name.endswith("_total") and sample.value
-    )
+    found = await application().diagnostics(DEAD_LETTERS_SHOWN)
     return await render_template(
         "diagnostics.html",
-        malformed=malformed,
-        letters=await engine.storage.list_dead_letters(DEAD_LETTERS_SHOWN),
+        malformed=[(m.source, m.reason, m.count, m.meaning) for m in found.malformed],
+        letters=found.dead_letters,
         kept=DEAD_LETTERS_KEPT,
-        dead_lettered=engine.metrics.registry.get_sample_value(
-            "sluice_events_dead_lettered_total"
-        ) or 0,
+        dead_lettered=found.dead_lettered,
     )
 
 

@@ -1,6 +1,6 @@
 """The web server inside the engine: hypercorn's trio worker in the engine's nursery.
 
-The engine starts it with ``await nursery.start(serve, engine, shutdown_trigger)``
+The engine starts it with ``await nursery.start(serve, application, shutdown_trigger)``
 and gets back the addresses it listens on (the real port when configured with 0).
 """
 
@@ -13,7 +13,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from sluice_core.engine import Engine
+from sluice_core.application import Application
 from sluice_web.app import create_app
 from sluice_web.auth import WILDCARD_ADDRESSES, check_exposure, is_loopback, load_auth
 
@@ -26,14 +26,14 @@ def _bind(host: str, port: int) -> str:
 
 
 async def serve(
-    engine: Engine,
+    application: Application,
     shutdown_trigger: Callable[[], Awaitable[object]],
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown_trigger`` returns. Raises ConfigError before binding
     anything if the host is reachable from other machines without authentication."""
-    config = engine.config
+    config = application.config
     auth = load_auth(config)
     check_exposure(config.host, auth)
     if not is_loopback(config.host) and not auth.allowed_hosts:
@@ -49,7 +49,7 @@ async def serve(
             config.host,
             names,
         )
-    app = create_app(engine, auth=auth)
+    app = create_app(application, auth=auth)
     streams = app.extensions["sluice_streams"]
 
     hyper = HypercornConfig()

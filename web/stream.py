@@ -37,9 +37,11 @@ import orjson
 import trio
 from quart import Blueprint, Response, current_app, request
 
-from sluice_core.bus import Batch, Bus, Gap, LiveMessage
+from sluice_core.application import Feed
+from sluice_core.bus import Batch, Gap, LiveMessage
 from sluice_core.model import Job
 from sluice_core.storage import JobQuery
+from sluice_web.context import application
 from sluice_web.errors import BadRequest
 from sluice_web.params import query_from_args
 
@@ -68,7 +70,7 @@ class Streams:
         for scope in self._waits:
             scope.cancel()
 
-    async def next_batch(self, bus: Bus, after: int, deadline: float) -> Batch | None:
+    async def next_batch(self, bus: Feed, after: int, deadline: float) -> Batch | None:
         """The bus's next batch after id ``after``, or None at ``deadline`` or shutdown.
         Raises :class:`~sluice_core.bus.Gap` as the bus does."""
         with trio.CancelScope(deadline=deadline) as scope:
@@ -187,7 +189,7 @@ def _last_event_id() -> int | None:
 
 
 async def _events(
-    bus: Bus, streams: Streams, view: View, last_id: int | None, heartbeat: float
+    bus: Feed, streams: Streams, view: View, last_id: int | None, heartbeat: float
 ) -> AsyncIterator[bytes]:
     # Runs after the view returned, outside the request and app contexts: it gets
     # everything it needs as arguments.
@@ -227,7 +229,7 @@ async def stream() -> Response:
     limit = query.limit if "limit" in request.args else None
     last_id = _last_event_id()
     body = _events(
-        current_app.extensions["sluice_engine"].bus,
+        application().feed,
         current_app.extensions["sluice_streams"],
         View.of(query, limit),
         last_id,
