@@ -40,6 +40,9 @@ class Framework:
     # When the broker at ``broker`` gives back a job a dead (or ``stopped``) worker
     # had taken at ``taken_at`` and not started: said to the user, who waits for it.
     redelivery: Callable[..., str] = unknown_redelivery
+    # When a job that had started on a worker that died comes back all the same
+    # (Celery: "its task acknowledges late (acks_late)"); None: never, it is lost.
+    started_redelivered_if: str | None = None
 
 
 class Frameworks:

@@ -176,17 +176,15 @@ class WorkerMonitor:
 
     def _held_job_concluded(self, job: Job, worker: Worker, at: float, reason: str) -> JobEvent:
         """A job its worker held when it went: lost if started, else redelivering."""
-        comes_back = self.frameworks.get(job.framework).redelivery(
+        framework = self.frameworks.get(job.framework)
+        comes_back = framework.redelivery(
             job.extra.get("broker"), job.received_at, stopped=worker.status != "online"
         )
         if job.state is JobState.ACTIVE:
             kind, state = LOST_EVENT, JobState.LOST
-            # Events do not say whether a task acknowledges late: only a redelivery
-            # would show it, and the job then resumes (sluice_core.merge).
-            why = (
-                f"WorkerLost: {reason}. It had started: it is lost, unless its task"
-                f" acknowledges late (acks_late), and then {comes_back}"
-            )
+            why = f"WorkerLost: {reason}. It had started: it is lost"
+            if framework.started_redelivered_if is not None:
+                why += f", unless {framework.started_redelivered_if}, and then {comes_back}"
         else:
             kind, state = REDELIVERY_EVENT, JobState.REDELIVERING
             why = (
@@ -210,8 +208,8 @@ class WorkerMonitor:
 
         A queue holds at most ``depth`` of the jobs queued on it when its probe
         sampled it, the newest (queues are first in, first out); the older ones were
-        taken, and since no task-received came, by a worker Sluice cannot see: one
-        that consumes the queue and was alive after the job was sent (it may have
+        taken, and since no worker said it received them, by a worker Sluice cannot
+        see: one that consumes the queue and was alive after the job was sent (it may have
         stopped since). Jobs published without task-sent hold places too, so this
         errs towards leaving jobs queued.
         """
@@ -251,7 +249,7 @@ class WorkerMonitor:
                 if not blind:
                     continue  # none was alive since: purged, or taken by someone unknown
                 why = (
-                    f"Unseen: taken from queue {name} with no task-received: its consumers"
+                    f"Unseen: taken from queue {name} and never seen received: its consumers"
                     f" ({', '.join(blind)}) send no task events, so Sluice cannot see it run"
                     f" or end. To see it:"
                     f" {self.frameworks.get(job.framework).job_events_advice}"

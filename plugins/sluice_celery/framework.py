@@ -72,4 +72,7 @@ def celery(visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT) -> Framework:
         setup_advice=SETUP_ADVICE,
         pushed_formats=PUSHED_FORMATS,
         redelivery=functools.partial(redelivery, visibility_timeout=visibility_timeout),
+        # Events do not say whether a task acknowledges late: only a redelivery would
+        # show it, and the job then resumes (sluice_core.merge).
+        started_redelivered_if="its task acknowledges late (acks_late)",
     )

@@ -126,6 +126,8 @@ def sluice_frameworks(config: Config, register: Callable[[Framework], None]) -> 
             # normalizer gets the list as one message.
             pushed_formats={"toyqueue": KIND},
             redelivery=_redelivery,
+            # What a started job's fate hangs on, said beside "it is lost".
+            started_redelivered_if="the server noticed its worker go before the job ended",
         )
     )
 
