@@ -19,6 +19,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from sluice_core.actions import ActionHandler
+    from sluice_core.alerting.model import ChannelType
     from sluice_core.config import Config
     from sluice_core.frameworks import Framework
     from sluice_core.model import Normalized, RawBatch
@@ -162,3 +163,16 @@ def sluice_reconcilers(config: Config, register: Callable[[Reconciler], None]) -
     at the gap, and stores the events it returns; the open jobs it does not settle
     are marked unknown (see :mod:`sluice_core.reconcile`).
     """
+
+
+# -------------------------------------------------------------------------
+# Alerting
+# -------------------------------------------------------------------------
+
+
+@hookspec
+def sluice_alert_channels(config: Config, register: Callable[[ChannelType], None]) -> None:
+    """Register kinds of alert channel (a :class:`~sluice_core.alerting.model.ChannelType`:
+    its name, which config keys are secrets, how its config is checked and how a
+    message is sent). The built-in ones (webhook, Slack, PagerDuty, email) are a plugin
+    too. Called once at start."""

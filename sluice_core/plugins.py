@@ -12,6 +12,7 @@ import pluggy
 
 from sluice_core import hookspecs, validate
 from sluice_core.actions import ActionHandler
+from sluice_core.alerting.model import ChannelType
 from sluice_core.config import REDACT_KEYS, REDACT_PATTERNS, Config, ConfigError, redact_url
 from sluice_core.frameworks import Framework, Frameworks
 from sluice_core.model import Normalized, RawBatch
@@ -169,6 +170,17 @@ class PluginManager:
         found: list[Probe] = []
         self._pm.hook.sluice_probes(config=config, register=found.append)
         return found
+
+    def alert_channels(self, config: Config) -> dict[str, ChannelType]:
+        """The registered channel types, by name; two of one name are a ConfigError."""
+        found: list[ChannelType] = []
+        self._pm.hook.sluice_alert_channels(config=config, register=found.append)
+        by_name: dict[str, ChannelType] = {}
+        for kind in found:
+            if kind.name in by_name:
+                raise ConfigError(f"two plugins register the alert channel type {kind.name!r}")
+            by_name[kind.name] = kind
+        return by_name
 
     def reconcilers(self, config: Config) -> list[Reconciler]:
         found: list[Reconciler] = []
