@@ -186,6 +186,9 @@ class Message:
     text: str  # the one-line summary a person reads first
     links: Sequence[tuple[str, str]] = ()  # (label, absolute URL): the incident, a failing job
     incidents: Sequence[Mapping[str, Any]] = ()  # a summary's incidents
+    # Names this notification to the receiver (the webhook's webhook-id, a test's PagerDuty
+    # dedup key), the same on each retry of it: so the caller (the outbox) gives it.
+    id: str = attrs.field(kw_only=True)
 
     def body(self) -> dict[str, Any]:
         """The generic webhook's JSON body: {"type", "incident"} (and a summary's list)."""
