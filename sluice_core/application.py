@@ -20,6 +20,7 @@ import trio
 
 from sluice_core import health, validate
 from sluice_core.actions import ActionService
+from sluice_core.alerting.model import AlertService
 from sluice_core.bus import Batch
 from sluice_core.config import Config
 from sluice_core.frameworks import Framework
@@ -133,6 +134,7 @@ class Application(Protocol):
     actions: ActionService
     ingest: Ingest
     agents: Agents  # the remote agents connected now, whose jobs' actions go to them
+    alerts: AlertService
 
     def frameworks(self) -> list[Framework]:
         """The frameworks the loaded plugins declare."""

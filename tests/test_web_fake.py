@@ -35,6 +35,7 @@ from sluice_core.remote import Agents
 from sluice_core.storage import ApiKey, DeadLetter, Gap, JobQuery, Page, QueueStats
 from sluice_web.app import create_app
 from sluice_web.auth import Auth
+from tests.fake_alerts import FakeAlerts
 
 T0 = 1_780_000_000.0
 
@@ -180,6 +181,7 @@ class FakeApplication:
         self.ingest = FakeIngest()
         self.actions = FakeActions()
         self.agents = Agents()
+        self.alerts = FakeAlerts()
         self.healthy = True
 
     def frameworks(self) -> list[Framework]:

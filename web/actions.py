@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 import orjson
-from quart import Blueprint, Response, current_app, request, session
+from quart import Blueprint, Response, request
 
 from sluice_core.actions import (
     ACCEPTED,
@@ -33,7 +33,7 @@ from sluice_core.remote import NoAnswer
 from sluice_core.serialize import job_to_dict
 from sluice_core.storage import MAX_PAGE, JobQuery
 from sluice_web.api import job_or_404
-from sluice_web.auth import CSRF_FIELD, FORM_TYPES, TOKEN_USER, posted_form
+from sluice_web.auth import CSRF_FIELD, FORM_TYPES, acting_user, posted_form
 from sluice_web.context import application
 from sluice_web.errors import ApiError, BadRequest, NotFound, error_response
 from sluice_web.params import FILTERS, build_query
@@ -54,7 +54,7 @@ def _actions() -> ActionService:
 JSON_LABELS = ("", "application/json", "text/plain")
 
 
-async def _body() -> dict[str, Any]:
+async def json_body() -> dict[str, Any]:
     """The JSON object sent, ``{}`` for none. A form body may only carry the CSRF token."""
     data = await request.get_data()
     if not data.strip():
@@ -112,7 +112,7 @@ def _flag(body: dict[str, Any], name: str) -> bool:
 
 async def _act(action: str, jobs: list[Job], body: dict[str, Any]) -> list[Outcome]:
     try:
-        return await _actions().act(action, jobs, body, _user())
+        return await _actions().act(action, jobs, body, acting_user())
     except InvalidOptions as exc:
         raise _bad_options(exc) from None
 
@@ -157,7 +157,7 @@ async def retry_preview(job_id: str) -> dict[str, Any]:
 
 @blueprint.post("/api/jobs/<job_id>/retry")
 async def retry(job_id: str) -> tuple[dict[str, Any], int]:
-    body = await _body()
+    body = await json_body()
     job = await job_or_404(job_id)
     outcome = _accepted(await _act(RETRY, [job], body))
     answer: dict[str, Any] = {"job_id": outcome.new_job_id, "retry_of": job.id}
@@ -168,7 +168,7 @@ async def retry(job_id: str) -> tuple[dict[str, Any], int]:
 
 @blueprint.post("/api/jobs/<job_id>/revoke")
 async def revoke(job_id: str) -> tuple[dict[str, Any], int]:
-    body = await _body()
+    body = await json_body()
     job = await job_or_404(job_id)
     outcome = _accepted(await _act(REVOKE, [job], body))
     heard = {"heard_by": outcome.to_dict()["heard_by"], "agent": outcome.agent}
@@ -179,7 +179,7 @@ async def revoke(job_id: str) -> tuple[dict[str, Any], int]:
 async def act(job_id: str, action: str) -> tuple[dict[str, Any], int]:
     """Any other action the job's handler declares: 202 with its outcome; 404 naming
     what is offered for one it does not."""
-    body = await _body()
+    body = await json_body()
     job = await job_or_404(job_id)
     offered = [spec.name for spec in await _actions().offered(job)]
     if action not in offered:
@@ -260,23 +260,9 @@ async def _preview(job: Job) -> dict[str, Any]:
     return {"id": job.id, "publish": None if plan is None else plan.to_dict(), "refused": None}
 
 
-# -- who acts ------------------------------------------------------------------
-
-
-def _user() -> str | None:
-    """Who is acting: the API token's holder, the dashboard user, or None without auth.
-    The auth guard has already checked either, in this order."""
-    if not current_app.extensions["sluice_auth"].enabled:
-        return None
-    if request.headers.get("Authorization"):
-        return TOKEN_USER
-    user = session.get("user")
-    return user if isinstance(user, str) else None
-
-
 @blueprint.post("/api/jobs/bulk")
 async def bulk() -> dict[str, Any]:
-    body = await _body()
+    body = await json_body()
     action = body.get("action")
     if not isinstance(action, str):
         raise BadRequest("action: expected the name of an action (GET /api/actions)")

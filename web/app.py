@@ -13,7 +13,7 @@ from quart_trio import QuartTrio
 
 from sluice_core.application import Application
 from sluice_core.config import SSE_HEARTBEAT
-from sluice_web import actions, api, dashboard, errors, ingest, stream
+from sluice_web import actions, alerts, api, dashboard, errors, ingest, stream
 from sluice_web.auth import Auth, install, load_auth
 
 MAX_BODY = 1024 * 1024  # the largest body a client needs is a bulk action's 1,000 ids
@@ -50,6 +50,7 @@ def create_app(application: Application, *, auth: Auth | None = None) -> QuartTr
     install(app, auth if auth is not None else load_auth(application.config))
     app.register_blueprint(api.blueprint)
     app.register_blueprint(actions.blueprint)
+    app.register_blueprint(alerts.blueprint)
     app.register_blueprint(stream.blueprint)
     app.register_blueprint(dashboard.blueprint)
     app.register_blueprint(ingest.blueprint)

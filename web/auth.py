@@ -527,6 +527,18 @@ async def guard() -> ResponseReturnValue | None:
     return None
 
 
+def acting_user() -> str | None:
+    """Who is acting (an action's or an alert's actor): the API token's holder, the
+    dashboard user, or None without auth. The guard has already checked either, in
+    this order."""
+    if not _auth().enabled:
+        return None
+    if request.headers.get("Authorization"):
+        return TOKEN_USER
+    user = session.get("user")
+    return user if isinstance(user, str) else None
+
+
 def _unauthorized(message: str) -> Response:
     response = error_response(401, "unauthorized", message)
     response.headers["WWW-Authenticate"] = 'Bearer realm="sluice"'

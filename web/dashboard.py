@@ -129,6 +129,7 @@ async def _globals() -> dict[str, Any]:
             ("dashboard.workers", "Workers"),
             ("dashboard.diagnostics", "Diagnostics"),
         ),
+            ("alerts.incidents_page", "Alerts"),
         # What their plugins say to do where nothing shows yet (sluice_core/frameworks.py).
         "frameworks": application().frameworks(),
     }

@@ -391,6 +391,103 @@
     );
   }
 
+  // -- alerts ---------------------------------------------------------------------------
+
+  // A call to the alerts API: POST (or data-method), with data-payload's JSON, or with
+  // "until" data-until's select (seconds from now) sets. The page reloads to show what
+  // changed; a channel's test shows its receipt instead.
+  async function alertCall(button) {
+    const result = button.parentElement.querySelector(".action-result");
+    if (button.dataset.confirm && !confirm(button.dataset.confirm)) return;
+    let payload = button.dataset.payload ? JSON.parse(button.dataset.payload) : {};
+    if (button.dataset.until) {
+      const seconds = Number(document.getElementById(button.dataset.until).value);
+      payload = { until: Date.now() / 1000 + seconds };
+    }
+    button.disabled = true;
+    try {
+      const data = await api(button.dataset.url, {
+        method: button.dataset.method || "POST",
+        headers: { "Content-Type": "application/json", [CSRF_HEADER]: csrfToken },
+        body: JSON.stringify(payload),
+      });
+      if ("showReceipt" in button.dataset) showResult(result, true, `Sent: ${data.receipt}`);
+      else location.reload();
+    } catch (error) {
+      showResult(result, false, error.message);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  // Set body[a][b] for the field name "a.b".
+  function setPath(target, path, value) {
+    const keys = path.split(".");
+    const last = keys.pop();
+    keys.forEach((key) => (target = target[key] ??= {}));
+    target[last] = value;
+  }
+
+  // A form's fields as the API's JSON body: data-type says how a value reads; empty
+  // fields and those of another kind or type (disabled) are left out.
+  function formBody(form) {
+    const payload = {};
+    for (const el of form.elements) {
+      if (!el.name || el.matches(":disabled")) continue;
+      const type = el.dataset.type;
+      if (type === "ids") {
+        const ids = payload[el.name] ??= [];
+        if (el.type === "checkbox" && el.checked) ids.push(Number(el.value));
+      } else if (type === "boolean") setPath(payload, el.name, el.checked);
+      else if (el.value.trim() === "") continue;
+      else if (type === "number") setPath(payload, el.name, Number(el.value));
+      else if (type === "list") setPath(payload, el.name, el.value.split(",").map((v) => v.trim()).filter(Boolean));
+      else if (type === "json") {
+        try {
+          setPath(payload, el.name, JSON.parse(el.value));
+        } catch (error) {
+          throw new Error(`${el.name}: not valid JSON (${error.message})`);
+        }
+      } else setPath(payload, el.name, el.value.trim());
+    }
+    return payload;
+  }
+
+  // Show the fieldsets of the selected kind (or type) only, and send only theirs.
+  function switchCases(form) {
+    form.querySelectorAll("select[data-switch]").forEach((select) => {
+      const update = () => form.querySelectorAll(`[data-case-of="${select.dataset.switch}"]`).forEach((set) => {
+        set.hidden = set.disabled = set.dataset.case !== select.value;
+      });
+      select.addEventListener("change", update);
+      update();
+    });
+  }
+
+  function alertControls() {
+    document.querySelectorAll("[data-alert-call], [data-alert-js], [data-alert-form]").forEach((el) => (el.hidden = false));
+    document.querySelectorAll("[data-alert-call]").forEach((button) =>
+      button.addEventListener("click", () => alertCall(button))
+    );
+    document.querySelectorAll("form[data-alert-form]").forEach((form) => {
+      switchCases(form);
+      form.addEventListener("submit", async (event) => {
+        event.preventDefault();
+        const result = form.querySelector(".action-result");
+        const submit = form.querySelector("[type=submit]");
+        submit.disabled = true;
+        try {
+          await post(form.dataset.url, formBody(form));
+          location.reload();
+        } catch (error) {
+          showResult(result, false, error.message);
+        } finally {
+          submit.disabled = false;
+        }
+      });
+    });
+  }
+
   // -- start ------------------------------------------------------------------------------
 
   localize(document);
@@ -401,5 +498,6 @@
     if ("liveJobs" in body.dataset) liveJobs();
   }
   if (body.dataset.page === "job") jobActions();
+  if (body.dataset.page?.startsWith("alerts")) alertControls();
   if (body.dataset.liveRefresh) liveRegions(body.dataset.liveRefresh.split(","));
 })();
