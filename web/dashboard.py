@@ -127,9 +127,9 @@ async def _globals() -> dict[str, Any]:
             ("dashboard.jobs", "Jobs"),
             ("dashboard.queues", "Queues"),
             ("dashboard.workers", "Workers"),
+            ("alerts.incidents_page", "Alerts"),
             ("dashboard.diagnostics", "Diagnostics"),
         ),
-            ("alerts.incidents_page", "Alerts"),
         # What their plugins say to do where nothing shows yet (sluice_core/frameworks.py).
         "frameworks": application().frameworks(),
     }
