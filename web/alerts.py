@@ -146,7 +146,7 @@ async def delete_channel(channel_id: int) -> tuple[str, int]:
 
 
 @blueprint.post("/api/alerts/channels/<int:channel_id>/test")
-async def test_channel(channel_id: int) -> dict[str, Any] | Response:
+async def send_test(channel_id: int) -> dict[str, Any] | Response:
     """Send a test notification now: 200 with the receiver's receipt, or 502 with why the
     delivery failed (a message that carries no secret: see DeliveryFailed)."""
     try:
