@@ -41,8 +41,8 @@ lint: venv
 	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK) && cd $(TYPECHECK) && \
 	  ln -s ../../sluice_core sluice_core && ln -s ../../storage sluice_storage && \
 	  ln -s ../../web sluice_web && ln -s ../../plugins/sluice_celery sluice_celery && \
-	  ln -s ../../plugins/sluice_rabbitmq sluice_rabbitmq
-	MYPYPATH=$(TYPECHECK) $(VENV)/bin/mypy -p sluice_core -p sluice_storage -p sluice_web -p sluice_celery -p sluice_rabbitmq
+	  ln -s ../../plugins/sluice_rabbitmq sluice_rabbitmq && ln -s ../../plugins/sluice_alerts sluice_alerts
+	MYPYPATH=$(TYPECHECK) $(VENV)/bin/mypy -p sluice_core -p sluice_storage -p sluice_web -p sluice_celery -p sluice_rabbitmq -p sluice_alerts
 	cd sdk && ../$(VENV)/bin/mypy sluice
 
 bench: venv services

@@ -24,7 +24,7 @@ from sluice_core.sources import Source
 from sluice_core.storage import Storage
 
 # Built-in behaviour is registered through the same hooks a third party uses.
-DEFAULT_PLUGINS = ("sluice_storage.sqlite", "sluice_storage.postgres")
+DEFAULT_PLUGINS = ("sluice_storage.sqlite", "sluice_storage.postgres", "sluice_alerts.plugin")
 
 ENTRY_POINT_GROUP = "sluice"
 
