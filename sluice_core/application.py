@@ -27,7 +27,7 @@ from sluice_core.frameworks import Framework
 from sluice_core.model import Job, JobEvent, Worker, WorkerEvent
 from sluice_core.monitors import workers_task_events
 from sluice_core.remote import Agents
-from sluice_core.storage import ApiKey, DeadLetter, Gap, JobQuery, Page, QueueStats
+from sluice_core.storage import ApiKey, DeadLetter, Gap, JobQuery, Page, Pruned, QueueStats
 
 if TYPE_CHECKING:
     from sluice_core.engine import Engine
@@ -125,6 +125,16 @@ class Diagnostics:
     malformed: list[Malformed]
     dead_letters: list[DeadLetter]  # the newest
     dead_lettered: float  # every event dead-lettered since the start
+    retention: Retention | None = None
+
+
+@attrs.frozen
+class Retention:
+    """The retention policy (sluice_core/retention.py) and this process's last prune."""
+
+    policy: str  # for people: "keeping completed jobs 14 days, failed 30 days"
+    last_pruned_at: float | None = None  # None: this process has not pruned (yet)
+    last: Pruned | None = None
 
 
 class Application(Protocol):
@@ -211,4 +221,9 @@ class EngineApplication:
             dead_letters=await self._engine.storage.list_dead_letters(dead_letters),
             dead_lettered=metrics.registry.get_sample_value("sluice_events_dead_lettered_total")
             or 0,
+            retention=Retention(
+                self._engine.pruner.policy.describe(),
+                self._engine.pruner.last_at,
+                self._engine.pruner.last,
+            ),
         )

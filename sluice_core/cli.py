@@ -1,4 +1,4 @@
-"""The ``sluice`` command: run, agent, web, migrate, plugins, keys, redact."""
+"""The ``sluice`` command: run, agent, web, migrate, plugins, keys, redact, prune."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -37,6 +38,7 @@ from sluice_core.options import (
     KEYS,
     MIGRATE,
     PLUGINS,
+    PRUNE,
     REDACT,
     RUN,
     WEB,
@@ -45,6 +47,7 @@ from sluice_core.options import (
 )
 from sluice_core.plugins import PluginManager
 from sluice_core.redact import Redactor
+from sluice_core.retention import DRY_RUN, PRUNE_BATCH_JOBS, RetentionPolicy
 from sluice_core.storage import ApiKey, ApiKeyExists
 
 log = logging.getLogger("sluice")
@@ -124,6 +127,13 @@ def make_parser(options: OptionParser) -> argparse.ArgumentParser:
         " a dry run that says what would change, unless --apply",
         REDACT,
     )
+    command(
+        commands,
+        PRUNE,
+        "delete the jobs the retention policy expires (--retain-days, --retain-failed-days,"
+        " --retain), with their events; --dry-run only counts them",
+        PRUNE,
+    )
     keys = commands.add_parser(
         KEYS, help="API keys for the ingest endpoints (the SDK, remote agents)"
     )
@@ -177,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return trio.run(_keys, config, pm, args.keys_command, getattr(args, "name", None))
         if args.command == REDACT:
             return trio.run(_redact, config, pm)
+        if args.command == PRUNE:
+            return trio.run(_prune, config, pm)
         if args.command == AGENT:
             return trio.run(_agent, config, pm)
         if args.command == WEB:
@@ -259,6 +271,31 @@ async def _redact(config: Config, pm: PluginManager) -> int:
         print("dry run: nothing was changed; run again with --apply to replace them")
     elif found.note:
         print(found.note)
+    return 0
+
+
+async def _prune(config: Config, pm: PluginManager) -> int:
+    policy = RetentionPolicy.from_config(config)
+    dry_run = config.get(DRY_RUN)
+    storage = pm.storage(config)
+    await storage.open()
+    try:
+        before = await storage.footprint()
+        pruned = await storage.prune(
+            policy, time.time(), dry_run=dry_run, batch=config.get(PRUNE_BATCH_JOBS)
+        )
+        after = await storage.footprint()
+    finally:
+        await storage.aclose()
+    print(policy.describe())
+    verb = "would delete" if dry_run else "deleted"
+    for state in sorted(pruned.jobs_by_state):
+        print(f"{state}: {verb} {pruned.jobs_by_state[state]} jobs")
+    print(f"total: {verb} {pruned.jobs} jobs and {pruned.events} events"
+          f" in {pruned.chunks} transactions (longest {pruned.longest_chunk_s * 1000:.0f} ms)")
+    print(f"database: {before.bytes} bytes before, {after.bytes} after")
+    if dry_run:
+        print("dry run: nothing was deleted")
     return 0
 
 

@@ -42,6 +42,7 @@ from sluice_core.options import (
     text,
 )
 from sluice_core.redact import DEFAULT_KEYS, DEFAULT_PATTERNS
+from sluice_core.retention import OPTIONS as RETENTION_OPTIONS
 from sluice_core.storage import DEFAULT_STUCK_AFTER_S, REDACT_BATCH
 
 T = TypeVar("T")
@@ -312,6 +313,7 @@ CORE_OPTIONS: tuple[Option[Any], ...] = (
     REDACT_PATTERNS,
     APPLY,
     REDACT_BATCH_JOBS,
+    *RETENTION_OPTIONS,
 )
 
 

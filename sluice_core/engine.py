@@ -35,6 +35,7 @@ from sluice_core.probes import Probe, WorkerProbe
 from sluice_core.reader import ReaderProcess, totals
 from sluice_core.reconcile import GapWatch
 from sluice_core.remote import Agents
+from sluice_core.retention import PRUNE_BATCH_JOBS, PRUNE_INTERVAL, Pruner, RetentionPolicy
 from sluice_core.sources import Source, run_sources
 from sluice_core.spool import Spool
 from sluice_core.storage import IngestResult
@@ -124,6 +125,13 @@ class Engine:
             sources=lambda: self.pipeline.sources,
             dropped=self._dropped,
             backlog=lambda: self.pipeline.backlog()[0],
+        )
+        self.pruner = Pruner(
+            self.storage,
+            self.metrics,
+            RetentionPolicy.from_config(config),
+            interval=config.get(PRUNE_INTERVAL),
+            batch=config.get(PRUNE_BATCH_JOBS),
         )
         self.web_addresses: list[str] = []
         self._stop_requested = trio.Event()
@@ -221,11 +229,12 @@ class Engine:
 
     async def _run_duties(self) -> None:
         """What one process of an HA pair does for both: concluding from silence, and
-        probing queues (two probes would only double the samples)."""
+        probing queues (two probes would only double the samples), pruning."""
         async with trio.open_nursery() as nursery:
             for probe in self.probes:
                 nursery.start_soon(self._poll, probe)
             nursery.start_soon(self.worker_monitor.run)
+            nursery.start_soon(self.pruner.run)
 
     async def _poll(self, probe: Probe) -> None:
         while True:

@@ -21,7 +21,7 @@ from prometheus_client import (
 
 from sluice_core import validate
 from sluice_core.model import JobState, Normalized, QueueSample, Worker
-from sluice_core.storage import MAX_PAGE, IngestResult, JobQuery, Storage
+from sluice_core.storage import MAX_PAGE, IngestResult, JobQuery, Pruned, Storage
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,28 @@ class Metrics:
         self.source_up = Gauge(
             "sluice_source_up", "1 when a source is connected", ["source"], registry=r
         )
+        # Retention (sluice_core/retention.py).
+        self.jobs_pruned = Counter(
+            "sluice_jobs_pruned", "Jobs deleted by retention, by state", ["state"], registry=r
+        )
+        self.events_pruned = Counter(
+            "sluice_events_pruned", "Job events deleted with their jobs by retention", registry=r
+        )
+        self.last_prune = Gauge(
+            "sluice_last_prune_timestamp_seconds",
+            "When this process last pruned (epoch seconds)",
+            registry=r,
+        )
+        self.oldest_job = Gauge(
+            "sluice_oldest_job_timestamp_seconds",
+            "When the oldest stored job was created (epoch seconds; 0 when none is stored)",
+            registry=r,
+        )
+        self.database_bytes = Gauge(
+            "sluice_database_bytes",
+            "Bytes the database takes on disk (SQLite: the file and its WAL)",
+            registry=r,
+        )
 
     def observe_ingest(self, result: IngestResult) -> None:
         """Count a stored batch's new events (each once: duplicates are not in it)."""
@@ -182,6 +204,12 @@ class Metrics:
             )
             if worker.last_heartbeat is not None:
                 self.worker_heartbeat.labels(worker.hostname).set(worker.last_heartbeat)
+
+    def observe_prune(self, pruned: Pruned, at: float) -> None:
+        for state, n in pruned.jobs_by_state.items():
+            self.jobs_pruned.labels(state).inc(n)
+        self.events_pruned.inc(pruned.events)
+        self.last_prune.set(at)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -243,3 +271,6 @@ class StorageGauges:
         m.observe_workers(await storage.list_workers())
         stuck = await storage.list_jobs(JobQuery(stuck=True, limit=MAX_PAGE))
         m.jobs_stuck.set(len(stuck.jobs))
+        footprint = await storage.footprint()
+        m.database_bytes.set(footprint.bytes)
+        m.oldest_job.set(footprint.oldest_job_at or 0)

@@ -34,13 +34,14 @@ T_co = TypeVar("T_co", covariant=True)
 RUN, AGENT, WEB = "run", "agent", "web"
 MIGRATE, PLUGINS, KEYS = "migrate", "plugins", "keys"
 REDACT = "redact"  # scrub the database with the redaction rules
+PRUNE = "prune"  # delete what the retention policy expires
 # Store events (from brokers, or pushed to a web replica's ingest endpoint) and act on
 # the brokers (retry, revoke): the default.
 ENGINE = frozenset({RUN, AGENT, WEB})
 SOURCES = frozenset({RUN, AGENT})  # read the brokers: buffers, probes, monitors
 SERVING = frozenset({RUN, WEB})  # the dashboard and the API
-DATABASE = frozenset({RUN, AGENT, WEB, MIGRATE, KEYS, REDACT})
-EVERY = frozenset({RUN, AGENT, WEB, MIGRATE, PLUGINS, KEYS, REDACT})
+DATABASE = frozenset({RUN, AGENT, WEB, MIGRATE, KEYS, REDACT, PRUNE})
+EVERY = frozenset({RUN, AGENT, WEB, MIGRATE, PLUGINS, KEYS, REDACT, PRUNE})
 
 
 @attrs.frozen

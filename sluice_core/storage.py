@@ -18,6 +18,7 @@ from sluice_core.model import Job, JobEvent, JobState, QueueSample, Worker, Work
 from sluice_core.probes import WorkerQueues
 from sluice_core.redact import Redactor
 
+from sluice_core.retention import PRUNE_BATCH, RetentionPolicy
 MAX_PAGE = 500
 DEFAULT_PAGE = 50
 # A job is stuck when queued this long with no worker taking it, or active far
@@ -163,6 +164,43 @@ class Gap:
 
 
 # Jobs (with their events) scrubbed in one transaction by Storage.redact.
+@attrs.frozen
+class Pruned:
+    """What :meth:`Storage.prune` deleted (or, in a dry run, would delete)."""
+
+    jobs_by_state: dict[str, int] = attrs.field(factory=dict)
+    events: int = 0
+    chunks: int = 0  # transactions (a dry run's reads count alike)
+    largest_chunk: int = 0  # the most jobs one transaction deleted
+    longest_chunk_s: float = 0.0  # the longest of those transactions, in seconds
+    dry_run: bool = False
+
+    @property
+    def jobs(self) -> int:
+        return sum(self.jobs_by_state.values())
+
+    def __add__(self, other: Pruned) -> Pruned:
+        states = dict(self.jobs_by_state)
+        for state, n in other.jobs_by_state.items():
+            states[state] = states.get(state, 0) + n
+        return Pruned(
+            states,
+            self.events + other.events,
+            self.chunks + other.chunks,
+            max(self.largest_chunk, other.largest_chunk),
+            max(self.longest_chunk_s, other.longest_chunk_s),
+            self.dry_run or other.dry_run,
+        )
+
+
+@attrs.frozen
+class Footprint:
+    """How much history the database holds (``/metrics``)."""
+
+    bytes: int  # on disk: SQLite's file and its WAL; PostgreSQL's database
+    oldest_job_at: float | None  # the oldest stored job's created_at
+
+
 REDACT_BATCH = 500
 
 
@@ -252,6 +290,23 @@ class Storage(Protocol):
 
     async def job_throughput(self, since: float, bucket_s: float) -> list[tuple[float, int, int]]:
         """Jobs that finished since ``since``, per bucket of ``bucket_s`` seconds.
+
+    async def prune(
+        self,
+        policy: RetentionPolicy,
+        now: float,
+        *,
+        dry_run: bool = False,
+        batch: int = PRUNE_BATCH,
+    ) -> Pruned:
+        """Delete the jobs ``policy`` says have expired at ``now``, with their events,
+        search entries and their share of the overview's counts (sluice_core/retention.py):
+        at most ``batch`` jobs a transaction, each its own short one, yielding between
+        them so ingest is never held up long. Then give the space back where the
+        backend can (SQLite: incremental vacuum, WAL truncated). With ``dry_run``,
+        delete nothing and count what would go."""
+
+    async def footprint(self) -> Footprint: ...
 
         ``(bucket start, completed, failed)``, oldest first; buckets with neither are left out.
         Counted by the minute (``bucket_s`` a multiple of 60): the minute holding ``since``

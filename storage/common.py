@@ -38,6 +38,7 @@ from sluice_core.storage import (
     Gap,
     IngestResult,
     JobQuery,
+from sluice_core.retention import PRUNE_BATCH, RetentionPolicy
     Page,
     QueueStats,
     Redacted,
@@ -45,11 +46,13 @@ from sluice_core.storage import (
 )
 
 # -- rows -------------------------------------------------------------------
+    Footprint,
 
 # Column order of every statement that reads or writes whole rows.
 JOB_COLUMNS = (
     "id", "framework", "state", "name", "queue", "worker", "args", "kwargs", "result",
     "exception", "traceback", "retries", "parent_id", "root_id", "eta", "expires",
+    Pruned,
     "sent_at", "received_at", "started_at", "finished_at", "runtime", "created_at",
     "updated_at", "retry_of", "retried_as", "extra",
     "fold_ts", "fold_event", "fold_attempt", "fold_rank_attempt", "fold_rank_state",
@@ -1095,6 +1098,147 @@ class SharedSql:
 
     async def get_job(self, job_id: str) -> Job | None:
         row = await self._read(
+    # -- retention (sluice_core/retention.py) ----------------------------------------
+
+    def _unindex(self, conn: Any, seqs: list[int]) -> None:
+        """Delete the search entries of these jobs (an index of its own only)."""
+
+    async def _pruned(self) -> None:
+        """After a prune that deleted rows: give the space back where the backend can."""
+
+    def _database_bytes(self, conn: Any) -> int:
+        raise NotImplementedError
+
+    async def prune(
+        self,
+        policy: RetentionPolicy,
+        now: float,
+        *,
+        dry_run: bool = False,
+        batch: int = PRUNE_BATCH,
+    ) -> Pruned:
+        run = self._read if dry_run else self._write
+        total = Pruned(dry_run=dry_run)
+        for state, cutoff in policy.scan(now).items():
+            after: tuple[float, int] | None = None
+            while True:
+                found = await run(
+                    functools.partial(
+                        self._prune_chunk, policy=policy, state=state, cutoff=cutoff, now=now,
+                        after=after, batch=batch, dry_run=dry_run,
+                    )
+                )
+                if found is None:
+                    break
+                # The write limiter is fair (first come, first served): an ingest waiting
+                # for the writer takes it before this loop's next chunk does.
+                after, counts = found
+                total += counts
+        if total.jobs and not dry_run:
+            await self._pruned()
+        return total
+
+    def _prune_chunk(
+        self,
+        conn: Any,
+        *,
+        policy: RetentionPolicy,
+        state: JobState,
+        cutoff: float,
+        now: float,
+        after: tuple[float, int] | None,
+        batch: int,
+        dry_run: bool,
+    ) -> tuple[tuple[float, int], Pruned] | None:
+        """The next ``batch`` jobs of ``state`` last changed before ``cutoff``, after the
+        ``(updated_at, seq)`` cursor ``after``: those ``policy`` expires are deleted (or
+        counted). The new cursor and the counts; None past the last."""
+        started = time.perf_counter()
+        p = self._marker
+        where, params = [f"state = {p}", f"updated_at < {p}"], [state.value, cutoff]
+        if after is not None:
+            where.append(f"(updated_at, seq) > ({p}, {p})")
+            params += list(after)
+        # Walked by the (state, updated_at) index (migration 0011), oldest first; a kept
+        # job (a longer rule for its name) is passed over by the cursor, not read again.
+        found = conn.execute(
+            f"SELECT updated_at, seq FROM jobs WHERE {' AND '.join(where)}"
+            f" ORDER BY updated_at, seq LIMIT {p}",
+            (*params, batch),
+        ).fetchall()
+        if not found:
+            return None
+        last = (found[-1][0], found[-1][1])
+        # The rows themselves, locked as ingest locks them (in id order: no deadlock with
+        # it), and judged as they are now: a late event may have moved one meanwhile.
+        rows = conn.execute(
+            f"SELECT seq, {cols(JOB_COLUMNS)} FROM jobs WHERE {' AND '.join(where)}"
+            f" AND (updated_at, seq) <= ({p}, {p})"
+            f" ORDER BY id{'' if dry_run else self._lock_rows}",
+            (*params, *last),
+        ).fetchall()
+        expired = [
+            (seq, job)
+            for seq, *row in rows
+            if policy.expired((job := job_from_row(row)).state, job.name, job.updated_at, now)
+        ]
+        key = "job_seq" if self._events_by_seq else "job_id"
+        events_where, events_params = self._dialect.any_of(
+            key, [seq if self._events_by_seq else job.id for seq, job in expired]
+        )
+        if not expired:
+            events = 0
+        elif dry_run:
+            events = conn.execute(
+                f"SELECT count(*) FROM job_events WHERE {events_where}", events_params
+            ).fetchone()[0]
+        else:
+            events = self._delete_jobs(conn, expired, events_where, events_params)
+        return last, Pruned(
+            {state.value: len(expired)} if expired else {},
+            events=int(events),
+            chunks=1,
+            largest_chunk=len(expired),
+            longest_chunk_s=time.perf_counter() - started,
+            dry_run=dry_run,
+        )
+
+    def _delete_jobs(
+        self, conn: Any, jobs: list[tuple[int, Job]], events_where: str, events_params: list[Any]
+    ) -> int:
+        """Delete these ``(seq, job)``, their events and search entries, and take them out
+        of the overview's counts (migration 0009) as ingest would: the counts stay what
+        a count of the jobs left says. Returns the events deleted."""
+        cur = conn.cursor()
+        cur.execute(f"DELETE FROM job_events WHERE {events_where}", events_params)
+        events = int(cur.rowcount)
+        self._unindex(conn, sorted(seq for seq, _ in jobs))
+        ids_where, ids_params = self._dialect.any_of("id", [job.id for _, job in jobs])
+        cur.execute(f"DELETE FROM jobs WHERE {ids_where}", ids_params)
+        rollup = Rollup()
+        for _, job in jobs:
+            rollup.count(job, -1)
+        self._transaction(conn).add_counts(rollup)
+        # Counts down to nothing are rows no reader needs: a year of pruned minutes
+        # would otherwise stay as zeros.
+        minutes = [minute for minute, _ in rollup.finished]
+        if minutes:
+            p = self._marker
+            for table in ("job_finished", "job_failures"):
+                cur.execute(
+                    f"DELETE FROM {table} WHERE minute >= {p} AND minute <= {p} AND jobs = 0",
+                    (min(minutes), max(minutes)),
+                )
+        cur.execute("DELETE FROM job_states WHERE jobs = 0")
+        return events
+
+    async def footprint(self) -> Footprint:
+        def read(conn: Any) -> Footprint:
+            oldest = conn.execute("SELECT min(created_at) FROM jobs").fetchone()[0]
+            return Footprint(self._database_bytes(conn), oldest)
+
+        return await self._read(read)
+
             lambda conn: conn.execute(
                 f"SELECT {cols(JOB_COLUMNS)} FROM jobs WHERE id = {self._marker}", (job_id,)
             ).fetchone()

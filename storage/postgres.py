@@ -599,6 +599,11 @@ class PostgresStorage(common.SharedSql):
             " dead_letters (it locks each table while it rewrites it)"
         )
 
+    def _database_bytes(self, conn: psycopg.Connection[Any]) -> int:
+        row = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+        assert row is not None  # always one row
+        return int(row[0])
+
     async def ping(self) -> None:
         # Abandoned when the caller stops waiting (/healthz has a deadline; a connection
         # attempt may hang for CONNECT_TIMEOUT, a query on a hung server for ever), and

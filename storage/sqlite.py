@@ -9,6 +9,7 @@ waits (busy_timeout) instead of failing half-way.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -32,6 +33,8 @@ from sluice_storage import common
 from sluice_storage.common import EVENT_COLUMNS, JOB_COLUMNS, WORKER_COLUMNS, cols
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 10_000
 READERS = 4
@@ -65,6 +68,13 @@ def _path(url: str) -> Path:
 
 
 WRITER_CACHE_KIB = 64 * 1024
+WAL_KEPT_BYTES = 4 * 2**20
+# A file made before incremental auto-vacuum is switched to it at open by a VACUUM (which
+# rewrites it whole, holding the writer: about a second per 200 MB) only below this size.
+VACUUM_AT_OPEN_BYTES = 256 * 2**20
+# Pages an incremental vacuum step moves and frees in one write (about 10 ms; see
+# docs/architecture.md, Retention).
+VACUUM_STEP_PAGES = 2_000
 
 
 def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
@@ -76,6 +86,9 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     if readonly:
         conn.execute("PRAGMA query_only = ON")
     else:
+        # Before the first table is created this makes a new file give back what a prune
+        # frees (sluice_core/retention.py); an older file needs a VACUUM (see open).
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("PRAGMA journal_mode = WAL")
         # With WAL, NORMAL loses at most the last transactions on power loss, never integrity.
         conn.execute("PRAGMA synchronous = NORMAL")
@@ -86,6 +99,9 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
         # Checkpoint every 64 MiB of WAL rather than 4 MiB: fewer, larger copies
         # back into the database (measured about a fifth more ingest).
         conn.execute("PRAGMA wal_autocheckpoint = 16384")
+        # That is a 67 MB WAL (16384 pages of 4 KiB and their headers), and a WAL file is
+        # never made smaller by itself: past a checkpoint, cut it back to this.
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_KEPT_BYTES}")
     return conn
 
 
@@ -387,13 +403,40 @@ class SQLiteStorage(common.SharedSql):
             # file system"), where SQLite would only say "unable to open database file".
             with self._path.open("ab"):
                 pass
-            return await self.migrate()
+            applied = await self.migrate()
+            await self._plain_write(self._incremental_vacuum_on)
+            return applied
         except OSError as exc:
             raise self._unwritable((exc.strerror or str(exc)).lower()) from None
         except sqlite3.OperationalError as exc:
             if exc.sqlite_errorcode & 0xFF not in UNWRITABLE:
                 raise
             raise self._unwritable(str(exc)) from None
+
+    def _incremental_vacuum_on(self, conn: sqlite3.Connection) -> None:
+        if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:  # INCREMENTAL
+            return
+        size = self._path.stat().st_size
+        if size > VACUUM_AT_OPEN_BYTES:
+            log.warning(
+                "%s does not give back the space pruning frees (made before Sluice 0.11):"
+                " with Sluice stopped, run sqlite3 %s 'PRAGMA auto_vacuum = INCREMENTAL; VACUUM'",
+                self._path, self._path,
+            )
+            return
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("VACUUM")
+
+    async def _plain_write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn`` on the writer connection outside a transaction (what a transaction
+        cannot hold: VACUUM, checkpoints)."""
+
+        def run() -> T:
+            if self._writer is None:
+                self._writer = _connect(self._path, readonly=False)
+            return fn(self._writer)
+
+        return await trio.to_thread.run_sync(run, limiter=self._write_limiter)
 
     def _unwritable(self, reason: str) -> ConfigError:
         return ConfigError(
@@ -460,6 +503,50 @@ class SQLiteStorage(common.SharedSql):
 
         await trio.to_thread.run_sync(checkpoint, limiter=self._write_limiter)
         return ""
+
+    # -- retention -------------------------------------------------------------------
+
+    def _unindex(self, conn: sqlite3.Connection, seqs: list[int]) -> None:
+        # In ascending rowids, as ingest writes them (see _Transaction.write_jobs).
+        conn.executemany("DELETE FROM job_search WHERE rowid = ?", [(seq,) for seq in seqs])
+
+    def _database_bytes(self, conn: sqlite3.Connection) -> int:
+        return sum(
+            path.stat().st_size
+            for path in (self._path, self._path.with_name(self._path.name + "-wal"))
+            if path.exists()
+        )
+
+    async def _pruned(self) -> None:
+        # What the prune freed goes back to the file system a step at a time, each its own
+        # short write: moving pages holds the writer like any transaction.
+        def step(conn: sqlite3.Connection) -> bool:
+            if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+                return False  # an old file (see _incremental_vacuum_on): pages are reused
+            free: int = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            # A step per page: fetchall runs them all.
+            conn.execute(f"PRAGMA incremental_vacuum({VACUUM_STEP_PAGES})").fetchall()
+            left: int = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            return 0 < left < free
+
+        while await self._write(step):
+            pass  # between steps, a waiting ingest takes the writer (the limiter is fair)
+        await self._plain_write(self._checkpoint)
+
+    @staticmethod
+    def _checkpoint(conn: sqlite3.Connection) -> None:
+        # The WAL holds every page the prune and the vacuum wrote: copy them into the file
+        # (which shrinks then) and empty the WAL. A reader still on an older snapshot makes
+        # it wait: 50 ms at most, not the usual busy timeout, with the writer held;
+        # journal_size_limit then cuts the WAL back at the next write instead.
+        conn.execute("PRAGMA busy_timeout = 50")
+        try:
+            busy, frames, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if busy:
+            log.info("after pruning: WAL checkpoint blocked by a reader (%d of %d frames)",
+                     done, frames)
 
     async def ping(self) -> None:
         # Abandoned when the caller stops waiting (/healthz has a deadline), and one at a

@@ -337,6 +337,7 @@ async def diagnostics() -> str:
 
 
 @blueprint.get("/favicon.ico")
+        retention=found.retention,
 async def favicon() -> ResponseReturnValue:
     # Browsers ask for it where no page links an icon: the API's JSON, /metrics.
     return redirect(url_for("static", filename="favicon.svg"))
