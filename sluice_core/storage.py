@@ -17,8 +17,8 @@ from sluice_core.leader import LeaderLock
 from sluice_core.model import Job, JobEvent, JobState, QueueSample, Worker, WorkerEvent
 from sluice_core.probes import WorkerQueues
 from sluice_core.redact import Redactor
-
 from sluice_core.retention import PRUNE_BATCH, RetentionPolicy
+
 MAX_PAGE = 500
 DEFAULT_PAGE = 50
 # A job is stuck when queued this long with no worker taking it, or active far
@@ -163,7 +163,6 @@ class Gap:
         return self.ended_at - self.started_at
 
 
-# Jobs (with their events) scrubbed in one transaction by Storage.redact.
 @attrs.frozen
 class Pruned:
     """What :meth:`Storage.prune` deleted (or, in a dry run, would delete)."""
@@ -201,6 +200,7 @@ class Footprint:
     oldest_job_at: float | None  # the oldest stored job's created_at
 
 
+# Jobs (with their events) scrubbed in one transaction by Storage.redact.
 REDACT_BATCH = 500
 
 
@@ -262,6 +262,23 @@ class Storage(Protocol):
 
     async def count_jobs_by_state(self) -> dict[str, int]: ...
 
+    async def prune(
+        self,
+        policy: RetentionPolicy,
+        now: float,
+        *,
+        dry_run: bool = False,
+        batch: int = PRUNE_BATCH,
+    ) -> Pruned:
+        """Delete the jobs ``policy`` says have expired at ``now``, with their events,
+        search entries and their share of the overview's counts (sluice_core/retention.py):
+        at most ``batch`` jobs a transaction, each its own short one, yielding between
+        them so ingest is never held up long. Then give the space back where the
+        backend can (SQLite: incremental vacuum, WAL truncated). With ``dry_run``,
+        delete nothing and count what would go."""
+
+    async def footprint(self) -> Footprint: ...
+
     async def list_workers(self) -> list[Worker]: ...
 
     async def record_queue_samples(self, samples: list[QueueSample]) -> None: ...
@@ -290,23 +307,6 @@ class Storage(Protocol):
 
     async def job_throughput(self, since: float, bucket_s: float) -> list[tuple[float, int, int]]:
         """Jobs that finished since ``since``, per bucket of ``bucket_s`` seconds.
-
-    async def prune(
-        self,
-        policy: RetentionPolicy,
-        now: float,
-        *,
-        dry_run: bool = False,
-        batch: int = PRUNE_BATCH,
-    ) -> Pruned:
-        """Delete the jobs ``policy`` says have expired at ``now``, with their events,
-        search entries and their share of the overview's counts (sluice_core/retention.py):
-        at most ``batch`` jobs a transaction, each its own short one, yielding between
-        them so ingest is never held up long. Then give the space back where the
-        backend can (SQLite: incremental vacuum, WAL truncated). With ``dry_run``,
-        delete nothing and count what would go."""
-
-    async def footprint(self) -> Footprint: ...
 
         ``(bucket start, completed, failed)``, oldest first; buckets with neither are left out.
         Counted by the minute (``bucket_s`` a multiple of 60): the minute holding ``since``

@@ -28,6 +28,7 @@ from sluice_core.config import STUCK_AFTER, Config
 from sluice_core.model import Job, JobEvent, JobState, QueueSample, Worker, WorkerEvent
 from sluice_core.probes import WorkerQueues
 from sluice_core.redact import Redactor
+from sluice_core.retention import PRUNE_BATCH, RetentionPolicy
 from sluice_core.storage import (
     DEAD_LETTERS_KEPT,
     DEFAULT_STUCK_AFTER_S,
@@ -35,24 +36,23 @@ from sluice_core.storage import (
     ApiKey,
     ApiKeyExists,
     DeadLetter,
+    Footprint,
     Gap,
     IngestResult,
     JobQuery,
-from sluice_core.retention import PRUNE_BATCH, RetentionPolicy
     Page,
+    Pruned,
     QueueStats,
     Redacted,
     RejectedData,
 )
 
 # -- rows -------------------------------------------------------------------
-    Footprint,
 
 # Column order of every statement that reads or writes whole rows.
 JOB_COLUMNS = (
     "id", "framework", "state", "name", "queue", "worker", "args", "kwargs", "result",
     "exception", "traceback", "retries", "parent_id", "root_id", "eta", "expires",
-    Pruned,
     "sent_at", "received_at", "started_at", "finished_at", "runtime", "created_at",
     "updated_at", "retry_of", "retried_as", "extra",
     "fold_ts", "fold_event", "fold_attempt", "fold_rank_attempt", "fold_rank_state",
@@ -1086,18 +1086,6 @@ class SharedSql:
             )
         return Redacted(dead_letters=len(rows), dead_letters_changed=len(changed))
 
-    async def list_dead_letters(self, limit: int) -> list[DeadLetter]:
-        rows = await self._read(
-            lambda conn: conn.execute(
-                "SELECT kind, event, reason, created_at, id FROM dead_letters"
-                f" ORDER BY id DESC LIMIT {self._marker}",
-                (limit,),
-            ).fetchall()
-        )
-        return [DeadLetter(*row) for row in rows]
-
-    async def get_job(self, job_id: str) -> Job | None:
-        row = await self._read(
     # -- retention (sluice_core/retention.py) ----------------------------------------
 
     def _unindex(self, conn: Any, seqs: list[int]) -> None:
@@ -1239,6 +1227,18 @@ class SharedSql:
 
         return await self._read(read)
 
+    async def list_dead_letters(self, limit: int) -> list[DeadLetter]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT kind, event, reason, created_at, id FROM dead_letters"
+                f" ORDER BY id DESC LIMIT {self._marker}",
+                (limit,),
+            ).fetchall()
+        )
+        return [DeadLetter(*row) for row in rows]
+
+    async def get_job(self, job_id: str) -> Job | None:
+        row = await self._read(
             lambda conn: conn.execute(
                 f"SELECT {cols(JOB_COLUMNS)} FROM jobs WHERE id = {self._marker}", (job_id,)
             ).fetchone()

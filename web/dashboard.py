@@ -333,11 +333,11 @@ async def diagnostics() -> str:
         letters=found.dead_letters,
         kept=DEAD_LETTERS_KEPT,
         dead_lettered=found.dead_lettered,
+        retention=found.retention,
     )
 
 
 @blueprint.get("/favicon.ico")
-        retention=found.retention,
 async def favicon() -> ResponseReturnValue:
     # Browsers ask for it where no page links an icon: the API's JSON, /metrics.
     return redirect(url_for("static", filename="favicon.svg"))
