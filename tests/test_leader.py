@@ -166,12 +166,13 @@ async def test_of_two_engines_on_one_database_one_runs_the_duties(pg_url: str) -
 
 
 def _leader_sessions(pg_url: str) -> tuple[int, int]:
-    """Sessions of leader locks in the database, and advisory locks they hold."""
+    """Sessions of leader locks in this database, and advisory locks they hold (not
+    those of Sluices on other databases of the same server)."""
     with psycopg.connect(pg_url, autocommit=True) as conn:
         row = conn.execute(
             "SELECT count(*), (SELECT count(*) FROM pg_locks l WHERE l.locktype = 'advisory'"
             "   AND l.granted AND l.pid IN (SELECT pid FROM pg_stat_activity"
-            "   WHERE application_name LIKE 'sluice-leader/%'))"
+            "   WHERE application_name LIKE 'sluice-leader/%' AND datname = current_database()))"
             " FROM pg_stat_activity"
             " WHERE application_name LIKE 'sluice-leader/%' AND datname = current_database()"
         ).fetchone()
