@@ -72,7 +72,7 @@ WAL_KEPT_BYTES = 4 * 2**20
 # A file made before incremental auto-vacuum is switched to it at open by a VACUUM (which
 # rewrites it whole, holding the writer: about a second per 200 MB) only below this size.
 VACUUM_AT_OPEN_BYTES = 256 * 2**20
-# Pages an incremental vacuum step moves and frees in one write (about 10 ms; see
+# Pages an incremental vacuum step moves and frees in one write (6 ms median, 21 ms at most; see
 # docs/architecture.md, Retention).
 VACUUM_STEP_PAGES = 2_000
 
