@@ -8,11 +8,12 @@ so every backend merges events the same way.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import attrs
 
+from sluice_core.alerting.model import Channel, Incident, IncidentState, Rule
 from sluice_core.leader import LeaderLock
 from sluice_core.model import Job, JobEvent, JobState, QueueSample, Worker, WorkerEvent
 from sluice_core.probes import WorkerQueues
@@ -224,6 +225,34 @@ class Redacted:
         )
 
 
+@attrs.frozen
+class Notification:
+    """A row of the alerting outbox: one message for one channel, until delivered or
+    given up (sluice_core/alerting/outbox.py). ``body`` is the message's fields
+    (:func:`sluice_core.alerting.outbox.message_from_body` makes it a Message again)."""
+
+    incident_id: int | None  # None for a summary of several
+    channel_id: int
+    event: str  # "incident.firing", "incident.resolved", "summary"
+    body: Mapping[str, Any]
+    created_at: float
+    next_attempt_at: float
+    attempts: int = 0
+    id: int | None = None  # once stored
+
+
+@attrs.frozen
+class TimelineEntry:
+    """A row of an incident's timeline (``IncidentDetail.timeline``)."""
+
+    at: float
+    what: str  # "pending", "firing", "resolved", "queued", "delivered", "failed", ...
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"at": self.at, "what": self.what, "detail": self.detail}
+
+
 class Storage(Protocol):
     url: str  # without credentials: safe to show
     # How many ingest transactions may run at once: the pipeline splits its batches
@@ -382,3 +411,104 @@ class Storage(Protocol):
         extra, the search index, dead letters; ``batch`` jobs and their events a
         transaction, so a large database is never locked long. Without ``apply``,
         change nothing and count what would change. Idempotent."""
+
+    # -- alerting (migration 0010; docs/alerting.md) ----------------------------------
+
+    async def name_outcomes(
+        self,
+        name: str,
+        since: float,
+        created_since: float,
+        queue: str | None = None,
+        worker: str | None = None,
+    ) -> tuple[int, int]:
+        """``(failed, finished)``: runs of ``name`` (on ``queue``, ``worker``) that failed, and
+        that failed or completed, since ``since``, among those created since
+        ``created_since`` (which bounds the read: a range of the name's index)."""
+
+    async def latest_queue_samples(self) -> list[QueueSample]:
+        """Each queue's latest probe sample."""
+
+    async def alert_channels(self) -> list[Channel]:
+        """Every channel, oldest first, with its config (secrets included: the caller
+        masks them)."""
+
+    async def add_alert_channel(
+        self, name: str, type: str, config: Mapping[str, Any], at: float
+    ) -> Channel:
+        """Raises :class:`~sluice_core.alerting.model.Invalid` (``name``) if one has it."""
+
+    async def delete_alert_channel(self, channel_id: int) -> bool:
+        """False if there was none."""
+
+    async def alert_rules(self) -> list[Rule]:
+        """Every rule, oldest first."""
+
+    async def save_alert_rule(self, rule: Rule) -> Rule:
+        """Insert a rule (``id`` 0) or replace the rule of that id; the rule as stored.
+        Raises :class:`~sluice_core.alerting.model.Invalid` (``name``) if another rule has
+        its name, :class:`~sluice_core.alerting.model.NotFound` for an unknown id."""
+
+    async def delete_alert_rule(self, rule_id: int) -> bool:
+        """Delete the rule; its open incidents are resolved (history stays). False if none."""
+
+    async def replace_file_rules(self, rules: Sequence[Rule]) -> list[Rule]:
+        """Make the rules of the configuration file (``from_file``) exactly ``rules``, by
+        name, in one transaction; a rule the API made with one of their names becomes the
+        file's. The file's rules as stored."""
+
+    async def open_incidents(self) -> list[Incident]:
+        """Every pending or firing incident."""
+
+    async def list_incidents(self, state: IncidentState | None, limit: int) -> list[Incident]:
+        """The newest ``limit`` incidents (of ``state``), newest first."""
+
+    async def get_incident(self, incident_id: int) -> Incident | None: ...
+
+    async def save_incident(
+        self,
+        incident: Incident,
+        log: Sequence[TimelineEntry] = (),
+        notify: Sequence[Notification] = (),
+    ) -> Incident:
+        """Insert (``id`` 0) or update the incident (but its acks and silences, see
+        :meth:`mark_incident`), add ``log`` to its timeline and queue
+        ``notify`` (their ``incident_id`` set to its id), in one transaction: a state
+        change and its notifications are stored together or not at all. Inserting while
+        the rule's group has an open incident already (another leader's) changes nothing
+        and returns that one."""
+
+    async def mark_incident(
+        self,
+        incident_id: int,
+        entry: TimelineEntry,
+        *,
+        acked_by: str | None = None,
+        silenced_until: float | None = None,
+    ) -> Incident | None:
+        """An operator's mark: acknowledged (``entry.what`` "acknowledged", at
+        ``entry.at``, by ``acked_by``) or silenced until ``silenced_until``; ``entry`` goes
+        on the timeline. :meth:`save_incident` never overwrites these. None if unknown."""
+
+    async def incident_timeline(self, incident_id: int) -> list[TimelineEntry]:
+        """Oldest first."""
+
+    async def due_notifications(self, now: float, limit: int) -> list[Notification]:
+        """Outbox rows due at ``now`` (neither delivered nor given up), oldest first."""
+
+    async def notification_attempted(
+        self,
+        notification: Notification,
+        entry: TimelineEntry,
+        *,
+        delivered: bool = False,
+        retry_at: float | None = None,
+    ) -> None:
+        """Record one delivery attempt of a row (its incident's timeline gets ``entry``):
+        delivered, to be retried at ``retry_at``, or (neither) given up."""
+
+    async def merge_notifications(
+        self, merged: Sequence[Notification], summary: Notification, at: float
+    ) -> Notification:
+        """Queue ``summary`` in place of ``merged`` (which are closed as delivered in it,
+        each incident's timeline saying so), in one transaction; the summary as stored."""

@@ -17,13 +17,23 @@ import math
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import attrs
 import orjson
 
 from sluice_core import merge
+from sluice_core.alerting.model import (
+    Channel,
+    Incident,
+    IncidentState,
+    Invalid,
+    Kind,
+    Match,
+    NotFound,
+    Rule,
+)
 from sluice_core.config import STUCK_AFTER, Config
 from sluice_core.model import Job, JobEvent, JobState, QueueSample, Worker, WorkerEvent
 from sluice_core.probes import WorkerQueues
@@ -40,11 +50,13 @@ from sluice_core.storage import (
     Gap,
     IngestResult,
     JobQuery,
+    Notification,
     Page,
     Pruned,
     QueueStats,
     Redacted,
     RejectedData,
+    TimelineEntry,
 )
 
 # -- rows -------------------------------------------------------------------
@@ -1393,3 +1405,462 @@ class SharedSql:
                 )
             )
         return found
+
+    # -- alerting (migration 0010) ------------------------------------------------------
+
+    async def name_outcomes(
+        self,
+        name: str,
+        since: float,
+        created_since: float,
+        queue: str | None = None,
+        worker: str | None = None,
+    ) -> tuple[int, int]:
+        p = self._marker
+        where, params = [f"name = {p}", f"seq >= {p}", f"finished_at >= {p}"], [name, since]
+        for column, value in (("queue", queue), ("worker", worker)):
+            if value is not None:
+                where.append(f"{column} = {p}")
+                params.append(value)
+
+        def read(conn: Any) -> tuple[int, int]:
+            # The first job created in the range: from there on, the name's jobs are one
+            # range of its (name, seq) index, however many jobs the table holds.
+            first = conn.execute(
+                f"SELECT seq FROM jobs WHERE created_at >= {p} ORDER BY created_at LIMIT 1",
+                (created_since,),
+            ).fetchone()
+            if first is None:
+                return 0, 0
+            row = conn.execute(
+                "SELECT sum(CASE WHEN state = 'failed' THEN 1 ELSE 0 END),"
+                " sum(CASE WHEN state IN ('failed', 'completed') THEN 1 ELSE 0 END)"
+                f" FROM jobs WHERE {' AND '.join(where)}",
+                [params[0], first[0], *params[1:]],
+            ).fetchone()
+            return int(row[0] or 0), int(row[1] or 0)
+
+        return await self._read(read)
+
+    async def latest_queue_samples(self) -> list[QueueSample]:
+        rows = await self._read(lambda conn: conn.execute(LATEST_SAMPLES_SQL).fetchall())
+        return [sample_from_row(row) for row in rows]
+
+    async def alert_channels(self) -> list[Channel]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {cols(CHANNEL_COLUMNS)} FROM alert_channels ORDER BY id"
+            ).fetchall()
+        )
+        return [channel_from_row(row) for row in rows]
+
+    async def add_alert_channel(
+        self, name: str, type: str, config: Mapping[str, Any], at: float
+    ) -> Channel:
+        p = self._marker
+
+        def add(conn: Any) -> Channel:
+            try:
+                row = conn.execute(
+                    "INSERT INTO alert_channels (name, type, config, created_at)"
+                    f" VALUES ({p}, {p}, {p}, {p}) RETURNING {cols(CHANNEL_COLUMNS)}",
+                    (name, type, dumps(dict(config)), at),
+                ).fetchone()
+            except self._duplicate_key:
+                raise Invalid("name", f"a channel is already named {name!r}") from None
+            return channel_from_row(row)
+
+        return await self._write(add)
+
+    async def delete_alert_channel(self, channel_id: int) -> bool:
+        p = self._marker
+        row = await self._write(
+            lambda conn: conn.execute(
+                f"DELETE FROM alert_channels WHERE id = {p} RETURNING id", (channel_id,)
+            ).fetchone()
+        )
+        return row is not None
+
+    async def alert_rules(self) -> list[Rule]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {cols(RULE_COLUMNS)} FROM alert_rules ORDER BY id"
+            ).fetchall()
+        )
+        return [rule_from_row(row) for row in rows]
+
+    async def save_alert_rule(self, rule: Rule) -> Rule:
+        p = self._marker
+        values = rule_to_row(rule)[1:]
+        names = RULE_COLUMNS[1:]
+
+        def save(conn: Any) -> Rule:
+            try:
+                if rule.id == 0:
+                    row = conn.execute(
+                        f"INSERT INTO alert_rules ({cols(names)})"
+                        f" VALUES ({', '.join([p] * len(names))}) RETURNING {cols(RULE_COLUMNS)}",
+                        values,
+                    ).fetchone()
+                else:
+                    # created_at stays as it was.
+                    kept = [name for name in names if name != "created_at"]
+                    row = conn.execute(
+                        f"UPDATE alert_rules SET {', '.join(f'{n} = {p}' for n in kept)}"
+                        f" WHERE id = {p} RETURNING {cols(RULE_COLUMNS)}",
+                        (*(v for n, v in zip(names, values, strict=True) if n != "created_at"),
+                         rule.id),
+                    ).fetchone()
+            except self._duplicate_key:
+                raise Invalid("name", f"a rule is already named {rule.name!r}") from None
+            if row is None:
+                raise NotFound(f"no rule {rule.id}")
+            return rule_from_row(row)
+
+        return await self._write(save)
+
+    async def delete_alert_rule(self, rule_id: int) -> bool:
+        def delete(conn: Any) -> bool:
+            found = conn.execute(
+                f"DELETE FROM alert_rules WHERE id = {self._marker} RETURNING id", (rule_id,)
+            ).fetchone()
+            if found is not None:
+                self._close_incidents(conn, [rule_id], time.time(), "its rule was deleted")
+            return found is not None
+
+        return await self._write(delete)
+
+    def _close_incidents(self, conn: Any, rule_ids: list[int], at: float, why: str) -> None:
+        """Resolve the open incidents of rules that are gone, without notifying."""
+        p = self._marker
+        for rule_id in rule_ids:
+            closed = conn.execute(
+                f"UPDATE incidents SET state = 'resolved', resolved_at = {p}"
+                f" WHERE rule_id = {p} AND state <> 'resolved' RETURNING id",
+                (at, rule_id),
+            ).fetchall()
+            conn.cursor().executemany(
+                f"INSERT INTO incident_log (incident_id, at, what, detail)"
+                f" VALUES ({p}, {p}, 'resolved', {p})",
+                [(incident_id, at, why) for (incident_id,) in closed],
+            )
+
+    async def replace_file_rules(self, rules: Sequence[Rule]) -> list[Rule]:
+        p = self._marker
+        names = RULE_COLUMNS[1:]
+        # A file rule keeps its id (and its incidents) across restarts: upserted by name.
+        # A mute is an operator's, not the file's: it stays.
+        updated = [n for n in names if n not in ("created_at", "muted_until")]
+        upsert = (
+            f"INSERT INTO alert_rules ({cols(names)}) VALUES ({', '.join([p] * len(names))})"
+            f" ON CONFLICT (name) DO UPDATE SET"
+            f" {', '.join(f'{n} = excluded.{n}' for n in updated)}"
+            f" RETURNING {cols(RULE_COLUMNS)}"
+        )
+
+        def replace(conn: Any) -> list[Rule]:
+            stored = [
+                rule_from_row(conn.execute(upsert, rule_to_row(rule)[1:]).fetchone())
+                for rule in rules
+            ]
+            keep = {rule.id for rule in stored}
+            gone = [
+                rule_id
+                for (rule_id,) in conn.execute(
+                    f"SELECT id FROM alert_rules WHERE from_file = {p}", (True,)
+                ).fetchall()
+                if rule_id not in keep
+            ]
+            for rule_id in gone:
+                conn.execute(f"DELETE FROM alert_rules WHERE id = {p}", (rule_id,))
+            self._close_incidents(conn, gone, time.time(), "its rule left the configuration file")
+            return stored
+
+        return await self._write(replace)
+
+    async def open_incidents(self) -> list[Incident]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {cols(INCIDENT_COLUMNS)} FROM incidents"
+                " WHERE state IN ('pending', 'firing') ORDER BY id"
+            ).fetchall()
+        )
+        return [incident_from_row(row) for row in rows]
+
+    async def list_incidents(self, state: IncidentState | None, limit: int) -> list[Incident]:
+        p = self._marker
+        where, params = "", list[Any]([limit])
+        if state is not None:
+            where, params = f"WHERE state = {p}", [str(state), limit]
+        rows = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {cols(INCIDENT_COLUMNS)} FROM incidents {where}"
+                f" ORDER BY id DESC LIMIT {p}",
+                params,
+            ).fetchall()
+        )
+        return [incident_from_row(row) for row in rows]
+
+    async def get_incident(self, incident_id: int) -> Incident | None:
+        row = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {cols(INCIDENT_COLUMNS)} FROM incidents WHERE id = {self._marker}",
+                (incident_id,),
+            ).fetchone()
+        )
+        return None if row is None else incident_from_row(row)
+
+    async def save_incident(
+        self,
+        incident: Incident,
+        log: Sequence[TimelineEntry] = (),
+        notify: Sequence[Notification] = (),
+    ) -> Incident:
+        p = self._marker
+        names = INCIDENT_COLUMNS[1:]
+        values = incident_to_row(incident)[1:]
+
+        def save(conn: Any) -> Incident:
+            if incident.id == 0:
+                row = conn.execute(
+                    f"INSERT INTO incidents ({cols(names)})"
+                    f" VALUES ({', '.join([p] * len(names))})"
+                    " ON CONFLICT (rule_id, group_key) WHERE state <> 'resolved' DO NOTHING"
+                    " RETURNING id",
+                    values,
+                ).fetchone()
+                if row is None:  # another leader opened it first: theirs stands
+                    return incident_from_row(
+                        conn.execute(
+                            f"SELECT {cols(INCIDENT_COLUMNS)} FROM incidents WHERE rule_id = {p}"
+                            f" AND group_key = {p} AND state <> 'resolved'",
+                            (incident.rule_id, incident.group_key),
+                        ).fetchone()
+                    )
+                incident_id = int(row[0])
+            else:
+                # Acks and silences are the operators' (mark_incident): never written back
+                # from the evaluator's copy, which may predate them.
+                incident_id = incident.id
+                kept = [(n, v) for n, v in zip(names, values, strict=True) if n not in MARKS]
+                conn.execute(
+                    f"UPDATE incidents SET {', '.join(f'{n} = {p}' for n, _ in kept)}"
+                    f" WHERE id = {p}",
+                    (*(v for _, v in kept), incident_id),
+                )
+            cur = conn.cursor()
+            cur.executemany(
+                f"INSERT INTO incident_log (incident_id, at, what, detail)"
+                f" VALUES ({p}, {p}, {p}, {p})",
+                [(incident_id, entry.at, entry.what, entry.detail) for entry in log],
+            )
+            self._queue(conn, [attrs.evolve(n, incident_id=incident_id) for n in notify])
+            return attrs.evolve(incident, id=incident_id)
+
+        return await self._write(save)
+
+    async def mark_incident(
+        self,
+        incident_id: int,
+        entry: TimelineEntry,
+        *,
+        acked_by: str | None = None,
+        silenced_until: float | None = None,
+    ) -> Incident | None:
+        p = self._marker
+        sets, params = [], []
+        if entry.what == "acknowledged":
+            sets += [f"acked_at = {p}", f"acked_by = {p}"]
+            params += [entry.at, acked_by]
+        if silenced_until is not None:
+            sets.append(f"silenced_until = {p}")
+            params.append(silenced_until)
+
+        def write(conn: Any) -> Incident | None:
+            row = conn.execute(
+                f"UPDATE incidents SET {', '.join(sets) or 'id = id'} WHERE id = {p}"
+                f" RETURNING {cols(INCIDENT_COLUMNS)}",
+                (*params, incident_id),
+            ).fetchone()
+            if row is not None:
+                self._log_each(conn, [incident_id], entry)
+            return None if row is None else incident_from_row(row)
+
+        return await self._write(write)
+
+    def _queue(self, conn: Any, notifications: Sequence[Notification]) -> list[int]:
+        p = self._marker
+        names = OUTBOX_COLUMNS[1:]
+        return [
+            int(
+                conn.execute(
+                    f"INSERT INTO outbox ({cols(names)}) VALUES ({', '.join([p] * len(names))})"
+                    " RETURNING id",
+                    notification_to_row(n)[1:],
+                ).fetchone()[0]
+            )
+            for n in notifications
+        ]
+
+    async def incident_timeline(self, incident_id: int) -> list[TimelineEntry]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT at, what, detail FROM incident_log"
+                f" WHERE incident_id = {self._marker} ORDER BY id",
+                (incident_id,),
+            ).fetchall()
+        )
+        return [TimelineEntry(*row) for row in rows]
+
+    async def due_notifications(self, now: float, limit: int) -> list[Notification]:
+        p = self._marker
+        rows = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {cols(OUTBOX_COLUMNS)} FROM outbox"
+                " WHERE delivered_at IS NULL AND gave_up_at IS NULL"
+                f" AND next_attempt_at <= {p} ORDER BY next_attempt_at, id LIMIT {p}",
+                (now, limit),
+            ).fetchall()
+        )
+        return [notification_from_row(row) for row in rows]
+
+    async def notification_attempted(
+        self,
+        notification: Notification,
+        entry: TimelineEntry,
+        *,
+        delivered: bool = False,
+        retry_at: float | None = None,
+    ) -> None:
+        p = self._marker
+        delivered_at = entry.at if delivered else None
+        gave_up_at = entry.at if not delivered and retry_at is None else None
+
+        def write(conn: Any) -> None:
+            conn.execute(
+                f"UPDATE outbox SET attempts = attempts + 1, delivered_at = {p},"
+                f" gave_up_at = {p}, next_attempt_at = coalesce({p}, next_attempt_at)"
+                f" WHERE id = {p}",
+                (delivered_at, gave_up_at, retry_at, notification.id),
+            )
+            self._log_each(conn, concerned(notification), entry)
+
+        await self._write(write)
+
+    def _log_each(self, conn: Any, incident_ids: Iterable[int], entry: TimelineEntry) -> None:
+        p = self._marker
+        conn.cursor().executemany(
+            f"INSERT INTO incident_log (incident_id, at, what, detail) VALUES ({p}, {p}, {p}, {p})",
+            [(incident_id, entry.at, entry.what, entry.detail) for incident_id in incident_ids],
+        )
+
+    async def merge_notifications(
+        self, merged: Sequence[Notification], summary: Notification, at: float
+    ) -> Notification:
+        p = self._marker
+
+        def write(conn: Any) -> Notification:
+            (summary_id,) = self._queue(conn, [summary])
+            for notification in merged:
+                conn.execute(
+                    f"UPDATE outbox SET delivered_at = {p} WHERE id = {p}", (at, notification.id)
+                )
+                self._log_each(
+                    conn,
+                    concerned(notification),
+                    TimelineEntry(at, "summarized", f"rate limit: held for summary #{summary_id}"),
+                )
+            return attrs.evolve(summary, id=summary_id)
+
+        return await self._write(write)
+
+
+# -- alerting rows --------------------------------------------------------------------
+
+CHANNEL_COLUMNS = ("id", "name", "type", "config", "created_at")
+RULE_COLUMNS = (
+    "id", "name", "kind", "match", "params", "severity", "channels", "for_s", "repeat_s",
+    "muted_until", "from_file", "created_at", "updated_at",
+)
+INCIDENT_COLUMNS = (
+    "id", "rule_id", "rule_name", "kind", "group_key", "labels", "state", "severity",
+    "summary", "count", "started_at", "fired_at", "resolved_at", "last_notified_at",
+    "last_seen_at", "acked_at", "acked_by", "silenced_until", "job_ids",
+)
+MARKS = frozenset({"acked_at", "acked_by", "silenced_until"})  # see mark_incident
+OUTBOX_COLUMNS = (
+    "id", "incident_id", "channel_id", "event", "body", "created_at", "attempts",
+    "next_attempt_at",
+)
+
+
+def channel_from_row(row: Row) -> Channel:
+    id_, name, type_, config, created_at = row
+    return Channel(id=int(id_), name=name, type=type_, config=loads(config),
+                   created_at=created_at)
+
+
+def rule_to_row(rule: Rule) -> Row:
+    return (
+        rule.id, rule.name, str(rule.kind), dumps(rule.match.to_dict()), dumps(dict(rule.params)),
+        rule.severity, dumps(list(rule.channels)), rule.for_s, rule.repeat_s, rule.muted_until,
+        rule.from_file, rule.created_at, rule.updated_at,
+    )
+
+
+def rule_from_row(row: Row) -> Rule:
+    (id_, name, kind, match, params, severity, channels, for_s, repeat_s, muted_until,
+     from_file, created_at, updated_at) = row
+    return Rule(
+        id=int(id_), name=name, kind=Kind(kind), match=Match(**loads(match)),
+        params=loads(params), severity=severity, channels=tuple(loads(channels)),
+        for_s=for_s, repeat_s=repeat_s, muted_until=muted_until, from_file=bool(from_file),
+        created_at=created_at, updated_at=updated_at,
+    )
+
+
+def incident_to_row(incident: Incident) -> Row:
+    i = incident
+    return (
+        i.id, i.rule_id, i.rule_name, str(i.kind), i.group_key, dumps(i.labels), str(i.state),
+        i.severity, i.summary, i.count, i.started_at, i.fired_at, i.resolved_at,
+        i.last_notified_at, i.last_seen_at, i.acked_at, i.acked_by, i.silenced_until,
+        dumps(i.job_ids),
+    )
+
+
+def incident_from_row(row: Row) -> Incident:
+    (id_, rule_id, rule_name, kind, group_key, labels, state, severity, summary, count,
+     started_at, fired_at, resolved_at, last_notified_at, last_seen_at, acked_at, acked_by,
+     silenced_until, job_ids) = row
+    return Incident(
+        id=int(id_), rule_id=int(rule_id), rule_name=rule_name, kind=Kind(kind),
+        group_key=group_key, labels=loads(labels), state=IncidentState(state),
+        severity=severity, summary=summary, count=int(count), started_at=started_at,
+        fired_at=fired_at, resolved_at=resolved_at, last_notified_at=last_notified_at,
+        acked_at=acked_at, acked_by=acked_by, silenced_until=silenced_until,
+        job_ids=loads(job_ids), last_seen_at=last_seen_at,
+    )
+
+
+def notification_to_row(n: Notification) -> Row:
+    return (
+        n.id, n.incident_id, n.channel_id, n.event, dumps(dict(n.body)), n.created_at,
+        n.attempts, n.next_attempt_at,
+    )
+
+
+def notification_from_row(row: Row) -> Notification:
+    id_, incident_id, channel_id, event, body, created_at, attempts, next_attempt_at = row
+    return Notification(
+        incident_id=None if incident_id is None else int(incident_id),
+        channel_id=int(channel_id), event=event, body=loads(body), created_at=created_at,
+        next_attempt_at=next_attempt_at, attempts=int(attempts), id=int(id_),
+    )
+
+
+def concerned(notification: Notification) -> list[int]:
+    """The incidents a notification speaks of: its own, or a summary's."""
+    if notification.incident_id is not None:
+        return [notification.incident_id]
+    return [int(item["id"]) for item in notification.body.get("incidents", ())]

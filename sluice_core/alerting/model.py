@@ -153,6 +153,7 @@ class Incident:
     acked_by: str | None = None
     silenced_until: float | None = None
     job_ids: list[str] = attrs.field(factory=list)  # the latest jobs that caused it
+    last_seen_at: float | None = None  # the condition last seen (a resolve_s counts from it)
 
     def to_dict(self, public_url: str | None = None) -> dict[str, Any]:
         """The API's and the webhook body's shape (issue 19's contract)."""
