@@ -173,6 +173,7 @@ class EngineApplication:
         self.actions: ActionService = engine.job_actions
         self.ingest: Ingest = engine.ingest
         self.agents = engine.agents
+        self.alerts: AlertService = engine.alerts
 
     def frameworks(self) -> list[Framework]:
         return self._engine.frameworks.declared()

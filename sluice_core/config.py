@@ -282,6 +282,44 @@ REDACT_BATCH_JOBS = Option(
     metavar="JOBS",
 )
 
+
+def _public_url(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise TypeError
+    url = raw.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError
+    return url
+
+
+PUBLIC_URL: Option[str | None] = Option(
+    "public_url",
+    Kind("an http:// or https:// URL", _public_url, metavar="URL"),
+    None,
+    "the dashboard's address as its users reach it: the links in alert notifications",
+    commands=ENGINE,
+)
+
+
+def _alerts(raw: object) -> dict[str, Any]:
+    # Checked rule by rule when the engine starts (sluice_core/alerting/rules.py): the
+    # channels they name are in the database.
+    if not isinstance(raw, dict):
+        raise TypeError
+    return raw
+
+
+ALERTS = Option(
+    "alerts",
+    Kind("an [alerts] table holding [[alerts.rules]]", _alerts),
+    {},
+    "alert rules as code (the TOML file's [[alerts.rules]]; read-only in the dashboard)",
+    commands=ENGINE,
+    flag=None,
+)
+
+
 CORE_OPTIONS: tuple[Option[Any], ...] = (
     CONFIG,
     PLUGIN,
@@ -314,6 +352,8 @@ CORE_OPTIONS: tuple[Option[Any], ...] = (
     APPLY,
     REDACT_BATCH_JOBS,
     *RETENTION_OPTIONS,
+    PUBLIC_URL,
+    ALERTS,
 )
 
 

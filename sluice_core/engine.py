@@ -14,10 +14,16 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from sluice_core.actions import ActionHandler
+from sluice_core.alerting.evaluate import Evaluator, default_kinds
+from sluice_core.alerting.model import Invalid
+from sluice_core.alerting.outbox import Outbox
+from sluice_core.alerting.service import Alerts
 from sluice_core.application import EngineApplication
 from sluice_core.bus import Bus
 from sluice_core.config import (
+    ALERTS,
     HEARTBEAT_MISSED,
+    PUBLIC_URL,
     STOP_TIMEOUT,
     Config,
     ConfigError,
@@ -133,6 +139,22 @@ class Engine:
             interval=config.get(PRUNE_INTERVAL),
             batch=config.get(PRUNE_BATCH_JOBS),
         )
+        # Alerting (docs/alerting.md): the service answers the API on any process; the
+        # evaluator and the outbox are singleton duties of the leader.
+        channel_types = pm.alert_channels(config)
+        public_url = config.get(PUBLIC_URL)
+        self.alerts = Alerts(self.storage, channel_types, public_url=public_url)
+        self.outbox = Outbox(self.storage, channel_types)
+        self.evaluator = Evaluator(
+            self.storage,
+            default_kinds(self.storage, self._health_problems),
+            public_url=public_url,
+            on_queued=self.outbox.wake,
+        )
+        # Events dropped per source at the last look, and since the look before it.
+        self._dropped_seen: dict[str, float] = {}
+        self._drops_new: dict[str, float] = {}
+        self._drops_at = float("-inf")
         self.web_addresses: list[str] = []
         self._stop_requested = trio.Event()
         self._pipeline_done = trio.Event()
@@ -163,6 +185,11 @@ class Engine:
         self, *, web: bool = True, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         await self.storage.open()
+        if not self.replica:
+            try:
+                await self.alerts.load_file(self.config.get(ALERTS))
+            except Invalid as exc:
+                raise ConfigError(f"{exc.field} in the config file: {exc.message}") from None
         await self.gap_watch.prepare()
         try:
             async with trio.open_nursery() as nursery:
@@ -234,7 +261,38 @@ class Engine:
             for probe in self.probes:
                 nursery.start_soon(self._poll, probe)
             nursery.start_soon(self.worker_monitor.run)
+            nursery.start_soon(self.evaluator.run)
+            nursery.start_soon(self.outbox.run)
             nursery.start_soon(self.pruner.run)
+
+    async def _health_problems(self, max_lag_s: float) -> dict[str, str]:
+        """What the sluice_health kind reports now: sources down, events read and not
+        stored for more than ``max_lag_s``, events dropped since the last look."""
+        problems: dict[str, str] = {}
+        for source in self.sources:
+            status = self.pipeline.sources.get(source.name)
+            if status is not None and not status.up:
+                problems[f"source:{source.name}"] = (
+                    f"source {source.name} is down: {status.detail}"
+                )
+        oldest = self.pipeline.writes.oldest_unstored
+        if oldest is not None and time.time() - oldest > max_lag_s:
+            problems["lag"] = (
+                f"events read {time.time() - oldest:.0f} s ago are not stored yet"
+                f" (more than {max_lag_s:g} s)"
+            )
+        now = time.time()
+        if now - self._drops_at >= 1.0:  # one look for every rule of a round
+            dropped = self._dropped()
+            self._drops_new = {
+                source: total - self._dropped_seen.get(source, 0.0)
+                for source, total in dropped.items()
+                if total > self._dropped_seen.get(source, 0.0)
+            }
+            self._dropped_seen, self._drops_at = dropped, now
+        for name, new in self._drops_new.items():
+            problems[f"dropped:{name}"] = f"{new:.0f} events of {name} dropped (buffers full)"
+        return problems
 
     async def _poll(self, probe: Probe) -> None:
         while True:
@@ -258,6 +316,7 @@ class Engine:
 
     def _publish(self, result: IngestResult) -> None:
         self.metrics.observe_ingest(result)
+        self.evaluator.feed(result)  # a hand-over; kept only while this process leads
         if self.follower is not None:
             return  # the follower hears these rows from the database like the agents' rows
         if not self.bus.wanted:

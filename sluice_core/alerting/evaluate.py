@@ -350,8 +350,10 @@ class Evaluator:
         public_url: str | None = None,
         clock: Callable[[], float] = time.time,
         interval: float = INTERVAL_S,
+        on_queued: Callable[[], None] = lambda: None,
     ) -> None:
         self._storage = storage
+        self._on_queued = on_queued  # notifications were queued (the outbox looks now)
         self.kinds = dict(kinds)
         self.public_url = public_url
         self._clock = clock
@@ -461,6 +463,8 @@ class Evaluator:
 
     async def _save(self, key: tuple[int, str], change: _Change) -> None:
         saved = await self._storage.save_incident(change.incident, change.log, change.notify)
+        if change.notify:
+            self._on_queued()
         if saved.state is IncidentState.RESOLVED:
             self._open.pop(key, None)
         else:
