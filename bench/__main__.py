@@ -21,13 +21,13 @@ from pathlib import Path
 
 import attrs
 
-from bench import ingest, latency, profile, queries, report, sse, startup
+from bench import ha, ingest, latency, profile, queries, report, sse, startup
 from bench import storage as storage_alone
 from bench.generator import Plan
 from bench.services import BENCH, REDIS_URL, rabbitmq_vhost
 
 SCENARIOS = ("burst", "steady", "rabbitmq", "latency", "queries", "startup")
-OPT_IN = ("profile", "storage", "sse-viewers", "sse-replica")  # run only when named
+OPT_IN = ("profile", "storage", "sse-viewers", "sse-replica", "ha-ingest")  # run only when named
 
 
 @attrs.frozen
@@ -368,8 +368,8 @@ class Bench:
                 f"({r.fill_rate:,.0f} events/s)"
                 + ("" if r.ingested_jobs == r.jobs else
                    f", then its jobs table copied in SQL into {r.jobs:,} jobs, each copy "
-                   f"{queries.SPAN_DAYS} days later (their events were not copied: the list "
-                   "reads jobs only)")
+                   f"{queries.SPAN_DAYS} days earlier (their events were not copied: the list "
+                   "reads jobs only; the overview's counts were filled again from the jobs)")
                 + f"; Sluice then started on it in {r.startup_s:.2f}s, and held "
                 f"{r.rest_rss_mb:,.0f} MB resident at rest after the queries.{size_note}",
                 report.table(("query", "parameters", "rows", "p50 (ms)", "p95 (ms)"), rows),
@@ -386,6 +386,39 @@ class Bench:
                       t.p50_ms, t.p95_ms] for t in r.pages],
                 ),
             )
+
+    def ha_ingest(self) -> None:
+        n = self.sizes.burst_events
+        runs = [
+            ha.run(agents=agents, events=n, broker=REDIS_URL, run_dir=self.run_dir,
+                   stall_s=self.sizes.stall_s)
+            for _ in range(self.sizes.repeats)
+            for agents in (1, 2)
+        ]
+        for r in runs:
+            self.log(f"    {r.agents} agent(s): stored {r.stored:,} ({r.distinct:,} distinct) of "
+                     f"{r.published:,} published, {r.rate:,.0f}/s, catch-up {r.catch_up_s:.1f}s")
+        med = statistics.median
+        one = med(r.rate for r in runs if r.agents == 1)
+        two = med(r.rate for r in runs if r.agents == 2)
+        exact = all(r.stored == r.distinct == r.published for r in runs)
+        self.headline("HA pair ingest on PostgreSQL: 2 agents / 1 agent; each event stored once",
+                      ">= 1.0x; yes", f"{two / one:.2f}x; {'yes' if exact else 'no'}", "n/a",
+                      two >= one and exact)
+        self.add(
+            f"HA pair: {n:,} events, one `sluice agent` then two on the same stream (PostgreSQL)",
+            f"{self.sizes.repeats} run(s) of each, alternating, each on a fresh database. Both "
+            "agents of the pair receive every event and store what the other has not. *Rate*: "
+            "job event rows stored / (last row stored - first publish). *Stored*: job event "
+            "rows at the end, and how many distinct event ids they hold. Target: two agents no "
+            "slower than one, every event stored once.",
+            report.table(
+                ("run", "agents", "published", "stored", "distinct ids", "rate (ev/s)",
+                 "catch-up (s)"),
+                [[i + 1, r.agents, r.published, r.stored, r.distinct, r.rate, r.catch_up_s]
+                 for i, r in enumerate(runs)],
+            ),
+        )
 
     def startup(self) -> None:
         runs = [startup.run(storage=s, repeats=self.sizes.startup_repeats, broker=REDIS_URL,
@@ -488,7 +521,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "; also, only when named: profile (a py-spy profile; needs py-spy),"
                         " storage (the storage backend alone), sse-viewers (50 live"
                         " dashboards at 5,000 events/s), sse-replica (the same on a"
-                        " sluice web replica beside a sluice agent, PostgreSQL)")
+                        " sluice web replica beside a sluice agent, PostgreSQL), ha-ingest"
+                        " (one sluice agent, then an HA pair of two, PostgreSQL)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--full-size", action="store_true",
                         help="query histories at the target sizes (1M jobs SQLite, 10M PostgreSQL)")

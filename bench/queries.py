@@ -8,7 +8,7 @@ on that database, over HTTP, as the dashboard sends them.
 
 Ten million jobs through ingest would take PostgreSQL hours here: past
 ``INGESTED_JOBS_MAX`` jobs, that many are ingested and the jobs table is then
-copied in SQL (:func:`replicate`) into later months of history, until it holds
+copied in SQL (:func:`replicate`) into earlier months of history, until it holds
 the size asked for. The list queries read jobs only; the overview's counts are
 filled again from the copied jobs.
 """
@@ -98,10 +98,13 @@ async def fill(db: str, jobs: int, progress: Callable[[int], None] | None = None
 
 
 def replicate(db: str, times: int) -> None:
-    """PostgreSQL: copy the jobs table ``times - 1`` times, each copy a span later.
+    """PostgreSQL: copy the jobs table ``times - 1`` times, each copy a span earlier.
 
     Copies get new ids, new emails in their args (so a search for one finds one
-    job) and later seqs and times, so the list order still follows time. The
+    job) and earlier seqs (down to negative ones) and times, so the list order still
+    follows time and the newest job is still the newest ingested: a copy in the future
+    would sit in every window that reads up from a time (the overview's, the queue
+    rates'), as no real job does. The
     table's indexes are dropped during the copy and built again after, as a
     bulk load does, from their own definitions.
     """
@@ -128,13 +131,12 @@ def replicate(db: str, times: int) -> None:
                 elif column == "args":
                     picks.append(f"replace(args, '@example.com', '.c{k}@example.com')")
                 elif column in _SHIFTED:
-                    picks.append(f"{column} + {k} * {span!r}")
+                    picks.append(f"{column} - {k} * {span!r}")
                 else:
                     picks.append(column)
             conn.execute(
                 f"INSERT INTO jobs (seq, {', '.join(JOB_COLUMNS)}) OVERRIDING SYSTEM VALUE"
-                f" SELECT seq + {k} * {last_seq}, {', '.join(picks)} FROM jobs"
-                f" WHERE seq <= {last_seq}"
+                f" SELECT seq - {k} * {last_seq}, {', '.join(picks)} FROM jobs WHERE seq > 0"
             )
         conn.execute("SET maintenance_work_mem = '1GB'")
         for _, definition in indexes:
