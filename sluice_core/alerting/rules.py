@@ -196,7 +196,7 @@ def _kind(raw: object) -> Kind:
         kind = Kind(str(raw))
     except ValueError:
         choices = ", ".join(k.value for k in PARAMS)
-        raise Invalid("kind", f"unknown kind {raw!r} (one of {choices})") from None
+        raise Invalid("kind", f"unknown kind {raw!r} (known: {choices})") from None
     if kind not in PARAMS:
         raise Invalid("kind", f"{kind} is reserved and not available yet")
     return kind
