@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,13 +19,15 @@ from sluice_web.app import create_app
 from sluice_web.auth import TOKEN_USER, Auth
 from sluice_web.server import serve
 from tests.fake_alerts import T0
+from tests.test_api import serving
 from tests.test_dashboard import browse
 from tests.test_web_fake import FakeApplication, FakeReads
 
+SECRET = "whsec_MDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDA="  # 32 bytes, base64
 WEBHOOK = {
     "name": "ops",
     "type": "webhook",
-    "config": {"url": "http://h/x", "secret": "whsec_c2VjcmV0"},
+    "config": {"url": "http://h/x", "secret": SECRET},
 }
 EMAIL = {
     "name": "mail",
@@ -331,6 +334,15 @@ async def test_the_alerts_page_lists_firing_and_recent_incidents(
     assert "2 failures of billing.charge" in page and "severity-critical" in page
 
 
+async def test_the_overview_shows_what_fires(client: Any, fake: FakeApplication) -> None:
+    assert 'id="firing"' not in await _page(client, "/")
+    firing_id, resolved_id = _incidents(fake)
+    overview = await _page(client, "/")
+    box = overview[overview.index('id="firing"') :]
+    assert f'href="/alerts/{firing_id}"' in box and "2 failures of billing.charge" in box
+    assert f'href="/alerts/{resolved_id}"' not in overview
+
+
 async def test_the_incident_page_shows_its_timeline_jobs_and_buttons(
     client: Any, fake: FakeApplication
 ) -> None:
@@ -383,7 +395,7 @@ async def test_the_forms_and_buttons_work_in_a_browser(fake: FakeApplication) ->
         form.locator("[name=name]").fill("ops")
         form.locator("[name=type]").select_option("webhook")
         form.locator("[name='config.url']:visible").fill("http://h/x")
-        form.locator("[name='config.secret']").fill("whsec_c2VjcmV0")
+        form.locator("[name='config.secret']").fill(SECRET)
         form.get_by_role("button", name="Add channel").click()
         expect(page.locator("#channels")).to_contain_text("secret=" + MASK)
         page.get_by_role("button", name="Send test notification").click()
@@ -420,4 +432,44 @@ async def test_the_forms_and_buttons_work_in_a_browser(fake: FakeApplication) ->
     )
     [channel] = await fake.alerts.channels()
     assert added.channels == (channel.id,)
-    assert dict(channel.config) == {"url": "http://h/x", "secret": "whsec_c2VjcmV0"}
+    assert dict(channel.config) == {"url": "http://h/x", "secret": SECRET}
+
+
+async def test_channels_and_rules_through_a_real_sluice(tmp_path: Path) -> None:
+    """The real alert service behind ``sluice run``: what is added is read back, masked."""
+    async with serving(tmp_path) as (_, client):
+        added = await client.post("/api/alerts/channels", json=WEBHOOK)
+        assert added.status_code == 201, added.text
+        channel = added.json()
+        assert channel["config"]["secret"] == MASK
+        rule = await client.post("/api/alerts/rules", json=_rule(channels=[channel["id"]]))
+        assert rule.status_code == 201, rule.text
+
+        [listed] = (await client.get("/api/alerts/channels")).json()["channels"]
+        assert (listed["id"], listed["name"], listed["type"]) == (channel["id"], "ops", "webhook")
+        assert listed["config"]["secret"] == MASK and listed["config"]["url"] == "http://h/x"
+        [read] = (await client.get("/api/alerts/rules")).json()["rules"]
+        assert read == rule.json()
+        assert (read["kind"], read["match"]["name"], read["channels"]) == (
+            "failure_rate",
+            "billing.*",
+            [channel["id"]],
+        )
+        assert read["params"] == {"window_s": 300, "threshold": 0.1, "min_runs": 10}
+
+        html = {"Accept": "text/html"}
+        for path in ("/", "/alerts", "/alerts/channels"):
+            assert (await client.get(path, headers=html)).status_code == 200, path
+        rules_page = await client.get("/alerts/rules", headers=html)
+        assert "billing failing" in rules_page.text and SECRET not in rules_page.text
+
+        # Refused as the fake refuses them (the web's tests rely on it).
+        for fields, start in (
+            ({"kind": "x"}, "kind: unknown kind 'x' (known: "),
+            ({"match": {"name": "billing.["}}, "match.name: "),
+            ({"channels": [channel["id"] + 1]}, "channels: "),
+            ({"params": {"window_s": -60, "threshold": 0.1, "min_runs": 10}}, "params.window_s: "),
+        ):
+            refused = await client.post("/api/alerts/rules", json=_rule(**fields))
+            assert refused.status_code == 400, fields
+            assert refused.json()["error"]["message"].startswith(start), refused.text

@@ -21,6 +21,7 @@ from quart.typing import ResponseReturnValue
 
 from sluice_core import merge
 from sluice_core.actions import RETRY, REVOKE, lives_at
+from sluice_core.alerting.model import IncidentState
 from sluice_core.model import TERMINAL_STATES, Job, JobState
 from sluice_core.serialize import (
     event_to_dict,
@@ -58,6 +59,7 @@ QUICK_RANGES = (("15 min", 900), ("1 h", 3600), ("24 h", 86400), ("7 d", 7 * 864
 # stops one row past it, so a filter matching millions of jobs costs no more than that.
 COUNT_AT_MOST = 1_000
 DEAD_LETTERS_SHOWN = 200  # the newest; every one is also in the database's dead_letters table
+FIRING_SHOWN = 10  # firing incidents on the overview; the Alerts page lists them all
 
 
 # -- template helpers ---------------------------------------------------------
@@ -192,6 +194,8 @@ async def overview() -> str:
         workers_total=len(workers),
         queues=[queue_to_dict(queue) for queue in await reads.list_queues(now)],
         gaps=await reads.list_gaps(GAPS_SHOWN),
+        firing=await application().alerts.incidents(IncidentState.FIRING, FIRING_SHOWN + 1),
+        firing_shown=FIRING_SHOWN,
     )
 
 
