@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.services",
     "tests.fixtures.storage",
     "tests.fixtures.celery_worker",
+    "tests.fixtures.receivers",
 ]

@@ -7,27 +7,19 @@ failure says (retry or not, and never a secret), and how configs are checked and
 
 from __future__ import annotations
 
-import email
-import email.policy
 import logging
 import socket
-import ssl
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import attrs
-import h11
 import orjson
 import pytest
 import trio
 import trio.testing
 import trustme
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
-from standardwebhooks import Webhook, WebhookVerificationError
+from standardwebhooks import Webhook
 
 from sluice_alerts.pagerduty import PagerDutyChannel
 from sluice_alerts.slack import SlackChannel
@@ -47,12 +39,19 @@ from sluice_core.alerting.model import (
 )
 from sluice_core.config import Config
 from sluice_core.plugins import PluginManager
+from tests.fixtures.receivers import (
+    PASSWORD,
+    WHSEC,
+    Mailbox,
+    Receiver,
+    Request,
+    email_config,
+    verified_by,
+)
 
 PUBLIC_URL = "http://sluice.test:5555"
-WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 ROUTING_KEY = "R0UT1NGKEY0123456789abcdefABCDEF"
 SLACK_PATH = "/services/T000/B000/XXXXsecretXXXX"
-PASSWORD = "correct horse battery staple"
 
 
 def incident(state: IncidentState = IncidentState.FIRING) -> Incident:
@@ -91,91 +90,6 @@ def a_test_message(id: str = "t-1") -> Message:
 
 
 # -- an HTTP receiver -------------------------------------------------------------------
-
-
-@attrs.frozen
-class Request:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return orjson.loads(self.body)
-
-
-@attrs.define
-class Receiver:
-    """An HTTP server on 127.0.0.1. Each request is recorded, then ``judge`` checks it as
-    the real service would (an error text: answered 400), then it is answered the next of
-    ``statuses`` (the default once they run out)."""
-
-    judge: Callable[[Request], str | None] = lambda request: None
-    statuses: list[int] = attrs.Factory(list)
-    default: int = 200
-    port: int = 0
-    requests: list[Request] = attrs.Factory(list)
-
-    def url(self, path: str = "/hook") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._handle, listeners)
-
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        async with stream:
-            conn = h11.Connection(h11.SERVER)
-            head, body = None, b""
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some())
-                elif isinstance(event, h11.Request):
-                    head = event
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-                else:
-                    return
-            assert head is not None
-            request = Request(
-                path=head.target.decode(),
-                headers={k.decode(): v.decode() for k, v in head.headers},
-                body=body,
-            )
-            self.requests.append(request)
-            refused = self.judge(request)
-            status = 400 if refused else (self.statuses.pop(0) if self.statuses else self.default)
-            answer = (refused or ("ok" if status < 300 else "try later")).encode()
-            response = h11.Response(
-                status_code=status,
-                headers=[("content-length", str(len(answer))), ("connection", "close")],
-            )
-            await stream.send_all(conn.send(response) + conn.send(h11.Data(data=answer)))
-            await stream.send_all(conn.send(h11.EndOfMessage()))
-
-
-def verified_by(secret: str | bytes) -> Callable[[Request], str | None]:
-    """A receiver's check of the signature, by the specification's library."""
-
-    def verify(request: Request) -> str | None:
-        try:
-            Webhook(secret).verify(request.body, request.headers)
-        except WebhookVerificationError as exc:
-            return str(exc)
-        return None
-
-    return verify
-
-
-@pytest.fixture
-async def receiver(nursery: trio.Nursery) -> Receiver:
-    server = Receiver()
-    await nursery.start(server.serve)
-    return server
 
 
 # -- the plugin -------------------------------------------------------------------------
@@ -461,103 +375,6 @@ async def test_pagerduty_refusal_is_final_and_hides_the_routing_key(receiver: Re
 
 
 # -- email ------------------------------------------------------------------------------
-
-
-@attrs.define
-class Mailbox:
-    """aiosmtpd's handler: every message accepted, and who logged in."""
-
-    messages: list[EmailMessage] = attrs.Factory(list)
-    envelopes: list[Any] = attrs.Factory(list)
-    logins: list[str] = attrs.Factory(list)
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.envelopes.append(envelope)
-        self.messages.append(
-            email.message_from_bytes(envelope.content, policy=email.policy.default)  # type: ignore[arg-type]
-        )
-        return "250 OK"
-
-    def authenticate(
-        self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
-    ) -> AuthResult:
-        ok = (
-            mechanism == "LOGIN"
-            and isinstance(auth_data, LoginPassword)
-            and auth_data.login == b"alerts"
-            and auth_data.password == PASSWORD.encode()
-        )
-        if ok:
-            self.logins.append(auth_data.login.decode())
-        # handled=False: aiosmtpd answers a failure with its 535 (handled=True says the
-        # authenticator already answered).
-        return AuthResult(success=ok, handled=False)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> trustme.CA:
-    """A certificate authority the client trusts the way a deployment's would: through
-    the system's trust store, here OpenSSL's SSL_CERT_FILE."""
-    authority = trustme.CA()
-    bundle = tmp_path / "ca.pem"
-    authority.cert_pem.write_to_path(str(bundle))
-    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
-    return authority
-
-
-def server_tls(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-    return context
-
-
-@pytest.fixture
-def smtp_server(ca: trustme.CA, request: pytest.FixtureRequest) -> Iterator[tuple[Mailbox, int]]:
-    """An SMTP server on loopback that requires TLS (STARTTLS, or implicit TLS with the
-    ``implicit`` marker's parameter) and AUTH LOGIN before it takes mail."""
-    implicit = getattr(request, "param", False)
-    mailbox = Mailbox()
-    port = free_port()
-    tls = server_tls(ca)
-    controller = Controller(
-        mailbox,
-        hostname="127.0.0.1",
-        port=port,
-        ssl_context=tls if implicit else None,
-        tls_context=None if implicit else tls,
-        require_starttls=not implicit,
-        authenticator=mailbox.authenticate,
-        auth_required=True,
-        # aiosmtpd knows of TLS begun by STARTTLS only: over implicit TLS it would
-        # refuse AUTH as if in the clear.
-        auth_require_tls=not implicit,
-        # smtplib prefers PLAIN; leaving out it proves AUTH LOGIN.
-        auth_exclude_mechanism=["PLAIN"],
-    )
-    controller.start()
-    try:
-        yield mailbox, port
-    finally:
-        controller.stop()
-
-
-def email_config(port: int, **changes: Any) -> dict[str, Any]:
-    config = {
-        "host": "127.0.0.1",
-        "port": port,
-        "starttls": True,
-        "username": "alerts",
-        "password": PASSWORD,
-        "from": "sluice@example.com",
-        "to": ["oncall@example.com", "lead@example.com"],
-    }
-    return config | changes
 
 
 async def test_email_over_starttls_with_login_has_text_and_html_parts(
