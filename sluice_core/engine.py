@@ -265,9 +265,10 @@ class Engine:
             nursery.start_soon(self.outbox.run)
             nursery.start_soon(self.pruner.run)
 
-    async def _health_problems(self, max_lag_s: float) -> dict[str, str]:
-        """What the sluice_health kind reports now: sources down, events read and not
-        stored for more than ``max_lag_s``, events dropped since the last look."""
+    async def _health_problems(self, max_lag_s: float, now: float) -> dict[str, str]:
+        """What the sluice_health kind reports at ``now`` (epoch seconds): sources down,
+        events read and not stored for more than ``max_lag_s``, events dropped since the
+        last look."""
         problems: dict[str, str] = {}
         for source in self.sources:
             status = self.pipeline.sources.get(source.name)
@@ -276,12 +277,11 @@ class Engine:
                     f"source {source.name} is down: {status.detail}"
                 )
         oldest = self.pipeline.writes.oldest_unstored
-        if oldest is not None and time.time() - oldest > max_lag_s:
+        if oldest is not None and now - oldest > max_lag_s:
             problems["lag"] = (
-                f"events read {time.time() - oldest:.0f} s ago are not stored yet"
+                f"events read {now - oldest:.0f} s ago are not stored yet"
                 f" (more than {max_lag_s:g} s)"
             )
-        now = time.time()
         if now - self._drops_at >= 1.0:  # one look for every rule of a round
             dropped = self._dropped()
             self._drops_new = {

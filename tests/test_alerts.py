@@ -30,7 +30,11 @@ from sluice_core.alerting.model import (
 from sluice_core.alerting.outbox import Outbox, backoff
 from sluice_core.alerting.rules import channel_by_id, parse_rule
 from sluice_core.alerting.service import Alerts
-from sluice_core.model import Job, JobEvent, JobState, WorkerEvent, event_id
+from sluice_core.config import Config
+from sluice_core.engine import Engine
+from sluice_core.model import Job, JobEvent, JobState, QueueSample, WorkerEvent, event_id
+from sluice_core.pipeline import SourceStatus
+from sluice_core.plugins import PluginManager
 from sluice_core.storage import IngestResult, Notification, Storage, TimelineEntry
 from sluice_storage.postgres import PostgresStorage
 from sluice_storage.sqlite import SQLiteStorage
@@ -543,3 +547,228 @@ async def test_test_notification_is_sent_now(lite: Storage) -> None:
     assert exc.value.field == "type"
 
 
+
+# -- the other kinds: runtime, queue_wait, queue_depth, no_consumer, sluice_health ------------
+
+
+async def _events(storage: Storage, job_id: str, *steps: tuple[str, JobState, float],
+                  **fields: Any) -> IngestResult:
+    """Store a job's events (``steps``: type, state, when); the first carries ``fields``."""
+    return await storage.ingest([
+        JobEvent(event_id(job_id, kind, at), job_id, "celery", kind, state, at, "w1@host",
+                 {"name": "billing.charge", **fields} if i == 0 else {})
+        for i, (kind, state, at) in enumerate(steps)
+    ], [])
+
+
+def _started(at: float) -> tuple[tuple[str, JobState, float], ...]:
+    return (("task-received", JobState.RECEIVED, at), ("task-started", JobState.ACTIVE, at))
+
+
+def _done(at: float) -> tuple[str, JobState, float]:
+    return ("task-succeeded", JobState.COMPLETED, at)
+
+
+async def test_runtime_counts_running_and_finished_late_runs(
+    lite: Storage, autojump_clock: trio.testing.MockClock
+) -> None:
+    await setup(lite, Kind.RUNTIME, {"max_s": 60, "resolve_s": 600})
+    ev = evaluator(lite)
+    ev.accepting = True
+    await _events(lite, "slow", *_started(clock()))
+    await ev.evaluate(clock())
+    assert await lite.open_incidents() == []  # running, not for long yet
+    await trio.sleep(61)
+    await ev.evaluate(clock())
+    (incident,) = await lite.open_incidents()
+    assert incident.state is IncidentState.FIRING and incident.job_ids == ["slow"]
+    assert incident.summary == "1 job of name billing.charge running for more than 1 min"
+    # A quick run of the name does not clear it while the slow one still runs.
+    ev.feed(await _events(lite, "quick1", *_started(clock()), _done(clock() + 1)))
+    await ev.evaluate(clock() + 1, poll=False)
+    assert [i.id for i in await lite.open_incidents()] == [incident.id]
+    # The slow one finishes late: the same job, counted once; a poll no longer finding
+    # a late run does not resolve it (a late run is news until a run is on time).
+    await trio.sleep(30)
+    ev.feed(await _events(lite, "slow", _done(clock())))
+    await ev.evaluate(clock(), poll=False)
+    await ev.evaluate(clock())
+    (still,) = await lite.open_incidents()
+    assert (still.id, still.count) == (incident.id, 1)
+    # The next quick run resolves it.
+    ev.feed(await _events(lite, "quick2", *_started(clock()), _done(clock() + 2)))
+    await ev.evaluate(clock() + 2, poll=False)
+    assert await lite.open_incidents() == []
+    assert [n.event for n in await queued(lite)] == ["incident.firing", "incident.resolved"]
+
+    # A run that finished late, never seen running late (between two polls, or a
+    # runtime the worker reports): told by ingest, it fires at once.
+    await trio.sleep(10)
+    ev.feed(await _events(lite, "late", *_started(clock() - 90), _done(clock())))
+    await ev.evaluate(clock(), poll=False)
+    (late,) = await lite.open_incidents()
+    assert late.state is IncidentState.FIRING and late.job_ids == ["late"]
+    assert late.summary == "1 run of billing.charge took too long; latest: 90 s, more than 1 min"
+    # With no late run for resolve_s, it resolves on its own.
+    await trio.sleep(599)
+    await ev.evaluate(clock())
+    assert len(await lite.open_incidents()) == 1
+    await trio.sleep(2)
+    await ev.evaluate(clock())
+    assert await lite.open_incidents() == []
+    timeline = [(e.what, e.detail) for e in await lite.incident_timeline(late.id)]
+    assert timeline[-2] == ("resolved", "no new occurrence for 10 min")
+
+
+async def test_runtime_survives_a_restart_with_a_run_still_late(
+    lite: Storage, autojump_clock: trio.testing.MockClock
+) -> None:
+    await setup(lite, Kind.RUNTIME, {"max_s": 60})
+    first = evaluator(lite)
+    await _events(lite, "slow", *_started(clock()))
+    await trio.sleep(61)
+    await first.evaluate(clock())
+    (incident,) = await lite.open_incidents()
+    # A quick run completed while Sluice was down: the slow one still runs late, so the
+    # next start keeps the incident, announced once.
+    await _events(lite, "quick", *_started(clock()), _done(clock() + 1))
+    second = evaluator(lite)
+    await second.evaluate(clock() + 5)
+    assert [i.id for i in await lite.open_incidents()] == [incident.id]
+    assert len(await queued(lite)) == 1
+
+
+async def test_queue_wait_fires_per_queue_and_resolves_once_taken(
+    lite: Storage, autojump_clock: trio.testing.MockClock
+) -> None:
+    await setup(lite, Kind.QUEUE_WAIT, {"max_s": 30}, match={"queue": "mail"})
+    ev = evaluator(lite)
+    for job_id, queue in (("m1", "mail"), ("m2", "mail"), ("o1", "other")):
+        await _events(lite, job_id, ("task-sent", JobState.QUEUED, clock()), queue=queue)
+    await ev.evaluate(clock())
+    assert await lite.open_incidents() == []
+    await trio.sleep(31)
+    await ev.evaluate(clock())
+    (incident,) = await lite.open_incidents()  # "other" is not matched
+    assert incident.labels == {"queue": "mail"} and incident.count == 2
+    assert incident.summary == "2 jobs of queue mail waiting in queue for more than 30 s"
+    assert sorted(incident.job_ids) == ["m1", "m2"]
+    await _events(lite, "m1", ("task-received", JobState.RECEIVED, clock()))
+    await ev.evaluate(clock())
+    (incident,) = await lite.open_incidents()
+    assert incident.count == 1 and incident.job_ids == ["m2"]
+    await _events(lite, "m2", ("task-received", JobState.RECEIVED, clock()))
+    await ev.evaluate(clock())
+    assert await lite.open_incidents() == []
+    assert [n.event for n in await queued(lite)] == ["incident.firing", "incident.resolved"]
+
+
+def _sample(depth: int | None, consumers: int | None, queue: str = "default") -> QueueSample:
+    return QueueSample(queue, "celery", "redis://127.0.0.1:6379/0", clock(), depth=depth,
+                       consumers=consumers)
+
+
+async def test_queue_depth_fires_after_for_s_of_samples(
+    lite: Storage, autojump_clock: trio.testing.MockClock
+) -> None:
+    await setup(lite, Kind.QUEUE_DEPTH, {"max_depth": 10}, for_s=30)
+    ev = evaluator(lite)
+    # Deep for less than for_s: it never fires, nothing is sent.
+    await lite.record_queue_samples([_sample(50, 1)])
+    await ev.evaluate(clock())
+    (blip,) = await lite.open_incidents()
+    assert blip.state is IncidentState.PENDING
+    await trio.sleep(20)
+    await lite.record_queue_samples([_sample(10, 1)])  # at the bound is not above it
+    await ev.evaluate(clock())
+    assert await lite.open_incidents() == [] and await queued(lite) == []
+    # Deep for longer than for_s, sample after sample: fires, once.
+    for depth in (40, 45, 60, 70):
+        await trio.sleep(10)
+        await lite.record_queue_samples([_sample(depth, 1), _sample(3, 1, "small")])
+        await ev.evaluate(clock())
+    (incident,) = await lite.open_incidents()
+    assert incident.state is IncidentState.FIRING
+    assert incident.labels == {"queue": "default", "broker": "redis://127.0.0.1:6379/0"}
+    assert incident.summary == "queue default holds 70 messages (more than 10)"
+    assert incident.count == 70
+    await lite.record_queue_samples([_sample(2, 1)])
+    await ev.evaluate(clock())
+    assert await lite.open_incidents() == []
+    assert [n.event for n in await queued(lite)] == ["incident.firing", "incident.resolved"]
+    timeline = [e.what for e in await lite.incident_timeline(blip.id)]
+    assert timeline == ["pending", "resolved"]
+
+
+async def test_no_consumer_needs_messages_and_a_known_zero(
+    lite: Storage, autojump_clock: trio.testing.MockClock
+) -> None:
+    await setup(lite, Kind.NO_CONSUMER)
+    ev = evaluator(lite)
+    # Empty with no consumer, or a probe that cannot count consumers: nothing to say.
+    await lite.record_queue_samples([_sample(0, 0), _sample(5, None, "uncounted")])
+    await ev.evaluate(clock())
+    assert await lite.open_incidents() == []
+    await trio.sleep(5)
+    await lite.record_queue_samples([_sample(5, 0)])
+    await ev.evaluate(clock())
+    (incident,) = await lite.open_incidents()
+    assert incident.state is IncidentState.FIRING
+    assert incident.summary == "queue default holds 5 messages and has no consumer"
+    await trio.sleep(5)
+    await lite.record_queue_samples([_sample(6, 1)])  # a worker consumes it again
+    await ev.evaluate(clock())
+    assert await lite.open_incidents() == []
+    assert [n.event for n in await queued(lite)] == ["incident.firing", "incident.resolved"]
+
+
+async def test_sluice_health_fires_per_problem_and_resolves(
+    lite: Storage, autojump_clock: trio.testing.MockClock
+) -> None:
+    await setup(lite, Kind.SLUICE_HEALTH, {"max_lag_s": 30})
+    now_wrong: dict[str, str] = {}
+    asked: list[tuple[float, float]] = []
+
+    async def problems(max_lag_s: float, now: float) -> dict[str, str]:
+        asked.append((max_lag_s, now))
+        return dict(now_wrong)
+
+    ev = Evaluator(lite, default_kinds(lite, problems), clock=clock)
+    await ev.evaluate(clock())
+    assert await lite.open_incidents() == [] and asked == [(30.0, clock())]
+    now_wrong.update({"source:redis": "source redis is down: refused", "lag": "late"})
+    await ev.evaluate(clock())
+    incidents = {i.group_key: i for i in await lite.open_incidents()}
+    assert sorted(incidents) == ["lag", "source:redis"]
+    assert incidents["source:redis"].labels == {"check": "source:redis"}
+    assert incidents["source:redis"].summary == "source redis is down: refused"
+    del now_wrong["source:redis"]
+    await ev.evaluate(clock())
+    assert [i.group_key for i in await lite.open_incidents()] == ["lag"]
+    assert [n.event for n in await queued(lite)].count("incident.resolved") == 1
+
+
+async def test_engine_reports_sources_down_lag_and_drops(tmp_path: Path) -> None:
+    """Engine._health_problems, what sluice_health reads: the engine is built, not run."""
+    pm = PluginManager()
+    pm.load(["celery"])
+    config = Config(db=f"sqlite:///{tmp_path}/s.db", broker=["redis://127.0.0.1:6379/0"])
+    pm.configure(config)
+    engine = Engine(config, pm)
+    (source,) = engine.sources
+    now = T0
+    assert await engine._health_problems(60, now) == {}
+    engine.pipeline.sources[source.name] = SourceStatus(False, "connection refused", now)
+    engine.pipeline.writes.writing(now - 89)  # a batch read 90 s before the next look
+    engine.metrics.events_dropped.labels(source.name).inc(7)
+    found = await engine._health_problems(60, now + 1)
+    assert found == {
+        f"source:{source.name}": f"source {source.name} is down: connection refused",
+        "lag": "events read 90 s ago are not stored yet (more than 60 s)",
+        f"dropped:{source.name}": f"7 events of {source.name} dropped (buffers full)",
+    }
+    assert "lag" not in await engine._health_problems(120, now + 1)  # a looser rule
+    # Up again, the batch stored, no new drop since the last look.
+    engine.pipeline.sources[source.name] = SourceStatus(True, "", now + 5)
+    engine.pipeline.writes.written(now - 89)
+    assert await engine._health_problems(60, now + 5) == {}

@@ -7,9 +7,12 @@ Each rule kind has an evaluator in a registry (:func:`default_kinds`), of one of
   which clear it (a later success); the incident resolves on a clear, or after the
   rule's ``params.resolve_s`` without a hit;
 - a :class:`PolledKind` is asked every ``interval`` where its condition holds now
-  (``failure_rate``, ``worker_offline``, ``runtime``, ``queue_wait``, ``queue_depth``,
+  (``failure_rate``, ``worker_offline``, ``queue_wait``, ``queue_depth``,
   ``no_consumer``, ``sluice_health``; a later ``schedule`` registers one): a group it no
-  longer reports resolves.
+  longer reports resolves;
+- a kind of both sorts (``runtime``: jobs running late are polled, jobs that finished
+  late are told) resolves as an event kind does, never because a poll no longer
+  reports the group.
 
 An incident is one rule's condition in one group (a task name, a queue, a worker):
 ``pending`` while the condition has held less than the rule's ``for_s``, then
@@ -213,20 +216,27 @@ class WorkerOffline:
 
 @attrs.frozen
 class LongJobs:
-    """``runtime`` (active longer than ``max_s`` since it started) and ``queue_wait``
-    (queued longer than ``max_s`` with no taker): one group per task name (runtime) or
-    queue (queue_wait)."""
+    """Jobs still active longer than ``max_s`` since they started (``runtime``'s polled
+    half), or queued longer than ``max_s`` with no taker (``queue_wait``): one group per
+    task name (runtime) or queue (queue_wait)."""
 
     storage: Storage
     state: JobState
     by: str  # "name" or "queue"
 
     async def check(self, rules: Sequence[Rule], now: float) -> dict[int, dict[str, Condition]]:
+        if not rules:
+            return {}
+        # A late job was created before now - max_s: the fresh ones (most of a busy
+        # system's, listed first) are not read, so the SCAN_JOBS read are candidates.
+        until = now - min(float(rule.params["max_s"]) for rule in rules)
         jobs: list[Job] = []
         cursor = None
         while len(jobs) < SCAN_JOBS:
             page = await self.storage.list_jobs(
-                JobQuery(states=frozenset({self.state}), limit=MAX_PAGE, cursor=cursor)
+                JobQuery(
+                    states=frozenset({self.state}), until=until, limit=MAX_PAGE, cursor=cursor
+                )
             )
             jobs += page.jobs
             if page.next_cursor is None:
@@ -254,6 +264,44 @@ class LongJobs:
                 for group, late in groups.items()
             }
         return out
+
+
+@attrs.define
+class Runtime:
+    """``runtime``: a run of a matching task took longer than ``max_s``, whether it is
+    still running (polled through :class:`LongJobs`) or finished late (told by ingest,
+    from its runtime at completion). One group per task name. As for ``job_failed``, it
+    resolves when a later run of the name completes within ``max_s`` while none runs
+    late, or after ``params.resolve_s`` without a late run."""
+
+    running: LongJobs
+    # Per rule, the names with a job running late at the last check: a quick run of
+    # the name does not clear what is still late.
+    _late_now: dict[int, set[str]] = attrs.field(factory=dict)
+
+    async def check(self, rules: Sequence[Rule], now: float) -> dict[int, dict[str, Condition]]:
+        found = await self.running.check(rules, now)
+        self._late_now = {rule_id: set(groups) for rule_id, groups in found.items()}
+        return found
+
+    def observe(self, rule: Rule, jobs: Sequence[Job]) -> Iterable[Seen]:
+        bound = float(rule.params["max_s"])
+        for job in jobs:
+            if job.runtime is None or job.state is JobState.LOST:
+                continue
+            if not matches_job(rule.match, job):
+                continue
+            name = job.name or "?"
+            at = job.finished_at or job.updated_at or 0.0
+            if job.runtime > bound:
+                detail = f"{job.runtime:.0f} s, more than {_duration(bound)}"
+                yield Seen(name, {"name": name}, job.id, at, True, detail)
+            elif job.state is JobState.COMPLETED and name not in self._late_now.get(rule.id, ()):
+                yield Seen(name, {"name": name}, job.id, at, False)
+
+    def summary(self, group: str, count: int, detail: str) -> str:
+        runs = "1 run" if count == 1 else f"{count} runs"
+        return f"{runs} of {group} took too long; latest: {detail}"
 
 
 @attrs.frozen
@@ -286,16 +334,17 @@ class QueueSamples:
 
 @attrs.frozen
 class SluiceHealth:
-    """Sluice watching itself: ``problems(max_lag_s)`` gives what is wrong now, by what it
-    is (``source:redis``, ``lag``, ``dropped:redis``) and a sentence (the engine's
-    view of its sources, its ingest lag and its dropped events)."""
+    """Sluice watching itself: ``problems(max_lag_s, now)`` gives what is wrong, by what
+    it is (``source:redis``, ``lag``, ``dropped:redis``) and a sentence (the engine's
+    view of its sources, its ingest lag and its dropped events). Drops are news for one
+    look: their incident resolves at the next round without new ones."""
 
-    problems: Callable[[float], Awaitable[Mapping[str, str]]]
+    problems: Callable[[float, float], Awaitable[Mapping[str, str]]]
 
     async def check(self, rules: Sequence[Rule], now: float) -> dict[int, dict[str, Condition]]:
         out: dict[int, dict[str, Condition]] = {}
         for rule in rules:
-            found = await self.problems(rule.params["max_lag_s"])
+            found = await self.problems(rule.params["max_lag_s"], now)
             out[rule.id] = {
                 key: Condition({"check": key}, text) for key, text in found.items()
             }
@@ -303,7 +352,8 @@ class SluiceHealth:
 
 
 def default_kinds(
-    storage: Storage, problems: Callable[[float], Awaitable[Mapping[str, str]]] | None = None
+    storage: Storage,
+    problems: Callable[[float, float], Awaitable[Mapping[str, str]]] | None = None,
 ) -> dict[Kind, KindEvaluator]:
     """The registry: an evaluator for each kind Sluice has (``schedule`` plugs in here)."""
     kinds: dict[Kind, KindEvaluator] = {
@@ -311,7 +361,7 @@ def default_kinds(
         Kind.JOB_LOST: JobOutcome(JobState.LOST, "were lost"),
         Kind.FAILURE_RATE: FailureRate(storage),
         Kind.WORKER_OFFLINE: WorkerOffline(storage),
-        Kind.RUNTIME: LongJobs(storage, JobState.ACTIVE, "name"),
+        Kind.RUNTIME: Runtime(LongJobs(storage, JobState.ACTIVE, "name")),
         Kind.QUEUE_WAIT: LongJobs(storage, JobState.QUEUED, "queue"),
         Kind.QUEUE_DEPTH: QueueSamples(storage, Kind.QUEUE_DEPTH),
         Kind.NO_CONSUMER: QueueSamples(storage, Kind.NO_CONSUMER),
@@ -425,18 +475,19 @@ class Evaluator:
             by_kind[rule.kind].append(rule)
         for kind, kind_rules in by_kind.items():
             evaluator = self.kinds.get(kind)
-            if isinstance(evaluator, EventKind):
-                for rule in kind_rules:
-                    for seen in evaluator.observe(rule, jobs):
-                        await self._seen(rule, evaluator, seen, now, changes)
-            elif isinstance(evaluator, PolledKind) and poll:
+            # Polled first: a kind of both sorts (runtime) observes knowing what it found.
+            if isinstance(evaluator, PolledKind) and poll:
                 try:
                     found = await evaluator.check(kind_rules, now)
                 except Exception as exc:  # that kind is unknown this round: nothing resolves
                     log.warning("alerting: %s rules not evaluated: %s", kind, exc)
-                    continue
+                else:
+                    for rule in kind_rules:
+                        await self._holds(rule, evaluator, found.get(rule.id, {}), now, changes)
+            if isinstance(evaluator, EventKind):
                 for rule in kind_rules:
-                    await self._holds(rule, found.get(rule.id, {}), now, changes)
+                    for seen in evaluator.observe(rule, jobs):
+                        await self._seen(rule, evaluator, seen, now, changes)
         for key, incident in list(self._open.items()):
             self._advance(rules[key[0]], incident, now, changes)
         for key, change in changes.items():
@@ -450,7 +501,12 @@ class Evaluator:
         rules = {rule.id: rule for rule in self._rules}
         for key, incident in list(self._open.items()):
             rule = rules.get(key[0])
-            if rule is None or not isinstance(self.kinds.get(rule.kind), EventKind):
+            if rule is None:
+                continue
+            kind = self.kinds.get(rule.kind)
+            # A kind that is also polled (runtime) may have a run late now: its first
+            # poll and the next runs tell, not any completed run.
+            if not isinstance(kind, EventKind) or isinstance(kind, PolledKind):
                 continue
             since = incident.last_seen_at or incident.started_at
             page = await self._storage.list_jobs(
@@ -523,23 +579,36 @@ class Evaluator:
     async def _holds(
         self,
         rule: Rule,
+        kind: PolledKind,
         found: dict[str, Condition],
         now: float,
         changes: dict[tuple[int, str], _Change],
     ) -> None:
+        # A kind that is also an event kind counts each job once, resolves as event
+        # kinds do (not when a poll no longer finds the group), and its last_seen_at
+        # (whence resolve_s counts) is stored each time.
+        counted = isinstance(kind, EventKind)
         for group, condition in found.items():
             key = (rule.id, group)
             incident = self._open.get(key)
             if incident is None:
                 incident = await self._opened(rule, group, condition.labels, now, changes)
             incident.last_seen_at = now
-            if (incident.summary, incident.count, incident.job_ids) != (
+            if counted:
+                new = [j for j in condition.job_ids if j not in incident.job_ids]
+                incident.count += len(new)
+                incident.job_ids = [*incident.job_ids, *new][-JOB_IDS_KEPT:]
+                incident.summary = condition.summary
+                _change(changes, key, incident)
+            elif (incident.summary, incident.count, incident.job_ids) != (
                 condition.summary, condition.count, list(condition.job_ids)
             ):
                 incident.summary = condition.summary
                 incident.count = condition.count
                 incident.job_ids = list(condition.job_ids)
                 _change(changes, key, incident)
+        if counted:
+            return
         for key, incident in list(self._open.items()):
             if key[0] == rule.id and key[1] not in found:
                 self._resolve(rule, _change(changes, key, incident), now, "the condition cleared")

@@ -44,7 +44,7 @@ class Param:
 
 
 _SECONDS = Param(None, above=True)
-# Quiet time after which a job_failed or job_lost incident resolves on its own.
+# Quiet time after which a job_failed, job_lost or runtime incident resolves on its own.
 DEFAULT_RESOLVE_S: Final = 3600.0
 # An offline worker is forgotten (its incident resolves) after this long without a
 # heartbeat: workers replaced by a deploy get new names, and the old ones never return.
@@ -58,7 +58,7 @@ PARAMS: Final[Mapping[Kind, Mapping[str, Param]]] = {
         "threshold": Param(None, maximum=1.0),
         "min_runs": Param(10, minimum=1, integer=True),
     },
-    Kind.RUNTIME: {"max_s": _SECONDS},
+    Kind.RUNTIME: {"max_s": _SECONDS, "resolve_s": Param(DEFAULT_RESOLVE_S, above=True)},
     Kind.QUEUE_WAIT: {"max_s": _SECONDS},
     Kind.QUEUE_DEPTH: {"max_depth": Param(None, integer=True)},
     Kind.WORKER_OFFLINE: {"forget_s": Param(DEFAULT_FORGET_S, above=True)},
