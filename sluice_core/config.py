@@ -303,8 +303,9 @@ PUBLIC_URL: Option[str | None] = Option(
 
 
 def _alerts(raw: object) -> dict[str, Any]:
-    # Checked rule by rule when the engine starts (sluice_core/alerting/rules.py): the
-    # channels they name are in the database.
+    # Checked channel by channel and rule by rule when the engine starts
+    # (sluice_core/alerting/rules.py): the channel types are the plugins', and the
+    # channels rules name may be in the database.
     if not isinstance(raw, dict):
         raise TypeError
     return raw
@@ -312,9 +313,10 @@ def _alerts(raw: object) -> dict[str, Any]:
 
 ALERTS = Option(
     "alerts",
-    Kind("an [alerts] table holding [[alerts.rules]]", _alerts),
+    Kind("an [alerts] table holding [[alerts.channels]] and [[alerts.rules]]", _alerts),
     {},
-    "alert rules as code (the TOML file's [[alerts.rules]]; read-only in the dashboard)",
+    "alert channels and rules as code (the TOML file's [[alerts.channels]] and"
+    " [[alerts.rules]]; read-only in the dashboard)",
     commands=ENGINE,
     flag=None,
 )

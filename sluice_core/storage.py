@@ -452,6 +452,14 @@ class Storage(Protocol):
     async def delete_alert_rule(self, rule_id: int) -> bool:
         """Delete the rule; its open incidents are resolved (history stays). False if none."""
 
+    async def replace_file_channels(
+        self, channels: Sequence[tuple[str, str, Mapping[str, Any]]], at: float
+    ) -> list[Channel]:
+        """Make the channels of the configuration file (``from_file``) exactly
+        ``channels`` ((name, type, config), checked), by name, in one transaction; the
+        file's channels as stored. Raises :class:`~sluice_core.alerting.model.Invalid`
+        (``name``) when a channel the API made has one of their names."""
+
     async def replace_file_rules(self, rules: Sequence[Rule]) -> list[Rule]:
         """Make the rules of the configuration file (``from_file``) exactly ``rules``, by
         name, in one transaction; a rule the API made with one of their names becomes the

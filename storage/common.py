@@ -1481,6 +1481,37 @@ class SharedSql:
         )
         return row is not None
 
+    async def replace_file_channels(
+        self, channels: Sequence[tuple[str, str, Mapping[str, Any]]], at: float
+    ) -> list[Channel]:
+        p = self._marker
+        # Upserted by name (a rule's channel id stays across restarts); a channel the API
+        # made is not taken over: the WHERE leaves it, and no row comes back.
+        upsert = (
+            "INSERT INTO alert_channels (name, type, config, created_at, from_file)"
+            f" VALUES ({p}, {p}, {p}, {p}, {p}) ON CONFLICT (name) DO UPDATE SET"
+            " type = excluded.type, config = excluded.config"
+            f" WHERE alert_channels.from_file = {p} RETURNING {cols(CHANNEL_COLUMNS)}"
+        )
+
+        def replace(conn: Any) -> list[Channel]:
+            stored = []
+            for name, type_, config in channels:
+                row = conn.execute(upsert, (name, type_, dumps(dict(config)), at, True, True))
+                row = row.fetchone()
+                if row is None:
+                    raise Invalid("name", f"a channel made in the dashboard is named {name!r}")
+                stored.append(channel_from_row(row))
+            keep = [channel.id for channel in stored]
+            conn.execute(
+                f"DELETE FROM alert_channels WHERE from_file = {p}"
+                + "".join(f" AND id <> {p}" for _ in keep),
+                (True, *keep),
+            )
+            return stored
+
+        return await self._write(replace)
+
     async def alert_rules(self) -> list[Rule]:
         rows = await self._read(
             lambda conn: conn.execute(
@@ -1777,7 +1808,7 @@ class SharedSql:
 
 # -- alerting rows --------------------------------------------------------------------
 
-CHANNEL_COLUMNS = ("id", "name", "type", "config", "created_at")
+CHANNEL_COLUMNS = ("id", "name", "type", "config", "created_at", "from_file")
 RULE_COLUMNS = (
     "id", "name", "kind", "match", "params", "severity", "channels", "for_s", "repeat_s",
     "muted_until", "from_file", "created_at", "updated_at",
@@ -1795,9 +1826,9 @@ OUTBOX_COLUMNS = (
 
 
 def channel_from_row(row: Row) -> Channel:
-    id_, name, type_, config, created_at = row
+    id_, name, type_, config, created_at, from_file = row
     return Channel(id=int(id_), name=name, type=type_, config=loads(config),
-                   created_at=created_at)
+                   created_at=created_at, from_file=bool(from_file))
 
 
 def rule_to_row(rule: Rule) -> Row:

@@ -772,3 +772,67 @@ async def test_engine_reports_sources_down_lag_and_drops(tmp_path: Path) -> None
     engine.pipeline.sources[source.name] = SourceStatus(True, "", now + 5)
     engine.pipeline.writes.written(now - 89)
     assert await engine._health_problems(60, now + 5) == {}
+
+
+# -- channels as code ([[alerts.channels]]) ---------------------------------------------------
+
+
+async def test_file_channels_are_loaded_named_by_rules_and_read_only(
+    store: Storage, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeChannel()
+    alerts = Alerts(store, {"fake": fake}, clock=lambda: T0)
+    made = await alerts.add_channel({"name": "api", "type": "fake", "config": {"token": "t"}})
+    environ = {"SLUICE_HOOK_TOKEN": "s3cret-from-env"}
+    table = {
+        "channels": [{"name": "hook", "type": "fake",
+                      "config": {"token_env": "SLUICE_HOOK_TOKEN", "room": "ops"}}],
+        "rules": [{"name": "lost", "kind": "job_lost", "channels": ["hook", "api"]}],
+    }
+    with caplog.at_level("DEBUG"):
+        (rule,) = await alerts.load_file(table, environ)
+    assert "s3cret-from-env" not in caplog.text
+    hook = next(c for c in await alerts.channels() if c.name == "hook")
+    assert rule.channels == (hook.id, made.id)
+    # The environment's value is what is stored and sent, and masked when shown.
+    assert hook.from_file and hook.config == {"token": "s3cret-from-env", "room": "ops"}
+    assert hook.to_dict()["config"] == {"token": "********", "room": "ops"}
+    assert hook.to_dict()["read_only"] is True and made.to_dict()["read_only"] is False
+    # Tested, not deleted, through the API.
+    assert await alerts.test_channel(hook.id) == "OK"
+    with pytest.raises(ReadOnly):
+        await alerts.delete_channel(hook.id)
+    # The next start: the same id (rules keep naming it), the new secret; gone from the
+    # file means gone, and the API's channel stays.
+    environ["SLUICE_HOOK_TOKEN"] = "rotated"
+    await alerts.load_file(table, environ)
+    (again,) = [c for c in await alerts.channels() if c.from_file]
+    assert (again.id, again.config["token"]) == (hook.id, "rotated")
+    assert await alerts.load_file({}, environ) == []
+    assert [c.name for c in await alerts.channels()] == ["api"]
+
+
+@pytest.mark.parametrize(
+    ("channel", "field"),
+    [
+        ({"type": "fake", "config": {"token": "t"}}, "alerts.channels[0].name"),
+        ({"name": "x", "type": "pigeon", "config": {}}, "alerts.channels[0].type"),
+        ({"name": "x", "type": "fake", "config": {}}, "alerts.channels[0].config.token"),
+        ({"name": "x", "type": "fake", "config": {"token_env": "UNSET_VAR"}},
+         "alerts.channels[0].config.token_env"),
+        ({"name": "x", "type": "fake", "config": {"token": "t", "token_env": "SET_VAR"}},
+         "alerts.channels[0].config.token_env"),
+        ({"name": "x", "type": "fake", "config": {"token": "t"}, "colour": "red"},
+         "alerts.channels[0].colour"),
+        ({"name": "api", "type": "fake", "config": {"token": "t"}}, "alerts.channels"),
+    ],
+)
+async def test_bad_file_channels_name_the_place(
+    lite: Storage, channel: dict[str, Any], field: str
+) -> None:
+    alerts = Alerts(lite, {"fake": FakeChannel()})
+    await alerts.add_channel({"name": "api", "type": "fake", "config": {"token": "t"}})
+    with pytest.raises(Invalid) as exc:
+        await alerts.load_file({"channels": [channel]}, {"SET_VAR": "s3cret"})
+    assert exc.value.field == field
+    assert "s3cret" not in str(exc.value)

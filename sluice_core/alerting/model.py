@@ -114,6 +114,7 @@ class Channel:
     config: Mapping[str, Any]
     secrets: tuple[str, ...] = ()  # the keys of ``config`` never shown back
     created_at: float = 0.0
+    from_file: bool = False  # declared in the TOML file: tested, not deleted, in the API
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -124,6 +125,7 @@ class Channel:
                 key: (MASK if key in self.secrets and value else value)
                 for key, value in self.config.items()
             },
+            "read_only": self.from_file,
         }
 
 

@@ -1,5 +1,6 @@
-"""Rules from outside: an API body or a ``[[alerts.rules]]`` table of the TOML file,
-checked field by field into a :class:`~sluice_core.alerting.model.Rule`.
+"""Rules and channels from outside: an API body, or a ``[[alerts.rules]]`` or
+``[[alerts.channels]]`` table of the TOML file, checked field by field into a
+:class:`~sluice_core.alerting.model.Rule` or a channel's (name, type, config).
 
 Every refusal is :class:`~sluice_core.alerting.model.Invalid` naming the field
 (``kind``, ``match.name``, ``params.window_s``, ``channels``...), which the API answers
@@ -15,9 +16,12 @@ from typing import Any, Final
 
 import attrs
 
-from sluice_core.alerting.model import SEVERITIES, Invalid, Kind, Match, Rule
+from sluice_core.alerting.model import SEVERITIES, ChannelType, Invalid, Kind, Match, Rule
 
 MATCH_FIELDS: Final = ("name", "queue", "worker", "exception")
+# In a [[alerts.channels]] config, ``<key>_env = "VAR"`` gives ``<key>`` the value of the
+# environment variable VAR: a secret stays out of the file.
+ENV_SUFFIX: Final = "_env"
 
 
 @attrs.frozen
@@ -189,6 +193,65 @@ def file_rules(
     if len(set(names)) != len(names):
         raise Invalid("alerts.rules", "two rules have the same name")
     return rules
+
+
+def parse_channel(
+    body: object, types: Mapping[str, ChannelType]
+) -> tuple[str, str, dict[str, Any]]:
+    """A channel from an API body or a file's table: (name, type, config checked by its
+    type). Invalid names the field (``name``, ``type``, ``config.url``...)."""
+    if not isinstance(body, Mapping):
+        raise Invalid("body", "must be a JSON object")
+    for key in body:
+        if key not in ("name", "type", "config"):
+            raise Invalid(str(key), "is not a field of a channel")
+    name = body.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise Invalid("name", "must be a non-empty string")
+    kind = types.get(str(body.get("type")))
+    if kind is None:
+        raise Invalid("type", f"unknown channel type (one of {', '.join(sorted(types))})")
+    config = body.get("config")
+    if not isinstance(config, Mapping):
+        raise Invalid("config", "must be an object")
+    return name.strip(), kind.name, kind.check(config)
+
+
+def file_channels(
+    alerts: Mapping[str, Any], types: Mapping[str, ChannelType], environ: Mapping[str, str]
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """The ``[[alerts.channels]]`` of the TOML file, each config's ``<key>_env`` read
+    from ``environ``; Invalid names the channel's place in the file (never a value: a
+    config holds secrets)."""
+    tables = alerts.get("channels", [])
+    if not isinstance(tables, list):
+        raise Invalid("alerts.channels", "must be an array of tables ([[alerts.channels]])")
+    channels = []
+    for i, table in enumerate(tables):
+        try:
+            if isinstance(table, Mapping) and isinstance(table.get("config"), Mapping):
+                table = {**table, "config": _from_environment(table["config"], environ)}
+            channels.append(parse_channel(table, types))
+        except Invalid as exc:
+            raise Invalid(f"alerts.channels[{i}].{exc.field}", exc.message) from None
+    names = [name for name, _, _ in channels]
+    if len(set(names)) != len(names):
+        raise Invalid("alerts.channels", "two channels have the same name")
+    return channels
+
+
+def _from_environment(config: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    resolved = {key: value for key, value in config.items() if not key.endswith(ENV_SUFFIX)}
+    for key, var in config.items():
+        if not key.endswith(ENV_SUFFIX):
+            continue
+        target = key.removesuffix(ENV_SUFFIX)
+        if target in config:
+            raise Invalid(f"config.{key}", f"config.{target} is set too: give one of them")
+        if not isinstance(var, str) or var not in environ:
+            raise Invalid(f"config.{key}", f"the environment variable {var!r} is not set")
+        resolved[target] = environ[var]
+    return resolved
 
 
 def _kind(raw: object) -> Kind:

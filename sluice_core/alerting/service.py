@@ -9,6 +9,7 @@ and messages go out from there (outbox.py).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -30,7 +31,13 @@ from sluice_core.alerting.model import (
     ReadOnly,
     Rule,
 )
-from sluice_core.alerting.rules import channel_by_id, file_rules, parse_rule
+from sluice_core.alerting.rules import (
+    channel_by_id,
+    file_channels,
+    file_rules,
+    parse_channel,
+    parse_rule,
+)
 from sluice_core.storage import Storage, TimelineEntry
 
 log = logging.getLogger(__name__)
@@ -64,20 +71,8 @@ class Alerts:
         return [self._shown(channel) for channel in await self._storage.alert_channels()]
 
     async def add_channel(self, body: Mapping[str, Any]) -> Channel:
-        name = body.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise Invalid("name", "must be a non-empty string")
-        kind = self._types.get(str(body.get("type")))
-        if kind is None:
-            known = ", ".join(self.channel_types())
-            raise Invalid("type", f"unknown channel type (one of {known})")
-        config = body.get("config")
-        if not isinstance(config, Mapping):
-            raise Invalid("config", "must be an object")
-        checked = kind.check(config)
-        channel = await self._storage.add_alert_channel(
-            name.strip(), kind.name, checked, self._clock()
-        )
+        name, type_, config = parse_channel(body, self._types)
+        channel = await self._storage.add_alert_channel(name, type_, config, self._clock())
         log.info("alert channel %r (%s) added", channel.name, channel.type)  # no config: secrets
         return self._shown(channel)
 
@@ -88,6 +83,9 @@ class Alerts:
         raise NotFound(f"no channel {channel_id}")
 
     async def delete_channel(self, channel_id: int) -> None:
+        channel = await self._channel(channel_id)
+        if channel.from_file:
+            raise ReadOnly(f"the channel {channel.name!r} is declared in the configuration file")
         if not await self._storage.delete_alert_channel(channel_id):
             raise NotFound(f"no channel {channel_id}")
 
@@ -156,9 +154,20 @@ class Alerts:
             attrs.evolve(rule, muted_until=until, updated_at=self._clock())
         )
 
-    async def load_file(self, alerts: Mapping[str, Any]) -> list[Rule]:
-        """Make the rules of the file's ``[alerts]`` table the stored file rules
-        (channels by name). Raises Invalid naming the rule's place in the file."""
+    async def load_file(
+        self, alerts: Mapping[str, Any], environ: Mapping[str, str] = os.environ
+    ) -> list[Rule]:
+        """Make the channels and the rules of the file's ``[alerts]`` table the stored
+        file channels and rules (a rule names its channels by name, the file's or the
+        API's). Raises Invalid naming the place in the file."""
+        channels = file_channels(alerts, self._types, environ)
+        try:
+            stored = await self._storage.replace_file_channels(channels, self._clock())
+        except Invalid as exc:
+            raise Invalid("alerts.channels", exc.message) from None
+        for channel in stored:  # no config: it holds secrets
+            log.info("alert channel %r (%s) from the configuration file", channel.name,
+                     channel.type)
         names = {channel.name: channel.id for channel in await self._storage.alert_channels()}
         rules = file_rules(alerts, names, self._clock())
         return await self._storage.replace_file_rules(rules)
