@@ -99,15 +99,18 @@ async def check(engine: Engine) -> tuple[dict[str, Any], bool]:
 
 def writes_health(writes: WriteHealth, now: float) -> dict[str, Any]:
     """The writers as /healthz shows them at ``now``: down once writes have failed for
-    more than WRITES_FAILING_S, or an event a writer holds was read more than
-    UNSTORED_AGE_S ago. (Behind the reader process, an event counts as read when it
+    more than WRITES_FAILING_S (saying why when the database refuses every write: disk
+    full, read-only, no permission; ``refused``), or an event a writer holds was read
+    more than UNSTORED_AGE_S ago. (Behind the reader process, an event counts as read when it
     reaches the engine: its backlog is ``backlog``, and sluice_buffered_messages.)"""
     oldest = writes.oldest_unstored
     age = None if oldest is None else max(0.0, now - oldest)
     failing = None if writes.failing_since is None else now - writes.failing_since
     detail = ""
     if failing is not None and failing > WRITES_FAILING_S:
-        detail = f"writes have failed for {failing:.0f}s"
+        detail = f"writes have failed for {failing:.0f}s" + (
+            f": the database refuses writes: {writes.refused}" if writes.refused else ""
+        )
     elif age is not None and age > UNSTORED_AGE_S:
         detail = f"an event read {age:.0f}s ago is not stored yet"
     return {
@@ -116,6 +119,7 @@ def writes_health(writes: WriteHealth, now: float) -> dict[str, Any]:
         "last_ok": iso(writes.last_ok),
         "failing_since": iso(writes.failing_since),
         "error": writes.error,
+        "refused": writes.refused,
         "oldest_unstored_s": None if age is None else round(age, 3),
     }
 

@@ -54,7 +54,7 @@ from sluice_core.metrics import Metrics
 from sluice_core.model import Job, JobEvent, Normalized, RawBatch, WorkerEvent
 from sluice_core.serialize import job_event_to_json, worker_event_to_json
 from sluice_core.spool import Spool
-from sluice_core.storage import DeadLetter, IngestResult, RejectedData
+from sluice_core.storage import DeadLetter, IngestResult, RejectedData, WritesRefused
 from sluice_core.validate import UNCLAIMED, cut
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ class WriteHealth:
     last_ok: float | None = None
     failing_since: float | None = None
     error: str = ""  # the last failure's type (its message may name hosts or paths)
+    refused: str = ""  # WritesRefused.reason of the last failure: disk full, read-only...
     _writing: Counter[float] = attrs.field(factory=Counter)
 
     def writing(self, read_at: float) -> None:
@@ -118,12 +119,13 @@ class WriteHealth:
             del self._writing[read_at]
 
     def succeeded(self, now: float) -> None:
-        self.last_ok, self.failing_since, self.error = now, None, ""
+        self.last_ok, self.failing_since, self.error, self.refused = now, None, "", ""
 
     def failed(self, exc: Exception, now: float) -> None:
         if self.failing_since is None:
             self.failing_since = now
         self.error = type(exc).__name__
+        self.refused = exc.reason if isinstance(exc, WritesRefused) else ""
 
     @property
     def oldest_unstored(self) -> float | None:

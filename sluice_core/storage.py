@@ -130,6 +130,17 @@ class RejectedData(Exception):
     other error is the database's (away, full, locked): the batch is held and retried."""
 
 
+class WritesRefused(Exception):
+    """:meth:`Storage.ingest` cannot write anything until someone acts: the database's disk
+    is full, it is read-only, or Sluice may not write. Not the batch's fault (it would
+    store once the database takes writes): the pipeline holds and retries it, and
+    /healthz says why with ``reason``, the database's words without hosts or paths."""
+
+    def __init__(self, reason: str, cause: Exception) -> None:
+        super().__init__(f"the database refuses writes: {reason} ({type(cause).__name__}: {cause})")
+        self.reason = reason
+
+
 # Dead letters kept; past this the oldest go (a flood of bad events must not fill the disk).
 DEAD_LETTERS_KEPT = 10_000
 

@@ -57,6 +57,7 @@ from sluice_core.storage import (
     Redacted,
     RejectedData,
     TimelineEntry,
+    WritesRefused,
 )
 
 # -- rows -------------------------------------------------------------------
@@ -882,6 +883,12 @@ class SharedSql:
         """Whether ``exc`` is the database refusing a value of the batch (it would fail
         again), not the database being away, full or locked (worth retrying)."""
         raise NotImplementedError
+
+    @staticmethod
+    def _refused_writes(exc: Exception) -> str:
+        """Why the database refuses every write, when ``exc`` says it does (its disk is
+        full, it is read-only, Sluice may not write): words /healthz may show; else ''."""
+        raise NotImplementedError
     _events_of_job: str  # the WHERE clause of a job's timeline, its id the parameter
     _dialect: Dialect
     stuck_after: float
@@ -903,6 +910,8 @@ class SharedSql:
         except Exception as exc:
             if self._refused_data(exc):
                 raise RejectedData(f"{type(exc).__name__}: {exc}") from exc
+            if reason := self._refused_writes(exc):
+                raise WritesRefused(reason, exc) from exc
             raise
 
     async def dead_letter(self, letters: list[DeadLetter]) -> None:

@@ -68,6 +68,13 @@ KEEPALIVES: dict[str, Any] = {
     "tcp_user_timeout": LOCK_KEEPALIVE_S * 1000,
 }
 
+# SQLSTATEs that refuse every write until someone acts, and what /healthz says of them.
+WRITE_REFUSALS = {
+    "25006": "read-only",  # read_only_sql_transaction
+    "53100": "disk full",  # disk_full
+    "42501": "no permission to write",  # insufficient_privilege
+}
+
 # The free-text expression; identical (as an expression) to the GIN trigram index's.
 TEXT_EXPR = (
     "(coalesce(name, '') || ' ' || coalesce(args, '') || ' ' || coalesce(kwargs, '')"
@@ -499,6 +506,13 @@ class PostgresStorage(common.SharedSql):
                 ValueError, TypeError, OverflowError,
             ),
         ) or (isinstance(exc, psycopg.ProgrammingError) and exc.sqlstate is None)
+
+    @staticmethod
+    def _refused_writes(exc: Exception) -> str:
+        # A read-only database (default_transaction_read_only, a standby) says 25006, an
+        # InternalError, so never taken for bad data above.
+        sqlstate = exc.sqlstate if isinstance(exc, psycopg.Error) else None
+        return WRITE_REFUSALS.get(sqlstate or "", "")
     _events_of_job = "job_id = %s"
 
     def __init__(self, url: str, *, stuck_after: float = DEFAULT_STUCK_AFTER_S) -> None:
@@ -519,8 +533,15 @@ class PostgresStorage(common.SharedSql):
         with self._pool.connection(timeout=CONNECT_TIMEOUT) as conn:
             if not transaction:
                 return fn(conn)
-            with conn.transaction():
-                return fn(conn)
+            try:
+                with conn.transaction():
+                    return fn(conn)
+            except psycopg.errors.ReadOnlySqlTransaction:
+                # A session keeps the read-only default it began with (a database set
+                # read-only, a standby): writable again, only a new one would write. The
+                # pool replaces a connection given back closed.
+                conn.close()
+                raise
 
     async def _write(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
         # Never abandoned on cancel: the transaction commits or rolls back first.

@@ -48,6 +48,13 @@ UNWRITABLE = frozenset(
     {sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR}
 )
 
+# ... and those that refuse every write until someone acts, with what /healthz says of them.
+WRITE_REFUSALS = {
+    sqlite3.SQLITE_FULL: "disk full",
+    sqlite3.SQLITE_READONLY: "read-only",
+    sqlite3.SQLITE_PERM: "no permission to write",
+}
+
 
 @hookimpl
 def sluice_storage(url: str, config: Config) -> SQLiteStorage | None:
@@ -346,6 +353,12 @@ class SQLiteStorage(common.SharedSql):
         return isinstance(
             exc, (OverflowError, ValueError, TypeError, sqlite3.IntegrityError, sqlite3.DataError)
         ) or (isinstance(exc, sqlite3.ProgrammingError) and str(exc).startswith("Error binding"))
+
+    @staticmethod
+    def _refused_writes(exc: Exception) -> str:
+        # Only errors from the library carry a code (not a closed connection's, say).
+        code = getattr(exc, "sqlite_errorcode", None)
+        return "" if code is None else WRITE_REFUSALS.get(code & 0xFF, "")  # extended codes too
     _events_of_job = "job_seq = (SELECT seq FROM jobs WHERE id = ?)"
     _dialect = _DIALECT
     _events_by_seq = True

@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import psycopg
 import pytest
 import trio
 
@@ -31,6 +32,7 @@ from sluice_core.pipeline import WriteHealth
 from sluice_core.storage import StorageUnavailable
 from tests.fixtures.services import PG_URL, REDIS_URL
 from tests.fixtures.storage import open_storage, pg_admin
+from tests.metrics import metric
 from tests.test_api import assert_error, job_event, serving
 from tests.waiting import wait_until
 
@@ -121,8 +123,9 @@ async def test_healthz_is_503_while_writes_fail_on_a_full_disk_and_200_once_they
             assert body["status"] == "down" and body["storage"]["up"] is True
             writes = body["writes"]
             assert writes["up"] is False and writes["failing_since"] is not None
-            assert writes["detail"].startswith("writes have failed for")
-            assert writes["error"] == "OperationalError"  # the message stays in the log
+            assert writes["detail"].endswith("s: the database refuses writes: disk full")
+            assert writes["refused"] == "disk full"  # the message stays in the log
+            assert writes["error"] == "WritesRefused"
             assert writes["oldest_unstored_s"] >= 0
 
             filler.unlink()
@@ -130,7 +133,10 @@ async def test_healthz_is_503_while_writes_fail_on_a_full_disk_and_200_once_they
             writes = up.json()["writes"]
             assert writes["up"] is True and writes["failing_since"] is None
             assert writes["last_ok"] is not None and writes["oldest_unstored_s"] is None
-            assert (await client.get("/api/jobs/j49")).status_code == 200
+            # All of them, once each: none was dropped nor taken for bad data.
+            assert await engine.storage.count_jobs_by_state() == {"queued": 50}
+            assert await engine.storage.list_dead_letters(10) == []
+            assert metric(engine.metrics, "sluice_events_dropped_total", source="ingest") == 0
 
 
 # -- PostgreSQL away ------------------------------------------------------------------
@@ -262,6 +268,68 @@ async def test_healthz_answers_in_time_while_postgresql_hangs(
                 assert response.json()["storage"]["detail"] == (
                     f"no answer within {HEALTH_CHECK_S:g}s"
                 )
+
+
+def read_only(pg_url: str, on: bool) -> None:
+    """Make ``pg_url``'s database read-only (as for maintenance, or as a standby is), and
+    end its sessions so that Sluice's come back read-only; or writable again for new
+    sessions, ending none: Sluice's own, read-only since they began, are its to replace."""
+    name = urlsplit(pg_url).path.lstrip("/")
+    if on:
+        pg_admin(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        pg_admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+    else:
+        pg_admin(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+
+
+def stored_events(pg_url: str) -> int:
+    with psycopg.connect(pg_url) as conn:
+        row = conn.execute("SELECT count(*) FROM job_events").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def status_is(client: httpx.AsyncClient, status: int) -> httpx.Response | None:
+    response = await client.get("/healthz")
+    return response if response.status_code == status else None
+
+
+async def test_a_read_only_postgresql_holds_the_events_says_why_and_stores_them_once_back(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sluice_core.health, "WRITES_FAILING_S", 0.5)
+    sent = [job_event(f"j{i}", "task-sent", JobState.QUEUED, NOW + i) for i in range(70)]
+    done = [job_event(f"j{i}", "task-succeeded", JobState.COMPLETED, NOW + 99) for i in range(20)]
+    with trio.fail_after(90):
+        async with serving(tmp_path, db=pg_url) as (engine, client):
+            await engine.storage.create_api_key("sdk")  # something can send events
+            engine.pipeline.put_events(sent[:20], [])
+            await wait_until(lambda: stored_events(pg_url) == 20, "the first 20 events stored")
+            read_only(pg_url, True)
+            try:
+                # Jobs stored before and jobs new: both wait for the database.
+                engine.pipeline.put_events(done + sent[20:], [])
+                down = await wait_until(lambda: status_is(client, 503), "/healthz to say 503")
+                body = down.json()
+                assert body["storage"]["up"] is True  # it answers reads: writes are refused
+                writes = body["writes"]
+                assert writes["refused"] == "read-only" and writes["up"] is False
+                assert writes["detail"].endswith("s: the database refuses writes: read-only")
+                assert writes["oldest_unstored_s"] >= 0  # held by a writer, retried
+                assert stored_events(pg_url) == 20
+                # A refusal is the database's, not the batch's: nothing dead-lettered.
+                assert await engine.storage.list_dead_letters(10) == []
+            finally:
+                read_only(pg_url, False)
+
+            # By itself: its sessions, read-only since they began, are replaced.
+            await wait_until(lambda: stored_events(pg_url) == 90, "all 90 events stored")
+            up = await wait_until(lambda: status_is(client, 200), "/healthz to say 200 again")
+            assert up.json()["writes"]["refused"] == ""
+            assert await engine.storage.count_jobs_by_state() == {"completed": 20, "queued": 50}
+            assert metric(engine.metrics, "sluice_events_ingested_total") == 90
+            assert metric(engine.metrics, "sluice_events_dropped_total") == 0
+            assert metric(engine.metrics, "sluice_events_dead_lettered_total") == 0
 
 
 async def test_a_read_of_a_database_that_cannot_be_opened_is_storage_unavailable(
