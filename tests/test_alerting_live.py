@@ -16,13 +16,24 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
+from playwright.sync_api import Page, expect
 
 from sluice_core.config import Config
 from sluice_core.engine import Engine
 from sluice_core.plugins import PluginManager
 from tests.fixtures.celery_worker import CeleryWorker
-from tests.fixtures.receivers import WHSEC, Mailbox, Receiver, email_config, verified_by
+from tests.fixtures.receivers import (
+    PASSWORD,
+    WHSEC,
+    Mailbox,
+    Receiver,
+    email_config,
+    free_port,
+    verified_by,
+)
+from tests.test_dashboard import browse
 from tests.waiting import wait_until
 
 TIMEOUT = 120  # worker start-ups, heartbeat windows and evaluation rounds on a busy machine
@@ -31,17 +42,23 @@ PUBLIC_URL = "http://sluice.example:5555"
 
 @asynccontextmanager
 async def sluice(
-    db: str, worker: CeleryWorker, nursery: trio.Nursery
+    db: str,
+    worker: CeleryWorker,
+    nursery: trio.Nursery,
+    *,
+    port: int = 0,
+    public_url: str = PUBLIC_URL,
 ) -> AsyncIterator[tuple[Engine, httpx.AsyncClient]]:
-    """``sluice run --plugin celery --broker URL --public-url ...`` on a free port."""
+    """``sluice run --plugin celery --broker URL --public-url ...`` on a free port (or
+    ``port``)."""
     pm = PluginManager()
     pm.load(["celery"])
     config = Config(
         broker=[worker.broker_url],
         redis_keyprefix=worker.keyprefix,
         db=db,
-        port=0,
-        public_url=PUBLIC_URL,
+        port=port,
+        public_url=public_url,
     )
     pm.configure(config)
     engine = Engine(config, pm)
@@ -247,3 +264,102 @@ async def test_a_killed_worker_fires_worker_offline_and_its_return_resolves_it(
             assert resolved["id"] == firing["id"]
             await wait_until(lambda: len(receiver.requests) >= 2, "the resolve on the webhook")
             assert receiver.requests[1].json()["type"] == "incident.resolved"
+
+
+@pytest.mark.browser
+async def test_a_new_user_sets_up_alerting_in_the_dashboard_and_acknowledges_from_the_link(
+    tmp_path: Path,
+    celery_worker: CeleryWorker,
+    receiver: Receiver,
+    smtp_server: tuple[Mailbox, int],
+) -> None:
+    """Issue 19's done-means in a real Chromium: channels and a rule made with the
+    dashboard's forms; the task broken; one notification per channel, whose link opens
+    the incident with its timeline and a working Acknowledge button."""
+    mailbox, smtp_port = smtp_server
+    receiver.judge = verified_by(WHSEC)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"  # the public URL: the links must open in the browser
+    missing = tmp_path / "config.txt"  # the task fails until this file exists
+
+    def set_up(page: Page) -> None:
+        page.goto(f"{base}/alerts/channels")
+        form = page.locator("#add-channel")
+        form.locator("[name=name]").fill("ops-hook")
+        form.locator("[name=type]").select_option("webhook")
+        form.locator("[name='config.url']:visible").fill(receiver.url())
+        form.locator("[name='config.secret']").fill(WHSEC)
+        form.get_by_role("button", name="Add channel").click()
+        expect(page.locator("#channels")).to_contain_text("ops-hook")
+        form.locator("[name=name]").fill("ops-mail")
+        form.locator("[name=type]").select_option("email")
+        form.locator("[name='config.host']").fill("127.0.0.1")
+        form.locator("[name='config.port']").fill(str(smtp_port))
+        form.locator("[name='config.username']").fill("alerts")
+        form.locator("[name='config.password']:visible").fill(PASSWORD)
+        form.locator("[name='config.from']").fill("sluice@example.com")
+        form.locator("[name='config.to']").fill("oncall@example.com, lead@example.com")
+        form.get_by_role("button", name="Add channel").click()
+        expect(page.locator("#channels")).to_contain_text("ops-mail")
+
+        page.goto(f"{base}/alerts/rules")
+        form = page.locator("#add-rule")
+        form.locator("[name=name]").fill("config reader failing")
+        form.locator("[name=kind]").select_option("failure_rate")
+        form.locator("[name='match.name']").fill("tests.read_file")
+        form.locator("[name='params.window_s']:visible").fill("300")
+        form.locator("[name='params.threshold']").fill("0.5")
+        form.locator("[name='params.min_runs']").fill("3")
+        form.get_by_label("ops-hook").check()
+        form.get_by_label("ops-mail").check()
+        form.get_by_role("button", name="Add rule").click()
+        expect(page.locator("#rules")).to_contain_text("config reader failing")
+
+    with trio.fail_after(2 * TIMEOUT):
+        async with (
+            trio.open_nursery() as nursery,
+            sluice(f"sqlite:///{tmp_path}/sluice.db", celery_worker, nursery, port=port,
+                   public_url=base) as (_, client),
+        ):
+            await browse(set_up)
+            [rule] = (await client.get("/api/alerts/rules")).json()["rules"]
+            channels = (await client.get("/api/alerts/channels")).json()["channels"]
+            assert sorted(rule["channels"]) == sorted(c["id"] for c in channels)
+            assert (rule["kind"], rule["params"]["min_runs"]) == ("failure_rate", 3)
+
+            # Break it.
+            for _ in range(5):
+                await celery_worker.send("tests.read_file", str(missing))
+
+            async def counted() -> dict[str, Any] | None:
+                incident = await _incident(client, rule["id"], "firing")
+                return incident if incident and incident["count"] >= 5 else None
+
+            firing = await wait_until(counted, "the five failures counted on a firing incident")
+            await wait_until(lambda: len(receiver.requests) >= 1, "the webhook to be called")
+            await wait_until(lambda: len(mailbox.messages) >= 1, "the email to arrive")
+            link = f"{base}/alerts/{firing['id']}"
+            [call] = receiver.requests
+            assert call.json()["incident"]["url"] == link
+            [email] = mailbox.messages
+            assert link in email.as_string()
+            detail = (await client.get(f"/api/alerts/incidents/{firing['id']}")).json()
+            assert _queued(detail) == ["incident.firing to 2 channel(s)"]  # not one per failure
+
+            def acknowledge(page: Page) -> None:
+                page.on("dialog", lambda dialog: dialog.accept())
+                page.goto(link)
+                expect(page.locator("#incident-title")).to_contain_text("tests.read_file")
+                timeline = page.locator("#incident-timeline")
+                for what in ("pending", "firing", "queued", "delivered"):
+                    expect(timeline).to_contain_text(what)
+                expect(page.locator("#incident-acked")).to_have_text("—")
+                page.get_by_role("button", name="Acknowledge").click()
+                expect(page.locator("#incident-acked")).not_to_have_text("—")
+                page.reload()
+                expect(timeline).to_contain_text("acknowledged")
+
+            await browse(acknowledge)
+            detail = (await client.get(f"/api/alerts/incidents/{firing['id']}")).json()
+            assert detail["timeline"][-1]["what"] == "acknowledged"
+            assert len(receiver.requests) == 1 and len(mailbox.messages) == 1
