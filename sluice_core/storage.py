@@ -452,6 +452,10 @@ class Storage(Protocol):
     async def delete_alert_channel(self, channel_id: int) -> bool:
         """False if there was none."""
 
+    async def recent_deliveries(self, channel_id: int, since: float) -> list[float]:
+        """When the channel's messages delivered since ``since`` went (the outbox's
+        rate limit, read back after a restart or a change of leader)."""
+
     async def alert_rules(self) -> list[Rule]:
         """Every rule, oldest first."""
 

@@ -1521,6 +1521,18 @@ class SharedSql:
 
         return await self._write(replace)
 
+    async def recent_deliveries(self, channel_id: int, since: float) -> list[float]:
+        p = self._marker
+        # Rows merged into a summary are closed as delivered without an attempt: not sent.
+        rows = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT delivered_at FROM outbox WHERE channel_id = {p}"
+                f" AND delivered_at >= {p} AND attempts > 0",
+                (channel_id, since),
+            ).fetchall()
+        )
+        return [float(at) for (at,) in rows]
+
     async def alert_rules(self) -> list[Rule]:
         rows = await self._read(
             lambda conn: conn.execute(

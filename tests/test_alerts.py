@@ -836,3 +836,22 @@ async def test_bad_file_channels_name_the_place(
         await alerts.load_file({"channels": [channel]}, {"SET_VAR": "s3cret"})
     assert exc.value.field == field
     assert "s3cret" not in str(exc.value)
+
+
+async def test_rate_limit_outlives_a_restart(
+    store: Storage, autojump_clock: trio.testing.MockClock
+) -> None:
+    alerts, fake, _ = await setup(store, Kind.JOB_FAILED)
+    channel = (await alerts.channels())[0]
+    await _queue(store, channel.id, 3)
+    await Outbox(store, {"fake": fake}, clock=clock, rate_limit=3).deliver_due()
+    assert len(fake.sent) == 3
+    # A new process (a restart, a new leader) reads the window back from the outbox.
+    await trio.sleep(30)
+    again = Outbox(store, {"fake": fake}, clock=clock, rate_limit=3)
+    await _queue_one_more(store, channel.id)
+    await again.deliver_due()
+    assert len(fake.sent) == 3 and len(await queued(store)) == 1  # held
+    await trio.sleep(31)  # the three leave the window
+    await again.deliver_due()
+    assert len(fake.sent) == 4 and await queued(store) == []

@@ -10,6 +10,8 @@ tried again after 1 s, 2 s, 4 s ... at most :data:`BACKOFF_MAX_S` apart, until
 (``retry=False``: a 4xx) is given up at once. A channel sends at most ``rate_limit``
 messages per ``rate_window_s``: past that, what is due for it is held, and sent as ONE
 summary (``Message(event="summary", incidents=[...])``) as soon as the window allows.
+The window's count is read back from the outbox when a run starts (a restart, a new
+leader): neither gives a channel one more window.
 
 A channel's config holds its secrets: it goes to the channel type and nowhere else,
 and no log line here carries it, nor the text of an exception a channel type did not
@@ -69,9 +71,9 @@ class Outbox:
         self.poll_s = poll_s
         self.rate_limit = rate_limit
         self.rate_window_s = rate_window_s
-        # Per channel, when its latest messages went (held in memory: after a restart
-        # a channel may get up to one more window's worth).
-        self._sent: defaultdict[int, deque[float]] = defaultdict(deque)
+        # Per channel, when its latest messages went: read from the outbox at a
+        # channel's first delivery of a run, then kept here.
+        self._sent: dict[int, deque[float]] = {}
         self._wake = trio.Event()
 
     def wake(self) -> None:
@@ -79,6 +81,7 @@ class Outbox:
         self._wake.set()
 
     async def run(self) -> None:
+        self._sent = {}  # a new term: what was sent meanwhile (another leader) is stored
         while True:
             try:
                 await self.deliver_due()
@@ -111,8 +114,12 @@ class Outbox:
                     row, TimelineEntry(self._clock(), "gave up", f"{row.event}: {why}")
                 )
             return
-        sent = self._sent[channel.id]
         now = self._clock()
+        sent = self._sent.get(channel.id)
+        if sent is None:
+            since = now - self.rate_window_s
+            sent = deque(sorted(await self._storage.recent_deliveries(channel.id, since)))
+            self._sent[channel.id] = sent
         while sent and sent[0] <= now - self.rate_window_s:
             sent.popleft()
         room = self.rate_limit - len(sent)
