@@ -21,13 +21,26 @@ from pathlib import Path
 
 import attrs
 
-from bench import ha, ingest, latency, profile, queries, report, sse, startup
+from bench import (
+    alerting,
+    ha,
+    ingest,
+    latency,
+    profile,
+    queries,
+    report,
+    retention,
+    sse,
+    startup,
+)
 from bench import storage as storage_alone
 from bench.generator import Plan
 from bench.services import BENCH, REDIS_URL, rabbitmq_vhost
 
-SCENARIOS = ("burst", "steady", "rabbitmq", "latency", "queries", "startup")
-OPT_IN = ("profile", "storage", "sse-viewers", "sse-replica", "ha-ingest")  # run only when named
+SCENARIOS = ("burst", "steady", "rabbitmq", "latency", "alerting", "queries", "startup")
+# Run only when named:
+OPT_IN = ("profile", "storage", "sse-viewers", "sse-replica", "ha-ingest", "retention",
+          "alerting-cost")
 
 
 @attrs.frozen
@@ -43,6 +56,8 @@ class Sizes:
     query_repeats: int
     startup_repeats: int
     repeats: int  # of the cheap ingest runs (bursts)
+    alert_s: float  # of failing-job probes per alerting latency run
+    alert_cost_s: float  # of evaluation measured per alerting-cost run
     stall_s: float  # a consumer whose count has not moved this long has stopped (a PostgreSQL
     # transaction can take several seconds while the machine is loaded: 5 s once cut a run short)
 
@@ -61,6 +76,8 @@ FULL = Sizes(
     query_repeats=100,
     startup_repeats=5,
     repeats=3,
+    alert_s=60.0,
+    alert_cost_s=180.0,
     stall_s=15.0,
 )
 QUICK = Sizes(
@@ -75,6 +92,8 @@ QUICK = Sizes(
     query_repeats=5,
     startup_repeats=2,
     repeats=1,
+    alert_s=10.0,
+    alert_cost_s=20.0,
     stall_s=3.0,
 )
 # The issue's targets: a million jobs on SQLite, ten million on PostgreSQL.
@@ -478,6 +497,72 @@ class Bench:
             ),
         )
 
+    def retention(self) -> None:
+        jobs = 20_000 if self.args.quick else 100_000
+        runs = [
+            retention.run(storage=s, jobs=jobs, run_dir=self.run_dir, log=self.log)
+            for _ in range(self.sizes.repeats)
+            for s in self.storages
+        ]
+        first = {r.storage: r for r in reversed(runs)}
+        rows = []
+        for r in first.values():
+            for size in r.sizes:
+                if size.rows:
+                    rows.append([r.storage, size.table, size.rows, size.table_bytes,
+                                 size.index_bytes,
+                                 (size.table_bytes + size.index_bytes) / size.rows])
+            rows.append([r.storage, "**all tables**", "", sum(s.table_bytes for s in r.sizes),
+                         sum(s.index_bytes for s in r.sizes),
+                         f"{r.total_bytes / r.events:,.0f} an event,"
+                         f" {r.total_bytes / r.jobs:,.0f} a job"])
+        self.add(
+            f"Retention: bytes on disk, {jobs:,} jobs over {retention.HISTORY_DAYS} days",
+            "After writing the history through the backend's ingest (the generator's jobs: "
+            "10% failed, 3% retried, about 4.2 events a job), each table's bytes and its "
+            "indexes' apart (PostgreSQL: pg_table_size with TOAST, pg_indexes_size; SQLite: "
+            "the dbstat virtual table's pages); bytes a row is both over the table's rows.",
+            report.table(("storage", "table", "rows", "table bytes", "index bytes",
+                          "bytes a row"), rows),
+        )
+        self.add(
+            f"Retention: a prune of {retention.HISTORY_DAYS} days under "
+            f"{retention.LIVE_RATE:,} events/s",
+            f"{jobs:,} jobs over {retention.HISTORY_DAYS} days (issue 20 asks for 1,000 tasks/s: "
+            "864 million jobs; this is the same shape with fewer), pruned with completed jobs "
+            "kept 2 days and failed 7, while a live stream of "
+            f"{retention.LIVE_RATE:,} events/s goes through Sluice's Pipeline to the same "
+            f"database; *before*: the same stream {retention.BASELINE_S:.0f}s without a prune. "
+            "Rates are events stored a second inside the prune's window (before: all but the "
+            "first seconds); lag: the oldest event not yet stored, at its worst. Kept: the age "
+            "of the oldest completed and failed history job left. On disk: the SQLite file "
+            "and WAL, or pg_database_size, before the prune and after it (the live stream's "
+            "events included; PostgreSQL gives pages back only by VACUUM FULL, its DELETEs "
+            "leave them to reuse).",
+            report.table(
+                ("storage", "jobs pruned", "events pruned", "chunks", "longest chunk (ms)",
+                 "prune (s)", "rate before (/s)", "rate during (/s)", "lag before (s)",
+                 "lag during (s)", "offered", "lost", "kept completed (days)",
+                 "kept failed (days)", "on disk before (MB)", "after (MB)"),
+                [[r.storage, r.pruned.jobs, r.pruned.events, r.pruned.chunks,
+                  r.pruned.longest_chunk_s * 1000, r.prune_s, r.baseline.rate, r.during.rate,
+                  r.baseline.max_lag_s, r.during.max_lag_s, r.during.offered,
+                  r.during.offered - r.during.stored, r.kept_days.get("completed", 0.0),
+                  r.kept_days.get("failed", 0.0), r.bytes_before / 1e6, r.bytes_after / 1e6]
+                 for r in runs],
+            ),
+        )
+        for storage in first:
+            mine = [r for r in runs if r.storage == storage]
+            ratio = statistics.median(r.during.rate / r.baseline.rate for r in mine)
+            lost = sum(r.during.offered - r.during.stored for r in mine)
+            self.headline(
+                f"ingest at {retention.LIVE_RATE:,} events/s through a prune ({storage}):"
+                " rate during / before, lost",
+                "within 10%, 0 lost", f"{ratio:.1%}, {lost} lost", "n/a",
+                abs(ratio - 1) <= 0.10 and lost == 0,
+            )
+
     # -- output ------------------------------------------------------------
 
     def write(self, path: Path, machine: dict[str, str], started: float, loads: list[str]) -> None:
@@ -522,7 +607,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         " storage (the storage backend alone), sse-viewers (50 live"
                         " dashboards at 5,000 events/s), sse-replica (the same on a"
                         " sluice web replica beside a sluice agent, PostgreSQL), ha-ingest"
-                        " (one sluice agent, then an HA pair of two, PostgreSQL)")
+                        " (one sluice agent, then an HA pair of two, PostgreSQL), retention"
+                        " (bytes on disk, and a prune under a 10,000 events/s stream),"
+                        " alerting-cost (1,000 rules evaluated over a PostgreSQL history;"
+                        " SLUICE_BENCH_ALERT_DB names a database to reuse)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--full-size", action="store_true",
                         help="query histories at the target sizes (1M jobs SQLite, 10M PostgreSQL)")

@@ -61,8 +61,13 @@ class QueriesRun:
     rest_rss_mb: float  # idle on that history, once every query was served
 
 
-async def fill(db: str, jobs: int, progress: Callable[[int], None] | None = None) -> int:
-    """Write ``jobs`` jobs (all their events) through the storage backend; return the events."""
+async def fill(
+    db: str, jobs: int, progress: Callable[[int], None] | None = None, *,
+    span_days: float = SPAN_DAYS, jobs_per_batch: int = JOBS_PER_BATCH,
+) -> int:
+    """Write ``jobs`` jobs (all their events), spread over the last ``span_days`` in
+    batches of ``jobs_per_batch`` a generator tick apart, through the storage backend;
+    return the events."""
     from sluice_celery.events import KIND_AMQP, normalize_batch
     from sluice_core.config import Config
     from sluice_core.model import RawBatch
@@ -70,14 +75,14 @@ async def fill(db: str, jobs: int, progress: Callable[[int], None] | None = None
 
     storage = PluginManager().storage(Config(db=db))
     await storage.open()
-    span = SPAN_DAYS * 86400.0
-    batches = max(1, -(-jobs // JOBS_PER_BATCH))
+    span = span_days * 86400.0
+    batches = max(1, -(-jobs // jobs_per_batch))
     stream = EventStream(seed=7, start=time.time() - span, tick_s=span / (batches + 1))
     events = 0
     try:
         done = 0
         while True:
-            n = min(JOBS_PER_BATCH, jobs - done)
+            n = min(jobs_per_batch, jobs - done)
             messages = stream.tick(n) if n else stream.drain()
             done += n
             batch = RawBatch(
