@@ -21,26 +21,14 @@ from pathlib import Path
 
 import attrs
 
-from bench import (
-    alerting,
-    ha,
-    ingest,
-    latency,
-    profile,
-    queries,
-    report,
-    retention,
-    sse,
-    startup,
-)
+from bench import ha, ingest, latency, profile, queries, report, retention, sse, startup
 from bench import storage as storage_alone
 from bench.generator import Plan
 from bench.services import BENCH, REDIS_URL, rabbitmq_vhost
 
-SCENARIOS = ("burst", "steady", "rabbitmq", "latency", "alerting", "queries", "startup")
+SCENARIOS = ("burst", "steady", "rabbitmq", "latency", "queries", "startup")
 # Run only when named:
-OPT_IN = ("profile", "storage", "sse-viewers", "sse-replica", "ha-ingest", "retention",
-          "alerting-cost")
+OPT_IN = ("profile", "storage", "sse-viewers", "sse-replica", "ha-ingest", "retention")
 
 
 @attrs.frozen
@@ -56,8 +44,6 @@ class Sizes:
     query_repeats: int
     startup_repeats: int
     repeats: int  # of the cheap ingest runs (bursts)
-    alert_s: float  # of failing-job probes per alerting latency run
-    alert_cost_s: float  # of evaluation measured per alerting-cost run
     stall_s: float  # a consumer whose count has not moved this long has stopped (a PostgreSQL
     # transaction can take several seconds while the machine is loaded: 5 s once cut a run short)
 
@@ -76,8 +62,6 @@ FULL = Sizes(
     query_repeats=100,
     startup_repeats=5,
     repeats=3,
-    alert_s=60.0,
-    alert_cost_s=180.0,
     stall_s=15.0,
 )
 QUICK = Sizes(
@@ -92,8 +76,6 @@ QUICK = Sizes(
     query_repeats=5,
     startup_repeats=2,
     repeats=1,
-    alert_s=10.0,
-    alert_cost_s=20.0,
     stall_s=3.0,
 )
 # The targets: a million jobs on SQLite, ten million on PostgreSQL.
@@ -608,9 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         " dashboards at 5,000 events/s), sse-replica (the same on a"
                         " sluice web replica beside a sluice agent, PostgreSQL), ha-ingest"
                         " (one sluice agent, then an HA pair of two, PostgreSQL), retention"
-                        " (bytes on disk, and a prune under a 10,000 events/s stream),"
-                        " alerting-cost (1,000 rules evaluated over a PostgreSQL history;"
-                        " SLUICE_BENCH_ALERT_DB names a database to reuse)")
+                        " (bytes on disk, and a prune under a 10,000 events/s stream)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--full-size", action="store_true",
                         help="query histories at the target sizes (1M jobs SQLite, 10M PostgreSQL)")
