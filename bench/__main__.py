@@ -9,7 +9,9 @@ unless ``--out`` is given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import os
 import shlex
 import statistics
 import sys
@@ -21,14 +23,26 @@ from pathlib import Path
 
 import attrs
 
-from bench import ha, ingest, latency, profile, queries, report, retention, sse, startup
+from bench import (
+    alerting,
+    ha,
+    ingest,
+    latency,
+    profile,
+    queries,
+    report,
+    retention,
+    sse,
+    startup,
+)
 from bench import storage as storage_alone
 from bench.generator import Plan
-from bench.services import BENCH, REDIS_URL, rabbitmq_vhost
+from bench.services import BENCH, REDIS_URL, postgres_database, rabbitmq_vhost
 
-SCENARIOS = ("burst", "steady", "rabbitmq", "latency", "queries", "startup")
+SCENARIOS = ("burst", "steady", "rabbitmq", "latency", "alerting", "queries", "startup")
 # Run only when named:
-OPT_IN = ("profile", "storage", "sse-viewers", "sse-replica", "ha-ingest", "retention")
+OPT_IN = ("profile", "storage", "sse-viewers", "sse-replica", "ha-ingest", "retention",
+          "alerting-cost")
 
 
 @attrs.frozen
@@ -44,6 +58,8 @@ class Sizes:
     query_repeats: int
     startup_repeats: int
     repeats: int  # of the cheap ingest runs (bursts)
+    alert_s: float  # of failing-job probes per alerting latency run
+    alert_cost_s: float  # of evaluation measured per alerting-cost run
     stall_s: float  # a consumer whose count has not moved this long has stopped (a PostgreSQL
     # transaction can take several seconds while the machine is loaded: 5 s once cut a run short)
 
@@ -62,6 +78,8 @@ FULL = Sizes(
     query_repeats=100,
     startup_repeats=5,
     repeats=3,
+    alert_s=60.0,
+    alert_cost_s=180.0,
     stall_s=15.0,
 )
 QUICK = Sizes(
@@ -76,6 +94,8 @@ QUICK = Sizes(
     query_repeats=5,
     startup_repeats=2,
     repeats=1,
+    alert_s=10.0,
+    alert_cost_s=20.0,
     stall_s=3.0,
 )
 # The issue's targets: a million jobs on SQLite, ten million on PostgreSQL.
@@ -545,6 +565,89 @@ class Bench:
                 abs(ratio - 1) <= 0.10 and lost == 0,
             )
 
+    def alerting(self) -> None:
+        s = self.sizes
+        rate = 1_000
+        runs = [
+            alerting.run_latency(storage=storage, rate=rate, duration_s=s.alert_s,
+                                 broker=REDIS_URL, run_dir=self.run_dir)
+            for _ in range(s.repeats)
+            for storage in self.storages
+        ]
+        for r in runs:
+            self.log(f"    {r.storage}: {r.samples}/{r.probes} POSTs, p50 {r.p50_ms:.0f} ms, "
+                     f"p99 {r.p99_ms:.0f} ms, max {r.max_ms:.0f} ms")
+        med = statistics.median
+        for storage in self.storages:
+            mine = [r for r in runs if r.storage == storage]
+            p99 = med(r.p99_ms for r in mine)
+            arrived = all(r.samples == r.probes and not r.refused for r in mine)
+            self.headline(f"failing job's PUBLISH to webhook POST p99 at {rate:,} events/s "
+                          f"({storage})", "< 2 s", f"{p99:,.0f} ms", "no alerting",
+                          p99 < 2000 and arrived)
+        self.add(
+            f"Alerting: a failing job's PUBLISH to its webhook POST at {rate:,} events/s",
+            f"{len(runs)} run(s) of {s.alert_s:.0f}s, Redis. A real `sluice run` with "
+            f"{alerting.CHANNELS} signed webhook channels and a `job_failed` rule each (made "
+            "through the API), the generator publishing other traffic at the rate; every "
+            f"{alerting.PROBE_EVERY_S:g} s a job of a new task name is sent, received and "
+            f"started, and {alerting.LEAD_S:g} s later its `task-failed` is PUBLISHed: a sample "
+            "runs from that PUBLISH to the `incident.firing` POST's arrival at a receiver on "
+            "loopback that checks its Standard Webhooks signature (nearest-rank p99). The "
+            "probes rotate over the channels so that none reaches the outbox's rate limit. "
+            "*POSTs*: arrived / probes; refused: bad signatures. Target: p99 < 2 s.",
+            report.table(
+                ("run", "storage", "published (ev/s)", "POSTs", "refused", "p50 (ms)",
+                 "p99 (ms)", "max (ms)"),
+                [[i + 1, r.storage, r.published_rate, f"{r.samples}/{r.probes}", r.refused,
+                  r.p50_ms, r.p99_ms, r.max_ms] for i, r in enumerate(runs)],
+            ),
+        )
+
+    def alerting_cost(self) -> None:
+        jobs = self.sizes.history_jobs.get("postgresql", FULL_HISTORY["postgresql"])
+        reuse = os.environ.get("SLUICE_BENCH_ALERT_DB")
+        with contextlib.ExitStack() as stack:
+            if reuse:
+                db = reuse
+            else:
+                db = stack.enter_context(postgres_database())
+                self.log(f"    filling a PostgreSQL history of {jobs:,} jobs")
+                alerting.history(db, jobs, self.log)
+            runs = [alerting.run_cost(db=db, rate=1_000, seconds=self.sizes.alert_cost_s)
+                    for _ in range(self.sizes.repeats)]
+        for r in runs:
+            self.log(f"    {r.rules} rules over {r.jobs:,} jobs: evaluator "
+                     f"{r.evaluator_cpu_pct:.1f}%, its PostgreSQL backends {r.server_cpu_pct:.1f}%")
+        med = statistics.median
+        total = med(r.evaluator_cpu_pct + r.server_cpu_pct for r in runs)
+        self.headline(f"{runs[0].rules:,} alert rules over {runs[0].jobs:,} jobs (postgresql): "
+                      "evaluation CPU, of one core", "< 5%",
+                      f"{total:.1f}% ({med(r.evaluator_cpu_pct for r in runs):.1f}% + "
+                      f"{med(r.server_cpu_pct for r in runs):.1f}% server)", "no alerting",
+                      total < 5)
+        self.add(
+            f"Alerting cost: {runs[0].rules:,} rules over {runs[0].jobs:,} jobs (PostgreSQL)",
+            f"{len(runs)} run(s) of {self.sizes.alert_cost_s:.0f}s measured (after "
+            "15 s of warm-up). The rules (`bench/alerting.py` `rule_bodies`): 600 "
+            "`failure_rate` on a task name each (windows 5 min, 15 min, 1 h), 250 "
+            "`job_failed` on a name each, 50 `runtime`, 40 `queue_wait`, 30 `queue_depth`, "
+            "10 `no_consumer`, 15 `worker_offline`, 4 `job_lost`, 1 `sluice_health`. One "
+            "process writes 1,000 events/s over 1,000 task names (10% failing) through the "
+            "storage backend's ingest; another runs only the `Evaluator` as the engine runs "
+            "it, handed the finished jobs such traffic stores (the same rate, names and "
+            "failures) every 0.1 s. *Evaluator*: that process's CPU; *server*: its "
+            "PostgreSQL backends' (from /proc); both of one core. *Rounds*: polled (every "
+            "5 s) and woken by stored jobs. Target: < 5% of one core.",
+            report.table(
+                ("run", "evaluator CPU", "server CPU", "total", "polled rounds",
+                 "fed rounds", "firing at the end"),
+                [[i + 1, f"{r.evaluator_cpu_pct:.1f}%", f"{r.server_cpu_pct:.1f}%",
+                  f"{r.evaluator_cpu_pct + r.server_cpu_pct:.1f}%", r.polled_rounds,
+                  r.fed_rounds, r.firing] for i, r in enumerate(runs)],
+            ),
+        )
+
     # -- output ------------------------------------------------------------
 
     def write(self, path: Path, machine: dict[str, str], started: float, loads: list[str]) -> None:
@@ -590,7 +693,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         " dashboards at 5,000 events/s), sse-replica (the same on a"
                         " sluice web replica beside a sluice agent, PostgreSQL), ha-ingest"
                         " (one sluice agent, then an HA pair of two, PostgreSQL), retention"
-                        " (bytes on disk, and a prune under a 10,000 events/s stream)")
+                        " (bytes on disk, and a prune under a 10,000 events/s stream),"
+                        " alerting-cost (1,000 rules evaluated over a PostgreSQL history;"
+                        " SLUICE_BENCH_ALERT_DB names a database to reuse)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--full-size", action="store_true",
                         help="query histories at the target sizes (1M jobs SQLite, 10M PostgreSQL)")

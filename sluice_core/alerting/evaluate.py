@@ -108,6 +108,12 @@ def glob(pattern: str | None, value: str | None) -> bool:
     return pattern is None or (value is not None and fnmatch.fnmatchcase(value, pattern))
 
 
+def literal(pattern: str | None) -> bool:
+    """A glob without a wildcard matches one name, itself: rules on one task name each
+    (a thousand of them in bench/alerting.py) are a lookup, not a glob per candidate."""
+    return pattern is not None and not any(c in pattern for c in "*?[")
+
+
 def matches_job(match: Match, job: Job, *, exception: bool = True) -> bool:
     return (
         glob(match.name, job.name)
@@ -159,16 +165,20 @@ class FailureRate:
 
     async def check(self, rules: Sequence[Rule], now: float) -> dict[int, dict[str, Condition]]:
         out: dict[int, dict[str, Condition]] = {}
-        failing: dict[float, list[str]] = {}
+        failing: dict[float, dict[str, None]] = {}  # names, most failures first
         counted: dict[tuple[str, float, str | None, str | None], tuple[int, int]] = {}
         for rule in rules:
             window = float(rule.params["window_s"])
             if window not in failing:
                 top = await self.storage.top_failing_names(now - window, 10_000)
-                failing[window] = [name for name, _ in top]
+                failing[window] = dict.fromkeys(name for name, _ in top)
             found = out.setdefault(rule.id, {})
-            for name in failing[window]:
-                if not glob(rule.match.name, name):
+            pattern = rule.match.name
+            names: Iterable[str] = failing[window]
+            if pattern is not None and literal(pattern):
+                names = [pattern] if pattern in failing[window] else []
+            for name in names:
+                if not glob(pattern, name):
                     continue
                 key = (name, window, rule.match.queue, rule.match.worker)
                 if key not in counted:
@@ -470,6 +480,9 @@ class Evaluator:
         changes: dict[tuple[int, str], _Change] = {}
         jobs, self._jobs = self._jobs, []
         jobs.sort(key=lambda job: job.finished_at or job.updated_at or 0.0)
+        by_name: dict[str | None, list[Job]] = defaultdict(list)
+        for job in jobs:
+            by_name[job.name].append(job)
         by_kind: dict[Kind, list[Rule]] = defaultdict(list)
         for rule in rules.values():
             by_kind[rule.kind].append(rule)
@@ -486,7 +499,9 @@ class Evaluator:
                         await self._holds(rule, evaluator, found.get(rule.id, {}), now, changes)
             if isinstance(evaluator, EventKind):
                 for rule in kind_rules:
-                    for seen in evaluator.observe(rule, jobs):
+                    # A rule on one task name is shown that name's jobs only.
+                    named = by_name.get(rule.match.name, []) if literal(rule.match.name) else jobs
+                    for seen in evaluator.observe(rule, named):
                         await self._seen(rule, evaluator, seen, now, changes)
         for key, incident in list(self._open.items()):
             self._advance(rules[key[0]], incident, now, changes)
