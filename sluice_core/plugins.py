@@ -23,7 +23,8 @@ from sluice_core.redact import Redactor
 from sluice_core.sources import Source
 from sluice_core.storage import Storage
 
-# Built-in behaviour is registered through the same hooks a third party uses.
+# Built-in behaviour is registered through the same hooks a third party uses: the
+# storage backends and the alert channels.
 DEFAULT_PLUGINS = ("sluice_storage.sqlite", "sluice_storage.postgres", "sluice_alerts.plugin")
 
 ENTRY_POINT_GROUP = "sluice"
@@ -38,7 +39,7 @@ def _installed_claimants(url: str, *, loaded: pluggy.PluginManager) -> list[str]
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         if loaded.has_plugin(entry.name):
             continue
-        probe = PluginManager(storage=False)
+        probe = PluginManager(builtins=False)
         try:
             probe.load([entry.name])
         except Exception as exc:  # a broken third-party plugin must not hide the advice
@@ -50,12 +51,13 @@ def _installed_claimants(url: str, *, loaded: pluggy.PluginManager) -> list[str]
 
 
 class PluginManager:
-    def __init__(self, *, storage: bool = True) -> None:
-        """``storage=False``: without the built-in storage backends (the reader
-        process has no database, and their drivers cost it 10 MB)."""
+    def __init__(self, *, builtins: bool = True) -> None:
+        """``builtins=False``: without the built-in plugins, the storage backends and the
+        alert channels (the reader process has no database and sends no alert, and their
+        drivers cost it 10 MB)."""
         self._pm = pluggy.PluginManager("sluice")
         self._pm.add_hookspecs(hookspecs)
-        for name in DEFAULT_PLUGINS if storage else ():
+        for name in DEFAULT_PLUGINS if builtins else ():
             self._pm.register(importlib.import_module(name), name=name)
         # Secrets are redacted from the start; configure() applies the chosen names.
         self._redactor = Redactor(REDACT_KEYS.default, REDACT_PATTERNS.default)

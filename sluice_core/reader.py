@@ -251,7 +251,7 @@ def reader_main(argv: list[str]) -> None:
     statuses = Connection(int(argv[1]), readable=False)
     control = Connection(int(argv[2]), writable=False)
     logging.basicConfig(level=config.log_level, format=LOG_FORMAT, stream=sys.stderr)
-    pm = PluginManager(storage=False)
+    pm = PluginManager(builtins=False)
     pm.load(config.plugins)
     pm.configure(config)
     trio.run(_Reader(config, pm, send, statuses).run, control)
