@@ -84,6 +84,15 @@ async def _created(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -
     return created
 
 
+async def _webhook(client: httpx.AsyncClient, receiver: Receiver) -> dict[str, Any]:
+    """A signed webhook channel to ``receiver``, made through the API."""
+    return await _created(
+        client,
+        "/api/alerts/channels",
+        {"name": "ops-hook", "type": "webhook", "config": {"url": receiver.url(), "secret": WHSEC}},
+    )
+
+
 async def _incident(client: httpx.AsyncClient, rule_id: int, state: str) -> dict[str, Any] | None:
     listed = (await client.get("/api/alerts/incidents", params={"state": state})).json()
     return next((i for i in listed["incidents"] if i["rule"]["id"] == rule_id), None)
@@ -112,15 +121,7 @@ async def test_a_broken_task_notifies_once_per_channel_then_resolves_and_survive
                 client,
             ),
         ):
-            hook = await _created(
-                client,
-                "/api/alerts/channels",
-                {
-                    "name": "ops-hook",
-                    "type": "webhook",
-                    "config": {"url": receiver.url(), "secret": WHSEC},
-                },
-            )
+            hook = await _webhook(client, receiver)
             mail = await _created(
                 client,
                 "/api/alerts/channels",
@@ -215,15 +216,7 @@ async def test_a_killed_worker_fires_worker_offline_and_its_return_resolves_it(
             trio.open_nursery() as nursery,
             sluice(f"sqlite:///{tmp_path}/sluice.db", celery_worker, nursery) as (_, client),
         ):
-            hook = await _created(
-                client,
-                "/api/alerts/channels",
-                {
-                    "name": "ops-hook",
-                    "type": "webhook",
-                    "config": {"url": receiver.url(), "secret": WHSEC},
-                },
-            )
+            hook = await _webhook(client, receiver)
             rule = await _created(
                 client,
                 "/api/alerts/rules",
@@ -318,8 +311,13 @@ async def test_a_new_user_sets_up_alerting_in_the_dashboard_and_acknowledges_fro
     with trio.fail_after(2 * TIMEOUT):
         async with (
             trio.open_nursery() as nursery,
-            sluice(f"sqlite:///{tmp_path}/sluice.db", celery_worker, nursery, port=port,
-                   public_url=base) as (_, client),
+            sluice(
+                f"sqlite:///{tmp_path}/sluice.db",
+                celery_worker,
+                nursery,
+                port=port,
+                public_url=base,
+            ) as (_, client),
         ):
             await browse(set_up)
             [rule] = (await client.get("/api/alerts/rules")).json()["rules"]
