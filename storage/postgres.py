@@ -89,6 +89,12 @@ def sluice_storage(url: str, config: Config) -> PostgresStorage | None:
     return PostgresStorage(url, stuck_after=common.stuck_after(config))
 
 
+class _Lending(threading.local):
+    """What the worker thread asking the pool for a connection will do with it."""
+
+    check = True  # a write: see PostgresStorage._check
+
+
 def _configure(conn: psycopg.Connection[Any]) -> None:
     # JSON columns come back as text and are decoded by common.loads (orjson), like SQLite's.
     conn.adapters.register_loader("jsonb", TextLoader)
@@ -524,15 +530,38 @@ class PostgresStorage(common.SharedSql):
         self._read_limiter = trio.CapacityLimiter(READERS)
         self._ping_limiter = trio.CapacityLimiter(1)  # see ping
         self._dialect: _Dialect = _Dialect()
+        self._lending = _Lending()
+
+    def _check(self, conn: psycopg.Connection[Any]) -> None:
+        # A connection lent for a write is checked first (a transaction that fails on a
+        # dead connection would be retried whole, batches later). One lent for a read is
+        # not: the check is a round trip of its own beside each of a replica's reads, and
+        # a read that finds its connection dead is asked again (_run).
+        if self._lending.check:
+            ConnectionPool.check_connection(conn)
 
     # -- threads ---------------------------------------------------------------
 
     def _run(self, fn: Callable[[psycopg.Connection[Any]], T], transaction: bool) -> T:
-        if self._pool is None:
+        pool = self._pool
+        if pool is None:
             raise RuntimeError("PostgreSQL storage is not open: call open() first")
-        with self._pool.connection(timeout=CONNECT_TIMEOUT) as conn:
-            if not transaction:
+        self._lending.check = transaction
+        if not transaction:
+            lent: psycopg.Connection[Any] | None = None
+            try:
+                with pool.connection(timeout=CONNECT_TIMEOUT) as lent:
+                    return fn(lent)
+            except psycopg.OperationalError:
+                if lent is None or not lent.broken:
+                    raise  # no connection to be had, or the query failed and not it
+            # The server ended the connection (a restart, a failover, a terminated
+            # session): it may have ended the pool's others too. They are checked (the
+            # dead replaced) before the read is asked again, on a working one.
+            pool.check()
+            with pool.connection(timeout=CONNECT_TIMEOUT) as conn:
                 return fn(conn)
+        with pool.connection(timeout=CONNECT_TIMEOUT) as conn:
             try:
                 with conn.transaction():
                     return fn(conn)
@@ -563,8 +592,9 @@ class PostgresStorage(common.SharedSql):
             open=False,
             kwargs={"autocommit": True, "connect_timeout": int(CONNECT_TIMEOUT)},
             configure=_configure,
-            # A connection the server dropped is replaced before it is lent, not after a failure.
-            check=ConnectionPool.check_connection,
+            # A connection the server dropped is replaced before it is lent for a write,
+            # not after a failure; a read finds out by failing (see _check).
+            check=self._check,
             timeout=CONNECT_TIMEOUT,
             name="sluice-postgres",
         )

@@ -632,6 +632,30 @@ async def test_postgresql_reconnects_after_its_connections_are_terminated(pg_url
             await storage.aclose()
 
 
+async def test_postgresql_reads_on_connections_the_server_ended_are_asked_again(
+    pg_url: str,
+) -> None:
+    # Reads are lent connections unchecked (PostgresStorage._check): one that finds its
+    # connection dead is asked again on a checked one, and answers.
+    storage = open_storage(pg_url)
+    dbname = pg_url.rsplit("/", 1)[1]
+    with trio.fail_after(30):
+        await storage.open()
+        try:
+            await ingest(storage, lifecycle("before", T0))
+            for _ in range(3):
+                with psycopg.connect(PG_URL, autocommit=True) as admin:
+                    admin.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE datname = %s",
+                        (dbname,),
+                    )
+                assert [j.id for j in (await storage.list_jobs(JobQuery())).jobs] == ["before"]
+                assert await storage.get_job("before") is not None
+        finally:
+            await storage.aclose()
+
+
 def test_backends_are_chosen_by_url_scheme_and_hide_passwords(tmp_path: Path) -> None:
     pm = PluginManager()
     assert type(pm.storage(Config(db=f"sqlite:///{tmp_path}/x.db"))).__name__ == "SQLiteStorage"

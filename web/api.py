@@ -18,7 +18,7 @@ from sluice_core import merge
 from sluice_core.actions import (
     lives_at,
 )
-from sluice_core.model import Job
+from sluice_core.model import Job, JobEvent
 from sluice_core.serialize import (
     event_to_dict,
     gap_to_dict,
@@ -72,20 +72,21 @@ async def job_or_404(job_id: str) -> Job:
 @blueprint.get("/api/jobs/<job_id>")
 async def job_detail(job_id: str) -> dict[str, Any]:
     job = await job_or_404(job_id)
-    events = merge.timeline(await application().reads.job_events(job_id))
+    # Read once: the timeline and the job's location are both made from its events.
+    stored = await application().reads.job_events(job_id)
     return {
         **job_to_dict(job),
-        "events": [event_to_dict(event) for event in events],
+        "events": [event_to_dict(event) for event in merge.timeline(stored)],
         "timing": job_timing(job),
-        "location": await _location(job_id),
+        "location": _location(stored),
     }
 
 
-async def _location(job_id: str) -> dict[str, str | None] | None:
+def _location(stored: list[JobEvent]) -> dict[str, str | None] | None:
     """Where the job lives, which its actions go to: the broker, and the agent reading it.
-    Read from the events as stored: a merged timeline's reports carry other sources'
+    Made from the events as stored: a merged timeline's reports carry other sources'
     stamps, and would show the job behind whichever source pushed a report of it."""
-    where = lives_at(await application().reads.job_events(job_id))
+    where = lives_at(stored)
     return None if where is None else where.to_dict()
 
 

@@ -54,7 +54,10 @@ async def serve(
 
     hyper = HypercornConfig()
     hyper.bind = [_bind(config.host, config.port)]
-    hyper.accesslog = logging.getLogger("sluice_web.access")
+    access = logging.getLogger("sluice_web.access")
+    # hypercorn builds each request's access line before the logger weighs its level:
+    # at the usual WARNING that was work for every request, for nothing.
+    hyper.accesslog = access if access.isEnabledFor(logging.INFO) else None
     hyper.errorlog = logging.getLogger("sluice_web.server")
 
     async def stop() -> None:
