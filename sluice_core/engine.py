@@ -118,11 +118,12 @@ class Engine:
             listening_since=self.listening_since,
             frameworks=self.frameworks,
         )
-        self.leadership = Leadership(
-            self.storage.leader_lock(DUTIES_LOCK),
-            name="duties",
-            on_change=lambda leading: self.metrics.leader.set(int(leading)),
-        )
+        lock = self.storage.leader_lock(DUTIES_LOCK)
+        if lock is not None and not replica:
+            # One of processes sharing the database: only the leader writes what the
+            # sources read; the others keep a replay ring (sluice_core/pipeline.py).
+            self.pipeline.stand_by()
+        self.leadership = Leadership(lock, name="duties", on_change=self._leading)
         self.gap_watch = GapWatch(
             self.storage,
             self.pipeline,
@@ -159,6 +160,10 @@ class Engine:
         self._stop_requested = trio.Event()
         self._pipeline_done = trio.Event()
         self.stopped = trio.Event()
+
+    def _leading(self, leading: bool) -> None:
+        self.metrics.leader.set(int(leading))
+        self.pipeline.lead(leading)
 
     def listening_since(self) -> float | None:
         """Since when every source has been up without a break; None while one is down.
@@ -251,6 +256,9 @@ class Engine:
                     nursery.start_soon(self.follower.run)
                 else:
                     nursery.start_soon(self.leadership.run, self._run_duties)
+                    nursery.start_soon(
+                        self.pipeline.watch_leader, self.storage, lambda: self.leadership.leading
+                    )
                 nursery.start_soon(self.storage_gauges.run)
                 nursery.start_soon(self.gap_watch.run)
 

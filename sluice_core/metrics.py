@@ -86,6 +86,28 @@ class Metrics:
             " another process sharing the database does",
             registry=r,
         )
+        self.writing_sources = Gauge(
+            "sluice_writing_sources",
+            "1 while this process stores what its sources read, 0 while it stands by (one"
+            " of an HA pair, not the leader: it keeps the last seconds read to replay)",
+            registry=r,
+        )
+        self.standby_events = Gauge(
+            "sluice_standby_events",
+            "Events read while standing by and held to replay if this process takes over",
+            registry=r,
+        )
+        self.standby_expired = Counter(
+            "sluice_standby_expired_events",
+            "Events a standby let go unwritten: older than the replay window, or past its"
+            " bound in events",
+            registry=r,
+        )
+        self.standby_replayed = Counter(
+            "sluice_standby_replayed_events",
+            "Events held while standing by and written on taking over",
+            registry=r,
+        )
         self.jobs = Gauge("sluice_jobs", "Stored jobs by state", ["state"], registry=r)
         self.workers_online = Gauge("sluice_workers_online", "Workers online", registry=r)
         self.queue_depth = Gauge(

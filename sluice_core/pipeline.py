@@ -6,7 +6,9 @@
             --put_events---------------------------------------+
     the reader process's Feed (sluice_core/reader.py) ---------+
                                                                v
-                          [normalized, a few batches] --> write (one transaction) --> bus
+                          [normalized, a few batches] --> gate --> write (one transaction) --> bus
+                                                            |
+                  standing by (HA pair, not the leader) ----+-> [replay ring: the last REPLAY_S]
                                         |  or, for a backend that takes several transactions
                                         +- at once (PostgreSQL): split by job id, one writer
                                            per part, each with its own few batches
@@ -31,6 +33,17 @@ batch's round trips to the database with the next one's fold in Python. Each
 writer has its own share of the job ids, so no two transactions in flight
 hold the same job: neither waits on the other's locks, and each job's events
 are still written in the order they were read.
+
+An HA pair (two agents on one database, docs/deploy.md) is active-passive: both read
+and normalize every event, but only the leader writes what its sources read. The
+other stands by (:meth:`Pipeline.stand_by`): its gate keeps the last ``REPLAY_S``
+seconds of normalized batches in a ring instead, and writes the whole ring first when
+it starts writing (ingest is idempotent: what the old leader stored changes nothing).
+It starts writing when it leads (:meth:`Pipeline.lead`), or when the leader's own
+listening marks (``<source>@leader``, written by :meth:`Pipeline.watch_leader`) say
+it has not heard a source this process hears for ``DEAF_S``. Events pushed to this
+process (the ingest endpoint, reconciliation) reach no other process: they are
+always written.
 """
 
 from __future__ import annotations
@@ -41,7 +54,7 @@ import json
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -63,6 +76,15 @@ DROP_LOG_INTERVAL_S = 10.0
 DEAD_LETTER_MAX = 1024 * 1024  # characters of an event's JSON kept in the dead-letter table
 # Normalized batches waiting for a writer (see Pipeline.__init__).
 NORMALIZED_BATCHES = 24
+# A standby's ring: at least the takeover's bound (15 s from the leader's death) with
+# margin, and at most this many events (a normalized event takes about 900 bytes).
+REPLAY_S = 30.0
+REPLAY_EVENTS = 500_000
+# The leader marks each source it hears as "<name>@leader" in the listening table; a
+# standby that hears a source the leader has not marked for DEAF_S writes too.
+LEADER_MARK = "@leader"
+DEAF_S = 5.0
+WATCH_S = 1.0
 
 
 @attrs.define(eq=False)
@@ -85,6 +107,7 @@ class _Normalized:
     worker_events: list[WorkerEvent]
     read_at: float  # when the oldest message of this batch was read
     stored: _Stored | None = None
+    pushed: bool = False  # from Pipeline.offer, not a source: no other process has it
 
 
 @attrs.define
@@ -168,6 +191,14 @@ class DeadLetters(Protocol):
     async def dead_letter(self, letters: list[DeadLetter]) -> None: ...
 
 
+class ListeningMarks(Protocol):
+    """The listening table (:class:`Storage`), where an HA pair's leader says what it hears."""
+
+    async def mark_listening(self, marks: dict[str, float]) -> None: ...
+
+    async def listening_marks(self) -> dict[str, float]: ...
+
+
 class Pipeline:
     """The engine's :class:`~sluice_core.sources.Sink`, and the tasks behind it."""
 
@@ -208,14 +239,16 @@ class Pipeline:
         self._raw_send, self._raw_receive = trio.open_memory_channel[RawBatch | _Normalized](
             math.inf
         )
-        # The normalizer waits here for the writer. A source's batch is one socket
+        # The normalizer (and the reader's feed) hands each batch to the gate, which
+        # passes it on to the writers' channel (run) or keeps it (a standby): a hand-over,
+        # so the engine holds no more than the writers' channel.
+        self._norm_send, self._norm_receive = trio.open_memory_channel[_Normalized](0)
+        # The normalizer waits there for the writer. A source's batch is one socket
         # read (up to about a thousand events): the writer's transaction takes all
-        # that waited, so this holds a transaction's worth (measured: 4 batches
+        # that waited, so that channel holds a transaction's worth (measured: 4 batches
         # gave 12k events/s, 64 several times that). No more: a normalized event
         # takes 900 bytes of memory, half again its raw message.
-        self._norm_send, self._norm_receive = trio.open_memory_channel[_Normalized](
-            normalized_batches
-        )
+        self._normalized_batches = normalized_batches
         self._writers = writers
         # What the reader process holds in its buffers: messages, spooled bytes.
         self._reader_held = (0, 0)
@@ -225,6 +258,16 @@ class Pipeline:
         self._closed = False
         self._abandon = trio.CancelScope()  # see abandon()
         self._unwritten = 0  # events an abandoned writer held
+        # An HA pair's standby (stand_by): the gate keeps source batches in the ring
+        # unless this process leads or covers for a leader that does not hear.
+        self._standby = False
+        self._leading = False
+        self._covering = False
+        # When each batch was kept (monotonic: a batch's read_at is another clock's), and it.
+        self._ring: deque[tuple[float, _Normalized]] = deque()
+        self._ring_events = 0
+        self._gate_wait: trio.CancelScope | None = None  # the gate's wait for a batch
+        self._metrics.writing_sources.set(1)
 
     # -- Sink --------------------------------------------------------------
 
@@ -274,7 +317,7 @@ class Pipeline:
             self._raw_send.send_nowait(
                 _Normalized(
                     job_events, worker_events, time.time(),
-                    None if stored is None else _Stored(stored),
+                    None if stored is None else _Stored(stored), pushed=True,
                 )
             )
         except trio.ClosedResourceError:
@@ -338,6 +381,103 @@ class Pipeline:
             self.sources[name] = SourceStatus(up, detail, time.time(), kept)
         self._metrics.source_up.labels(name).set(1 if up else 0)
 
+    # -- an HA pair ----------------------------------------------------------
+
+    def stand_by(self) -> None:
+        """Write what the sources read only while :meth:`lead` says so (or the leader
+        does not hear): one of processes sharing a database, before :meth:`run`."""
+        self._standby = True
+        self._metrics.writing_sources.set(0)
+
+    @property
+    def writing_sources(self) -> bool:
+        return not self._standby or self._leading or self._covering
+
+    def lead(self, leading: bool) -> None:
+        """This process leads (writes what its sources read, the ring first) or not."""
+        self._leading = leading
+        self._gate_changed()
+
+    def _cover(self, covering: bool, why: str) -> None:
+        if covering != self._covering:
+            (log.warning if covering else log.info)(
+                "%s: %s", why,
+                "this process writes what it reads too" if covering else "standing by again",
+            )
+            self._covering = covering
+            self._gate_changed()
+
+    def _gate_changed(self) -> None:
+        self._metrics.writing_sources.set(int(self.writing_sources))
+        if self.writing_sources and self._gate_wait is not None:
+            self._gate_wait.cancel()  # the gate writes its ring now, not at the next batch
+
+    async def watch_leader(self, marks: ListeningMarks, leading: Callable[[], bool]) -> None:
+        """Every WATCH_S: as the leader, mark the sources it hears ("<name>@leader");
+        standing by, write too while the leader has not marked, for DEAF_S, a source this
+        process hears (the leader is deaf to it, or dead and its lock not yet free)."""
+        while True:
+            now = time.time()
+            heard = [name for name, status in self.sources.items() if status.up]
+            try:
+                if leading():
+                    self._cover(False, "this process leads")
+                    await marks.mark_listening({name + LEADER_MARK: now for name in heard})
+                else:
+                    marked = await marks.listening_marks()
+                    deaf = [
+                        name for name in heard
+                        if now - marked.get(name + LEADER_MARK, -math.inf) > DEAF_S
+                    ]
+                    self._cover(
+                        bool(deaf),
+                        f"the leader has not heard {', '.join(deaf)} for {DEAF_S:g} s"
+                        if deaf else "the leader hears every source again",
+                    )
+            except Exception as exc:  # the database away: as before until it answers
+                log.warning("watching the leader: %s", exc)
+            await trio.sleep(WATCH_S)
+
+    async def _gate_loop(self, send: trio.MemorySendChannel[_Normalized]) -> None:
+        """Pass batches to the writers; standing by, keep source batches in the ring,
+        and write the ring first once this process writes."""
+        async with send:
+            while True:
+                if self._ring and self.writing_sources:
+                    _, kept = self._ring.popleft()
+                    n = len(kept.job_events) + len(kept.worker_events)
+                    self._ring_events -= n
+                    self._metrics.standby_events.set(self._ring_events)
+                    self._metrics.standby_replayed.inc(n)
+                    await send.send(kept)
+                    continue
+                received: list[_Normalized] = []  # none when _gate_changed woke the gate
+                with trio.CancelScope() as self._gate_wait:
+                    try:
+                        received.append(await self._norm_receive.receive())
+                    except trio.EndOfChannel:
+                        return  # a standby's ring is the leader's to write: let go
+                self._gate_wait = None
+                for item in received:
+                    if item.pushed or self.writing_sources:
+                        await send.send(item)
+                    else:
+                        self._keep(item)
+
+    def _keep(self, item: _Normalized) -> None:
+        """Into the ring; out of it what is older than REPLAY_S or past REPLAY_EVENTS."""
+        now = time.monotonic()
+        self._ring.append((now, item))
+        self._ring_events += len(item.job_events) + len(item.worker_events)
+        while self._ring and (
+            self._ring[0][0] < now - REPLAY_S or self._ring_events > REPLAY_EVENTS
+        ):
+            _, old = self._ring.popleft()
+            n = len(old.job_events) + len(old.worker_events)
+            self._ring_events -= n
+            self._metrics.standby_expired.inc(n)
+        self._metrics.standby_events.set(self._ring_events)
+
     # -- tasks -------------------------------------------------------------
 
     def close(self) -> None:
@@ -353,13 +493,15 @@ class Pipeline:
 
     async def run(self) -> None:
         """Normalize and write until :meth:`close` and everything buffered is stored."""
+        gated_send, gated = trio.open_memory_channel[_Normalized](self._normalized_batches)
         parts: list[trio.MemoryReceiveChannel[_Normalized]] = []
         try:
             with self._abandon:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._normalize_loop)
+                    nursery.start_soon(self._gate_loop, gated_send)
                     if self._writers == 1:
-                        nursery.start_soon(self._write_loop, self._norm_receive)
+                        nursery.start_soon(self._write_loop, gated)
                         return
                     sends = []
                     for _ in range(self._writers):
@@ -372,10 +514,10 @@ class Pipeline:
                         sends.append(send)
                         parts.append(receive)
                         nursery.start_soon(self._write_loop, receive)
-                    nursery.start_soon(self._split_loop, sends)
+                    nursery.start_soon(self._split_loop, gated, sends)
         finally:
             if self._abandon.cancelled_caught:
-                self._log_unstored([self._norm_receive, *parts])
+                self._log_unstored([self._norm_receive, gated, *parts])
             self._spool.close()
 
     def _log_unstored(self, channels: list[trio.MemoryReceiveChannel[_Normalized]]) -> None:
@@ -439,11 +581,15 @@ class Pipeline:
                         _Normalized(result.job_events, result.worker_events, item.received_at)
                     )
 
-    async def _split_loop(self, sends: list[trio.MemorySendChannel[_Normalized]]) -> None:
+    async def _split_loop(
+        self,
+        receive: trio.MemoryReceiveChannel[_Normalized],
+        sends: list[trio.MemorySendChannel[_Normalized]],
+    ) -> None:
         """Hand each writer its share of every batch: the jobs whose id hashes to it."""
         n = len(sends)
         try:
-            async for item in self._norm_receive:
+            async for item in receive:
                 parts = [
                     _Normalized([], [], item.read_at, item.stored) for _ in range(n)
                 ]
