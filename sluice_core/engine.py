@@ -119,9 +119,15 @@ class Engine:
             frameworks=self.frameworks,
         )
         lock = self.storage.leader_lock(DUTIES_LOCK)
-        if lock is not None and not replica:
-            # One of processes sharing the database: only the leader writes what the
-            # sources read; the others keep a replay ring (sluice_core/pipeline.py).
+        # One of processes sharing the database: only the leader writes what the sources
+        # read, the others keep a replay ring (sluice_core/pipeline.py); but only when each
+        # source says every process receives every event (``broadcast``): a queue the
+        # agents share (RabbitMQ) gives each event to one of them, which must write it.
+        if (
+            lock is not None
+            and not replica
+            and all(getattr(source, "broadcast", False) for source in self.sources)
+        ):
             self.pipeline.stand_by()
         self.leadership = Leadership(lock, name="duties", on_change=self._leading)
         self.gap_watch = GapWatch(

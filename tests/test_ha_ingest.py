@@ -16,7 +16,7 @@ from sluice_core.config import Config
 from sluice_core.engine import Engine
 from sluice_core.pipeline import LEADER_MARK
 from sluice_core.plugins import PluginManager
-from tests.fixtures.services import REDIS_URL
+from tests.fixtures.services import AMQP_URL, REDIS_URL
 from tests.metrics import metric
 from tests.waiting import wait_until
 
@@ -106,3 +106,13 @@ async def test_the_standby_writes_nothing_then_replays_when_the_leader_dies_mid_
             assert metric(standby.metrics, "sluice_standby_replayed_events_total") > 0
             assert metric(standby.metrics, "sluice_writing_sources") == 1
             standby.stop()
+
+
+def test_agents_sharing_a_rabbitmq_queue_do_not_stand_by(pg_url: str) -> None:
+    """Each event of a shared queue reaches one agent of the pair: that one must write it."""
+    config = Config(db=pg_url, broker=[AMQP_URL], plugin=["celery", "rabbitmq"])
+    pm = PluginManager()
+    pm.load(config.plugins)
+    pm.configure(config)
+    assert metric(Engine(config, pm).metrics, "sluice_writing_sources") == 1
+    assert metric(_engine(pg_url, "prefix:").metrics, "sluice_writing_sources") == 0

@@ -76,6 +76,10 @@ def event_pattern(keyprefix: str, db: int) -> str:
 class RedisEventSource:
     """Reads Celery's events from one Redis broker (``redis://`` or ``rediss://``)."""
 
+    # Pub/sub: every process sharing the database receives every event (an HA pair's
+    # standby may leave the writing to the leader, sluice_core/pipeline.py).
+    broadcast = True
+
     def __init__(self, url: str, *, keyprefix: str = "") -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss"):
