@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import attrs
+import trio
 
 from bench import (
     alerting,
@@ -30,6 +31,7 @@ from bench import (
     latency,
     profile,
     queries,
+    replica_load,
     report,
     retention,
     sse,
@@ -42,7 +44,7 @@ from bench.services import BENCH, REDIS_URL, postgres_database, rabbitmq_vhost
 SCENARIOS = ("burst", "steady", "rabbitmq", "latency", "alerting", "queries", "startup")
 # Run only when named:
 OPT_IN = ("profile", "storage", "sse-viewers", "sse-replica", "ha-ingest", "retention",
-          "alerting-cost")
+          "alerting-cost", "replica-load")
 
 
 @attrs.frozen
@@ -441,6 +443,59 @@ class Bench:
             ),
         )
 
+    def replica_load(self) -> None:
+        quick = self.args.quick
+        jobs = 20_000 if quick else self.sizes.history_jobs.get("postgresql", 100_000)
+        seconds = 3.0 if quick else 20.0
+        reuse = os.environ.get("SLUICE_BENCH_REPLICA_DB")
+        with contextlib.ExitStack() as stack:
+            if reuse:
+                db = reuse
+            else:
+                db = stack.enter_context(postgres_database())
+                self.log(f"    filling a PostgreSQL history of {jobs:,} jobs")
+                trio.run(queries.fill, db, min(jobs, queries.INGESTED_JOBS_MAX))
+                if jobs > queries.INGESTED_JOBS_MAX:
+                    queries.replicate(db, -(-jobs // queries.INGESTED_JOBS_MAX))
+            history = replica_load.prepare(db)
+            # Alternating client counts: a busy moment of the shared machine falls on both.
+            runs = [
+                replica_load.run(db=db, clients=clients, duration_s=seconds, run_dir=self.run_dir)
+                for _ in range(self.sizes.repeats)
+                for clients in (10, 50)
+            ]
+        for r in runs:
+            self.log(f"    {r.clients} clients (load {r.load}): {r.overall.rate:,.0f} req/s, p95 "
+                     f"{r.overall.p95_ms:,.0f} ms, {r.errors} errors, replica CPU "
+                     f"{r.replica_cpu_pct:.0f}%")
+        rows = []
+        for clients in (10, 50):
+            mine = [r for r in runs if r.clients == clients]
+            overall, endpoints = replica_load.medians(mine)
+            if clients == 50:
+                self.headline(f"API requests/s on one web replica, {history:,} jobs "
+                              "(postgresql), 50 clients: median, p95",
+                              ">= 300/s", f"{overall.rate:,.0f}/s, {overall.p95_ms:,.0f} ms",
+                              "n/a", overall.rate >= 300)
+            rows += [[clients, e.label, e.requests, e.rate, e.p50_ms, e.p95_ms, e.p99_ms]
+                     for e in [*endpoints, overall]]
+        self.add(
+            f"Replica load: one `sluice web`, {history:,} jobs (PostgreSQL)",
+            f"{self.sizes.repeats} run(s) of {seconds:.0f}s per client count (after "
+            f"{replica_load.WARM_UP_S:.0f}s of warm-up), alternating, a new replica each. Each "
+            "client (httpx AsyncClient under trio, one kept-alive connection) sends requests "
+            "back to back, drawn in these shares: "
+            + ", ".join(f"{label} {weight}%" for label, weight in replica_load.MIX)
+            + " (ids of the newest and of failed jobs). The clients run on the same two "
+            "cores. Medians over the runs; p50/p95/p99 nearest rank. Load averages and the "
+            "replica's CPU (of one core) per run: "
+            + "; ".join(f"{r.clients} clients {r.load}, {r.replica_cpu_pct:.0f}%, "
+                        f"{r.errors} errors" for r in runs)
+            + ". Target: >= 300 requests/s.",
+            report.table(("clients", "endpoint", "requests", "req/s", "p50 (ms)", "p95 (ms)",
+                          "p99 (ms)"), rows),
+        )
+
     def startup(self) -> None:
         runs = [startup.run(storage=s, repeats=self.sizes.startup_repeats, broker=REDIS_URL,
                             run_dir=self.run_dir) for s in self.storages]
@@ -695,7 +750,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         " (one sluice agent, then an HA pair of two, PostgreSQL), retention"
                         " (bytes on disk, and a prune under a 10,000 events/s stream),"
                         " alerting-cost (1,000 rules evaluated over a PostgreSQL history;"
-                        " SLUICE_BENCH_ALERT_DB names a database to reuse)")
+                        " SLUICE_BENCH_ALERT_DB names a database to reuse), replica-load"
+                        " (10 and 50 API clients on one sluice web replica;"
+                        " SLUICE_BENCH_REPLICA_DB names a database to reuse)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--full-size", action="store_true",
                         help="query histories at the target sizes (1M jobs SQLite, 10M PostgreSQL)")
