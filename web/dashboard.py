@@ -253,7 +253,8 @@ async def job(job_id: str) -> str | tuple[str, int]:
             message=f"Sluice has no events for a job with id {job_id}: it may not have been "
             "sent yet, its events may not have reached Sluice, or retention removed it.",
         ), 404
-    events = merge.timeline(await reads.job_events(job_id))
+    stored = await reads.job_events(job_id)
+    events = merge.timeline(stored)
     timing = job_timing(found)
     recent: list[dict[str, Any]] = []
     if found.name:
@@ -267,8 +268,9 @@ async def job(job_id: str) -> str | tuple[str, int]:
         timing_bar=_timing_bar(timing),
         recent=recent,
         terminal=found.state in TERMINAL_STATES,
-        # From the events as stored: see web/api.py's _location.
-        location=lives_at(await reads.job_events(job_id)),
+        # From the events as stored (a merged timeline's reports carry other sources'
+        # stamps): as GET /api/jobs/{id} does.
+        location=lives_at(stored),
         # Its handler's own actions, beside retry and revoke (which have their dialogs).
         actions=[
             spec.to_dict()
