@@ -427,15 +427,16 @@ class Storage(Protocol):
 
     async def name_outcomes(
         self,
-        name: str,
+        names: Sequence[str],
         since: float,
         created_since: float,
         queue: str | None = None,
         worker: str | None = None,
-    ) -> tuple[int, int]:
-        """``(failed, finished)``: runs of ``name`` (on ``queue``, ``worker``) that failed, and
-        that failed or completed, since ``since``, among those created since
-        ``created_since`` (which bounds the read: a range of the name's index)."""
+    ) -> dict[str, tuple[int, int]]:
+        """Per name of ``names`` with any: ``(failed, finished)``, its runs (on ``queue``,
+        ``worker``) that failed, and that failed or completed, since ``since``, among those
+        created since ``created_since`` (which bounds the read: a range of each name's
+        index)."""
 
     async def latest_queue_samples(self) -> list[QueueSample]:
         """Each queue's latest probe sample."""

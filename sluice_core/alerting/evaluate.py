@@ -158,35 +158,43 @@ class JobOutcome:
 class FailureRate:
     """Failures / finished runs per task name over ``window_s``. Candidates are the names
     with failures in the window, from the per-minute failure counts ingest keeps
-    (migration 0009); each is then counted through its (name, seq) index, once a round
-    whatever the number of rules asking."""
+    (migration 0009); they are then counted through their (name, seq) index, all the
+    names of one window (and queue and worker) in one call a round, whatever the number
+    of rules asking."""
 
     storage: Storage
 
     async def check(self, rules: Sequence[Rule], now: float) -> dict[int, dict[str, Condition]]:
-        out: dict[int, dict[str, Condition]] = {}
         failing: dict[float, dict[str, None]] = {}  # names, most failures first
-        counted: dict[tuple[str, float, str | None, str | None], tuple[int, int]] = {}
+        asked: dict[int, list[str]] = {}  # rule id -> its candidates
+        wanted: dict[tuple[float, str | None, str | None], dict[str, None]] = defaultdict(dict)
         for rule in rules:
             window = float(rule.params["window_s"])
             if window not in failing:
                 top = await self.storage.top_failing_names(now - window, 10_000)
                 failing[window] = dict.fromkeys(name for name, _ in top)
-            found = out.setdefault(rule.id, {})
             pattern = rule.match.name
             names: Iterable[str] = failing[window]
             if pattern is not None and literal(pattern):
                 names = [pattern] if pattern in failing[window] else []
-            for name in names:
-                if not glob(pattern, name):
-                    continue
-                key = (name, window, rule.match.queue, rule.match.worker)
-                if key not in counted:
-                    # Runs created up to a window before it count too (queued a while).
-                    counted[key] = await self.storage.name_outcomes(
-                        name, now - window, now - 2 * window, rule.match.queue, rule.match.worker
-                    )
-                failed, finished = counted[key]
+            asked[rule.id] = [name for name in names if glob(pattern, name)]
+            wanted[(window, rule.match.queue, rule.match.worker)].update(
+                dict.fromkeys(asked[rule.id])
+            )
+        counted = {
+            # Runs created up to a window before it count too (queued a while).
+            key: await self.storage.name_outcomes(list(names), now - key[0], now - 2 * key[0],
+                                                  key[1], key[2])
+            for key, names in wanted.items()
+            if names
+        }
+        out: dict[int, dict[str, Condition]] = {}
+        for rule in rules:
+            window = float(rule.params["window_s"])
+            outcomes = counted.get((window, rule.match.queue, rule.match.worker), {})
+            found = out.setdefault(rule.id, {})
+            for name in asked[rule.id]:
+                failed, finished = outcomes.get(name, (0, 0))
                 if finished < rule.params["min_runs"] or not finished:
                     continue
                 rate = failed / finished
