@@ -431,7 +431,9 @@ class Bench:
         self.add(
             f"HA pair: {n:,} events, one `sluice agent` then two on the same stream (PostgreSQL)",
             f"{self.sizes.repeats} run(s) of each, alternating, each on a fresh database. Both "
-            "agents of the pair receive every event and store what the other has not. *Rate*: "
+            "agents of the pair receive and normalize every event; the leader stores it, the "
+            "other stands by with the last 30 s in a replay ring (sluice_core/pipeline.py). "
+            "*Rate*: "
             "job event rows stored / (last row stored - first publish). *Stored*: job event "
             "rows at the end, and how many distinct event ids they hold. Target: two agents no "
             "slower than one, every event stored once.",

@@ -1,8 +1,9 @@
 """An HA pair's ingest: one ``sluice agent`` on PostgreSQL, then two on the same stream.
 
 Both agents of a pair subscribe to the same Redis channels, so each receives every
-event and stores what the other has not stored yet (ingest is idempotent: the job
-events' unique key keeps one row per event). What is measured is the database's side:
+event; the leader stores it and the other stands by, keeping the last 30 s to store
+should it take over (ingest is idempotent: the job events' unique key keeps one row per
+event). What is measured is the database's side:
 the job events stored, polled while the stream is published, against the events
 published, each stored once.
 """
