@@ -662,7 +662,8 @@ class Bench:
         )
 
     def alerting_cost(self) -> None:
-        jobs = self.sizes.history_jobs.get("postgresql", FULL_HISTORY["postgresql"])
+        # --quick has no PostgreSQL history size: its smallest.
+        jobs = self.sizes.history_jobs.get("postgresql", min(self.sizes.history_jobs.values()))
         reuse = os.environ.get("SLUICE_BENCH_ALERT_DB")
         with contextlib.ExitStack() as stack:
             if reuse:
