@@ -34,6 +34,7 @@ a bearer token needs none, since browsers never send it on their own.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import io
 import ipaddress
@@ -61,11 +62,12 @@ from quart import (
     session,
     websocket,
 )
-from quart.sessions import SecureCookieSession, SecureCookieSessionInterface
+from quart.sessions import SecureCookieSession, SecureCookieSessionInterface, SessionMixin
 from quart.typing import ResponseReturnValue
 from quart.wrappers import BaseRequestWebsocket
 from werkzeug.datastructures import MultiDict
 from werkzeug.formparser import MultiPartParser
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 from sluice_core.config import (
     ALLOWED_HOSTS,
@@ -192,6 +194,11 @@ def host_allowed(host: str, allowed: Iterable[str], bound: str) -> bool:
         if pattern.startswith(".") and (name == pattern[1:] or name.endswith(pattern)):
             return True
     return False
+
+
+# Every request is checked, and clients name the same few hosts: parsing each name as
+# an address again was 1.5% of an API request. Bounded: a scanner's names come and go.
+_host_allowed_cached = functools.lru_cache(maxsize=256)(host_allowed)
 
 
 def check_exposure(host: str, auth: Auth) -> None:
@@ -386,6 +393,10 @@ class _Sessions(SecureCookieSessionInterface):
     async def open_session(
         self, app: Quart, request: BaseRequestWebsocket
     ) -> SecureCookieSession | None:
+        if self.get_cookie_name(app) not in request.cookies:
+            # What Quart opens too, without first building a signing serializer: an
+            # API client or probe sends no cookie, and that was 2% of its request.
+            return self.session_class()
         opened = await super().open_session(app, request)
         if opened is None or "user" not in opened:
             return opened
@@ -393,6 +404,18 @@ class _Sessions(SecureCookieSessionInterface):
         if not isinstance(sid, str) or sid in self.revoked:
             return self.session_class()  # logged out, or from before sessions had ids
         return opened
+
+    async def save_session(
+        self, app: Quart, session: SessionMixin, response: Response | WerkzeugResponse | None
+    ) -> None:
+        # Nothing to save (an API request without a cookie): Quart would still work out
+        # every cookie setting first, the Secure flag reading the peer. The response
+        # varies on the cookie as Quart's does (it reads the session, so always).
+        if not session and not session.modified:
+            if response is not None and session.accessed:
+                response.vary.add("Cookie")
+            return
+        await super().save_session(app, session, response)
 
 
 # -- bodies --------------------------------------------------------------------
@@ -459,7 +482,7 @@ MAX_HOSTS_LOGGED = 100  # distinct host names refused that are logged, past whic
 def _refuse_host(host: str) -> Response | None:
     """A 400 for a request naming a host this server does not answer to, else None."""
     auth = _auth()
-    if host_allowed(host, auth.allowed_hosts, auth.bound_host):
+    if _host_allowed_cached(host, auth.allowed_hosts, auth.bound_host):
         return None
     shown = host[:100]
     # Once per name: a probe or a client left out of --allowed-hosts is a setup mistake
