@@ -239,7 +239,9 @@ class Bus:
         Raises :class:`Gap` when some of them are no longer kept."""
         while after >= self.last_id:
             if self._pending:
-                await trio.sleep_until(self._due)
+                # Until it is due, or closed sooner (close_window) or skipped.
+                with trio.move_on_at(self._due):
+                    await self._changed.wait()
                 self._close_if_due()
             else:
                 await self._changed.wait()

@@ -84,3 +84,7 @@ class Follower:
         if hostnames:
             workers = await self._storage.list_workers()
             self._bus.publish_workers([w for w in workers if w.hostname in hostnames])
+        # These reads are the replica's windows already (at most one a WINDOW_S): what
+        # they read goes out now. Left open, the window would close on the bus's own
+        # cadence, whose phase to the reads is any: rows waited up to another window.
+        self._bus.close_window()

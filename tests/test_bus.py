@@ -96,6 +96,27 @@ async def test_a_window_holds_the_latest_state_of_each_job(
     assert await bus.next_batch(first.last_id) is second
 
 
+async def test_a_window_closed_early_reaches_a_waiting_subscriber_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A web replica's follower closes the window when its read is published.
+    bus = Bus()
+    bus.publish_jobs([job("a")], new=1)
+    first = await bus.next_batch(0)
+    start = trio.current_time()
+
+    async def publish_then_close() -> None:
+        bus.publish_jobs([job("b")], new=1)  # the subscriber now waits for this window
+        await trio.sleep(0.01)
+        bus.close_window()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(publish_then_close)
+        second = await bus.next_batch(first.last_id)
+    assert trio.current_time() == start + 0.01
+    assert rows(second) == [("b", "queued", True)]
+
+
 async def test_a_subscriber_behind_by_several_windows_gets_them_coalesced(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -100,7 +100,9 @@ async def test_a_follower_publishes_the_rows_the_writer_stored(pg_url: str) -> N
     await reader.open()
     feed = reader.change_feed()
     assert feed is not None
-    bus = Bus()
+    # The follower's reads are the windows: what it read goes out then, not on the
+    # bus's own cadence (a window this long would hold the second change a minute).
+    bus = Bus(window=60.0)
     follower = Follower(reader, feed, bus)
     try:
         async with trio.open_nursery() as nursery:
@@ -125,10 +127,11 @@ async def test_a_follower_publishes_the_rows_the_writer_stored(pg_url: str) -> N
                     [WorkerEvent("w1", "test", "heartbeat", now + 1, freq=2.0)],
                 )
                 messages = []
-                while len(messages) < 2:  # the row and the worker, in one window or two
-                    batch = await bus.next_batch(position)
-                    messages += batch.messages
-                    position = batch.last_id
+                with trio.fail_after(10):
+                    while len(messages) < 2:  # the row and the worker, in one window or two
+                        batch = await bus.next_batch(position)
+                        messages += batch.messages
+                        position = batch.last_id
                 assert {(m.kind, m.key) for m in messages} == {("job", "j1"), ("worker", "w1")}
                 job = next(m.job for m in messages if m.kind == "job")
                 assert job is not None and job.state is JobState.COMPLETED
