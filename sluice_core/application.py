@@ -27,7 +27,16 @@ from sluice_core.frameworks import Framework
 from sluice_core.model import Job, JobEvent, Worker, WorkerEvent
 from sluice_core.monitors import workers_task_events
 from sluice_core.remote import Agents
-from sluice_core.storage import ApiKey, DeadLetter, Gap, JobQuery, Page, Pruned, QueueStats
+from sluice_core.storage import (
+    ApiKey,
+    DeadLetter,
+    Footprint,
+    Gap,
+    JobQuery,
+    Page,
+    Pruned,
+    QueueStats,
+)
 
 if TYPE_CHECKING:
     from sluice_core.engine import Engine
@@ -135,6 +144,7 @@ class Retention:
     policy: str  # for people: "keeping completed jobs 14 days, failed 30 days"
     last_pruned_at: float | None = None  # None: this process has not pruned (yet)
     last: Pruned | None = None
+    footprint: Footprint | None = None  # how much history the database holds now
 
 
 class Application(Protocol):
@@ -226,5 +236,6 @@ class EngineApplication:
                 self._engine.pruner.policy.describe(),
                 self._engine.pruner.last_at,
                 self._engine.pruner.last,
+                await self._engine.storage.footprint(),
             ),
         )

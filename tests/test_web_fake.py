@@ -25,14 +25,14 @@ from sluice_core.actions import (
     RetryPlan,
     boolean_option,
 )
-from sluice_core.application import Diagnostics, Malformed, WorkerView
+from sluice_core.application import Diagnostics, Malformed, Retention, WorkerView
 from sluice_core.bus import Bus
 from sluice_core.config import Config
 from sluice_core.frameworks import Framework
 from sluice_core.ingest import IngestRefused, Unavailable
 from sluice_core.model import Job, JobEvent, JobState, Worker, WorkerEvent
 from sluice_core.remote import Agents
-from sluice_core.storage import ApiKey, DeadLetter, Gap, JobQuery, Page, QueueStats
+from sluice_core.storage import ApiKey, DeadLetter, Footprint, Gap, JobQuery, Page, QueueStats
 from sluice_web.app import create_app
 from sluice_web.auth import Auth
 from tests.fake_alerts import FakeAlerts
@@ -200,7 +200,12 @@ class FakeApplication:
         return b"# fake\nsluice_up 1\n"
 
     async def diagnostics(self, dead_letters: int) -> Diagnostics:
-        return Diagnostics([Malformed("toy/1", "bad_time", 3, "stamped outside 2000-2100")], [], 0)
+        return Diagnostics(
+            [Malformed("toy/1", "bad_time", 3, "stamped outside 2000-2100")],
+            [],
+            0,
+            Retention("keeping completed jobs 14 days", footprint=Footprint(42_200_000, T0)),
+        )
 
 
 @pytest.fixture
@@ -302,6 +307,9 @@ async def test_dashboard_pages_render_what_the_application_reads(client: Any) ->
     assert "start the toy worker with --events" in workers
     diagnostics = (await (await client.get("/diagnostics")).get_data()).decode()
     assert "bad_time" in diagnostics and "toy/1" in diagnostics
+    assert "keeping completed jobs 14 days" in diagnostics
+    assert "42.2 MB on disk" in diagnostics
+    assert "its oldest job dates from <time datetime=\"2026-05-28T20:26:40+00:00\">" in diagnostics
 
 
 # What runs Sluice, as opposed to what describes it: the web reaches none of it except
