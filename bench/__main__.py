@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import attrs
-import trio
 
 from bench import (
     alerting,
@@ -445,20 +444,23 @@ class Bench:
             ),
         )
 
+    def _postgres_history(self, stack: contextlib.ExitStack, reuse_env: str, jobs: int) -> str:
+        """The database the environment variable ``reuse_env`` names, else a new one
+        (dropped with ``stack``) holding a history of ``jobs`` jobs."""
+        reuse = os.environ.get(reuse_env)
+        if reuse:
+            return reuse
+        db = stack.enter_context(postgres_database())
+        self.log(f"    filling a PostgreSQL history of {jobs:,} jobs")
+        queries.postgres_history(db, jobs, self.log)
+        return db
+
     def replica_load(self) -> None:
         quick = self.args.quick
         jobs = 20_000 if quick else self.sizes.history_jobs.get("postgresql", 100_000)
         seconds = 3.0 if quick else 20.0
-        reuse = os.environ.get("SLUICE_BENCH_REPLICA_DB")
         with contextlib.ExitStack() as stack:
-            if reuse:
-                db = reuse
-            else:
-                db = stack.enter_context(postgres_database())
-                self.log(f"    filling a PostgreSQL history of {jobs:,} jobs")
-                trio.run(queries.fill, db, min(jobs, queries.INGESTED_JOBS_MAX))
-                if jobs > queries.INGESTED_JOBS_MAX:
-                    queries.replicate(db, -(-jobs // queries.INGESTED_JOBS_MAX))
+            db = self._postgres_history(stack, "SLUICE_BENCH_REPLICA_DB", jobs)
             history = replica_load.prepare(db)
             # Alternating client counts: a busy moment of the shared machine falls on both.
             runs = [
@@ -664,14 +666,8 @@ class Bench:
     def alerting_cost(self) -> None:
         # --quick has no PostgreSQL history size: its smallest.
         jobs = self.sizes.history_jobs.get("postgresql", min(self.sizes.history_jobs.values()))
-        reuse = os.environ.get("SLUICE_BENCH_ALERT_DB")
         with contextlib.ExitStack() as stack:
-            if reuse:
-                db = reuse
-            else:
-                db = stack.enter_context(postgres_database())
-                self.log(f"    filling a PostgreSQL history of {jobs:,} jobs")
-                alerting.history(db, jobs, self.log)
+            db = self._postgres_history(stack, "SLUICE_BENCH_ALERT_DB", jobs)
             runs = [alerting.run_cost(db=db, rate=1_000, seconds=self.sizes.alert_cost_s)
                     for _ in range(self.sizes.repeats)]
         for r in runs:

@@ -24,7 +24,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -479,19 +478,6 @@ def run_cost(*, db: str, rate: float, seconds: float, warm_s: float = 15.0) -> A
         firing=result["firing"],
     )
 
-
-def history(db: str, jobs: int, log: Callable[[str], Any] = print) -> None:
-    """A history of ``jobs`` jobs in ``db``, as the queries bench makes it: up to
-    ``INGESTED_JOBS_MAX`` through ingest, the rest copied in SQL (:func:`queries.replicate`)."""
-    import trio
-
-    from bench.queries import INGESTED_JOBS_MAX, fill, replicate
-
-    ingested = min(jobs, INGESTED_JOBS_MAX)
-    trio.run(fill, db, ingested)
-    if ingested < jobs:
-        log(f"    copying the {ingested:,} jobs into {jobs:,} in SQL")
-        replicate(db, -(-jobs // ingested))
 
 def main(argv: list[str]) -> None:
     """The child processes of :func:`run_cost`: ``ingest DB RATE SECONDS`` and

@@ -247,6 +247,16 @@ def time_queries(base: str, repeats: int) -> tuple[list[QueryTiming], list[Query
     return timings[:listed], timings[listed:]
 
 
+def postgres_history(db: str, jobs: int, log: Callable[[str], Any] = print) -> None:
+    """A PostgreSQL history of ``jobs`` jobs in ``db``, as :func:`run` makes it: up to
+    ``INGESTED_JOBS_MAX`` through ingest, the rest copied in SQL (:func:`replicate`)."""
+    ingested = min(jobs, INGESTED_JOBS_MAX)
+    trio.run(fill, db, ingested)
+    if ingested < jobs:
+        log(f"    copying the {ingested:,} jobs into {jobs:,} in SQL")
+        replicate(db, -(-jobs // ingested))
+
+
 def run(*, storage: str, jobs: int, repeats: int, broker: str, run_dir: Path,
         log: Callable[[str], Any] = print) -> QueriesRun:
     with database(storage, run_dir) as db:
