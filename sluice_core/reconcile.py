@@ -167,6 +167,7 @@ class GapWatch:
 
     async def run(self) -> None:
         marked_at = float("-inf")
+        failing = False  # the last round failed: the database is away
         try:
             async with trio.open_nursery() as nursery:
                 while True:
@@ -176,16 +177,23 @@ class GapWatch:
                         if now - marked_at >= MARK_INTERVAL_S:
                             await self._mark()
                             marked_at = now
+                        failing = False
                     except Exception as exc:  # the database may be away: next round
+                        failing = True
                         log.warning("gap watch: %s", exc)
                     await trio.sleep(POLL_S)
         finally:
-            # The next start's gap begins where this run stopped hearing.
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                try:
-                    await self._mark()
-                except Exception as exc:
-                    log.warning("gap watch: the last listening mark was not written: %s", exc)
+            # The next start's gap begins where this run stopped hearing. With the
+            # database away, asking again would only hold the stop for the pool's whole
+            # connection timeout (a thread, which the deadline below cannot cut short).
+            if failing:
+                log.warning("gap watch: the last listening mark was not written: database away")
+            else:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    try:
+                        await self._mark()
+                    except Exception as exc:
+                        log.warning("gap watch: the last listening mark was not written: %s", exc)
 
     async def prepare(self) -> None:
         """Read where the runs before this one stopped hearing each source: call it once
