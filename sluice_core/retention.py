@@ -46,8 +46,24 @@ DAY: Final = 86_400.0
 FINISHED: Final = frozenset({JobState.COMPLETED})
 FAILED: Final = frozenset({JobState.FAILED, JobState.LOST, JobState.REVOKED, JobState.REJECTED})
 # Jobs a prune reads (and deletes at most) in one transaction. Measured on SQLite
-# (docs/architecture.md, Retention): 500 jobs of two events, 14 ms median, 30 ms at most.
+# (docs/architecture.md, Retention): 500 jobs of two events, 14 ms median, 30 ms at most
+# on an idle machine; under a 10,000 events/s stream the same chunk held the writer
+# 233-275 ms, so the prune sizes its chunks by time (PRUNE_CHUNK_S), this the most.
 PRUNE_BATCH: Final = 500
+# The longest a prune's transaction should hold the writer (issue 20: 50 ms); the next
+# chunk is halved when one takes longer, and grows back (up to the batch) when one takes
+# under a quarter of it.
+PRUNE_CHUNK_S: Final = 0.05
+PRUNE_CHUNK_MIN: Final = 10
+
+
+def next_chunk(size: int, took_s: float, most: int) -> int:
+    """The jobs the next prune transaction takes after one of ``size`` took ``took_s``."""
+    if took_s > PRUNE_CHUNK_S:
+        return max(PRUNE_CHUNK_MIN, size // 2)
+    if took_s < PRUNE_CHUNK_S / 4:
+        return min(most, size * 2)
+    return size
 
 
 @attrs.frozen
@@ -125,7 +141,8 @@ PRUNE_BATCH_JOBS = Option(
     "prune_batch",
     integer(1, 100_000),
     PRUNE_BATCH,
-    "jobs (with their events) a prune reads and deletes in one short transaction",
+    "the most jobs (with their events) a prune reads and deletes in one short transaction;"
+    " fewer when a transaction takes over 50 ms",
     commands=ENGINE | {PRUNE},
     metavar="JOBS",
 )

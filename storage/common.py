@@ -38,7 +38,7 @@ from sluice_core.config import STUCK_AFTER, Config
 from sluice_core.model import Job, JobEvent, JobState, QueueSample, Worker, WorkerEvent
 from sluice_core.probes import WorkerQueues
 from sluice_core.redact import Redactor
-from sluice_core.retention import PRUNE_BATCH, RetentionPolicy
+from sluice_core.retention import PRUNE_BATCH, RetentionPolicy, next_chunk
 from sluice_core.storage import (
     DEAD_LETTERS_KEPT,
     DEFAULT_STUCK_AFTER_S,
@@ -1131,13 +1131,14 @@ class SharedSql:
     ) -> Pruned:
         run = self._read if dry_run else self._write
         total = Pruned(dry_run=dry_run)
+        size = batch
         for state, cutoff in policy.scan(now).items():
             after: tuple[float, int] | None = None
             while True:
                 found = await run(
                     functools.partial(
                         self._prune_chunk, policy=policy, state=state, cutoff=cutoff, now=now,
-                        after=after, batch=batch, dry_run=dry_run,
+                        after=after, batch=size, dry_run=dry_run,
                     )
                 )
                 if found is None:
@@ -1146,6 +1147,7 @@ class SharedSql:
                 # for the writer takes it before this loop's next chunk does.
                 after, counts = found
                 total += counts
+                size = next_chunk(size, counts.longest_chunk_s, batch)
         if total.jobs and not dry_run:
             await self._pruned()
         return total
