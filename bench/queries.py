@@ -115,7 +115,7 @@ def replicate(db: str, times: int) -> None:
     """
     import psycopg
 
-    from sluice_storage.common import JOB_COLUMNS, ROLLUPS_FROM_JOBS
+    from sluice_storage.common import JOB_COLUMNS, rollups_from_jobs
 
     with psycopg.connect(db, autocommit=True) as conn:
         indexes = conn.execute(
@@ -139,16 +139,17 @@ def replicate(db: str, times: int) -> None:
                     picks.append(f"{column} - {k} * {span!r}")
                 else:
                     picks.append(column)
+            # Each copy in its source's day partition (migration 0013).
             conn.execute(
-                f"INSERT INTO jobs (seq, {', '.join(JOB_COLUMNS)}) OVERRIDING SYSTEM VALUE"
-                f" SELECT seq - {k} * {last_seq}, {', '.join(picks)} FROM jobs WHERE seq > 0"
+                f"INSERT INTO jobs (seq, day, {', '.join(JOB_COLUMNS)})"
+                f" SELECT seq - {k} * {last_seq}, day, {', '.join(picks)} FROM jobs WHERE seq > 0"
             )
         conn.execute("SET maintenance_work_mem = '1GB'")
         for _, definition in indexes:
             conn.execute(definition)
         conn.execute("SELECT setval(pg_get_serial_sequence('jobs', 'seq'), max(seq)) FROM jobs")
         # The overview's counts (migration 0009), which ingest keeps, of the copies too.
-        for statement in ROLLUPS_FROM_JOBS:
+        for statement in rollups_from_jobs("day"):
             conn.execute(statement)
         conn.execute("VACUUM ANALYZE jobs")
         conn.execute("VACUUM ANALYZE job_states, job_finished, job_failures")

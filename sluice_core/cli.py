@@ -293,6 +293,10 @@ async def _prune(config: Config, pm: PluginManager) -> int:
         print(f"{state}: {verb} {pruned.jobs_by_state[state]} jobs")
     print(f"total: {verb} {pruned.jobs} jobs and {pruned.events} events"
           f" in {pruned.chunks} transactions (longest {pruned.longest_chunk_s * 1000:.0f} ms)")
+    if pruned.partitions:
+        print(f"day partitions: {'would drop' if dry_run else 'dropped'} {pruned.partitions}"
+              f" ({pruned.dropped_jobs} jobs; {pruned.moved_jobs} kept moved out first;"
+              f" {pruned.dropped_bytes / 1e6:.1f} MB; longest {pruned.longest_drop_s * 1000:.0f} ms)")
     print(f"database: {before.bytes} bytes before, {after.bytes} after")
     if dry_run:
         print("dry run: nothing was deleted")

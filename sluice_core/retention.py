@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Final
 
@@ -209,6 +210,20 @@ class RetentionPolicy:
                 for state in sorted(states):
                     out[state] = now - min(days) * DAY
         return out
+
+    def drop_before(self, now: float) -> int | None:
+        """On PostgreSQL, day partitions (days since the epoch, UTC) before this one are
+        past the completed jobs' retention, whole: each is dropped, once what the policy
+        keeps of it has moved to the kept partition. None while completed jobs are kept
+        forever."""
+        if self.days == 0:
+            return None
+        return math.floor((now - self.days * DAY) / DAY)
+
+    def longer_patterns(self) -> list[str]:
+        """The globs of rules that keep completed jobs longer than the default: their
+        jobs must be looked for in a partition before it is dropped."""
+        return [r.pattern for r in self.rules if r.days == 0 or r.days > self.days]
 
     def describe(self) -> str:
         """For people: 'Keeping completed jobs 14 days, failed 30 days; billing.* 90 days'."""

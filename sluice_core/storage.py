@@ -179,12 +179,19 @@ class Gap:
 class Pruned:
     """What :meth:`Storage.prune` deleted (or, in a dry run, would delete)."""
 
-    jobs_by_state: dict[str, int] = attrs.field(factory=dict)
-    events: int = 0
+    jobs_by_state: dict[str, int] = attrs.field(factory=dict)  # every way, by state
+    events: int = 0  # deleted row by row (a dropped partition's are not counted)
     chunks: int = 0  # transactions (a dry run's reads count alike)
     largest_chunk: int = 0  # the most jobs one transaction deleted
     longest_chunk_s: float = 0.0  # the longest of those transactions, in seconds
     dry_run: bool = False
+    # PostgreSQL's day partitions (migration 0013): dropped, the jobs that went with them,
+    # the jobs the policy kept that moved out first, the bytes freed, the longest drop.
+    partitions: int = 0
+    dropped_jobs: int = 0
+    moved_jobs: int = 0
+    dropped_bytes: int = 0
+    longest_drop_s: float = 0.0
 
     @property
     def jobs(self) -> int:
@@ -201,6 +208,11 @@ class Pruned:
             max(self.largest_chunk, other.largest_chunk),
             max(self.longest_chunk_s, other.longest_chunk_s),
             self.dry_run or other.dry_run,
+            self.partitions + other.partitions,
+            self.dropped_jobs + other.dropped_jobs,
+            self.moved_jobs + other.moved_jobs,
+            self.dropped_bytes + other.dropped_bytes,
+            max(self.longest_drop_s, other.longest_drop_s),
         )
 
 

@@ -184,6 +184,10 @@ class Transaction(Protocol):
         Called first, with every job of the batch.
         """
 
+    def day_of(self, job_id: str) -> int:
+        """The day partition (PostgreSQL's migration 0013) a job of this batch is stored
+        in: its row's, as locked, or the day a new one goes to; 0 without partitions."""
+
     def insert_events(self, events: list[JobEvent]) -> set[str]:
         """Store events (unique ids) not stored yet; return the ids stored now."""
 
@@ -233,7 +237,7 @@ def ingest(
         events.sort(key=merge.sort_key)
         job = stored.get(job_id)
         if job is not None:
-            rollup.count(job, -1)
+            rollup.count(job, -1, tx.day_of(job_id))
         if job is None:
             # Every event of a job not stored yet is in this batch.
             new.append(merge.rebuild(job_id, events[0].framework, events))
@@ -248,12 +252,12 @@ def ingest(
     if raced:
         # Stored by another writer since lock_jobs: its row is what this batch changes.
         for job in tx.lock_jobs(sorted(raced)).values():
-            rollup.count(job, -1)
+            rollup.count(job, -1, tx.day_of(job.id))
         rebuilt = _rebuild(tx, sorted(raced))
         tx.write_jobs([], rebuilt)
         new = [job for job in new if job.id not in raced] + rebuilt
     for job in new + changed:
-        rollup.count(job, 1)
+        rollup.count(job, 1, tx.day_of(job.id))
     if rollup:
         tx.add_counts(rollup)
 
@@ -292,30 +296,32 @@ class Rollup:
     A job row counts once in each table, by what it holds now; ingest takes each row it
     writes out of its counts as stored (none for a new job) and into its counts as written. So
     the counts follow every fold, rebuild or late event, and a duplicate event, which
-    changes no row, changes no count.
+    changes no row, changes no count. Each count is by the day partition its jobs are
+    stored in (migration 0013), so a dropped day takes its counts with it.
     """
 
-    states: defaultdict[str, int] = attrs.field(factory=lambda: defaultdict(int))
-    finished: defaultdict[tuple[int, str], int] = attrs.field(factory=lambda: defaultdict(int))
-    failures: defaultdict[tuple[int, str], int] = attrs.field(factory=lambda: defaultdict(int))
+    states: defaultdict[tuple[str, int], int] = attrs.field(factory=lambda: defaultdict(int))
+    finished: defaultdict[tuple[int, str, int], int] = attrs.field(
+        factory=lambda: defaultdict(int)
+    )
+    failures: defaultdict[tuple[int, str, int], int] = attrs.field(
+        factory=lambda: defaultdict(int)
+    )
 
-    def count(self, job: Job, sign: int) -> None:
-        self.states[job.state.value] += sign
+    def count(self, job: Job, sign: int, day: int) -> None:
+        self.states[(job.state.value, day)] += sign
         minute = finished_minute(job)
         if minute is not None:
-            self.finished[(minute, job.state.value)] += sign
+            self.finished[(minute, job.state.value, day)] += sign
             if job.state is JobState.FAILED and job.name is not None:
-                self.failures[(minute, job.name)] += sign
+                self.failures[(minute, job.name, day)] += sign
 
     def rows(self) -> tuple[list[Row], list[Row], list[Row]]:
         """The changed counts of job_states, job_finished and job_failures, in key order
         (two writers adding to the same counts lock them in one order)."""
 
         def changed(counts: dict[Any, int]) -> list[Row]:
-            return sorted(
-                (*(key if isinstance(key, tuple) else (key,)), n)
-                for key, n in counts.items() if n
-            )
+            return sorted((*key, n) for key, n in counts.items() if n)
 
         return changed(self.states), changed(self.finished), changed(self.failures)
 
@@ -336,29 +342,31 @@ def add_counts_sql(marker: str, shard: str) -> tuple[str, str, str]:
         )
 
     return (
-        upsert("job_states", ("state",)),
-        upsert("job_finished", ("minute", "state")),
-        upsert("job_failures", ("minute", "name")),
+        upsert("job_states", ("state", "day")),
+        upsert("job_finished", ("minute", "state", "day")),
+        upsert("job_failures", ("minute", "name", "day")),
     )
 
 
-# The counts from scratch, as migration 0009 fills them for the jobs stored before it
-# (bench.queries.replicate, which copies jobs in SQL, refills them with these).
-ROLLUPS_FROM_JOBS = (
-    "DELETE FROM job_states",
-    "DELETE FROM job_finished",
-    "DELETE FROM job_failures",
-    "INSERT INTO job_states (state, shard, jobs) SELECT state, 0, count(*) FROM jobs"
-    " GROUP BY state",
-    "INSERT INTO job_finished (minute, state, shard, jobs)"
-    " SELECT CAST(floor(finished_at / 60) AS BIGINT), state, 0, count(*) FROM jobs"
-    " WHERE state IN ('completed', 'failed') AND abs(finished_at) < 9007199254740992"
-    " GROUP BY 1, 2",
-    "INSERT INTO job_failures (minute, name, shard, jobs)"
-    " SELECT CAST(floor(finished_at / 60) AS BIGINT), name, 0, count(*) FROM jobs"
-    " WHERE state = 'failed' AND name IS NOT NULL AND abs(finished_at) < 9007199254740992"
-    " GROUP BY 1, 2",
-)
+def rollups_from_jobs(day: str) -> tuple[str, ...]:
+    """The counts from scratch, as migration 0009 fills them for the jobs stored before it
+    (bench.queries.replicate, which copies jobs in SQL, refills them with these); ``day``
+    is the SQL of a job row's day partition."""
+    return (
+        "DELETE FROM job_states",
+        "DELETE FROM job_finished",
+        "DELETE FROM job_failures",
+        f"INSERT INTO job_states (state, day, shard, jobs) SELECT state, {day}, 0, count(*)"
+        " FROM jobs GROUP BY 1, 2",
+        "INSERT INTO job_finished (minute, state, day, shard, jobs)"
+        f" SELECT CAST(floor(finished_at / 60) AS BIGINT), state, {day}, 0, count(*) FROM jobs"
+        " WHERE state IN ('completed', 'failed') AND abs(finished_at) < 9007199254740992"
+        " GROUP BY 1, 2, 3",
+        "INSERT INTO job_failures (minute, name, day, shard, jobs)"
+        f" SELECT CAST(floor(finished_at / 60) AS BIGINT), name, {day}, 0, count(*) FROM jobs"
+        " WHERE state = 'failed' AND name IS NOT NULL AND abs(finished_at) < 9007199254740992"
+        " GROUP BY 1, 2, 3",
+    )
 
 
 def _rebuild(tx: Transaction, job_ids: list[str]) -> list[Job]:
@@ -1005,6 +1013,16 @@ class SharedSql:
     # Whether job_events is keyed by its job's seq (SQLite) rather than its id.
     _events_by_seq: bool = False
     _lock_rows = ""  # what locks the rows a SELECT reads until the transaction ends
+    partition_day_sql = "0"  # the SQL of a job row's day partition (see Rollup)
+
+    def _prune_scope(self, policy: RetentionPolicy, cutoff: float, now: float) -> str:
+        """SQL narrowing a state's prune (``cutoff``: see RetentionPolicy.scan) to the rows
+        that may be deleted one by one (PostgreSQL: not those its drops take)."""
+        return "1 = 1"
+
+    def _left_to_drop(self, policy: RetentionPolicy, job: Job, day: int) -> bool:
+        """Whether an expired job goes with its day's partition, not by a DELETE."""
+        return False
 
     def _scrubbing(self, conn: Any) -> None:
         """Called first in each transaction that replaces secrets."""
@@ -1169,7 +1187,8 @@ class SharedSql:
         counted). The new cursor and the counts; None past the last."""
         started = time.perf_counter()
         p = self._marker
-        where, params = [f"state = {p}", f"updated_at < {p}"], [state.value, cutoff]
+        where = [self._prune_scope(policy, cutoff, now), f"state = {p}", f"updated_at < {p}"]
+        params: list[Any] = [state.value, cutoff]
         if after is not None:
             where.append(f"(updated_at, seq) > ({p}, {p})")
             params += list(after)
@@ -1186,16 +1205,19 @@ class SharedSql:
         # The rows themselves, locked as ingest locks them (in id order: no deadlock with
         # it), and judged as they are now: a late event may have moved one meanwhile.
         rows = conn.execute(
-            f"SELECT seq, {cols(JOB_COLUMNS)} FROM jobs WHERE {' AND '.join(where)}"
-            f" AND (updated_at, seq) <= ({p}, {p})"
+            f"SELECT seq, {self.partition_day_sql}, {cols(JOB_COLUMNS)} FROM jobs"
+            f" WHERE {' AND '.join(where)} AND (updated_at, seq) <= ({p}, {p})"
             f" ORDER BY id{'' if dry_run else self._lock_rows}",
             (*params, *last),
         ).fetchall()
-        expired = [
-            (seq, job)
-            for seq, *row in rows
-            if policy.expired((job := job_from_row(row)).state, job.name, job.updated_at, now)
-        ]
+        days: dict[str, int] = {}
+        expired = []
+        for seq, day, *row in rows:
+            job = job_from_row(row)
+            expires = policy.expired(job.state, job.name, job.updated_at, now)
+            if expires and not self._left_to_drop(policy, job, day):
+                expired.append((seq, job))
+                days[job.id] = day
         key = "job_seq" if self._events_by_seq else "job_id"
         events_where, events_params = self._dialect.any_of(
             key, [seq if self._events_by_seq else job.id for seq, job in expired]
@@ -1207,7 +1229,7 @@ class SharedSql:
                 f"SELECT count(*) FROM job_events WHERE {events_where}", events_params
             ).fetchone()[0]
         else:
-            events = self._delete_jobs(conn, expired, events_where, events_params)
+            events = self._delete_jobs(conn, expired, days, events_where, events_params)
         return last, Pruned(
             {state.value: len(expired)} if expired else {},
             events=int(events),
@@ -1218,9 +1240,15 @@ class SharedSql:
         )
 
     def _delete_jobs(
-        self, conn: Any, jobs: list[tuple[int, Job]], events_where: str, events_params: list[Any]
+        self,
+        conn: Any,
+        jobs: list[tuple[int, Job]],
+        days: dict[str, int],
+        events_where: str,
+        events_params: list[Any],
     ) -> int:
-        """Delete these ``(seq, job)``, their events and search entries, and take them out
+        """Delete these ``(seq, job)`` (in ``days``' partitions), their events and search
+        entries, and take them out
         of the overview's counts (migration 0009) as ingest would: the counts stay what
         a count of the jobs left says. Returns the events deleted."""
         cur = conn.cursor()
@@ -1231,11 +1259,11 @@ class SharedSql:
         cur.execute(f"DELETE FROM jobs WHERE {ids_where}", ids_params)
         rollup = Rollup()
         for _, job in jobs:
-            rollup.count(job, -1)
+            rollup.count(job, -1, days[job.id])
         self._transaction(conn).add_counts(rollup)
         # Counts down to nothing are rows no reader needs: a year of pruned minutes
         # would otherwise stay as zeros.
-        minutes = [minute for minute, _ in rollup.finished]
+        minutes = [minute for minute, _, _ in rollup.finished]
         if minutes:
             p = self._marker
             for table in ("job_finished", "job_failures"):

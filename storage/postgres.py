@@ -14,6 +14,7 @@ COPYed and written back once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -33,17 +34,19 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from sluice_core import hookimpl
 from sluice_core.config import Config, redact_url
-from sluice_core.model import Job, JobEvent, QueueSample, Worker
+from sluice_core.model import Job, JobEvent, QueueSample, Worker, WorkerEvent
 from sluice_core.probes import WorkerQueues
+from sluice_core.retention import DAY, PRUNE_BATCH, RetentionPolicy
 from sluice_core.storage import (
     DEFAULT_STUCK_AFTER_S,
     Change,
     IngestResult,
     JobQuery,
     Page,
+    Pruned,
     StorageUnavailable,
 )
-from sluice_storage import common
+from sluice_storage import common, partitions
 from sluice_storage.common import EVENT_COLUMNS, JOB_COLUMNS, WORKER_COLUMNS, cols
 
 T = TypeVar("T")
@@ -361,26 +364,42 @@ ROLLUP_SHARDS = 4
 _ADD_COUNTS = common.add_counts_sql("%s", f"pg_backend_pid() %% {ROLLUP_SHARDS}")
 
 
-class _Transaction:
-    """:class:`sluice_storage.common.Transaction` on one pooled connection, in a transaction."""
+# Within this many seconds of midnight (UTC), two writers storing one new job could each
+# pick their own today for it, and store it twice (a partition's unique index holds only
+# its day): ingests then take turns, under this advisory lock, and the second finds the
+# first's row. Wider than any two hosts' clocks should differ.
+MIDNIGHT_MARGIN_S = 300.0
+NEW_JOBS_LOCK = 5_811_502
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+
+class _Transaction:
+    """:class:`sluice_storage.common.Transaction` on one pooled connection, in a transaction.
+
+    ``now`` (epoch seconds) picks the day partition new jobs go to (migration 0013).
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any], now: float) -> None:
         self._cur = conn.cursor()
         self._jobs_staged = False
+        self._today = partitions.day_of(now)
+        self._days: dict[str, int] = {}  # the stored jobs' partitions, as locked
+        self._take_turns = abs(now - round(now / DAY) * DAY) < MIDNIGHT_MARGIN_S
 
     def insert_events(self, events: list[JobEvent]) -> set[str]:
         if not events:
             return set()
         # In the unique index's order, (job_id, id): two agents inserting the same
         # events lock them in one order, and a job's events share index pages.
-        rows = sorted(map(common.event_to_row, events), key=_event_key)
+        rows = sorted(
+            ((*common.event_to_row(e), self.day_of(e.job_id)) for e in events), key=_event_key
+        )
         # Nearly every batch is new events only: COPY them straight in. A stored
         # one (a redelivery, an HA pair's other agent) fails the COPY, undone to
         # the savepoint, and the batch goes through the staging table. (Storage
         # alone: 16.6 buffer accesses an event where staging every batch took 21.7.)
         try:
             with self._cur.connection.transaction(), self._cur.copy(
-                f"COPY job_events ({cols(EVENT_COLUMNS)}) FROM STDIN"
+                f"COPY job_events ({cols(EVENT_COLUMNS)}, day) FROM STDIN"
             ) as copy:
                 for row in rows:
                     copy.write_row(row)
@@ -389,7 +408,7 @@ class _Transaction:
             return self._insert_new_events(rows)
 
     def _insert_new_events(self, rows: list[common.Row]) -> set[str]:
-        c = cols(EVENT_COLUMNS)
+        c = cols(EVENT_COLUMNS) + ", day"
         self._cur.execute(
             "CREATE TEMP TABLE IF NOT EXISTS _sluice_events ON COMMIT DELETE ROWS"
             f" AS SELECT {c} FROM job_events WITH NO DATA"
@@ -406,15 +425,29 @@ class _Transaction:
     def lock_jobs(self, ids: list[str]) -> dict[str, Job]:
         if not ids:
             return {}
+        if self._take_turns:
+            self._cur.execute("SELECT pg_advisory_xact_lock(%s)", (NEW_JOBS_LOCK,))
+            self._take_turns = False  # held to the end of the transaction
         self._cur.execute(
-            f"SELECT {cols(JOB_COLUMNS)} FROM jobs WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+            f"SELECT day, {cols(JOB_COLUMNS)} FROM jobs WHERE id = ANY(%s)"
+            " ORDER BY id FOR UPDATE",
             (ids,),
         )
-        return {row[0]: common.job_from_row(row) for row in self._cur.fetchall()}
+        jobs = {}
+        for day, *row in self._cur.fetchall():
+            jobs[row[0]] = common.job_from_row(row)
+            self._days[row[0]] = day
+        return jobs
+
+    def day_of(self, job_id: str) -> int:
+        return self._days.get(job_id, self._today)
 
     def load_events(self, job_ids: list[str]) -> list[JobEvent]:
+        # In their jobs' days only: the other days' indexes are not read.
         self._cur.execute(
-            f"SELECT {cols(EVENT_COLUMNS)} FROM job_events WHERE job_id = ANY(%s)", (job_ids,)
+            f"SELECT {cols(EVENT_COLUMNS)} FROM job_events WHERE job_id = ANY(%s)"
+            " AND day = ANY(%s)",
+            (job_ids, sorted({self.day_of(job_id) for job_id in job_ids})),
         )
         return [common.event_from_row(row) for row in self._cur.fetchall()]
 
@@ -427,7 +460,7 @@ class _Transaction:
         else:
             self._cur.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS _sluice_jobs ON COMMIT DELETE ROWS"
-                f" AS SELECT seq, {c}, true AS is_new FROM jobs WITH NO DATA"
+                f" AS SELECT seq, day, {c}, true AS is_new FROM jobs WITH NO DATA"
             )
             self._jobs_staged = True
         # New jobs take seqs in the order they were first seen (``new`` is in that
@@ -443,25 +476,30 @@ class _Transaction:
                 (len(new),),
             )
             seqs = sorted(row[0] for row in self._cur.fetchall())
-        with self._cur.copy(f"COPY _sluice_jobs (seq, {c}, is_new) FROM STDIN") as copy:
+        with self._cur.copy(f"COPY _sluice_jobs (seq, day, {c}, is_new) FROM STDIN") as copy:
             for seq, job in zip(seqs, new, strict=True):
-                copy.write_row((seq, *common.job_to_row(job), True))
+                copy.write_row((seq, self._today, *common.job_to_row(job), True))
             for job in changed:
-                copy.write_row((None, *common.job_to_row(job), False))
+                copy.write_row((None, self.day_of(job.id), *common.job_to_row(job), False))
         raced: set[str] = set()
         if new:
+            # A conflict is with a row of the same day's partition (its unique index):
+            # another writer's, stored since lock_jobs.
             self._cur.execute(
-                f"INSERT INTO jobs (seq, {c}) OVERRIDING SYSTEM VALUE"
-                f" SELECT seq, {c} FROM _sluice_jobs WHERE is_new"
-                " ORDER BY id ON CONFLICT (id) DO NOTHING RETURNING id"
+                f"INSERT INTO jobs (seq, day, {c}) SELECT seq, day, {c} FROM _sluice_jobs"
+                " WHERE is_new ORDER BY id ON CONFLICT DO NOTHING RETURNING id"
             )
             inserted = {row[0] for row in self._cur.fetchall()}
             raced = {job.id for job in new} - inserted
-        if changed:
-            rest = JOB_COLUMNS[1:]
+        rest = JOB_COLUMNS[1:]
+        # A statement a day: its partition is known when the statement is planned, and
+        # the other days' indexes are not read.
+        for day in sorted({self.day_of(job.id) for job in changed}):
             self._cur.execute(
                 f"UPDATE jobs SET ({cols(rest)}) = ({cols(rest, 't.')})"
-                " FROM _sluice_jobs t WHERE jobs.id = t.id AND NOT t.is_new"
+                " FROM _sluice_jobs t WHERE jobs.day = %s AND t.day = %s"
+                " AND jobs.id = t.id AND NOT t.is_new",
+                (day, day),
             )
         return raced
 
@@ -497,7 +535,21 @@ class PostgresStorage(common.SharedSql):
     ingest_writers = INGEST_WRITERS
     _marker = "%s"
     _duplicate_key = psycopg.errors.UniqueViolation
-    _transaction = _Transaction
+    partition_day_sql = "day"
+
+    def _prune_scope(self, policy: RetentionPolicy, cutoff: float, now: float) -> str:
+        # Unless a rule (or the failed jobs' retention) is shorter than the completed
+        # jobs', every expired row outside day 0 goes with its day's partition.
+        if policy.days == 0 or cutoff > now - policy.days * DAY:
+            return "1 = 1"
+        return f"day = {partitions.KEPT}"
+
+    def _left_to_drop(self, policy: RetentionPolicy, job: Job, day: int) -> bool:
+        return (
+            day != partitions.KEPT
+            and policy.days > 0
+            and policy.kept_days(job.state, job.name) >= policy.days
+        )
 
     @staticmethod
     def _refused_data(exc: Exception) -> bool:
@@ -522,6 +574,9 @@ class PostgresStorage(common.SharedSql):
     _events_of_job = "job_id = %s"
 
     def __init__(self, url: str, *, stuck_after: float = DEFAULT_STUCK_AFTER_S) -> None:
+        # The clock that picks new jobs' day partitions (a test sets history's).
+        self.clock: Callable[[], float] = time.time
+        self._partitions_ready = range(0)  # the days known to have their partitions
         self.url = redact_url(url)
         self.stuck_after = stuck_after
         self._conninfo = url
@@ -609,7 +664,9 @@ class PostgresStorage(common.SharedSql):
                 ) from exc
             raise
         self._pool = pool
-        return await self.migrate()
+        applied = await self.migrate()
+        await self._partitions_for(self.clock())
+        return applied
 
     async def aclose(self) -> None:
         pool, self._pool = self._pool, None
@@ -642,6 +699,75 @@ class PostgresStorage(common.SharedSql):
         return AdvisoryLock(self._conninfo, name)
 
     _lock_rows = " FOR UPDATE"
+
+    # -- day partitions (migration 0013, sluice_storage.partitions) -------------------
+
+    def _transaction(self, conn: psycopg.Connection[Any]) -> _Transaction:
+        return _Transaction(conn, self.clock())
+
+    async def _partitions_for(self, now: float) -> None:
+        """Make sure today's partitions, and AHEAD days', exist before a write needs them."""
+        today = partitions.day_of(now)
+        if today in self._partitions_ready and today + 1 in self._partitions_ready:
+            return
+        last = today + partitions.AHEAD
+        await self._write(lambda conn: partitions.ensure(conn, today, last))
+        self._partitions_ready = range(today, last + 1)
+
+    async def ingest(
+        self, job_events: list[JobEvent], worker_events: list[WorkerEvent]
+    ) -> IngestResult:
+        await self._partitions_for(self.clock())
+        result: IngestResult = await super().ingest(job_events, worker_events)
+        return result
+
+    async def prune(
+        self,
+        policy: RetentionPolicy,
+        now: float,
+        *,
+        dry_run: bool = False,
+        batch: int = PRUNE_BATCH,
+    ) -> Pruned:
+        # Past days whole go with their partitions; then day 0's expired rows one by one.
+        total = Pruned(dry_run=dry_run)
+        before = policy.drop_before(now)
+        if before is not None:
+            for day in await self._read(partitions.days):
+                if partitions.KEPT < day < before:
+                    total += await self._expire_day(day, policy, now, batch, dry_run)
+        rows: Pruned = await super().prune(policy, now, dry_run=dry_run, batch=batch)
+        return total + rows
+
+    async def _expire_day(
+        self, day: int, policy: RetentionPolicy, now: float, batch: int, dry_run: bool
+    ) -> Pruned:
+        moved = 0
+        if not dry_run:
+            # What the policy keeps moves out first, in short transactions, so that the
+            # drop's, which holds both tables, has (nearly) nothing left to move.
+            kept = await self._read(lambda conn: partitions.kept_seqs(conn, day, policy, now))
+            seqs = [seq for seq, _ in kept]
+            for i in range(0, len(seqs), batch):
+                moved += await self._write(
+                    functools.partial(
+                        partitions.move_kept, day=day, seqs=seqs[i : i + batch], policy=policy,
+                        now=now,
+                    )
+                )
+        run = self._read if dry_run else self._write
+        dropped: Pruned = await run(
+            functools.partial(
+                partitions.drop, day=day, policy=policy, now=now, dry_run=dry_run, moved=moved
+            )
+        )
+        log.info(
+            "%s %s: %d jobs, %d moved to the kept partition first, %.1f MB, in %.0f ms",
+            "would drop" if dry_run else "dropped", partitions.names(day)[0],
+            dropped.dropped_jobs, dropped.moved_jobs, dropped.dropped_bytes / 1e6,
+            dropped.longest_drop_s * 1000,
+        )
+        return dropped
 
     async def _scrubbed(self) -> str:
         return (

@@ -194,6 +194,9 @@ class _Transaction:
             self._rows[job.id] = tuple(row)
         return jobs
 
+    def day_of(self, job_id: str) -> int:
+        return 0  # one table, no day partitions
+
     def insert_events(self, events: list[JobEvent]) -> set[str]:
         # A stored job's events are one range of the table: read them, not each id.
         stored_jobs = {event.job_id for event in events if event.job_id in self._seq}

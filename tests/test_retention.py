@@ -4,12 +4,14 @@ space back, `sluice prune`, the leader's duty and its metrics. Time is an inject
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -140,11 +142,21 @@ def test_options_flags_env_and_file(tmp_path: Path) -> None:
         build(options, {"retain_days": "-1"}, environ={})
 
 
-async def _history(storage: Storage) -> None:
-    events: list[JobEvent] = []
-    for job_id, (state, age, name, _) in CASES.items():
-        events += job(job_id, state, NOW - age * DAY, name)
+def partitioned(storage: Storage) -> bool:
+    """PostgreSQL: jobs are stored in day partitions (migration 0013), by its clock."""
+    return hasattr(storage, "clock")
+
+
+async def ingest_at(storage: Storage, at: float, events: list[JobEvent]) -> None:
+    """Ingest as if at ``at``: on PostgreSQL, into that day's partition."""
+    if partitioned(storage):
+        storage.clock = lambda: at  # type: ignore[attr-defined]
     await ingest(storage, events)
+
+
+async def _history(storage: Storage) -> None:
+    for job_id, (state, age, name, _) in CASES.items():
+        await ingest_at(storage, NOW - age * DAY, job(job_id, state, NOW - age * DAY, name))
 
 
 async def test_prune_keeps_exactly_what_the_policy_keeps(storage: Storage) -> None:
@@ -157,38 +169,58 @@ async def test_prune_keeps_exactly_what_the_policy_keeps(storage: Storage) -> No
     assert await counts_from_scratch(storage) == before
 
     pruned = await storage.prune(POLICY, NOW)
-    assert await stored_ids(storage) == set(CASES) - expired
-    assert pruned.jobs_by_state == dry.jobs_by_state == {
-        "completed": 1, "failed": 2, "lost": 1, "revoked": 1,
-    }
-    assert pruned.events == dry.events == 2 * len(expired)
+    # On PostgreSQL a completed job goes with its day, once the day is past the retention
+    # whole: done-old (14.1 days) shares its day with the cutoff (14 days), not yet past.
+    late = {"done-old"} if partitioned(storage) else set()
+    assert await stored_ids(storage) == set(CASES) - expired | late
+    by_state = {"completed": 1, "failed": 2, "lost": 1, "revoked": 1}
+    if late:
+        del by_state["completed"]
+        # Every expired job went with a partition (no DELETE of a row); kept ones moved.
+        assert pruned.partitions > 0 and pruned.events == dry.events == 0
+        assert pruned.moved_jobs == dry.moved_jobs == len(set(CASES) - expired) - 1
+        assert pruned.dropped_jobs == dry.dropped_jobs == len(expired) - 1
+    else:
+        assert pruned.events == dry.events == 2 * len(expired)
+    assert pruned.jobs_by_state == dry.jobs_by_state == by_state
     assert not pruned.dry_run and dry.dry_run
-    for job_id in expired:
+    for job_id in expired - late:
         assert await storage.get_job(job_id) is None
         assert await storage.job_events(job_id) == []
-    for job_id in set(CASES) - expired:
+    for job_id in set(CASES) - expired | late:
         assert await storage.job_events(job_id)
     # The overview's counts (migration 0009) lost exactly the pruned jobs.
     kept, throughput = await counts_from_scratch(storage)
-    assert sum(kept.values()) == len(CASES) - len(expired)
-    assert sum(done + failed for _, done, failed in throughput) == 3  # done-new, failed-20, billing-60
+    assert sum(kept.values()) == len(CASES) - len(expired - late)
+    # done-new, failed-20, billing-60 (and done-old, not yet gone)
+    assert sum(done + failed for _, done, failed in throughput) == 3 + len(late)
     # Free text no longer finds them (SQLite's search index is its own table).
-    assert (await storage.list_jobs(JobQuery(q="done-old"))).jobs == []
+    assert (await storage.list_jobs(JobQuery(q="failed-31"))).jobs == []
 
     again = await storage.prune(POLICY, NOW)
     assert again.jobs == 0
+    if late:
+        # A day on, its day is past whole: it goes, and done-new (14.9 days by then) too.
+        later = await storage.prune(POLICY, NOW + DAY)
+        assert later.jobs_by_state == {"completed": 2} and later.events == 0
+        await counts_from_scratch(storage)
 
 
 async def test_prune_goes_in_chunks_and_ingest_continues(storage: Storage) -> None:
     old = NOW - 40 * DAY
-    await ingest(storage, [e for i in range(25) for e in job(f"old-{i:02}", JobState.FAILED, old)])
+    # Completed jobs kept forever: no day partition is dropped (PostgreSQL), failed jobs
+    # go row by row on both backends.
+    policy = attrs.evolve(POLICY, days=0)
+    await ingest_at(
+        storage, old, [e for i in range(25) for e in job(f"old-{i:02}", JobState.FAILED, old)]
+    )
     # A kept job among the expired ones: the cursor passes it, no chunk reads it twice.
     await ingest(storage, job("billing-kept", JobState.FAILED, old, "billing.x"))
 
-    dry = await storage.prune(POLICY, NOW, dry_run=True, batch=10)
+    dry = await storage.prune(policy, NOW, dry_run=True, batch=10)
     assert (dry.chunks, dry.largest_chunk, dry.jobs) == (3, 10, 25)
 
-    pruned = await storage.prune(POLICY, NOW, batch=10)
+    pruned = await storage.prune(policy, NOW, batch=10)
     # 26 candidates, ten a transaction: 10, 10 (one kept: 9 or 10 deleted), then the rest.
     assert pruned.chunks == 3 and pruned.largest_chunk == 10 and pruned.jobs == 25
     assert await stored_ids(storage) == {"billing-kept"}
@@ -311,24 +343,33 @@ async def test_sluice_prune_cli(db_url: str) -> None:
     storage = open_storage(db_url)
     await storage.open()
     try:
-        await ingest(
-            storage,
-            job("cli-old", JobState.COMPLETED, now - 20 * DAY)
-            + job("cli-new", JobState.COMPLETED, now - DAY)
-            + job("cli-failed", JobState.FAILED, now - 20 * DAY)
-            + job("cli-open", JobState.ACTIVE, now - 400 * DAY),
-        )
+        for job_id, state, age in [
+            ("cli-old", JobState.COMPLETED, 20),
+            ("cli-new", JobState.COMPLETED, 1),
+            ("cli-failed", JobState.FAILED, 20),
+            ("cli-open", JobState.ACTIVE, 400),
+        ]:
+            await ingest_at(storage, now - age * DAY, job(job_id, state, now - age * DAY))
     finally:
         await storage.aclose()
     dry = await trio.to_thread.run_sync(lambda: _sluice("--dry-run", db=db_url))
-    assert dry.stdout.splitlines() == [
-        "Keeping completed jobs 14 days, failed 30 days",
-        "completed: would delete 1 jobs",
-        dry.stdout.splitlines()[2],  # the transactions and their time
-        dry.stdout.splitlines()[3],  # the database's size
-        "dry run: nothing was deleted",
-    ]
-    assert dry.stdout.splitlines()[2].startswith("total: would delete 1 jobs and 2 events in 1")
+    lines = dry.stdout.splitlines()
+    if partitioned(storage):
+        # cli-old goes with its day; cli-failed and cli-open move out of theirs first.
+        assert lines[1] == "completed: would delete 1 jobs"
+        assert lines[2].startswith("total: would delete 1 jobs and 0 events in 0 transactions")
+        # (each ingest made its day's partitions and two days' ahead)
+        assert re.match(r"day partitions: would drop \d+ \(1 jobs; 2 kept moved out", lines[3])
+        assert lines[5] == "dry run: nothing was deleted"
+    else:
+        assert lines == [
+            "Keeping completed jobs 14 days, failed 30 days",
+            "completed: would delete 1 jobs",
+            lines[2],  # the transactions and their time
+            lines[3],  # the database's size
+            "dry run: nothing was deleted",
+        ]
+        assert lines[2].startswith("total: would delete 1 jobs and 2 events in 1")
     done = await trio.to_thread.run_sync(lambda: _sluice(db=db_url))
     assert "completed: deleted 1 jobs" in done.stdout
     storage = open_storage(db_url)

@@ -146,7 +146,7 @@ async def assert_counts_from_scratch(storage: Storage, since: float) -> None:
     assert isinstance(storage, SharedSql)
 
     def from_scratch(conn: Any) -> None:
-        for statement in common.ROLLUPS_FROM_JOBS:
+        for statement in common.rollups_from_jobs(storage.partition_day_sql):
             conn.execute(statement)
 
     await storage._write(from_scratch)
