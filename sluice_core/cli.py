@@ -296,7 +296,8 @@ async def _prune(config: Config, pm: PluginManager) -> int:
     if pruned.partitions:
         print(f"day partitions: {'would drop' if dry_run else 'dropped'} {pruned.partitions}"
               f" ({pruned.dropped_jobs} jobs; {pruned.moved_jobs} kept moved out first;"
-              f" {pruned.dropped_bytes / 1e6:.1f} MB; longest {pruned.longest_drop_s * 1000:.0f} ms)")
+              f" {pruned.dropped_bytes / 1e6:.1f} MB;"
+              f" longest {pruned.longest_drop_s * 1000:.0f} ms)")
     print(f"database: {before.bytes} bytes before, {after.bytes} after")
     if dry_run:
         print("dry run: nothing was deleted")
