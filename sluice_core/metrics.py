@@ -182,6 +182,22 @@ class Metrics:
             "Bytes the database takes on disk (SQLite: the file and its WAL)",
             registry=r,
         )
+        self.partitions_dropped = Counter(
+            "sluice_partitions_dropped",
+            "PostgreSQL day partitions (of jobs and of job_events, a pair each) dropped by"
+            " retention",
+            registry=r,
+        )
+        self.jobs_dropped = Counter(
+            "sluice_jobs_dropped",
+            "Jobs that went with their day's partitions (also in sluice_jobs_pruned_total)",
+            registry=r,
+        )
+        self.day_partitions = Gauge(
+            "sluice_day_partitions",
+            "PostgreSQL day partitions held (of jobs; the kept partition aside)",
+            registry=r,
+        )
 
     def observe_ingest(self, result: IngestResult) -> None:
         """Count a stored batch's new events (each once: duplicates are not in it)."""
@@ -231,6 +247,8 @@ class Metrics:
         for state, n in pruned.jobs_by_state.items():
             self.jobs_pruned.labels(state).inc(n)
         self.events_pruned.inc(pruned.events)
+        self.partitions_dropped.inc(pruned.partitions)
+        self.jobs_dropped.inc(pruned.dropped_jobs)
         self.last_prune.set(at)
 
     def render(self) -> bytes:
@@ -296,3 +314,5 @@ class StorageGauges:
         footprint = await storage.footprint()
         m.database_bytes.set(footprint.bytes)
         m.oldest_job.set(footprint.oldest_job_at or 0)
+        if footprint.partitions is not None:
+            m.day_partitions.set(footprint.partitions)

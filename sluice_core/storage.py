@@ -222,6 +222,11 @@ class Footprint:
 
     bytes: int  # on disk: SQLite's file and its WAL; PostgreSQL's database
     oldest_job_at: float | None  # the oldest stored job's created_at
+    # PostgreSQL's day partitions (migration 0013): held now (the kept one aside), and
+    # dropped by expiry so far, the last when. None, 0 and None on SQLite.
+    partitions: int | None = None
+    partitions_dropped: int = 0
+    last_dropped_at: float | None = None
 
 
 # Jobs (with their events) scrubbed in one transaction by Storage.redact.

@@ -1139,6 +1139,10 @@ class SharedSql:
     def _database_bytes(self, conn: Any) -> int:
         raise NotImplementedError
 
+    def _partitions_held(self, conn: Any) -> tuple[int | None, int, float | None]:
+        """Day partitions held, dropped so far, the last drop's time (see Footprint)."""
+        return None, 0, None
+
     async def prune(
         self,
         policy: RetentionPolicy,
@@ -1277,7 +1281,7 @@ class SharedSql:
     async def footprint(self) -> Footprint:
         def read(conn: Any) -> Footprint:
             oldest = conn.execute("SELECT min(created_at) FROM jobs").fetchone()[0]
-            return Footprint(self._database_bytes(conn), oldest)
+            return Footprint(self._database_bytes(conn), oldest, *self._partitions_held(conn))
 
         return await self._read(read)
 

@@ -776,6 +776,14 @@ class PostgresStorage(common.SharedSql):
             " dead_letters (it locks each table while it rewrites it)"
         )
 
+    def _partitions_held(
+        self, conn: psycopg.Connection[Any]
+    ) -> tuple[int | None, int, float | None]:
+        held = sum(1 for day in partitions.days(conn) if day != partitions.KEPT)
+        row = conn.execute("SELECT count(*), max(dropped_at) FROM dropped_partitions").fetchone()
+        assert row is not None  # an aggregate: always one row
+        return held, int(row[0]), row[1]
+
     def _database_bytes(self, conn: psycopg.Connection[Any]) -> int:
         row = conn.execute("SELECT pg_database_size(current_database())").fetchone()
         assert row is not None  # always one row

@@ -13,8 +13,9 @@ import uuid
 import psycopg
 import trio
 
+from sluice_core.metrics import Metrics, StorageGauges
 from sluice_core.model import JobEvent, JobState
-from sluice_core.retention import DAY, RetentionPolicy
+from sluice_core.retention import DAY, Pruner, RetentionPolicy
 from sluice_core.storage import JobQuery, Storage
 from sluice_storage import common, partitions
 from tests.fixtures.storage import database_url, open_storage, pg_admin
@@ -74,10 +75,13 @@ async def test_ten_days_expire_while_a_stream_is_stored(db_url: str) -> None:
                 streamed.extend(ids)
                 await trio.lowlevel.checkpoint()  # the prune's chunks between batches
 
+        metrics = Metrics()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stream)
-            pruned = await storage.prune(POLICY, NOW)
+            pruned = await Pruner(storage, metrics, POLICY, interval=600).prune_once(NOW)
         after = await storage.footprint()
+        await StorageGauges(metrics, storage).refresh()
+        text = metrics.render().decode()
 
         # What the policy keeps: completed jobs of the last 2 days (on PostgreSQL, of the
         # days not yet past 2 days whole: one more), failed ones of 7, every open one.
@@ -100,9 +104,15 @@ async def test_ten_days_expire_while_a_stream_is_stored(db_url: str) -> None:
             assert pruned.partitions >= 7 and pruned.dropped_jobs == gone
             assert pruned.moved_jobs == 4 * FAILED + 7
             assert pruned.events == 0 and pruned.chunks == 0
+            # /metrics and the dashboard (through the footprint) say what went.
+            assert after.partitions == 5 and after.partitions_dropped == pruned.partitions
+            assert f"sluice_partitions_dropped_total {pruned.partitions:.1f}" in text
+            assert f"sluice_jobs_dropped_total {gone:.1f}" in text
+            assert "sluice_day_partitions 5.0" in text
         else:
             assert pruned.events == 2 * gone
-            assert after.bytes < before.bytes
+            assert after.bytes < before.bytes and after.partitions is None
+            assert f"sluice_events_pruned_total {2 * gone:.1f}" in text
     finally:
         await storage.aclose()
     if partitioned(storage):

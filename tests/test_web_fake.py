@@ -204,7 +204,10 @@ class FakeApplication:
             [Malformed("toy/1", "bad_time", 3, "stamped outside 2000-2100")],
             [],
             0,
-            Retention("keeping completed jobs 14 days", footprint=Footprint(42_200_000, T0)),
+            Retention(
+                "keeping completed jobs 14 days",
+                footprint=Footprint(42_200_000, T0, partitions=12, partitions_dropped=1_234),
+            ),
         )
 
 
@@ -309,6 +312,7 @@ async def test_dashboard_pages_render_what_the_application_reads(client: Any) ->
     assert "bad_time" in diagnostics and "toy/1" in diagnostics
     assert "keeping completed jobs 14 days" in diagnostics
     assert "42.2 MB on disk" in diagnostics
+    assert "holds 12 day partitions; expiry has dropped\n    1,234" in diagnostics
     assert "its oldest job dates from <time datetime=\"2026-05-28T20:26:40+00:00\">" in diagnostics
 
 
