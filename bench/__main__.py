@@ -604,12 +604,16 @@ class Bench:
                 ("storage", "jobs pruned", "events pruned", "chunks", "longest chunk (ms)",
                  "prune (s)", "rate before (/s)", "rate during (/s)", "lag before (s)",
                  "lag during (s)", "offered", "lost", "kept completed (days)",
-                 "kept failed (days)", "on disk before (MB)", "after (MB)"),
+                 "kept failed (days)", "on disk before (MB)", "after (MB)",
+                 "partitions dropped", "jobs dropped with them", "kept moved out",
+                 "longest drop (ms)"),
                 [[r.storage, r.pruned.jobs, r.pruned.events, r.pruned.chunks,
                   r.pruned.longest_chunk_s * 1000, r.prune_s, r.baseline.rate, r.during.rate,
                   r.baseline.max_lag_s, r.during.max_lag_s, r.during.offered,
                   r.during.offered - r.during.stored, r.kept_days.get("completed", 0.0),
-                  r.kept_days.get("failed", 0.0), r.bytes_before / 1e6, r.bytes_after / 1e6]
+                  r.kept_days.get("failed", 0.0), r.bytes_before / 1e6, r.bytes_after / 1e6,
+                  r.pruned.partitions, r.pruned.dropped_jobs, r.pruned.moved_jobs,
+                  r.pruned.longest_drop_s * 1000]
                  for r in runs],
             ),
         )

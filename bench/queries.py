@@ -92,6 +92,10 @@ async def fill(
                 received_at=time.time(),
             )
             normalized = normalize_batch(batch)
+            if hasattr(storage, "clock") and normalized.job_events:
+                # PostgreSQL: each batch stored in the day partition of its history's time.
+                at = min(e.timestamp for e in normalized.job_events)
+                storage.clock = lambda at=at: at
             await storage.ingest(normalized.job_events, normalized.worker_events)
             events += len(normalized.job_events)
             if progress:

@@ -300,6 +300,8 @@ async def _measure(url: str, jobs: int, events: int, fill_s: float) -> Retention
     await storage.open()
     try:
         now = time.time()
+        if hasattr(storage, "clock"):
+            storage.clock = time.time  # the live stream: today's partition
         sizes = _sizes(url)
         pool = live_pool()
         baseline, _ = await _live(storage, LiveStream(pool, "b"), None, BASELINE_S)
