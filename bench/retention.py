@@ -341,3 +341,95 @@ def run(*, storage: str, jobs: int, run_dir: Path, log: Callable[[str], None]) -
             f" lost {r.during.offered - r.during.stored}")
         return r
 
+
+
+# -- one large day, dropped (PostgreSQL) -----------------------------------------------
+
+DROP_AGE_DAYS = 5  # the day dropped: past the policy's 2 days, inside its failed 7
+DROP_FAILED = 0.10  # of the day's jobs: kept, moved out before the drop
+DROP_EVENTS_A_JOB = 4
+
+
+@attrs.define
+class DropRun:
+    jobs: int
+    events: int
+    day_bytes: int  # the day's two partitions with their indexes, before
+    fill_s: float
+    pruned: Pruned
+    prune_s: float  # the whole prune: the kept jobs moved out, then the drop
+
+
+def _fill_day(url: str, day: int, jobs: int) -> None:
+    """``jobs`` jobs (and DROP_EVENTS_A_JOB events each) in ``day``'s partitions, by SQL:
+    the generator through ingest would take an hour for a day this large."""
+    from sluice_storage.common import rollups_from_jobs
+
+    at = day * 86_400.0 + 3_600.0
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO jobs (day, id, framework, state, name, queue, worker, args, kwargs,"
+            " result, exception, sent_at, received_at, started_at, finished_at, runtime,"
+            " created_at, updated_at, fold_ts, fold_event, fold_attempt, fold_rank_attempt,"
+            " fold_rank_state)"
+            " SELECT %(day)s, md5(i::text)::uuid::text, 'celery',"
+            " CASE WHEN i %% 10 = 0 THEN 'failed' ELSE 'completed' END,"
+            " 'tasks.t' || (i %% 50), 'default', 'w' || (i %% 8) || '@host',"
+            " '(' || i || ', ''user' || i || '@example.com'')', '{}',"
+            " CASE WHEN i %% 10 = 0 THEN NULL ELSE '42' END,"
+            " CASE WHEN i %% 10 = 0 THEN 'ValueError(''bad ' || i || ''')' END,"
+            " t, t + 0.01, t + 0.02, t + 0.5, 0.48, t, t + 0.5, t + 0.5, 'e', 0, 0, 4"
+            " FROM generate_series(1, %(jobs)s) AS i, LATERAL (SELECT %(at)s + i * 0.05 AS t) AS x",
+            {"day": day, "jobs": jobs, "at": at},
+        )
+        conn.execute(
+            "INSERT INTO job_events (day, id, job_id, framework, type, state, timestamp, worker)"
+            " SELECT day, id || ':' || k, id, 'celery', 'task-' || k, state, updated_at, worker"
+            " FROM jobs, generate_series(1, %s) AS k WHERE day = %s",
+            (DROP_EVENTS_A_JOB, day),
+        )
+        for statement in rollups_from_jobs("day"):
+            conn.execute(statement)
+        conn.execute("ANALYZE")
+
+
+async def _drop(url: str, day: int, now: float) -> tuple[Pruned, float]:
+    storage = _open(url)
+    storage.clock = lambda: now  # type: ignore[attr-defined]
+    await storage.open()
+    try:
+        started = time.perf_counter()
+        pruned = await storage.prune(POLICY, now)
+        return pruned, time.perf_counter() - started
+    finally:
+        await storage.aclose()
+
+
+def run_drop(*, jobs: int, run_dir: Path, log: Callable[[str], None]) -> DropRun:
+    """A day of ``jobs`` jobs, DROP_AGE_DAYS old, expired by the issue's policy."""
+    from sluice_storage import partitions
+
+    now = time.time()
+    day = partitions.day_of(now) - DROP_AGE_DAYS
+    with database("postgresql", run_dir) as url:
+        storage = _open(url)
+        storage.clock = lambda: day * 86_400.0  # type: ignore[attr-defined]
+        trio.run(storage.open)  # migrated, the day's partitions made
+        trio.run(storage.aclose)
+        t0 = time.perf_counter()
+        _fill_day(url, day, jobs)
+        fill_s = time.perf_counter() - t0
+        names = partitions.names(day)
+        with psycopg.connect(url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT pg_total_relation_size(%s) + pg_total_relation_size(%s)", names
+            ).fetchone()
+        day_bytes = int(row[0]) if row else 0
+        log(f"    filled a day of {jobs:,} jobs ({day_bytes / 1e9:.2f} GB) in {fill_s:.0f}s")
+        pruned, prune_s = trio.run(_drop, url, day, now)
+        log(f"    prune {prune_s:.1f}s: {pruned.moved_jobs:,} kept jobs moved out, then the"
+            f" drop of {pruned.dropped_jobs:,} jobs in {pruned.longest_drop_s * 1000:.0f} ms")
+        return DropRun(
+            jobs=jobs, events=jobs * DROP_EVENTS_A_JOB, day_bytes=day_bytes, fill_s=fill_s,
+            pruned=pruned, prune_s=prune_s,
+        )
