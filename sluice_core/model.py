@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -182,6 +183,11 @@ class RawBatch:
     source: str  # the source's name, for logs and metrics
     messages: list[tuple[str, bytes]]
     received_at: float  # epoch seconds when Sluice read them (for ingest lag)
+    # Called (on trio's thread) once Sluice is done with the batch: its events stored or
+    # dead-lettered, its messages counted as malformed, or the batch dropped and counted;
+    # never if Sluice stops first. A source that can have a message delivered again
+    # (AMQP) acknowledges it then, and not before.
+    settled: Callable[[], None] | None = attrs.field(default=None, eq=False)
 
 
 @attrs.define(slots=True)

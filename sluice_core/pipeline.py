@@ -89,16 +89,17 @@ WATCH_S = 1.0
 
 @attrs.define(eq=False)
 class _Stored:
-    """Set ``event`` once each of a batch's ``parts`` is written (the ingest endpoint
-    acks then); a batch is split into a part per writer."""
+    """Call ``done`` once each of a batch's ``parts`` is written (the ingest endpoint
+    acks then, an AMQP source acknowledges its messages); a batch is split into a part
+    per writer."""
 
-    event: trio.Event
+    done: Callable[[], None]
     parts: int = 1
 
     def part_written(self) -> None:
         self.parts -= 1
         if self.parts == 0:
-            self.event.set()
+            self.done()
 
 
 @attrs.define
@@ -283,15 +284,21 @@ class Pipeline:
             or self._buffered_bytes + nbytes > self._bytes_limit
         ):
             if self._spool.has_room(nbytes) and not self._closed:
-                self._spool.put(batch)
-                self._report_buffered()
-            else:
-                self._drop(batch.source, n)
+                try:
+                    self._spool.put(batch)
+                except OSError as exc:  # the spool's disk full: as if it had no room
+                    log.error("cannot spool %d messages from %s: %s", n, batch.source, exc)
+                else:
+                    self._report_buffered()
+                    return
+            self._drop(batch.source, n)
+            _settle(batch)
             return
         try:
             self._raw_send.send_nowait(batch)
         except trio.ClosedResourceError:
             self._metrics.events_dropped.labels(batch.source).inc(n)
+            _settle(batch)
             return
         self._buffered += n
         self._buffered_bytes += nbytes
@@ -317,7 +324,7 @@ class Pipeline:
             self._raw_send.send_nowait(
                 _Normalized(
                     job_events, worker_events, time.time(),
-                    None if stored is None else _Stored(stored), pushed=True,
+                    None if stored is None else _Stored(stored.set), pushed=True,
                 )
             )
         except trio.ClosedResourceError:
@@ -476,6 +483,8 @@ class Pipeline:
             n = len(old.job_events) + len(old.worker_events)
             self._ring_events -= n
             self._metrics.standby_expired.inc(n)
+            if old.stored is not None:
+                old.stored.part_written()  # the leader's to store: this process is done
         self._metrics.standby_events.set(self._ring_events)
 
     # -- tasks -------------------------------------------------------------
@@ -574,12 +583,18 @@ class Pipeline:
                         len(item.messages)
                     )
                     log.warning("no normalizer claims %r messages from %s", item.kind, item.source)
+                    _settle(item)
                     continue
                 self._metrics.observe_normalized(item.source, result)
                 if result.job_events or result.worker_events:
+                    stored = None if item.settled is None else _Stored(item.settled)
                     await self._norm_send.send(
-                        _Normalized(result.job_events, result.worker_events, item.received_at)
+                        _Normalized(
+                            result.job_events, result.worker_events, item.received_at, stored
+                        )
                     )
+                else:
+                    _settle(item)
 
     async def _split_loop(
         self,
@@ -759,6 +774,11 @@ def _letter(event: JobEvent | WorkerEvent, reason: str, now: float) -> DeadLette
         reason=cut(json.dumps(reason, ensure_ascii=True)[1:-1], 1_000),
         created_at=now,
     )
+
+
+def _settle(batch: RawBatch) -> None:
+    if batch.settled is not None:
+        batch.settled()
 
 
 def _size(batch: RawBatch) -> int:

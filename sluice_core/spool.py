@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import pickle
 import tempfile
+from collections import deque
+from collections.abc import Callable
 from typing import IO
 
 from sluice_core.model import RawBatch
@@ -29,6 +31,8 @@ class Spool:
         self._write_at = 0
         self.batches = 0  # batches held
         self.messages = 0  # their messages
+        # Each held batch's ``settled`` (not picklable), in the file's order.
+        self._settled: deque[Callable[[], None] | None] = deque()
 
     @property
     def size(self) -> int:
@@ -54,6 +58,7 @@ class Spool:
         self._write_at = self._file.tell()
         self.batches += 1
         self.messages += len(batch.messages)
+        self._settled.append(batch.settled)
 
     def get(self) -> RawBatch | None:
         """The oldest batch held, or None when the spool is empty."""
@@ -68,7 +73,7 @@ class Spool:
             # Drained: start the file over rather than let it grow for ever.
             self._file.truncate(0)
             self._read_at = self._write_at = 0
-        return RawBatch(kind, source, messages, received_at)
+        return RawBatch(kind, source, messages, received_at, self._settled.popleft())
 
     def close(self) -> None:
         if self._file is not None:

@@ -9,6 +9,7 @@ import errno
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -20,6 +21,8 @@ import pytest
 import trio
 
 import sluice_core.health
+from sluice_celery import plugin as celery_plugin
+from sluice_celery.events import KIND_AMQP, normalize_batch
 from sluice_core.health import (
     HEALTH_CHECK_S,
     HEALTH_TIMEOUT,
@@ -27,13 +30,14 @@ from sluice_core.health import (
     WRITES_FAILING_S,
     writes_health,
 )
-from sluice_core.model import JobState
+from sluice_core.model import JobState, RawBatch
 from sluice_core.pipeline import WriteHealth
 from sluice_core.storage import StorageUnavailable
 from tests.fixtures.services import PG_URL, REDIS_URL
 from tests.fixtures.storage import open_storage, pg_admin
 from tests.metrics import metric
 from tests.test_api import assert_error, job_event, serving
+from tests.test_rabbitmq import fixture_events
 from tests.waiting import wait_until
 
 NOW = 1_700_000_000.0
@@ -300,15 +304,27 @@ async def test_a_read_only_postgresql_holds_the_events_says_why_and_stores_them_
     monkeypatch.setattr(sluice_core.health, "WRITES_FAILING_S", 0.5)
     sent = [job_event(f"j{i}", "task-sent", JobState.QUEUED, NOW + i) for i in range(70)]
     done = [job_event(f"j{i}", "task-succeeded", JobState.COMPLETED, NOW + 99) for i in range(20)]
+    amqp_messages = fixture_events()
+    amqp_events = len(normalize_batch(RawBatch(KIND_AMQP, "x", amqp_messages, 0.0)).job_events)
+    settled_with: list[int] = []
+
+    def on_settled() -> None:
+        with psycopg.connect(pg_url) as conn:
+            row = conn.execute("SELECT count(*) FROM job_events WHERE job_id NOT LIKE 'j%'")
+            settled_with.append(int(row.fetchone()[0]))  # type: ignore[index]
     with trio.fail_after(90):
-        async with serving(tmp_path, db=pg_url) as (engine, client):
+        async with serving(tmp_path, celery_plugin, db=pg_url) as (engine, client):
             await engine.storage.create_api_key("sdk")  # something can send events
             engine.pipeline.put_events(sent[:20], [])
             await wait_until(lambda: stored_events(pg_url) == 20, "the first 20 events stored")
             read_only(pg_url, True)
             try:
-                # Jobs stored before and jobs new: both wait for the database.
+                # Jobs stored before and jobs new: both wait for the database. And a batch
+                # read from RabbitMQ: settled (acknowledged to the broker) only once stored.
                 engine.pipeline.put_events(done + sent[20:], [])
+                engine.pipeline.put_raw(
+                    RawBatch(KIND_AMQP, "celery/amqp", amqp_messages, time.time(), on_settled)
+                )
                 down = await wait_until(lambda: status_is(client, 503), "/healthz to say 503")
                 body = down.json()
                 assert body["storage"]["up"] is True  # it answers reads: writes are refused
@@ -323,11 +339,17 @@ async def test_a_read_only_postgresql_holds_the_events_says_why_and_stores_them_
                 read_only(pg_url, False)
 
             # By itself: its sessions, read-only since they began, are replaced.
-            await wait_until(lambda: stored_events(pg_url) == 90, "all 90 events stored")
+            await wait_until(lambda: stored_events(pg_url) == 90 + amqp_events, "all stored")
+            await wait_until(lambda: settled_with, "the RabbitMQ batch settled")
+            assert settled_with == [amqp_events]  # once, its events all stored by then
             up = await wait_until(lambda: status_is(client, 200), "/healthz to say 200 again")
             assert up.json()["writes"]["refused"] == ""
-            assert await engine.storage.count_jobs_by_state() == {"completed": 20, "queued": 50}
-            assert metric(engine.metrics, "sluice_events_ingested_total") == 90
+            with psycopg.connect(pg_url) as conn:
+                ours = conn.execute(
+                    "SELECT state, count(*) FROM jobs WHERE id LIKE 'j%' GROUP BY state"
+                ).fetchall()
+            assert dict(ours) == {"completed": 20, "queued": 50}
+            assert metric(engine.metrics, "sluice_events_ingested_total") == 90 + amqp_events
             assert metric(engine.metrics, "sluice_events_dropped_total") == 0
             assert metric(engine.metrics, "sluice_events_dead_lettered_total") == 0
 

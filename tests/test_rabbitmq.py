@@ -22,13 +22,14 @@ import trio
 from sluice_celery.control import AmqpMailbox, NoListener
 from sluice_core.cli import parse
 from sluice_core.config import ConfigError
-from sluice_core.model import JobState
+from sluice_core.model import JobState, RawBatch
 from sluice_rabbitmq.connection import AmqpParams
 from sluice_rabbitmq.probe import AmqpQueueProbe
 from sluice_rabbitmq.publish import AmqpPublisher, PublishError
-from sluice_rabbitmq.source import AmqpEventSource, queue_name
+from sluice_rabbitmq.source import AmqpEventSource, DeliveryAcks, queue_name
 from tests.fixtures.celery_worker import CeleryWorker, CollectingSink, rabbitmq_vhost
 from tests.fixtures.services import FIXTURES
+from tests.waiting import wait_until
 
 TIMEOUT = 60  # absolute bound per test: a worker start on a busy machine takes seconds
 BUFFER = 10_000
@@ -392,3 +393,79 @@ def test_bad_options_are_configuration_errors(option: str, value: str) -> None:
 def test_bad_urls_are_configuration_errors(url: str) -> None:
     with pytest.raises(ConfigError):
         AmqpParams.from_url(url)
+
+
+class HoldingSink(CollectingSink):
+    """Keeps batches without settling them: as a pipeline whose database refuses writes."""
+
+    def put_raw(self, batch: RawBatch) -> None:
+        self.batches.append(batch)
+        self._notify()
+
+
+def queue_counts(url: str, queue: str) -> tuple[int, int]:
+    """(ready, unacknowledged) messages of ``queue``."""
+    out = rabbitmqctl("list_queues", "-p", vhost_of(url), "name", "messages_ready",
+                      "messages_unacknowledged", "--formatter", "json")
+    q = next(q for q in json.loads(out) if q["name"] == queue)
+    return q["messages_ready"], q["messages_unacknowledged"]
+
+
+async def wait_counts(url: str, queue: str, expected: tuple[int, int]) -> None:
+    async def counts() -> bool:
+        return await trio.to_thread.run_sync(queue_counts, url, queue) == expected
+
+    await wait_until(counts, f"{queue}: {expected[0]} ready, {expected[1]} unacknowledged",
+                     poll=0.2)
+
+
+def test_batches_are_acknowledged_in_order_whatever_order_they_settle_in() -> None:
+    acks = DeliveryAcks()
+    settled = []
+    for last in (3, 7, 9):  # three batches: tags 1-3, 4-7, 8-9
+        acks.last_delivered = last
+        settled.append(acks.handed_over())
+    assert acks.ready() is None
+    settled[1]()  # a later batch stored first: the first is not, nothing acknowledged
+    assert acks.ready() is None
+    settled[0]()
+    assert acks.ready() == 7  # both, with multiple
+    assert acks.ready() is None
+    settled[2]()
+    assert acks.ready() == 9
+
+
+async def test_a_message_is_acknowledged_once_settled_and_delivered_again_if_not(
+    amqp_url: str,
+) -> None:
+    """Issue 20: nothing the broker handed over is lost when Sluice stops before storing it."""
+    events = fixture_events()
+    publisher = AmqpPublisher(amqp_url)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            source = AmqpEventSource(amqp_url, buffer_messages=BUFFER, queue_ttl=30)
+            held = HoldingSink()
+            await nursery.start(source.run, held)
+            await publish_events(publisher, events)
+            await held.wait_for(lambda: len(held.messages) == len(events))
+            # Handed over, none settled: all out, unacknowledged.
+            await wait_counts(amqp_url, source.queue, (0, len(events)))
+            # Two batches stored (the second first: writers finish out of order).
+            assert len(held.batches) >= 3
+            first, second = held.batches[0], held.batches[1]
+            assert first.settled is not None and second.settled is not None
+            second.settled()
+            first.settled()
+            done = len(first.messages) + len(second.messages)
+            await wait_counts(amqp_url, source.queue, (0, len(events) - done))
+            nursery.cancel_scope.cancel()
+        # Stopped (or died) before the rest was stored: the broker has it again...
+        await wait_counts(amqp_url, source.queue, (len(events) - done, 0))
+        # ...and the next Sluice of the deployment gets exactly that.
+        async with trio.open_nursery() as nursery:
+            _, sink = await start_source(amqp_url, nursery, queue_ttl=30, queue=source.queue)
+            await sink.wait_for(lambda: len(sink.messages) == len(events) - done)
+            await wait_counts(amqp_url, source.queue, (0, 0))
+            nursery.cancel_scope.cancel()
+    await publisher.aclose()
+    assert sink.messages == events[done:]

@@ -1,11 +1,16 @@
 """Celery's events from RabbitMQ (docs/celery-protocol.md section 2).
 
 Celery publishes events to the ``celeryev`` topic exchange; Sluice binds a queue
-of its own to it with ``#`` and consumes with ``no_ack`` (faster than acks in
-batches, see :mod:`sluice_rabbitmq.connection`; an ack would promise nothing
-anyway, since Sluice's buffer is in memory). Message bodies are raw JSON (a list
-for ``task.multi``); they go to the Celery normalizer as ``celery/amqp`` batches
-of ``(routing_key, body)``.
+of its own to it with ``#`` and consumes it with acknowledgements: a message is
+acknowledged once Sluice is done with it (its events stored, or dead-lettered, or
+counted as malformed or dropped: :attr:`RawBatch.settled`), a batch at a time with
+``multiple``, in delivery order. So nothing the broker handed over is lost when Sluice
+stops or dies while the database refuses writes: what it had not stored is delivered
+again (to it, or to the other agent of a pair), and stored once (event ids are
+content hashes). At most ``PREFETCH`` messages are out unacknowledged: past them the
+broker holds the rest in the queue, which is Sluice's buffer while storage is away.
+Message bodies are raw JSON (a list for ``task.multi``); they go to the Celery
+normalizer as ``celery/amqp`` batches of ``(routing_key, body)``.
 
 The queue outlives a dropped connection and a restart on purpose: it is neither
 exclusive nor auto-delete, and its name is the deployment's (see
@@ -14,8 +19,8 @@ wait in it and nothing is missed. What bounds it is that it is non-durable (a
 broker restart removes it), expires ``queue_ttl`` seconds after its consumer is
 gone (``x-expires``), keeps a message at most as long (``x-message-ttl``: a
 message outlives its wait only if the queue does too), and never holds more
-messages than Sluice's own buffer (``x-max-length``), so that a Sluice gone for
-good cannot fill the broker.
+messages than Sluice's own buffer (``x-max-length``, ready messages: past it the
+broker drops the oldest), so that a Sluice gone for good cannot fill the broker.
 
 A reader thread drains the socket, gathers what arrives within a few
 milliseconds and crosses into trio once per batch.
@@ -24,10 +29,13 @@ milliseconds and crosses into trio once per batch.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import logging
+import queue
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -54,8 +62,12 @@ EXCHANGE = "celeryev"
 DEFAULT_QUEUE_TTL = 300.0
 # Seconds between AMQP heartbeats: a half-open TCP connection is noticed in two.
 HEARTBEAT = 30
-# An idle reader thread wakes this often to notice cancellation.
+# An idle reader thread wakes this often to notice cancellation (and to acknowledge).
 IDLE_POLL = 0.2
+# Messages delivered and not yet acknowledged, at most: at 10,000 events/s, two seconds of
+# them (a storage write under load takes a fraction of one); past them the broker keeps
+# the rest queued. Each is at most a few KiB in Sluice's memory.
+PREFETCH = 20_000
 # A batch gathers messages this long (or this many) before crossing into trio:
 # a crossing costs tens of microseconds, a message a few.
 BATCH_WINDOW = 0.005
@@ -155,15 +167,19 @@ class AmqpEventSource:
         try:
             batch: list[tuple[str, bytes]] = []
 
+            acks = DeliveryAcks()  # this channel's: a tag means nothing on another
+
             def on_message(message: amqp.Message) -> None:
                 batch.append((message.delivery_info["routing_key"], message.body))
+                acks.last_delivered = message.delivery_tag
 
             channel, queue_kept = self._declare(conn)
             # Bodies stay bytes: py-amqp would decode each to str by its content_encoding.
             channel.auto_decode = False
-            channel.basic_consume(self.queue, callback=on_message, no_ack=True)
+            channel.basic_qos(0, PREFETCH, False)
+            channel.basic_consume(self.queue, callback=on_message, no_ack=False)
             trio.from_thread.run_sync(on_consuming, queue_kept)
-            self._read(conn, sink, batch)
+            self._read(conn, channel, sink, batch, acks)
         finally:
             # Stopping leaves the queue: it gathers the events of a restart, or expires.
             close_quietly(conn)
@@ -188,7 +204,14 @@ class AmqpEventSource:
         channel.queue_bind(self.queue, EXCHANGE, "#")
         return channel, queue_kept
 
-    def _read(self, conn: amqp.Connection, sink: Sink, batch: list[tuple[str, bytes]]) -> NoReturn:
+    def _read(
+        self,
+        conn: amqp.Connection,
+        channel: amqp.Channel,
+        sink: Sink,
+        batch: list[tuple[str, bytes]],
+        acks: DeliveryAcks,
+    ) -> NoReturn:
         tune_for_reading(conn, IDLE_POLL)
         sock = conn.transport.sock
         timeout = IDLE_POLL
@@ -206,11 +229,14 @@ class AmqpEventSource:
                 if first_at is None:
                     first_at, received_at = now, time.time()
                 if timed_out or len(batch) >= BATCH_MAX or now - first_at >= BATCH_WINDOW:
-                    trio.from_thread.run_sync(
-                        sink.put_raw, RawBatch(KIND_AMQP, self.name, batch.copy(), received_at)
+                    raw = RawBatch(
+                        KIND_AMQP, self.name, batch.copy(), received_at, acks.handed_over()
                     )
+                    trio.from_thread.run_sync(sink.put_raw, raw)
                     batch.clear()
                     first_at = None
+            if (tag := acks.ready()) is not None:
+                channel.basic_ack(tag, multiple=True)
             # Waiting briefly while a batch fills, long when idle; the socket keeps
             # the current timeout so that py-amqp need not set it at every frame.
             wanted = BATCH_WINDOW if batch else IDLE_POLL
@@ -221,6 +247,38 @@ class AmqpEventSource:
                 conn.heartbeat_tick()
                 next_tick = now + 1.0
             trio.from_thread.check_cancelled()
+
+
+class DeliveryAcks:
+    """One channel's acknowledgements, in delivery order: a batch's last delivery tag is
+    acknowledged (``multiple``: with every tag before it) once that batch and every batch
+    handed over before it are settled. Writers settle batches out of order (a batch is
+    split among them); acknowledging a later batch first would acknowledge an earlier one
+    not yet stored."""
+
+    def __init__(self) -> None:
+        self.last_delivered = 0  # the reader thread's, as messages arrive
+        self._handed: deque[int] = deque()  # batches' last tags, in order (reader thread)
+        self._settled: queue.SimpleQueue[int] = queue.SimpleQueue()  # from trio's thread
+        self._done: set[int] = set()
+
+    def handed_over(self) -> Callable[[], None]:
+        """The ``settled`` of the batch ending at the last message delivered."""
+        self._handed.append(self.last_delivered)
+        return functools.partial(self._settled.put, self.last_delivered)
+
+    def ready(self) -> int | None:
+        """The tag to acknowledge now (with all before it), if any (reader thread)."""
+        while True:
+            try:
+                self._done.add(self._settled.get_nowait())
+            except queue.Empty:
+                break
+        last = None
+        while self._handed and self._handed[0] in self._done:
+            last = self._handed.popleft()
+            self._done.discard(last)
+        return last
 
 
 def _iso(timestamp: float) -> str:
