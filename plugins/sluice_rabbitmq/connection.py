@@ -8,8 +8,8 @@ of :func:`tune_for_reading`; acks in batches (``multiple=True`` every 500,
 prefetch 2,000) 13,000-17,000/s. The source acknowledges now (issue 20: nothing
 the broker handed over may be lost while storage is away), once a batch, prefetch
 20,000. pamqp (the frame codec of aio-pika) only *decodes* the same frames at
-~42,000/s in pure Python, before any socket, handshake, heartbeat, TLS, channel, confirm or reconnect code, all of which we
-would have to write and keep. py-amqp is within reach of that ceiling and is
+~42,000/s in pure Python, before any socket, handshake, heartbeat, TLS, channel,
+confirm or reconnect code, all of which we would have to write and keep. py-amqp is within reach of that ceiling and is
 already a dependency, so the source reads with py-amqp in a thread and hands
 batches to trio.
 
