@@ -1,17 +1,17 @@
 """Connections to RabbitMQ, shared by the event source, the probe and the publisher.
 
-Library: py-amqp (``amqp``, Celery's own AMQP client) in worker threads. Measured
-on this project's 2-core test machine (RabbitMQ 3.10 on the same host, 50,000
-captured ``celeryev`` messages queued, then consumed): py-amqp with ``no_ack``
-~21,000 messages/s as shipped, ~29,000-35,000/s with the two read-path settings
-of :func:`tune_for_reading`; acks in batches (``multiple=True`` every 500,
-prefetch 2,000) 13,000-17,000/s. The source acknowledges now (issue 20: nothing
-the broker handed over may be lost while storage is away), once a batch, prefetch
-20,000. pamqp (the frame codec of aio-pika) only *decodes* the same frames at
-~42,000/s in pure Python, before any socket, handshake, heartbeat, TLS, channel,
-confirm or reconnect code, all of which we would have to write and keep. py-amqp is within reach of that ceiling and is
-already a dependency, so the source reads with py-amqp in a thread and hands
-batches to trio.
+Library: py-amqp (``amqp``, Celery's own AMQP client) in worker threads. Measured on
+this project's 2-core test machine (RabbitMQ 3.10 on the same host, 50,000 captured
+``celeryev`` messages queued, then consumed): py-amqp with ``no_ack`` ~21,000
+messages/s as shipped, ~29,000-35,000/s with the two read-path settings of
+:func:`tune_for_reading`; acks in batches (``multiple=True`` every 500, prefetch
+2,000) 13,000-17,000/s. The source acknowledges now (issue 20: nothing the broker
+handed over may be lost while storage is away), once a batch, prefetch 20,000. pamqp
+(the frame codec of aio-pika) only *decodes* the same frames at ~42,000/s in pure
+Python, before any socket, handshake, heartbeat, TLS, channel, confirm or reconnect
+code, all of which we would have to write and keep. py-amqp is within reach of that
+ceiling and is already a dependency, so the source reads with py-amqp in a thread
+and hands batches to trio.
 
 py-amqp objects are not thread-safe: each :class:`AmqpClient` runs one call at
 a time (a ``CapacityLimiter(1)`` is both the thread pool and the lock), and the
