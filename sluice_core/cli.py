@@ -298,6 +298,9 @@ async def _prune(config: Config, pm: PluginManager) -> int:
               f" ({pruned.dropped_jobs} jobs; {pruned.moved_jobs} kept moved out first;"
               f" {pruned.dropped_bytes / 1e6:.1f} MB;"
               f" longest {pruned.longest_drop_s * 1000:.0f} ms)")
+    if pruned.incidents:
+        print(f"alert incidents resolved over {policy.failed_days} days ago: {verb}"
+              f" {pruned.incidents}, with their timelines and notifications")
     print(f"database: {before.bytes} bytes before, {after.bytes} after")
     if dry_run:
         print("dry run: nothing was deleted")

@@ -220,6 +220,11 @@ class RetentionPolicy:
             return None
         return math.floor((now - self.days * DAY) / DAY)
 
+    def incidents_cutoff(self, now: float) -> float | None:
+        """Alert incidents resolved before this time go (with their timelines and
+        notifications): they are kept as long as failed jobs. None: kept forever."""
+        return None if self.failed_days == 0 else now - self.failed_days * DAY
+
     def longer_patterns(self) -> list[str]:
         """The globs of rules that keep completed jobs longer than the default: their
         jobs must be looked for in a partition before it is dropped."""

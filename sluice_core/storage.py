@@ -192,6 +192,9 @@ class Pruned:
     moved_jobs: int = 0
     dropped_bytes: int = 0
     longest_drop_s: float = 0.0
+    # Alert incidents resolved past --retain-failed-days, with their timelines and
+    # notifications (and notifications of no incident, as old).
+    incidents: int = 0
 
     @property
     def jobs(self) -> int:
@@ -213,6 +216,7 @@ class Pruned:
             self.moved_jobs + other.moved_jobs,
             self.dropped_bytes + other.dropped_bytes,
             max(self.longest_drop_s, other.longest_drop_s),
+            self.incidents + other.incidents,
         )
 
 

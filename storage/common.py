@@ -1170,9 +1170,52 @@ class SharedSql:
                 after, counts = found
                 total += counts
                 size = next_chunk(size, counts.longest_chunk_s, batch)
+        resolved_before = policy.incidents_cutoff(now)
+        while resolved_before is not None:
+            incidents: int = await (self._read if dry_run else self._write)(
+                functools.partial(
+                    self._prune_incidents, cutoff=resolved_before, batch=batch, dry_run=dry_run
+                )
+            )
+            total += Pruned(incidents=incidents, dry_run=dry_run)
+            if dry_run or incidents < batch:
+                break
         if total.jobs and not dry_run:
             await self._pruned()
         return total
+
+    def _prune_incidents(self, conn: Any, *, cutoff: float, batch: int, dry_run: bool) -> int:
+        """Delete (or count) up to ``batch`` incidents resolved before ``cutoff``, with
+        their timelines and notifications, and the notifications of no incident closed
+        before it. Returns the incidents."""
+        p = self._marker
+        if dry_run:
+            row = conn.execute(
+                f"SELECT count(*) FROM incidents WHERE state = 'resolved' AND resolved_at < {p}",
+                (cutoff,),
+            ).fetchone()
+            return int(row[0])
+        ids = [
+            row[0]
+            for row in conn.execute(
+                f"SELECT id FROM incidents WHERE state = 'resolved' AND resolved_at < {p}"
+                f" ORDER BY id LIMIT {p}",
+                (cutoff, batch),
+            ).fetchall()
+        ]
+        cur = conn.cursor()
+        if ids:
+            where, params = self._dialect.any_of("incident_id", ids)
+            cur.execute(f"DELETE FROM incident_log WHERE {where}", params)
+            cur.execute(f"DELETE FROM outbox WHERE {where}", params)
+            where, params = self._dialect.any_of("id", ids)
+            cur.execute(f"DELETE FROM incidents WHERE {where}", params)
+        cur.execute(
+            f"DELETE FROM outbox WHERE incident_id IS NULL"
+            f" AND coalesce(delivered_at, gave_up_at) < {p}",
+            (cutoff,),
+        )
+        return len(ids)
 
     def _prune_chunk(
         self,

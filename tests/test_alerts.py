@@ -35,6 +35,7 @@ from sluice_core.engine import Engine
 from sluice_core.model import Job, JobEvent, JobState, QueueSample, WorkerEvent, event_id
 from sluice_core.pipeline import SourceStatus
 from sluice_core.plugins import PluginManager
+from sluice_core.retention import DAY, RetentionPolicy
 from sluice_core.storage import IngestResult, Notification, Storage, TimelineEntry
 from sluice_storage.postgres import PostgresStorage
 from sluice_storage.sqlite import SQLiteStorage
@@ -216,9 +217,21 @@ async def test_storage_round_trips(store: Storage) -> None:
     assert await service.incidents(IncidentState.FIRING, 10) == []
     # Deleting the rule resolves its incident and keeps it readable.
     await service.delete_rule(updated.id)
-    assert (await service.incident(incident.id)).incident.state is IncidentState.RESOLVED
+    resolved = (await service.incident(incident.id)).incident
+    assert resolved.state is IncidentState.RESOLVED and resolved.resolved_at is not None
     with pytest.raises(NotFound):
         await service.incident(10**6)
+    # Retention (issue 20): a resolved incident is kept as long as failed jobs, then goes
+    # with its timeline and notifications.
+    policy = RetentionPolicy(days=14, failed_days=30)
+    kept = await store.prune(policy, resolved.resolved_at + 29 * DAY)
+    assert kept.incidents == 0 and (await service.incident(incident.id)).timeline
+    dry = await store.prune(policy, resolved.resolved_at + 31 * DAY, dry_run=True)
+    pruned = await store.prune(policy, resolved.resolved_at + 31 * DAY)
+    assert dry.incidents == pruned.incidents == 1
+    with pytest.raises(NotFound):
+        await service.incident(incident.id)
+    assert await store.incident_timeline(incident.id) == []
 
 
 def _incident(rule: Rule) -> Any:
