@@ -735,13 +735,18 @@ class PostgresStorage(common.SharedSql):
         if before is not None:
             for day in await self._read(partitions.days):
                 if partitions.KEPT < day < before:
-                    total += await self._expire_day(day, policy, now, batch, dry_run)
+                    expired = await self._expire_day(day, policy, now, batch, dry_run)
+                    if expired is None:
+                        break  # the tables are busy: the next prune tries again
+                    total += expired
         rows: Pruned = await super().prune(policy, now, dry_run=dry_run, batch=batch)
         return total + rows
 
     async def _expire_day(
         self, day: int, policy: RetentionPolicy, now: float, batch: int, dry_run: bool
-    ) -> Pruned:
+    ) -> Pruned | None:
+        """Expire one day (sluice_storage.partitions); None when its drop could not lock
+        the tables in time (what moved out before stays moved: it is kept either way)."""
         moved = 0
         if not dry_run:
             # What the policy keeps moves out first, in short transactions, so that the
@@ -756,11 +761,18 @@ class PostgresStorage(common.SharedSql):
                     )
                 )
         run = self._read if dry_run else self._write
-        dropped: Pruned = await run(
-            functools.partial(
-                partitions.drop, day=day, policy=policy, now=now, dry_run=dry_run, moved=moved
+        try:
+            dropped: Pruned = await run(
+                functools.partial(
+                    partitions.drop, day=day, policy=policy, now=now, dry_run=dry_run, moved=moved
+                )
             )
-        )
+        except psycopg.errors.LockNotAvailable:
+            log.warning(
+                "%s not dropped: the tables stayed busy past %s (a long read?); the next"
+                " prune tries again", partitions.names(day)[0], partitions.DROP_LOCK_TIMEOUT,
+            )
+            return None
         log.info(
             "%s %s: %d jobs, %d moved to the kept partition first, %.1f MB, in %.0f ms",
             "would drop" if dry_run else "dropped", partitions.names(day)[0],

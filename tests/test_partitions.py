@@ -193,3 +193,28 @@ def _legacy_rows(conn: psycopg.Connection[object]) -> None:
         " SELECT 'e' || i, 'legacy-' || i, 'celery', 'task-succeeded', 'completed', updated_at"
         " FROM jobs, LATERAL (SELECT substr(id, 8) AS i) AS n"
     )
+
+
+async def test_a_drop_that_cannot_lock_the_tables_waits_for_the_next_prune(pg_url: str) -> None:
+    """A long read holds the tables: the drop gives up after its lock timeout, keeps every
+    row, and the next prune drops the day."""
+    storage = open_storage(pg_url)
+    storage.clock = lambda: NOW  # type: ignore[attr-defined]
+    await storage.open()
+    try:
+        old = NOW - 5 * DAY
+        await ingest_at(storage, old, job("old-done", JobState.COMPLETED, old))
+        await ingest_at(storage, old, job("old-failed", JobState.FAILED, old))
+        with psycopg.connect(pg_url) as reader:
+            reader.execute("SELECT count(*) FROM jobs")  # its transaction stays open
+            blocked = await storage.prune(POLICY, NOW)
+            assert blocked.partitions == 0 and blocked.jobs == 0
+            assert await storage.get_job("old-done") is not None
+            reader.rollback()
+        pruned = await storage.prune(POLICY, NOW)
+        assert pruned.partitions > 0 and pruned.jobs_by_state == {"completed": 1}
+        assert await storage.get_job("old-done") is None
+        assert await storage.get_job("old-failed") is not None
+        await counts_from_scratch(storage)
+    finally:
+        await storage.aclose()
