@@ -56,6 +56,9 @@ PRUNE_BATCH: Final = 500
 # under a quarter of it.
 PRUNE_CHUNK_S: Final = 0.05
 PRUNE_CHUNK_MIN: Final = 10
+# The first chunk's jobs: small, since the load is not known yet (the 500 of a first
+# chunk held the writer 140 ms under the stream, before the halving could act).
+PRUNE_CHUNK_FIRST: Final = 50
 
 
 def next_chunk(size: int, took_s: float, most: int) -> int:

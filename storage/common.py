@@ -38,7 +38,7 @@ from sluice_core.config import STUCK_AFTER, Config
 from sluice_core.model import Job, JobEvent, JobState, QueueSample, Worker, WorkerEvent
 from sluice_core.probes import WorkerQueues
 from sluice_core.redact import Redactor
-from sluice_core.retention import PRUNE_BATCH, RetentionPolicy, next_chunk
+from sluice_core.retention import PRUNE_BATCH, PRUNE_CHUNK_FIRST, RetentionPolicy, next_chunk
 from sluice_core.storage import (
     DEAD_LETTERS_KEPT,
     DEFAULT_STUCK_AFTER_S,
@@ -1153,7 +1153,7 @@ class SharedSql:
     ) -> Pruned:
         run = self._read if dry_run else self._write
         total = Pruned(dry_run=dry_run)
-        size = batch
+        size = min(batch, PRUNE_CHUNK_FIRST)
         for state, cutoff in policy.scan(now).items():
             after: tuple[float, int] | None = None
             while True:

@@ -92,13 +92,22 @@ def _like_prefix(glob: str) -> str | None:
     return re.sub(r"([\\%_])", r"\\\1", literal) + "%"
 
 
-def _kept_candidates(policy: RetentionPolicy, now: float) -> tuple[str, list[Any]]:
+# Every state but completed, spelt out: ``state = ANY`` is read from the (state, seq)
+# index, ``state <> 'completed'`` would read the whole day.
+_NOT_COMPLETED: Final = sorted(s.value for s in JobState if s is not JobState.COMPLETED)
+
+
+def _kept_candidates(
+    policy: RetentionPolicy, now: float, by_name: bool
+) -> tuple[str, list[Any]]:
     """SQL over a day's jobs finding every one the policy may keep (each then judged by
-    :meth:`RetentionPolicy.expired`): anything not completed, a completed job inside the
-    default retention, and one a longer rule may keep, by its name's literal start."""
-    where = ["state <> 'completed'", "updated_at >= %s", "updated_at IS NULL"]
-    params: list[Any] = [now - policy.days * DAY]
-    for glob in policy.longer_patterns():
+    :meth:`RetentionPolicy.expired`), from indexes: anything not completed, a completed
+    job inside the default retention, and (``by_name``) one a longer rule may keep, by its
+    name's literal start. The drop's own look (``by_name`` False, under its lock) is for
+    what changed since the jobs moved: a state, a later event; not a name."""
+    where = ["state = ANY(%s)", "updated_at >= %s", "updated_at IS NULL"]
+    params: list[Any] = [_NOT_COMPLETED, now - policy.days * DAY]
+    for glob in policy.longer_patterns() if by_name else ():
         prefix = _like_prefix(glob)
         if prefix is None:
             return "true", []
@@ -140,10 +149,14 @@ def move_kept(
 
 
 def kept_seqs(
-    conn: psycopg.Connection[Any], day: int, policy: RetentionPolicy, now: float
+    conn: psycopg.Connection[Any],
+    day: int,
+    policy: RetentionPolicy,
+    now: float,
+    by_name: bool = True,
 ) -> list[tuple[int, str]]:
     """The seqs and states of the jobs of ``day`` the policy keeps (a read, no lock)."""
-    where, params = _kept_candidates(policy, now)
+    where, params = _kept_candidates(policy, now, by_name)
     rows = conn.execute(
         f"SELECT seq, state, name, updated_at FROM jobs WHERE day = %s AND ({where})",
         (day, *params),
@@ -177,7 +190,7 @@ def drop(
         # The parents, in ingest's order: dropping a partition locks its parent, and an
         # ingest holding the parent while it waits for the partition would deadlock.
         conn.execute("LOCK TABLE jobs, job_events IN ACCESS EXCLUSIVE MODE")
-        seqs = [seq for seq, _ in kept_seqs(conn, day, policy, now)]
+        seqs = [seq for seq, _ in kept_seqs(conn, day, policy, now, by_name=False)]
         kept["moved"] = moved + (move_kept(conn, day, seqs, policy, now) if seqs else 0)
     # What goes with the day, by state, from its counts (kept by day); in a dry run, less
     # what would move first.

@@ -267,8 +267,9 @@ async def test_sqlite_file_gives_space_back(tmp_path: Path) -> None:
             f" WAL {wal.stat().st_size if wal.exists() else 0})"
         )
         assert pruned.jobs == 40_000 and pruned.events == 80_000
-        # 500 a transaction, fewer after one that held the writer over 50 ms.
-        assert pruned.chunks >= 80 and pruned.largest_chunk == 500
+        # 50 a transaction first, doubled after a quick one up to the 500 asked, halved
+        # after one that held the writer over 50 ms.
+        assert pruned.chunks >= 80 and 50 <= pruned.largest_chunk <= 500
         assert after.bytes < before.bytes * 0.5
         assert after.oldest_job_at is not None and after.oldest_job_at > NOW - 2 * DAY
         assert await storage.count_jobs(JobQuery(), 10**6) == 10_000
