@@ -168,6 +168,26 @@ def kept_seqs(
     ]
 
 
+_DETACHED = re.compile(r"^(jobs|job_events)_\d{8}$")
+
+
+def discard_detached(conn: psycopg.Connection[Any]) -> int:
+    """Drop the day tables a drop detached (or left detached, stopped before this):
+    tables named as day partitions that are no partitions. Returns how many."""
+    names = [
+        name
+        for (name,) in conn.execute(
+            "SELECT relname FROM pg_class WHERE relkind = 'r' AND NOT relispartition"
+            " AND relnamespace = 'public'::regnamespace"
+            " AND (relname LIKE 'jobs\\_%' OR relname LIKE 'job\\_events\\_%')"
+        ).fetchall()
+        if _DETACHED.match(name)
+    ]
+    for name in names:
+        conn.execute(f"DROP TABLE {name}")
+    return len(names)
+
+
 def drop(
     conn: psycopg.Connection[Any],
     day: int,
@@ -177,8 +197,8 @@ def drop(
     moved: int = 0,
 ) -> Pruned:
     """Step 2 of an expiry, one transaction: what the day still holds that the policy
-    keeps moves to day 0 (``moved`` had, in step 1), then the day's counts and partitions
-    go."""
+    keeps moves to day 0 (``moved`` had, in step 1), then the day's counts go and its
+    partitions are detached (:func:`discard_detached` drops them)."""
     started = time.perf_counter()
     jobs, events = names(day)
     kept: Counter[str] = Counter()
@@ -205,7 +225,11 @@ def drop(
     if not dry_run:
         for table in ("job_states", "job_finished", "job_failures"):
             conn.execute(f"DELETE FROM {table} WHERE day = %s", (day,))
-        conn.execute(f"DROP TABLE {jobs}, {events}")
+        # Detached, not dropped: a drop unlinks the files at commit (243 ms for a 300,000
+        # job day here, more for larger ones), all of it under this lock. Their own
+        # transaction drops them after (discard_detached), holding nothing ingest needs.
+        conn.execute(f"ALTER TABLE jobs DETACH PARTITION {jobs}")
+        conn.execute(f"ALTER TABLE job_events DETACH PARTITION {events}")
         conn.execute(
             "INSERT INTO dropped_partitions (day, dropped_at, jobs, kept) VALUES (%s, %s, %s, %s)"
             " ON CONFLICT (day) DO UPDATE SET dropped_at = excluded.dropped_at,"

@@ -732,6 +732,8 @@ class PostgresStorage(common.SharedSql):
         # Past days whole go with their partitions; then day 0's expired rows one by one.
         total = Pruned(dry_run=dry_run)
         before = policy.drop_before(now)
+        if not dry_run:
+            await self._write(partitions.discard_detached)  # a drop stopped halfway
         if before is not None:
             for day in await self._read(partitions.days):
                 if partitions.KEPT < day < before:
@@ -748,9 +750,12 @@ class PostgresStorage(common.SharedSql):
         """Expire one day (sluice_storage.partitions); None when its drop could not lock
         the tables in time (what moved out before stays moved: it is kept either way)."""
         moved = 0
-        if not dry_run:
-            # What the policy keeps moves out first, in short transactions, so that the
-            # drop's, which holds both tables, has (nearly) nothing left to move.
+        # What the policy keeps moves out first, in short transactions, so that the drop's,
+        # which holds both tables, has (nearly) nothing left to move; then a look again,
+        # which finds what changed meanwhile and, reading past the rows moved, marks their
+        # index entries dead for the drop's own look (the first read after 30,000 moves
+        # took 100 ms).
+        for _ in range(0 if dry_run else 2):
             kept = await self._read(lambda conn: partitions.kept_seqs(conn, day, policy, now))
             seqs = [seq for seq, _ in kept]
             for i in range(0, len(seqs), batch):
@@ -773,6 +778,8 @@ class PostgresStorage(common.SharedSql):
                 " prune tries again", partitions.names(day)[0], partitions.DROP_LOCK_TIMEOUT,
             )
             return None
+        if not dry_run:
+            await self._write(partitions.discard_detached)
         log.info(
             "%s %s: %d jobs, %d moved to the kept partition first, %.1f MB, in %.0f ms",
             "would drop" if dry_run else "dropped", partitions.names(day)[0],

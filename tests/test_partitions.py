@@ -124,6 +124,7 @@ async def test_ten_days_expire_while_a_stream_is_stored(db_url: str) -> None:
                 " WHERE relname LIKE 'jobs_%' OR relname LIKE 'job_events_%'"
             ).fetchall()
             left = partitions.days(conn)
+            assert partitions.discard_detached(conn) == 0  # the detached ones were dropped
         assert deleted and all(n == 0 for _, n in deleted), deleted
         today = partitions.day_of(NOW)
         assert left == [partitions.KEPT, *range(today - 2, today + partitions.AHEAD + 1)]
