@@ -348,6 +348,14 @@ def add_counts_sql(marker: str, shard: str) -> tuple[str, str, str]:
     )
 
 
+def write_counts(cursor: Any, statements: Sequence[str], rollup: Rollup) -> None:
+    """Add ``rollup`` to the counts with ``statements`` (:func:`add_counts_sql`'s, for the
+    writer's shard) on a DB-API cursor or connection."""
+    for sql, rows in zip(statements, rollup.rows(), strict=True):
+        if rows:
+            cursor.executemany(sql, rows)
+
+
 def rollups_from_jobs(day: str) -> tuple[str, ...]:
     """The counts from scratch, as migration 0009 fills them for the jobs stored before it
     (bench.queries.replicate, which copies jobs in SQL, refills them with these); ``day``

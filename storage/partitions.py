@@ -5,14 +5,16 @@ it, and stays there: ``day`` never changes, but for the one move below. Day 0, t
 partition (``jobs_kept``, ``job_events_kept``), holds what was stored before the
 migration and what the policy keeps past its day's drop.
 
-Expiry (:func:`expire_day`), once a day is past the completed jobs' retention whole:
+Expiry (``PostgresStorage._expire_day``), once a day is past the completed jobs'
+retention whole:
 
 1. the jobs of that day the policy still keeps (open or unknown ones, failed ones inside
    their longer retention, a rule's longer one, one a late event moved) move to day 0 with
    their events and their share of the overview's counts, in short transactions that
    lock rows as ingest does;
-2. one last transaction locks both tables, moves what changed meanwhile, deletes the
-   day's counts (one statement each: they are kept by day) and drops the two partitions.
+2. one last transaction (:func:`drop`) locks both tables, moves what changed meanwhile,
+   deletes the day's counts (one statement each: they are kept by day) and detaches the
+   two partitions, which :func:`discard_detached` then drops in a transaction of its own.
    No expired row is deleted one by one: the drop takes them all, whatever their number.
 
 Partitions are created ahead (:func:`ensure`) by every writer that needs today's, under an
@@ -42,6 +44,7 @@ PARTITIONS_LOCK: Final = 5_811_501  # advisory lock: one creator (or dropper) at
 # flight (every new one queues behind it meanwhile); the next prune tries again.
 DROP_LOCK_TIMEOUT: Final = "2s"
 _BOUND = re.compile(r"FROM \((\d+)\) TO")
+_ADD_COUNTS: Final = common.add_counts_sql("%s", "0")  # a move's counts: shard 0
 
 
 def day_of(at: float) -> int:
@@ -142,9 +145,7 @@ def move_kept(
     for job in kept:
         rollup.count(job, -1, day)
         rollup.count(job, 1, KEPT)
-    for sql, rows_ in zip(common.add_counts_sql("%s", "0"), rollup.rows(), strict=True):
-        if rows_:
-            conn.cursor().executemany(sql, rows_)
+    common.write_counts(conn.cursor(), _ADD_COUNTS, rollup)
     return len(kept)
 
 
@@ -174,7 +175,7 @@ _DETACHED = re.compile(r"^(jobs|job_events)_\d{8}$")
 def discard_detached(conn: psycopg.Connection[Any]) -> int:
     """Drop the day tables a drop detached (or left detached, stopped before this):
     tables named as day partitions that are no partitions. Returns how many."""
-    names = [
+    tables = [
         name
         for (name,) in conn.execute(
             "SELECT relname FROM pg_class WHERE relkind = 'r' AND NOT relispartition"
@@ -183,9 +184,9 @@ def discard_detached(conn: psycopg.Connection[Any]) -> int:
         ).fetchall()
         if _DETACHED.match(name)
     ]
-    for name in names:
+    for name in tables:
         conn.execute(f"DROP TABLE {name}")
-    return len(names)
+    return len(tables)
 
 
 def drop(
@@ -201,9 +202,10 @@ def drop(
     partitions are detached (:func:`discard_detached` drops them)."""
     started = time.perf_counter()
     jobs, events = names(day)
-    kept: Counter[str] = Counter()
+    kept: Counter[str] = Counter()  # a dry run's jobs that would move out first, by state
     if dry_run:
         kept.update(state for _, state in kept_seqs(conn, day, policy, now))
+        moved = sum(kept.values())
     else:
         conn.execute(f"SET LOCAL lock_timeout = '{DROP_LOCK_TIMEOUT}'")
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITIONS_LOCK,))
@@ -211,7 +213,7 @@ def drop(
         # ingest holding the parent while it waits for the partition would deadlock.
         conn.execute("LOCK TABLE jobs, job_events IN ACCESS EXCLUSIVE MODE")
         seqs = [seq for seq, _ in kept_seqs(conn, day, policy, now, by_name=False)]
-        kept["moved"] = moved + (move_kept(conn, day, seqs, policy, now) if seqs else 0)
+        moved += move_kept(conn, day, seqs, policy, now) if seqs else 0
     # What goes with the day, by state, from its counts (kept by day); in a dry run, less
     # what would move first.
     stored = conn.execute(
@@ -234,14 +236,14 @@ def drop(
             "INSERT INTO dropped_partitions (day, dropped_at, jobs, kept) VALUES (%s, %s, %s, %s)"
             " ON CONFLICT (day) DO UPDATE SET dropped_at = excluded.dropped_at,"
             " jobs = excluded.jobs, kept = excluded.kept",
-            (day, now, sum(by_state.values()), kept["moved"]),
+            (day, now, sum(by_state.values()), moved),
         )
     return Pruned(
         by_state,
         dry_run=dry_run,
         partitions=1,
         dropped_jobs=sum(by_state.values()),
-        moved_jobs=kept["moved"] if not dry_run else sum(kept.values()),
+        moved_jobs=moved,
         dropped_bytes=int(size[0] or 0),
         longest_drop_s=time.perf_counter() - started,
     )

@@ -518,9 +518,7 @@ class _Transaction:
             )
 
     def add_counts(self, rollup: common.Rollup) -> None:
-        for sql, rows in zip(_ADD_COUNTS, rollup.rows(), strict=True):
-            if rows:
-                self._cur.executemany(sql, rows)
+        common.write_counts(self._cur, _ADD_COUNTS, rollup)
 
     def announce(self, result: IngestResult) -> None:
         change = Change(

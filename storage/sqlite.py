@@ -287,8 +287,7 @@ class _Transaction:
         self._conn.executemany(common.upsert_workers_sql("?"), map(common.worker_to_row, workers))
 
     def add_counts(self, rollup: common.Rollup) -> None:
-        for sql, rows in zip(_ADD_COUNTS, rollup.rows(), strict=True):
-            self._conn.executemany(sql, rows)
+        common.write_counts(self._conn, _ADD_COUNTS, rollup)
 
     def announce(self, result: IngestResult) -> None:
         pass  # no other process shares the file
